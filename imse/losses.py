@@ -1,0 +1,137 @@
+"""Losses of entropy-based TTA and IMSE's expert-alignment statistics (DESIGN §1).
+
+Everything here is a pure function of tensors, except ``AlignmentProbe``, which collects the alignment
+statistics of spectral layers during a forward pass through hooks (so the layers themselves stay plain).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .spectral import SpectralLinear
+
+__all__ = [
+    "AlignmentProbe",
+    "alignment_std",
+    "diversity_loss",
+    "entropy_margin",
+    "layer_diversity",
+    "masked_mean",
+    "projected_alignment_std",
+    "reliable_mask",
+    "softmax_entropy",
+]
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy ``H = -Σ p log p`` of the softmax over the last dimension, one value per row."""
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def entropy_margin(num_classes: int, factor: float = 0.4) -> float:
+    """SAR/EATA's reliability margin ``E0 = factor · ln C``."""
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    return factor * math.log(num_classes)
+
+
+def reliable_mask(entropy: torch.Tensor, num_classes: int, factor: float = 0.4) -> torch.Tensor:
+    """Boolean mask of the samples confident enough to learn from: ``H < E0``."""
+    return entropy < entropy_margin(num_classes, factor)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Mean of ``values[mask]``, or ``None`` when the mask is empty (so an empty filter never yields NaN)."""
+    if not bool(mask.any()):
+        return None
+    return values[mask].mean()
+
+
+def alignment_std(x: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    """Per-expert spread of how the inputs align with the right singular vectors.
+
+    ``a_{n,i} = v_iᵀ x_n / ‖x_n‖`` for every row ``x_n`` (all leading dims of ``x`` pooled: images × tokens);
+    returns the unbiased std over rows, shape ``[r]``. With a single row there is no spread: zeros.
+    """
+    return projected_alignment_std(x, F.linear(x, Vh.to(x.dtype)))
+
+
+def projected_alignment_std(x: torch.Tensor, projection: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``alignment_std`` from an already computed ``projection = x Vhᵀ`` (what a factored spectral layer has):
+    dividing each projected row by ``‖x_n‖`` equals projecting the normalised row."""
+    norms = x.reshape(-1, x.shape[-1]).norm(dim=-1, keepdim=True).clamp_min(eps)
+    alignment = projection.reshape(-1, projection.shape[-1]) / norms.to(projection.dtype)
+    if alignment.shape[0] < 2:
+        return alignment.new_zeros(alignment.shape[-1])
+    return alignment.std(dim=0)
+
+
+def layer_diversity(std: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+    """Mean of the ``k = min(⌊r·ratio⌋, r−1)`` smallest stds of one layer (at least one).
+
+    With the official ``ratio = 1.0`` this is the mean over all experts but the single largest one.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    rank = std.numel()
+    k = max(1, min(int(rank * ratio), rank - 1))
+    return torch.topk(std, k, largest=False, sorted=False).values.mean()
+
+
+def diversity_loss(stds: Iterable[torch.Tensor], num_blocks: int = 3, ratio: float = 1.0) -> torch.Tensor:
+    """``L_dm = Σ_ℓ L_ℓ / num_blocks`` over the given layers (IMSE: 4 layers in each of the last 3 blocks).
+
+    IMSE *maximises* it (the loss subtracts ``λ_dm · L_dm``) so that experts keep diverse responses.
+    """
+    terms = [layer_diversity(std, ratio) for std in stds]
+    if not terms:
+        raise ValueError("diversity_loss needs at least one layer's statistics")
+    return torch.stack(terms).sum() / num_blocks
+
+
+class AlignmentProbe:
+    """Collects ``alignment_std`` of spectral layers during forward passes.
+
+    It sets each layer's ``projection_hook``, so the statistic reuses the layer's own ``x Vhᵀ`` GEMM.
+    ``differentiable`` layers keep the graph (they feed the diversity loss); ``detached`` ones are computed
+    without it (what the app's heatmap shows). Hooks exist only inside ``capture()``.
+    """
+
+    def __init__(self, layers: Mapping[str, SpectralLinear]) -> None:
+        self.layers = dict(layers)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def capture(self, differentiable: Iterable[str] = (), detached: Iterable[str] = ()):
+        differentiable = set(differentiable)
+        detached = set(detached) - differentiable
+        unknown = (differentiable | detached) - self.layers.keys()
+        if unknown:
+            raise KeyError(f"not spectral layers: {sorted(unknown)[:3]}")
+        self.stats = {}
+        names = differentiable | detached
+        for name in names:
+            if self.layers[name].projection_hook is not None:
+                raise RuntimeError(f"{name} is already being captured")
+        try:
+            for name in names:
+                self.layers[name].projection_hook = self._hook(name, name in differentiable)
+            yield self.stats
+        finally:
+            for name in names:
+                self.layers[name].projection_hook = None
+
+    def _hook(self, name: str, keep_graph: bool):
+        def hook(x: torch.Tensor, projection: torch.Tensor) -> None:
+            if keep_graph:
+                self.stats[name] = projected_alignment_std(x, projection)
+            else:
+                with torch.no_grad():
+                    self.stats[name] = projected_alignment_std(x.detach(), projection.detach())
+
+        return hook

@@ -1,0 +1,28 @@
+"""Test-time adaptation methods behind one constructor: ``create(name, model, **overrides)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import SAMEntropyMethod, TTAMethod
+from .imse import IMSE
+from .sar import SAR
+from .source import Source
+from .tent import Tent
+
+__all__ = ["METHODS", "IMSE", "SAR", "SAMEntropyMethod", "Source", "TTAMethod", "Tent", "create"]
+
+METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Source, Tent, SAR, IMSE)}
+
+
+def create(name: str, model: nn.Module, **overrides: Any) -> TTAMethod:
+    """Wrap ``model`` (modified in place) in the named method; ``overrides`` replace its defaults.
+
+    ``record_alignment=True`` adds every spectral layer's alignment std to each step's record.
+    """
+    key = name.lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[key](model, **overrides)

@@ -1,0 +1,216 @@
+"""The common shape of a test-time adaptation method: adapt on ``forward``, ``reset`` exactly, count what adapts.
+
+A method wraps a model (and owns it from then on: it sets ``requires_grad`` and eval mode in place).
+``forward(x)`` returns the logits used for accuracy and adapts as a side effect; it never sees labels.
+After each call ``last_record`` holds a plain dict describing the step (loss terms, reliable samples,
+whether the update was applied, and optionally the alignment std of every spectral layer).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..losses import AlignmentProbe, entropy_margin, masked_mean, softmax_entropy
+from ..sam import SAM
+from ..spectral import spectral_layers
+
+__all__ = ["SAMEntropyMethod", "TTAMethod"]
+
+
+def _finite(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value).all())
+
+
+class TTAMethod(nn.Module):
+    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``configure`` and ``step``."""
+
+    name: ClassVar[str] = "base"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: nn.Module, record_alignment: bool = False, **overrides: Any) -> None:
+        super().__init__()
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{self.name} has no setting(s) {unknown}; known: {sorted(self.defaults)}")
+        self.hparams: dict[str, Any] = {**self.defaults, **overrides}
+        self.model = model
+        self.record_alignment = record_alignment
+        # Adaptation must not be random: dropout and stochastic depth stay off (timm ViTs have none by default,
+        # so this equals the official code's train mode for them).
+        model.eval()
+        self.trainable: dict[str, nn.Parameter] = self.configure(model)
+        model.requires_grad_(False)  # after configure: it may add parameters (IMSE injects spectral layers)
+        for param in self.trainable.values():
+            param.requires_grad_(True)
+        self.optimizer = self.build_optimizer(list(self.trainable.values())) if self.trainable else None
+        self.probe = AlignmentProbe(spectral_layers(model))
+        self.last_record: dict[str, Any] = {}
+        self.steps = 0
+        self.skipped_updates = 0
+        self._initial_params = {name: p.detach().clone() for name, p in self.trainable.items()}
+        self._initial_optimizer = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
+
+    # -- to implement -------------------------------------------------------------------------------------
+    def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Prepare ``model`` and return the parameters to adapt, by qualified name."""
+        return {}
+
+    def build_optimizer(self, params: list[nn.Parameter]):
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One adaptation step on batch ``x``: returns (logits for accuracy, record)."""
+        raise NotImplementedError
+
+    def reset_state(self) -> None:
+        """Reset method-specific running state (e.g. SAR's loss EMA)."""
+
+    # -- common behaviour ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        logits, record = self.step(x)
+        self.steps += 1
+        if record.get("skip_reason"):
+            self.skipped_updates += 1
+        record.update(
+            method=self.name, step=self.steps, batch_size=int(x.shape[0]), skipped_updates=self.skipped_updates
+        )
+        self.last_record = record
+        return logits.detach()
+
+    @torch.no_grad()
+    def restore_initial(self) -> None:
+        """Adapted parameters and optimizer state back to their values at construction."""
+        for name, param in self.trainable.items():
+            param.copy_(self._initial_params[name])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer))
+
+    def reset(self) -> None:
+        """Restore the state at construction exactly (parameters, optimizer, counters, running state)."""
+        self.restore_initial()
+        self.reset_state()
+        self.steps = 0
+        self.skipped_updates = 0
+        self.last_record = {}
+
+    def num_trainable(self) -> int:
+        """Number of scalar values this method adapts."""
+        return sum(p.numel() for p in self.trainable.values())
+
+    def alignment_layers(self) -> list[str]:
+        """Layers whose (detached) alignment std goes into the record: all spectral layers when asked."""
+        return list(self.probe.layers) if self.record_alignment else []
+
+    def alignment_record(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: stats[name].detach().float().cpu() for name in self.alignment_layers() if name in stats}
+
+
+class SAMEntropyMethod(TTAMethod):
+    """SAR's update, shared by SAR and IMSE: reliable-entropy minimisation with two SAM passes.
+
+    Step 1: forward, keep ``H < E0``, loss = mean kept entropy − ``diversity_weight · L_dm``, backward,
+    SAM ascent. Step 2: forward at the perturbed weights, re-filter inside the step-1 set, same loss, backward,
+    restore and base step. The logits returned are step 1's (pre-update). An empty filter drops the entropy
+    term; a non-finite loss or gradient skips the update (and is counted) — no NaN ever reaches the weights.
+    """
+
+    diversity_layers: list[str] = []  # spectral layers whose alignment std must keep its graph
+    diversity_weight: float = 0.0
+
+    def diversity(self, stats: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The term to *maximise* (IMSE's ``L_dm``), subtracted with ``diversity_weight``; SAR has none."""
+        return None
+
+    def wrap_optimizer(self, base: torch.optim.Optimizer) -> SAM:
+        return SAM(base, rho=self.hparams["rho"])
+
+    def _loss(self, entropy: torch.Tensor, keep: torch.Tensor, stats: dict) -> tuple[torch.Tensor | None, dict]:
+        entropy_term = masked_mean(entropy, keep)
+        reg = self.diversity(stats)
+        parts: dict[str, float | None] = {
+            "entropy_loss": None if entropy_term is None else float(entropy_term.detach()),
+            "diversity": None if reg is None else float(reg.detach()),
+        }
+        loss = entropy_term
+        if reg is not None and self.diversity_weight:
+            loss = (loss if loss is not None else 0.0) - self.diversity_weight * reg
+        return loss, parts
+
+    def after_update(self, record: dict[str, Any]) -> None:
+        """Called after every step with its record (SAR's model recovery lives here)."""
+
+    @torch.enable_grad()
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        sam: SAM = self.optimizer
+        sam.zero_grad()
+        with self.probe.capture(differentiable=self.diversity_layers, detached=self.alignment_layers()) as stats:
+            logits = self.model(x)
+        num_classes = logits.shape[-1]
+        margin = entropy_margin(num_classes, self.hparams["margin"])
+        entropy = softmax_entropy(logits)
+        keep = entropy.detach() < margin
+        loss, parts = self._loss(entropy, keep, stats)
+        record: dict[str, Any] = {
+            "entropy": float(entropy.detach().mean()),
+            "num_reliable": int(keep.sum()),
+            "num_reliable_second": 0,
+            **parts,
+            "loss": None,
+            "loss_second": None,
+            "grad_norm": None,
+            "updated": False,
+            "skip_reason": None,
+        }
+        if self.record_alignment:
+            record["alignment_std"] = self.alignment_record(stats)
+        logits = logits.detach()
+        del stats
+
+        if loss is None:
+            record["skip_reason"] = "no reliable samples"
+            return self._finish(logits, record)
+        record["loss"] = float(loss.detach())
+        if not _finite(loss.detach()):
+            record["skip_reason"] = "non-finite loss (step 1)"
+            return self._finish(logits, record)
+        loss.backward()
+        norm = sam.first_step(zero_grad=True)
+        record["grad_norm"] = float(norm)
+        if not sam.perturbed:
+            record["skip_reason"] = "non-finite gradient (step 1)"
+            return self._finish(logits, record)
+
+        with self.probe.capture(differentiable=self.diversity_layers) as stats2:
+            logits2 = self.model(x)
+        entropy2 = softmax_entropy(logits2)
+        keep2 = keep & (entropy2.detach() < margin)
+        record["num_reliable_second"] = int(keep2.sum())
+        loss2, _ = self._loss(entropy2, keep2, stats2)
+        if loss2 is None:
+            sam.restore()
+            record["skip_reason"] = "no reliable samples (step 2)"
+            return self._finish(logits, record)
+        record["loss_second"] = float(loss2.detach())
+        if not _finite(loss2.detach()):
+            sam.restore()
+            record["skip_reason"] = "non-finite loss (step 2)"
+            return self._finish(logits, record)
+        loss2.backward()
+        if not _finite(sam.grad_norm()):
+            sam.restore()
+            record["skip_reason"] = "non-finite gradient (step 2)"
+            return self._finish(logits, record)
+        sam.second_step(zero_grad=True)
+        record["updated"] = True
+        return self._finish(logits, record)
+
+    def _finish(self, logits: torch.Tensor, record: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        self.optimizer.zero_grad()
+        self.after_update(record)
+        return logits, record

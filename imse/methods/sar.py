@@ -1,0 +1,69 @@
+"""SAR (Niu et al. 2023): reliable, sharpness-aware entropy minimisation of the LayerNorms, with model recovery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sam import SAM
+from ..spectral import find_vit
+from .base import SAMEntropyMethod
+from .tent import layernorm_params
+
+__all__ = ["SAR"]
+
+
+class SAR(SAMEntropyMethod):
+    """LayerNorm affine of blocks ``0 .. depth-1-frozen_blocks`` (not the final norm); SAM over SGD (momentum
+    0.9) at ``lr = base_lr · batch_size / 64``; the model is reset to its initial state when the EMA (0.9) of
+    the step-2 loss falls below ``reset_threshold`` (a sign of collapse to confident, wrong predictions)."""
+
+    name = "sar"
+    defaults = {
+        "lr": None,
+        "base_lr": 1e-3,
+        "batch_size": 64,
+        "momentum": 0.9,
+        "rho": 0.05,
+        "margin": 0.4,
+        "frozen_blocks": 3,
+        "reset_threshold": 0.2,
+        "ema_momentum": 0.9,
+    }
+
+    def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        prefix, vit = find_vit(model)
+        depth = len(vit.blocks)
+        adapted = depth - self.hparams["frozen_blocks"]
+        if adapted < 1:
+            raise ValueError(f"SAR adapts blocks 0..depth-1-{self.hparams['frozen_blocks']}; this ViT has {depth}")
+        params = {}
+        for index in range(adapted):
+            block_prefix = f"{prefix}.blocks.{index}" if prefix else f"blocks.{index}"
+            params.update(layernorm_params(vit.blocks[index], prefix=block_prefix))
+        self.ema: float | None = None
+        return params
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> SAM:
+        lr = self.hparams["lr"]
+        if lr is None:
+            lr = self.hparams["base_lr"] * self.hparams["batch_size"] / 64
+        return self.wrap_optimizer(torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"]))
+
+    def after_update(self, record: dict[str, Any]) -> None:
+        recovered = False
+        if record["updated"] and record["loss_second"] is not None:
+            m = self.hparams["ema_momentum"]
+            loss = record["loss_second"]
+            self.ema = loss if self.ema is None else m * self.ema + (1 - m) * loss
+            if self.ema < self.hparams["reset_threshold"]:
+                self.restore_initial()
+                self.ema = None
+                recovered = True
+        record["loss_ema"] = self.ema
+        record["recovered"] = recovered
+
+    def reset_state(self) -> None:
+        self.ema = None

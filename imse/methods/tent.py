@@ -1,0 +1,75 @@
+"""TENT (Wang et al. 2021): entropy minimisation on every sample, adapting all LayerNorm affine parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..losses import entropy_margin, softmax_entropy
+from .base import TTAMethod
+
+__all__ = ["Tent", "layernorm_params"]
+
+
+def layernorm_params(module: nn.Module, prefix: str = "") -> dict[str, nn.Parameter]:
+    """Affine weight and bias of every LayerNorm under ``module``, by qualified name."""
+    params = {}
+    for name, sub in module.named_modules(prefix=prefix):
+        if isinstance(sub, nn.LayerNorm):
+            for pname, param in sub.named_parameters(recurse=False):
+                params[f"{name}.{pname}" if name else pname] = param
+    return params
+
+
+class Tent(TTAMethod):
+    """SGD (momentum 0.9) at ``lr = base_lr · batch_size / 64`` unless ``lr`` is given."""
+
+    name = "tent"
+    defaults = {"lr": None, "base_lr": 1e-3, "batch_size": 64, "momentum": 0.9, "margin": 0.4}
+
+    def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = layernorm_params(model)
+        if not params:
+            raise ValueError("TENT needs LayerNorm layers with affine parameters; this model has none")
+        return params
+
+    def learning_rate(self) -> float:
+        lr = self.hparams["lr"]
+        return lr if lr is not None else self.hparams["base_lr"] * self.hparams["batch_size"] / 64
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.learning_rate(), momentum=self.hparams["momentum"])
+
+    @torch.enable_grad()
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        self.optimizer.zero_grad()
+        with self.probe.capture(detached=self.alignment_layers()) as stats:
+            logits = self.model(x)
+        entropy = softmax_entropy(logits)
+        loss = entropy.mean()
+        margin = entropy_margin(logits.shape[-1], self.hparams["margin"])
+        record: dict[str, Any] = {
+            "entropy": float(loss.detach()),
+            "num_reliable": int((entropy.detach() < margin).sum()),
+            "loss": float(loss.detach()),
+            "updated": False,
+            "skip_reason": None,
+        }
+        if self.record_alignment:
+            record["alignment_std"] = self.alignment_record(stats)
+        if not bool(torch.isfinite(loss)):
+            record["skip_reason"] = "non-finite loss"
+        else:
+            loss.backward()
+            grads_finite = all(
+                bool(torch.isfinite(p.grad).all()) for p in self.trainable.values() if p.grad is not None
+            )
+            if grads_finite:
+                self.optimizer.step()
+                record["updated"] = True
+            else:
+                record["skip_reason"] = "non-finite gradient"
+        self.optimizer.zero_grad()
+        return logits.detach(), record

@@ -1,0 +1,203 @@
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from conftest import CUDA, relative_error, tiny_vit
+from torch import nn
+
+from imse.losses import alignment_std, softmax_entropy
+from imse.methods import METHODS, create
+from imse.spectral import inject, spectral_layers
+
+ALL = sorted(METHODS)
+
+
+def batch(n=16, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, device=device)
+
+
+def trainable_snapshot(method):
+    return {name: p.detach().clone() for name, p in method.trainable.items()}
+
+
+def test_trainable_counts_on_vit_base(vit_base_injected):
+    imse_model, _ = vit_base_injected
+    assert create("imse", imse_model).num_trainable() == 9 * 4 * 768 == 27_648
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_base_patch16_224", pretrained=False)
+    assert create("sar", copy.deepcopy(plain)).num_trainable() == 27_648
+    expected_tent = sum(m.weight.numel() + m.bias.numel() for m in plain.modules() if isinstance(m, nn.LayerNorm))
+    assert expected_tent == 25 * 2 * 768  # 2 norms per block + the final norm
+    assert create("tent", plain).num_trainable() == expected_tent
+    assert create("source", copy.deepcopy(plain)).num_trainable() == 0
+
+
+def test_imse_adapts_only_singular_values_of_early_blocks():
+    method = create("imse", tiny_vit(depth=6))
+    names = list(method.trainable)
+    assert names == [f"blocks.{b}.{p}.S" for b in range(3) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert {n for n, p in method.model.named_parameters() if p.requires_grad} == set(names)
+    assert method.diversity_layers == [
+        f"blocks.{b}.{p}" for b in (3, 4, 5) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+
+
+def test_imse_lowers_entropy_of_a_fixed_batch():
+    model = tiny_vit(head_scale=20.0)  # confident predictions, as a trained model makes
+    x = batch(32)
+    with torch.no_grad():
+        before = softmax_entropy(model(x)).mean().item()
+    method = create("imse", model)
+    for _ in range(10):
+        method(x)
+    assert all(r is not None for r in (method.last_record["entropy_loss"], method.last_record["diversity"]))
+    with torch.no_grad():
+        after = softmax_entropy(model(x)).mean().item()
+    assert after < 0.5 * before
+    assert method.skipped_updates == 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reset_restores_bit_identical_outputs(name):
+    method = create(name, tiny_vit(head_scale=20.0))
+    x, other = batch(8, seed=0), batch(8, seed=1)
+    first = method(x)
+    first_record = dict(method.last_record)
+    initial = {k: v for k, v in method._initial_params.items()}
+    for _ in range(3):
+        method(other)
+    if name != "source":
+        assert any(not torch.equal(p, initial[k]) for k, p in trainable_snapshot(method).items())
+    method.reset()
+    assert all(torch.equal(p, initial[k]) for k, p in trainable_snapshot(method).items())
+    assert torch.equal(method(x), first)
+    assert method.last_record == first_record
+    assert method.steps == 1
+
+
+@pytest.mark.parametrize("name", ["imse", "sar"])
+def test_returned_logits_are_the_pre_update_ones(name):
+    model = tiny_vit(head_scale=20.0)
+    frozen = copy.deepcopy(model)
+    method = create(name, model)
+    x = batch(8)
+    if name == "imse":
+        inject(frozen)
+    with torch.no_grad():
+        expected = frozen(x)
+    got = method(x)
+    assert method.last_record["updated"]
+    # equal up to float rounding (the adapting forward may take the factored path, the frozen one the dense)
+    assert relative_error(got, expected) <= 1e-5
+    with torch.no_grad():
+        assert relative_error(method.model(x), expected) > 1e-3  # the update did happen
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_batch_size_one_and_records_are_finite(name, device):
+    method = create(name, tiny_vit(head_scale=20.0).to(device), record_alignment=True)
+    for seed in range(3):
+        logits = method(batch(1, seed, device))
+        assert logits.shape == (1, 10) and torch.isfinite(logits).all() and logits.device.type == device
+    record = method.last_record
+    assert record["method"] == name and record["batch_size"] == 1 and record["step"] == 3
+    for key, value in record.items():
+        if isinstance(value, float):
+            assert math.isfinite(value), key
+    assert all(torch.isfinite(p).all() for p in method.trainable.values())
+
+
+def test_empty_filter_skips_entropy_but_keeps_diversity():
+    model = tiny_vit(head_scale=0.0)  # uniform predictions: nothing passes H < 0.4 ln C
+    imse = create("imse", copy.deepcopy(model))
+    imse(batch(4))
+    r = imse.last_record
+    assert r["num_reliable"] == 0 and r["entropy_loss"] is None and r["diversity"] is not None
+    assert r["updated"] and r["skip_reason"] is None
+    assert r["loss"] == pytest.approx(-50.0 * r["diversity"])
+
+    sar = create("sar", copy.deepcopy(model))
+    initial = trainable_snapshot(sar)
+    sar(batch(4))
+    assert not sar.last_record["updated"] and sar.last_record["skip_reason"] == "no reliable samples"
+    assert sar.skipped_updates == 1
+    assert all(torch.equal(p, initial[k]) for k, p in trainable_snapshot(sar).items())
+
+
+@pytest.mark.parametrize("name", ["imse", "sar", "tent"])
+def test_non_finite_input_skips_update_and_is_counted(name):
+    method = create(name, tiny_vit(head_scale=20.0))
+    initial = trainable_snapshot(method)
+    bad = batch(4)
+    bad[:] = float("nan")
+    method(bad)
+    assert not method.last_record["updated"] and method.last_record["skip_reason"]
+    assert method.skipped_updates == 1 and method.last_record["skipped_updates"] == 1
+    assert all(torch.equal(p, initial[k]) for k, p in trainable_snapshot(method).items())
+    method(batch(4))  # and it carries on normally
+    assert method.last_record["updated"] and method.skipped_updates == 1
+
+
+def test_record_alignment_matches_independent_statistics():
+    model = tiny_vit(head_scale=20.0)
+    method = create("imse", model, record_alignment=True)
+    layers = spectral_layers(model)
+    inputs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0].detach())) for n, m in layers.items()
+    ]
+    x = batch(4)
+    method(x)
+    for hook in hooks:
+        hook.remove()
+    stats = method.last_record["alignment_std"]
+    assert list(stats) == list(layers)
+    for name, value in stats.items():
+        assert not value.requires_grad and value.device.type == "cpu" and value.shape == (layers[name].rank,)
+        assert relative_error(value, alignment_std(inputs[name], layers[name].Vh)) <= 1e-5
+    # without asking, no statistics are recorded
+    plain = create("imse", tiny_vit())
+    plain(x)
+    assert "alignment_std" not in plain.last_record
+
+
+def test_sar_recovers_when_loss_ema_collapses():
+    method = create("sar", tiny_vit(head_scale=20.0), reset_threshold=100.0)
+    initial = trainable_snapshot(method)
+    method(batch(8))
+    r = method.last_record
+    assert r["updated"] and r["recovered"] and r["loss_ema"] is None
+    assert all(torch.equal(p, initial[k]) for k, p in trainable_snapshot(method).items())
+    normal = create("sar", tiny_vit(head_scale=20.0))
+    normal(batch(8))
+    assert not normal.last_record["recovered"] and normal.last_record["loss_ema"] == normal.last_record["loss_second"]
+
+
+def test_defaults_and_overrides():
+    imse = create("IMSE", tiny_vit())
+    base = imse.optimizer.base_optimizer
+    assert isinstance(base, torch.optim.Adam) and base.param_groups[0]["lr"] == 7e-3
+    assert imse.hparams["lambda_dm"] == 50.0 and imse.optimizer.rho == 0.05
+    sar = create("sar", tiny_vit(), batch_size=32)
+    assert isinstance(sar.optimizer.base_optimizer, torch.optim.SGD)
+    assert sar.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 32 / 64)
+    assert sar.optimizer.param_groups[0]["momentum"] == 0.9
+    assert create("tent", tiny_vit(), lr=0.01).optimizer.param_groups[0]["lr"] == 0.01
+    with pytest.raises(ValueError, match="unknown method"):
+        create("cotta", tiny_vit())
+    with pytest.raises(TypeError, match="no setting"):
+        create("imse", tiny_vit(), learning_rate=1e-3)
+    with pytest.raises(ValueError, match="diversity_blocks"):
+        create("imse", tiny_vit(depth=3))
+    with pytest.raises(ValueError, match="image batch"):
+        create("source", tiny_vit())(torch.randn(3, 32, 32))
+
+
+def test_lambda_zero_skips_diversity_statistics():
+    method = create("imse", tiny_vit(head_scale=20.0), lambda_dm=0.0)
+    method(batch(8))
+    assert method.last_record["diversity"] is None and method.last_record["updated"]

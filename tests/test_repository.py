@@ -1,0 +1,42 @@
+"""The project's promises about itself: quick start, CI command and dependency lists stay in step."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Quick start")
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", text[start:], re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_quick_start_has_run_and_test_commands_and_ci_runs_the_test_one():
+    commands = readme_commands()
+    assert len(commands) == 2
+    run, test = commands
+    assert run.startswith("pip install") and "python" in run
+    assert test.startswith("pip install") and "pytest" in test
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test in ci_lines
+
+
+def test_requirements_match_pyproject_and_respect_the_torch_cap():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert requirements == project["dependencies"]
+    caps = {"torch": "2.14.1", "torchvision": "0.29.1"}
+    for requirement in requirements:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+        if name in caps:
+            assert f"<={caps[name]}" in requirement, requirement
