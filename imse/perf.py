@@ -116,11 +116,75 @@ def bench_svd(device: torch.device, repeats: int, model_name: str) -> dict:
     return {"model": model_name, "layers": len(names), "inject_s": statistics.median(times), "repeats": repeats}
 
 
+def _benchmark_images(count: int, size: int) -> torch.Tensor:
+    """Real photos when scikit-image is installed (the speed of some corruptions, JPEG above all, depends on
+    content), else smooth random images."""
+    try:
+        from PIL import Image
+        from skimage import data
+
+        names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+        photos = []
+        for name in names:
+            image = Image.fromarray(getattr(data, name)()).convert("RGB").resize((size, size), Image.BILINEAR)
+            photos.append(torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1))
+        return torch.stack([photos[i % len(photos)] for i in range(count)])
+    except ImportError:
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.rand(count, 3, size // 8, size // 8, generator=generator)
+        smooth = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+        return (smooth.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def bench_corruptions(device: torch.device, repeats: int, batch: int = 64, size: int = 224, severity: int = 3) -> dict:
+    """Batched ``corrupt`` of ``batch`` images vs corrupt-tta applied image by image on the CPU (the reference
+    implementation, if installed), per test corruption, median seconds; speedup = reference / ours."""
+    from .data.corruptions import CORRUPTIONS, corrupt
+
+    images = _benchmark_images(batch, size)
+    on_device = images.to(device)
+    try:
+        import corrupt_tta
+        import numpy as np
+    except ImportError:
+        corrupt_tta = None
+    rows = {}
+    for name in CORRUPTIONS:
+        generator = torch.Generator(device).manual_seed(0)
+
+        def run(name=name, generator=generator):
+            corrupt(on_device, name, severity, generator=generator)
+
+        ours = _time_interleaved({name: run}, repeats, 1, device)
+        row = {"ours_s": ours[name]}
+        if corrupt_tta is not None:
+            arrays = [image.permute(1, 2, 0).numpy() for image in images]
+            samples = []
+            budget = time.perf_counter() + 20.0  # glass blur's reference takes ~10 s per batch: fewer repeats
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for array in arrays:
+                    np.uint8(np.clip(corrupt_tta.corrupt(array, severity=severity, corruption_name=name), 0, 255))
+                samples.append(time.perf_counter() - start)
+                if time.perf_counter() > budget:
+                    break
+            row["reference_s"] = statistics.median(samples)
+            row["speedup"] = row["reference_s"] / row["ours_s"]
+        rows[name] = row
+    result = {"batch": batch, "size": size, "severity": severity, "device": str(device), "per_corruption": rows}
+    speedups = [row["speedup"] for row in rows.values() if "speedup" in row]
+    if speedups:
+        result["median_speedup"] = statistics.median(speedups)
+        result["slowest_speedup"] = min(speedups)
+        result["target"] = "median >= 5, none < 1"
+    return result
+
+
 def run_perf(
     device: str = "cpu",
     repeats: int = 10,
     batch: int = 16,
-    only: tuple[str, ...] = ("merged", "step", "svd"),
+    only: tuple[str, ...] = ("merged", "step", "svd", "corruptions"),
     out: str | None = None,
 ) -> dict:
     """Run the selected benchmarks, print a table, optionally write JSON; returns the results."""
@@ -138,6 +202,8 @@ def run_perf(
         results["adaptation_step"] = bench_step(dev, batch, repeats, "vit_small_patch16_224")
     if "svd" in only:
         results["svd"] = bench_svd(dev, max(1, repeats // 5), "vit_base_patch16_224")
+    if "corruptions" in only:
+        results["corruptions"] = bench_corruptions(dev, max(1, min(repeats, 5)))
     print(format_table(results))
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
@@ -169,6 +235,31 @@ def format_table(results: dict) -> str:
     if "svd" in results:
         r = results["svd"]
         rows.append((f"SVD inject ({r['model']}, {r['layers']} layers)", f"{r['inject_s']:.2f} s", "-", "-"))
+    if "corruptions" in results:
+        r = results["corruptions"]
+        for name, row in r["per_corruption"].items():
+            reference = (
+                f" / {row['reference_s'] * 1e3:.0f} ms (corrupt-tta, per image, CPU)" if "reference_s" in row else ""
+            )
+            rows.append(
+                (
+                    f"corrupt {name} ({r['batch']}x{r['size']}px, s{r['severity']})",
+                    f"{row['ours_s'] * 1e3:.0f} ms{reference}",
+                    f"{row['speedup']:.1f}x" if "speedup" in row else "-",
+                    "-",
+                )
+            )
+        if "median_speedup" in r:
+            rows.append(
+                (
+                    "corruptions: median / slowest speedup vs reference",
+                    "",
+                    f"{r['median_speedup']:.1f}x / {r['slowest_speedup']:.1f}x",
+                    ">= 5x / >= 1x",
+                )
+            )
+        else:
+            rows.append(("corruptions vs reference", "pip install corrupt-tta to compare", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"device: {results['device']} ({results['device_name']}), torch threads {results['threads']}"]
     for i, row in enumerate(rows):

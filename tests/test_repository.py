@@ -40,3 +40,10 @@ def test_requirements_match_pyproject_and_respect_the_torch_cap():
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
         if name in caps:
             assert f"<={caps[name]}" in requirement, requirement
+
+
+def test_every_package_ships():
+    """pyproject lists packages explicitly (assets/ maps to imse.assets): a new subpackage must be added."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "imse").rglob("__init__.py")}
+    assert found | {"imse.assets"} == listed

@@ -1,0 +1,1 @@
+"""Test-time data: corruptions applied on the fly (``imse.data.corruptions``)."""

@@ -1,0 +1,99 @@
+"""The ImageNet-C corruptions as one batched, seeded function: ``corrupt(images, name, severity)``.
+
+Images are uint8 ``[B, 3, H, W]`` tensors on any device and come back as uint8 of the same shape on the same
+device; all work happens there, batched (no per-image Python loop on the hot path except where noted in a
+function's docstring). Each image in a batch draws its own random values.
+
+Parameter tables (``tables.py``) come from Hendrycks' generators: the CIFAR-10-C table is used for images up to
+84 px on their shorter side (the geometric mean of 32 and 224), the ImageNet-C table above that; pass
+``table="cifar"`` or ``"imagenet"`` to choose. Pixel-unit parameters are not rescaled for sizes in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from . import blur, digital, noise, weather
+from .ops import Draws
+from .tables import TABLES
+
+__all__ = ["ALL_CORRUPTIONS", "CORRUPTIONS", "VALIDATION_CORRUPTIONS", "corrupt", "table_for_size"]
+
+# The 15 test corruptions, in the standard ImageNet-C order (the continual-TTA protocol's order).
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
+# Held out for choosing hyper-parameters, never for reporting.
+VALIDATION_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + VALIDATION_CORRUPTIONS
+
+_FUNCTIONS: dict[str, Callable] = {
+    name: getattr(module, name)
+    for module in (noise, blur, weather, digital)
+    for name in module.__all__
+    if name in ALL_CORRUPTIONS
+}
+
+_CIFAR_MAX_SIDE = math.sqrt(32 * 224)  # ≈ 84.7: nearer to 32 than to 224 on a log scale
+
+
+def table_for_size(height: int, width: int) -> str:
+    """The parameter table made for images of this size: ``"cifar"`` up to 84 px (shorter side), else
+    ``"imagenet"``."""
+    return "cifar" if min(height, width) <= _CIFAR_MAX_SIDE else "imagenet"
+
+
+def corrupt(
+    images: torch.Tensor,
+    name: str,
+    severity: int,
+    generator: torch.Generator | None = None,
+    table: str | None = None,
+) -> torch.Tensor:
+    """Corrupt a batch. ``generator`` (on any device) makes the draws reproducible; ``None`` uses torch's
+    global RNG. Raises ``ValueError`` for an unknown name, a severity outside 1..5, or a bad table name, and
+    ``TypeError``/``ValueError`` for anything but a uint8 ``[B, 3, H, W]`` tensor of at least 2×2 pixels."""
+    if name not in _FUNCTIONS:
+        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(ALL_CORRUPTIONS)}")
+    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+        raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (0..255), got {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    if height < 2 or width < 2:
+        raise ValueError(f"images must be at least 2x2 pixels, got {height}x{width}")
+    table = table or table_for_size(height, width)
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; choose from {sorted(TABLES)}")
+    if images.shape[0] == 0:
+        return images.clone()
+    params = TABLES[table][name][severity - 1]
+    draws = Draws(generator, images.device)
+    function = _FUNCTIONS[name]
+    if getattr(function, "works_on_uint8", False):
+        return function(images, params, draws, table)
+    out = function(images.to(torch.float32).div_(255), params, draws, table)
+    # The original generators store np.uint8(values · 255): truncation (what the uint8 cast does for values
+    # >= 0). The small offset absorbs float32 error on values that are exact integers in float64.
+    return out.mul(255).add_(1e-3).clamp_(0, 255).to(torch.uint8)
