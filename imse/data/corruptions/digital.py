@@ -91,26 +91,26 @@ def elastic_transform(x: torch.Tensor, c: tuple, draws: Draws, table: str) -> to
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _round_to_8bit(x: torch.Tensor) -> torch.Tensor:
-    return x.mul_(255).add_(0.5).floor_().div_(255)
-
-
 def _pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """PIL ``resize(BOX)`` of 8-bit images: horizontal pass, round to 8 bits, vertical pass, round.
-    Each pass is one GEMM with the resampling matrix."""
+    """PIL ``resize(BOX)`` of 8-bit images (values on the 0..255 scale): horizontal pass, round, vertical pass,
+    round, as PIL does. Each pass is one GEMM with the resampling matrix."""
     h, w = x.shape[-2:]
     if width != w:
-        x = _round_to_8bit(x @ box_resize_matrix(w, width, x.device).T)
+        x = (x @ box_resize_matrix(w, width, x.device).T).add_(0.5).floor_()
     if height != h:
-        x = _round_to_8bit(box_resize_matrix(h, height, x.device) @ x)
+        x = (box_resize_matrix(h, height, x.device) @ x).add_(0.5).floor_()
     return x
 
 
-def pixelate(x: torch.Tensor, c: float, draws: Draws, table: str) -> torch.Tensor:
-    """Low resolution: box-downsample to ``int(size · c)`` and box-upsample back (PIL BOX, as the original)."""
-    h, w = x.shape[-2:]
-    small = _pil_box_resize(x, max(1, int(h * c)), max(1, int(w * c)))
-    return _pil_box_resize(small, h, w)
+def pixelate(images: torch.Tensor, c: float, draws: Draws, table: str) -> torch.Tensor:
+    """Low resolution: box-downsample to ``int(size · c)`` and box-upsample back (PIL BOX, as the original).
+    Works on the uint8 images directly (values stay integers between passes, as in PIL)."""
+    h, w = images.shape[-2:]
+    small = _pil_box_resize(images.to(torch.float32), max(1, int(h * c)), max(1, int(w * c)))
+    return _pil_box_resize(small, h, w).clamp_(0, 255).to(torch.uint8)
+
+
+pixelate.works_on_uint8 = True
 
 
 def jpeg_compression(images: torch.Tensor, c: int, draws: Draws, table: str) -> torch.Tensor:
