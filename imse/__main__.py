@@ -13,6 +13,103 @@ def _perf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_builtin(args: argparse.Namespace) -> int:
+    from .builtin import train_builtin
+
+    summary = train_builtin(
+        data_dir=args.data_dir,
+        out_dir=args.out_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        resume=not args.restart,
+        limit=args.limit,
+    )
+    accuracy, seconds = summary["test_accuracy"] * 100, summary["train_seconds"]
+    print(f"test accuracy {accuracy:.2f} % after {seconds:.0f} s; wrote {args.out_dir}")
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import format_table, load_lrs, run_bench
+
+    lrs = load_lrs(args.hparams)
+    for item in args.lr or []:
+        method, _, value = item.partition("=")
+        lrs[method] = float(value)
+    data, imagenet_c = args.data, None
+    if data.startswith("imagenet-c:"):
+        data, imagenet_c = "imagenet-c", data.removeprefix("imagenet-c:")
+    result = run_bench(
+        backbone=args.backbone,
+        weights=args.weights,
+        data=data,
+        methods=_csv(args.methods),
+        scenario=args.scenario,
+        severity=args.severity,
+        per_domain=args.per_domain,
+        batch_size=args.batch_size,
+        seeds=tuple(int(s) for s in _csv(args.seeds)),
+        corruptions=args.corruptions,
+        device=args.device,
+        rounds=args.rounds,
+        lrs=lrs,
+        imagenet_c=imagenet_c,
+    )
+    print(format_table(result))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import run_sweep
+
+    result = run_sweep(
+        backbone=args.backbone,
+        weights=args.weights,
+        data=args.data,
+        methods=_csv(args.methods),
+        severity=args.severity,
+        per_domain=args.per_domain,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    for method, entry in result["methods"].items():
+        grid = ", ".join(f"{lr}: {100 * acc:.1f}" for lr, acc in entry["grid"].items())
+        print(f"{method}: chose lr {entry['lr']} (default {entry['default_lr']:.3g}); {grid}")
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"wrote {args.out}; use it with: python -m imse bench --hparams {args.out}")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="builtin", help="'builtin' or a timm name with its weight tag")
+    parser.add_argument("--weights", help="local weights file (safetensors or .pth state dict) for --backbone")
+    parser.add_argument(
+        "--data",
+        default="builtin",
+        help="'builtin', 'imagenette', an image folder (class folders), or imagenet-c:<root> (bench only)",
+    )
+    parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m imse",
@@ -35,6 +132,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     perf.add_argument("--out", help="also write the results as JSON to this file")
     perf.set_defaults(handler=_perf)
+
+    train = commands.add_parser(
+        "train-builtin",
+        help="train the built-in offline ViT on Fashion-MNIST and export assets/builtin",
+        description="Trains the small built-in ViT on Fashion-MNIST (Debian package dataset-fashion-mnist) and "
+        "writes its weights, config, data copies and model card. Resumes from <out-dir>/train_state.pt.",
+    )
+    train.add_argument("--data-dir", help="folder with the four Fashion-MNIST idx files (default: Debian's)")
+    train.add_argument("--out-dir", default="assets/builtin", help="where to write the assets (default: %(default)s)")
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--limit", type=int, help="use only the first N images of each split (smoke tests)")
+    train.add_argument("--restart", action="store_true", help="ignore an existing train_state.pt")
+    train.set_defaults(handler=_train_builtin)
+
+    bench = commands.add_parser(
+        "bench",
+        help="accuracy of Source/TENT/SAR/IMSE on a corrupted test stream (markdown table + JSON)",
+        description="Streams the same corrupted batches through every method and reports per-domain accuracy.",
+    )
+    _add_model_args(bench)
+    bench.add_argument("--methods", default="source,tent,sar,imse")
+    bench.add_argument("--scenario", default="continual", choices=("single", "continual", "gradual", "recurring"))
+    bench.add_argument("--per-domain", type=int, default=1000, help="images per domain (default: %(default)s)")
+    bench.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    bench.add_argument("--corruptions", default="test", choices=("test", "validation"))
+    bench.add_argument("--rounds", type=int, default=3, help="rounds of the recurring scenario")
+    bench.add_argument("--hparams", help="sweep JSON whose chosen learning rates to use")
+    bench.add_argument("--lr", action="append", metavar="METHOD=LR", help="override one method's lr")
+    bench.add_argument("--out", help="write the full result as JSON")
+    bench.set_defaults(handler=_bench)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="tune each method's lr on the validation corruptions (same grid size and images for all)",
+        description="Runs each adaptive method at its default lr x (0.1, 0.3, 1, 3, 10) on a continual stream of "
+        "the four validation corruptions and writes the best lr per method.",
+    )
+    _add_model_args(sweep)
+    sweep.add_argument("--methods", default="tent,sar,imse")
+    sweep.add_argument("--per-domain", type=int, default=500)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--out", default="sweep.json")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 
@@ -48,9 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.only.split(",")) - {"merged", "step", "svd", "corruptions"}
         if unknown:
             parser.error(f"--only: unknown measure(s) {sorted(unknown)}")
-    if getattr(args, "repeats", 1) < 1 or getattr(args, "batch", 1) < 1:
-        parser.error("--repeats and --batch must be positive")
-    return args.handler(args)
+    for option in ("repeats", "batch", "batch_size", "per_domain", "epochs"):
+        if getattr(args, option, 1) is not None and getattr(args, option, 1) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad input or unavailable data: say so
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

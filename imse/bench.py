@@ -1,0 +1,285 @@
+"""``python -m imse bench`` and ``python -m imse sweep``: accuracy under a test stream, and fair lr tuning.
+
+A bench run builds the backbone once per seed, gives each method its own copy, streams the same corrupted
+batches through all of them (``runner.run``), and reports per-domain accuracy, the mean, trainable values and
+throughput — with the full configuration and versions, so a JSON result says how it was made.
+The sweep picks each method's learning rate on the *validation* corruptions only, with the same grid size and
+the same images for every method.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .data.streams import Stream
+from .methods import METHODS, create
+from .models import BUILTIN, create_backbone
+from .runner import run, summarise
+
+__all__ = ["build_source", "format_table", "run_bench", "run_sweep"]
+
+ADAPTIVE = ("tent", "sar", "imse")
+SWEEP_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # around each method's default lr: the same budget for everyone
+
+
+def build_source(data: str, backbone_name: str, size: int):
+    """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached), or a
+    folder of class folders (ImageNet wnids map to IN-1k labels)."""
+    from .data.sources import ImageFolderSource, imagenette_source
+
+    if data == "builtin":
+        if backbone_name != BUILTIN:
+            raise ValueError(
+                "--data builtin is the Fashion-MNIST split of the built-in backbone; use --data "
+                "imagenette or an image folder for ImageNet backbones"
+            )
+        from .data.fashion_mnist import BuiltinSource
+
+        return BuiltinSource()
+    if data == "imagenette":
+        return imagenette_source(size=size)
+    return ImageFolderSource(data, size=size)
+
+
+def default_lr(method: str, batch_size: int) -> float:
+    cls = METHODS[method]
+    if cls.defaults.get("lr") is not None:
+        return float(cls.defaults["lr"])
+    return cls.defaults["base_lr"] * batch_size / 64
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "imse": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_bench(
+    backbone: str = BUILTIN,
+    weights: str | None = None,
+    data: str = "builtin",
+    methods: tuple[str, ...] = ("source", "tent", "sar", "imse"),
+    scenario: str = "continual",
+    severity: int = 5,
+    per_domain: int = 1000,
+    batch_size: int = 64,
+    seeds: tuple[int, ...] = (0,),
+    corruptions: str = "test",
+    device: str = "cpu",
+    rounds: int = 3,
+    lrs: dict[str, float] | None = None,
+    imagenet_c: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    lrs = dict(lrs or {})
+    base = create_backbone(backbone, weights=weights, device=device)
+    if imagenet_c:
+        from .data.sources import ImageNetCSource
+
+        source = None
+
+        def pregenerated(domain):
+            return ImageNetCSource(imagenet_c, domain.corruption, domain.severity, size=base.input_size)
+    else:
+        source = build_source(data, backbone, base.input_size)
+        pregenerated = None
+    config = {
+        "backbone": backbone,
+        "weights": str(weights) if weights else None,
+        "data": f"imagenet-c:{imagenet_c}" if imagenet_c else data,
+        "methods": list(methods),
+        "scenario": scenario,
+        "severity": severity,
+        "per_domain": per_domain,
+        "batch_size": batch_size,
+        "seeds": list(seeds),
+        "corruptions": corruptions,
+        "rounds": rounds if scenario == "recurring" else None,
+        "device": device,
+        "lr": {m: lrs.get(m, default_lr(m, batch_size)) for m in methods if m in ADAPTIVE},
+    }
+    per_seed = []
+    started = time.perf_counter()
+    for seed in seeds:
+        torch.manual_seed(seed)
+        wrapped = {}
+        for name in methods:
+            overrides: dict[str, Any] = {}
+            if name in ("tent", "sar"):
+                overrides["batch_size"] = batch_size
+            if name in lrs:
+                overrides["lr"] = lrs[name]
+            wrapped[name] = create(name, copy.deepcopy(base), **overrides)
+        stream = Stream(
+            source,
+            scenario=scenario,
+            corruptions=corruptions,
+            severity=severity,
+            per_domain=per_domain,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            rounds=rounds,
+            pregenerated=pregenerated,
+        )
+        summary = summarise(list(run(wrapped, stream, progress=progress)))
+        for name, entry in summary.items():
+            entry["num_trainable"] = wrapped[name].num_trainable()
+            entry["skipped_updates"] = wrapped[name].skipped_updates
+        per_seed.append({"seed": seed, "methods": summary})
+    return {
+        "config": config,
+        "versions": _versions(),
+        "device_name": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else platform.processor(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "per_seed": per_seed,
+        "methods": _aggregate(per_seed),
+    }
+
+
+def _aggregate(per_seed: list[dict]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in per_seed[0]["methods"]:
+        runs = [seed["methods"][name] for seed in per_seed]
+        means = [r["mean_accuracy"] for r in runs]
+        domains = []
+        for i, domain in enumerate(runs[0]["domains"]):
+            accuracies = [r["domains"][i]["accuracy"] for r in runs]
+            domains.append(
+                {
+                    "name": domain["name"],
+                    "severity": domain["severity"],
+                    "n": domain["n"],
+                    "accuracy": statistics.fmean(accuracies),
+                    "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                }
+            )
+        speeds = [r["images_per_s"] for r in runs if r["images_per_s"]]
+        out[name] = {
+            "domains": domains,
+            "mean_accuracy": statistics.fmean(means),
+            "mean_accuracy_std": statistics.stdev(means) if len(means) > 1 else 0.0,
+            "num_trainable": runs[0]["num_trainable"],
+            "images_per_s": statistics.fmean(speeds) if speeds else None,
+        }
+    return out
+
+
+def format_table(result: dict[str, Any], max_columns: int = 16) -> str:
+    """Markdown: rows = methods, columns = domains (accuracy %, mean over seeds) + mean ± std over seeds.
+    Long streams (gradual: 135 domains) are summarised per corruption so the table stays readable."""
+    methods = result["methods"]
+    first = next(iter(methods.values()))
+    domains = first["domains"]
+    grouped = len(domains) > max_columns
+    if grouped:
+        names = list(dict.fromkeys(d["name"] for d in domains))
+        headers = [f"{n}" for n in names]
+    else:
+        headers = [f"{d['name']}-{d['severity']}" for d in domains]
+    lines = [
+        "| method | " + " | ".join(headers) + " | mean |",
+        "|---|" + "---|" * len(headers) + "---|",
+    ]
+    for name, entry in methods.items():
+        if grouped:
+            cells = []
+            for corruption in headers:
+                values = [d["accuracy"] for d in entry["domains"] if d["name"] == corruption]
+                cells.append(f"{100 * statistics.fmean(values):.1f}")
+        else:
+            cells = [f"{100 * d['accuracy']:.1f}" for d in entry["domains"]]
+        std = entry["mean_accuracy_std"]
+        mean = f"{100 * entry['mean_accuracy']:.1f}" + (f" ± {100 * std:.1f}" if len(result["per_seed"]) > 1 else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    cfg = result["config"]
+    lines.append(
+        f"\n{cfg['scenario']}, severity {cfg['severity']}, {cfg['per_domain']} images per domain, batch "
+        f"{cfg['batch_size']}, seeds {cfg['seeds']}, backbone {cfg['backbone']}, data {cfg['data']}"
+        + (" (columns: mean over each corruption's severities)" if grouped else "")
+    )
+    return "\n".join(lines)
+
+
+def run_sweep(
+    backbone: str = BUILTIN,
+    weights: str | None = None,
+    data: str = "builtin",
+    methods: tuple[str, ...] = ADAPTIVE,
+    severity: int = 5,
+    per_domain: int = 500,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    factors: tuple[float, ...] = SWEEP_FACTORS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose each method's lr on a continual stream of the four validation corruptions: every method tries
+    ``default lr × factors`` (same count, same images); the best mean accuracy wins."""
+    results: dict[str, Any] = {
+        "protocol": {
+            "scenario": "continual",
+            "corruptions": "validation",
+            "severity": severity,
+            "per_domain": per_domain,
+            "batch_size": batch_size,
+            "seed": seed,
+            "factors": list(factors),
+            "backbone": backbone,
+            "data": data,
+        },
+        "versions": _versions(),
+        "methods": {},
+    }
+    for method in methods:
+        if method not in ADAPTIVE:
+            raise ValueError(f"only adaptive methods have an lr to tune: {ADAPTIVE}")
+        grid = {}
+        for factor in factors:
+            lr = float(f"{default_lr(method, batch_size) * factor:.3g}")
+            result = run_bench(
+                backbone,
+                weights,
+                data,
+                (method,),
+                "continual",
+                severity,
+                per_domain,
+                batch_size,
+                (seed,),
+                "validation",
+                device,
+                lrs={method: lr},
+                progress=progress,
+            )
+            grid[str(lr)] = result["methods"][method]["mean_accuracy"]
+        best = max(grid, key=lambda k: (grid[k], -abs(math.log(float(k) / default_lr(method, batch_size)))))
+        results["methods"][method] = {"lr": float(best), "default_lr": default_lr(method, batch_size), "grid": grid}
+    return results
+
+
+def load_lrs(path: str | None) -> dict[str, float]:
+    """Learning rates chosen by a sweep (its JSON), or none."""
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    return {name: float(entry["lr"]) for name, entry in data["methods"].items()}

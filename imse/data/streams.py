@@ -1,0 +1,153 @@
+"""Test streams (DESIGN §1 protocols): which domains come in which order, and the corrupted batches they yield.
+
+A stream takes clean labelled images from a source, corrupts each batch on the stream's device (seeded per
+batch, so a run is reproducible and batches do not depend on each other), and tags every batch with its domain
+and severity — for metrics only: methods never see them, nor the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
+from .sources import Source
+
+__all__ = ["GRADUAL_SEVERITIES", "SCENARIOS", "Batch", "Domain", "Stream", "domain_sequence", "resolve_corruptions"]
+
+SCENARIOS = ("single", "continual", "gradual", "recurring")
+GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
+
+
+@dataclass(frozen=True)
+class Domain:
+    corruption: str
+    severity: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.corruption}-{self.severity}"
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, H, W], corrupted, on the stream's device
+    labels: torch.Tensor  # int64 [B], on the stream's device: for scoring only
+    domain: Domain
+    domain_index: int  # position in the stream's domain sequence
+    batch_index: int  # position in the whole stream
+    first_of_domain: bool
+    clean: torch.Tensor | None = None  # the uncorrupted images, when the stream keeps them (the app shows them)
+
+
+def resolve_corruptions(corruptions: str | Sequence[str]) -> tuple[str, ...]:
+    """``"test"`` (the 15, ImageNet-C order), ``"validation"`` (the 4 held-out ones), or explicit names."""
+    if corruptions == "test":
+        return CORRUPTIONS
+    if corruptions == "validation":
+        return VALIDATION_CORRUPTIONS
+    names = (corruptions,) if isinstance(corruptions, str) else tuple(corruptions)
+    unknown = [n for n in names if n not in CORRUPTIONS + VALIDATION_CORRUPTIONS]
+    if unknown or not names:
+        raise ValueError(f"unknown corruption(s) {unknown or names}; use 'test', 'validation' or names from both")
+    return names
+
+
+def domain_sequence(
+    scenario: str, corruptions: str | Sequence[str] = "test", severity: int = 5, rounds: int = 3
+) -> list[Domain]:
+    """``single``/``continual``: each corruption once at ``severity``; ``gradual``: each corruption through
+    severities 1,2,3,4,5,4,3,2,1 (135 domains for the 15); ``recurring``: ``rounds`` passes of ``continual``."""
+    names = resolve_corruptions(corruptions)
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
+    if not 1 <= severity <= 5:
+        raise ValueError(f"severity must be 1..5, got {severity}")
+    if scenario == "gradual":
+        return [Domain(name, s) for name in names for s in GRADUAL_SEVERITIES]
+    once = [Domain(name, severity) for name in names]
+    if scenario == "recurring":
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        return once * rounds
+    return once
+
+
+class Stream:
+    """Batches of corrupted images, domain after domain.
+
+    Each domain shows the same ``per_domain`` images of the source (a seeded subset, so domain accuracies are
+    comparable), in a seeded order of its own. ``pregenerated`` replaces on-the-fly corruption by a source of
+    already corrupted images per domain (e.g. ImageNet-C on disk).
+    """
+
+    def __init__(
+        self,
+        source: Source | None,
+        scenario: str = "continual",
+        corruptions: str | Sequence[str] = "test",
+        severity: int = 5,
+        per_domain: int = 1000,
+        batch_size: int = 64,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        rounds: int = 3,
+        keep_clean: bool = False,
+        pregenerated: Callable[[Domain], Source] | None = None,
+    ) -> None:
+        if batch_size < 1 or per_domain < 1:
+            raise ValueError("batch_size and per_domain must be positive")
+        if source is None and pregenerated is None:
+            raise ValueError("a stream needs a source of clean images or a pregenerated one per domain")
+        self.source = source
+        self.scenario = scenario
+        self.domains = domain_sequence(scenario, corruptions, severity, rounds)
+        self.per_domain = per_domain
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.keep_clean = keep_clean
+        self.pregenerated = pregenerated
+
+    def _indices(self, available: int, domain_index: int) -> list[int]:
+        if self.per_domain > available:
+            raise ValueError(f"per_domain={self.per_domain} but the source has only {available} images")
+        subset = torch.randperm(available, generator=torch.Generator().manual_seed(self.seed))[: self.per_domain]
+        order = torch.randperm(
+            self.per_domain, generator=torch.Generator().manual_seed(self.seed * 1000 + domain_index + 1)
+        )
+        return subset[order].tolist()
+
+    def batches_per_domain(self) -> int:
+        return -(-self.per_domain // self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.domains) * self.batches_per_domain()
+
+    def __iter__(self) -> Iterator[Batch]:
+        batch_index = 0
+        for domain_index, domain in enumerate(self.domains):
+            source = self.pregenerated(domain) if self.pregenerated else self.source
+            indices = self._indices(len(source), domain_index)
+            for start in range(0, len(indices), self.batch_size):
+                clean, labels = source.load(indices[start : start + self.batch_size])
+                clean, labels = clean.to(self.device), labels.to(self.device)
+                if self.pregenerated:
+                    images = clean
+                else:
+                    generator = torch.Generator(self.device).manual_seed(
+                        (self.seed * 1_000_003 + batch_index) % (2**63 - 1)
+                    )
+                    images = corrupt(clean, domain.corruption, domain.severity, generator=generator)
+                yield Batch(
+                    images=images,
+                    labels=labels,
+                    domain=domain,
+                    domain_index=domain_index,
+                    batch_index=batch_index,
+                    first_of_domain=start == 0,
+                    clean=clean if self.keep_clean else None,
+                )
+                batch_index += 1

@@ -1,0 +1,199 @@
+"""Backbones: the built-in offline ViT and timm ViTs, each with its input normalisation folded in.
+
+Every backbone takes float images in [0, 1] at ``input_size``; the normalisation its weights were trained with
+comes from the weights' own config (timm's ``pretrained_cfg``: AugReg ViTs use 0.5/0.5, DeiT ImageNet stats,
+CLIP its own). Getting it wrong costs up to 20 points, so nobody downstream normalises by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .resources import asset_path
+
+__all__ = ["BUILTIN", "HUB_BACKBONES", "Backbone", "BackboneUnavailable", "create_backbone", "load_state_dict_file"]
+
+BUILTIN = "builtin"
+# Hub weights by their full timm name, tag included: the bare name maps to other weights in newer timm.
+HUB_BACKBONES: dict[str, str] = {
+    "vit_tiny_patch16_224.augreg_in21k_ft_in1k": "ViT-Ti/16 AugReg (IN-21k → IN-1k)",
+    "vit_small_patch16_224.augreg_in21k_ft_in1k": "ViT-S/16 AugReg (IN-21k → IN-1k)",
+    "vit_base_patch16_224.augreg_in21k_ft_in1k": "ViT-B/16 AugReg (IN-21k → IN-1k), the IMSE paper's",
+    "deit_small_patch16_224.fb_in1k": "DeiT-S/16 (IN-1k)",
+    "deit_base_patch16_224.fb_in1k": "DeiT-B/16 (IN-1k)",
+    "vit_base_patch16_clip_224.openai_ft_in1k": "CLIP ViT-B/16, fine-tuned on IN-1k",
+}
+
+
+class BackboneUnavailable(RuntimeError):
+    """The weights cannot be had here (offline hub, missing file); the message says how to supply them."""
+
+
+class Backbone(nn.Module):
+    """A timm ViT behind its own input normalisation: ``forward`` takes float images in [0, 1]."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        name: str,
+        class_names: list[str],
+        input_size: int,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.name = name
+        self.class_names = list(class_names)
+        self.input_size = int(input_size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}"
+
+
+def builtin_config(directory: Path | None = None) -> dict:
+    path = (directory or asset_path("builtin")) / "config.json"
+    return json.loads(Path(path).read_text())
+
+
+def build_builtin_vit(config: dict) -> nn.Module:
+    """The built-in architecture (a small timm VisionTransformer for 32×32 input) from its config."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(**config["architecture"])
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or from a ``.pth``/``.pt`` file through ``torch.load(weights_only=True)``
+    (no pickle code runs); unwraps ``{"model": ...}``/``{"state_dict": ...}`` and ``module.`` prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneUnavailable(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle payloads beyond tensors and containers are refused here
+            raise BackboneUnavailable(
+                f"{path} could not be loaded safely (torch.load weights_only=True): {error}"
+            ) from error
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneUnavailable(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(model_name: str) -> str | None:
+    """The locally cached weights of a timm hub model, if any (so an offline machine can still use them)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _imagenet_names(num_classes: int) -> list[str]:
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_descriptions())
+    return [str(i) for i in range(num_classes)]
+
+
+def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = None, device="cpu") -> Backbone:
+    """A ready-to-use, eval-mode backbone.
+
+    ``builtin``: the shipped Fashion-MNIST ViT (offline). A timm name with its weight tag (see
+    ``HUB_BACKBONES``): weights from the Hugging Face hub or its local cache. Any timm ViT architecture with
+    ``weights=`` a local safetensors/``.pth`` file (e.g. an MAE fine-tuned ViT-B). Offline without weights,
+    a hub model fails within seconds with a ``BackboneUnavailable`` saying how to supply them.
+    """
+    if name == BUILTIN:
+        config = builtin_config()
+        model = build_builtin_vit(config)
+        source = Path(weights) if weights else asset_path("builtin", "model.safetensors")
+        model.load_state_dict(load_state_dict_file(source))
+        backbone = Backbone(model, config["mean"], config["std"], BUILTIN, config["class_names"], config["input_size"])
+        return backbone.to(device).eval()
+
+    import timm
+
+    base = name.split(".")[0]
+    if base not in timm.list_models():
+        raise ValueError(f"unknown backbone {name!r}: use 'builtin', one of {sorted(HUB_BACKBONES)}, or a timm name")
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        head = state.get("head.weight")
+        model = timm.create_model(name, pretrained=False, num_classes=head.shape[0] if head is not None else 1000)
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        with contextlib.suppress(Exception):  # converts original (e.g. MAE/DeiT) layouts; timm's own pass through
+            state = checkpoint_filter_fn(state, model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneUnavailable(
+                f"{weights} does not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+    else:
+        if "." not in name:
+            raise ValueError(
+                f"name the hub weights with their tag (e.g. {base}.augreg_in21k_ft_in1k): the bare name {name!r} "
+                "silently maps to other weights in newer timm"
+            )
+        cached = _cached_hub_file(name)
+        if cached is None and not _hub_reachable():
+            raise BackboneUnavailable(
+                f"{name} needs its weights from the Hugging Face hub, which is not reachable from here. Supply them "
+                f"with weights=<file> (CLI: --weights model.safetensors or a .pth state dict), or download them once "
+                f"on a connected machine (python -c \"import timm; timm.create_model('{name}', pretrained=True)\") "
+                "and copy the Hugging Face cache (~/.cache/huggingface) here. The offline default is 'builtin'."
+            )
+        overlay = {"file": cached} if cached else None
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    cfg = model.pretrained_cfg
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    names = _imagenet_names(model.num_classes)
+    backbone = Backbone(model, tuple(cfg["mean"]), tuple(cfg["std"]), name, names, size)
+    return backbone.to(device).eval()

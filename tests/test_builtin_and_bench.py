@@ -1,0 +1,234 @@
+"""Built-in backbone, backbones, streams and the bench/sweep CLI, end to end on the CPU, offline."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from imse.__main__ import main
+from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
+from imse.data.fashion_mnist import CLASS_NAMES, BuiltinSource, load_idx_split, load_shipped, to_rgb32
+from imse.data.streams import GRADUAL_SEVERITIES, Stream, domain_sequence
+from imse.models import HUB_BACKBONES, BackboneUnavailable, create_backbone
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def test_shipped_builtin_checkpoint_is_at_least_90_percent_on_the_full_test_split():
+    backbone = create_backbone("builtin")
+    source = BuiltinSource()
+    assert len(source) == 10_000 and backbone.class_names == CLASS_NAMES and backbone.input_size == 32
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(source), 2000):
+            images, labels = source.load(range(start, min(start + 2000, len(source))))
+            correct += (backbone(images.float() / 255).argmax(1) == labels).sum().item()
+    assert correct / len(source) >= 0.90
+
+
+def test_shipped_assets_are_small_and_consistent():
+    from imse.resources import asset_path
+
+    assert asset_path("builtin", "model.safetensors").stat().st_size <= 5 * 2**20
+    card = asset_path("builtin", "MODEL_CARD.md").read_text()
+    assert "MIT" in card and "train-builtin" in card and "%" in card
+    images, labels = load_shipped("test")
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8 and labels.max() == 9
+    sample, sample_labels = load_shipped("train_sample")
+    assert sample.shape[1:] == (28, 28) and len(sample) == len(sample_labels) >= 1000
+
+
+def test_backbone_folds_its_normalisation():
+    backbone = create_backbone("builtin")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = backbone.model((x - backbone.mean) / backbone.std)
+        assert torch.equal(backbone(x), expected)
+    assert backbone.mean.flatten().tolist() != [0.5, 0.5, 0.5]  # its own statistics, not a generic default
+
+
+@pytest.mark.skipif(
+    not (__import__("pathlib").Path(FMNIST) / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs the Debian package dataset-fashion-mnist",
+)
+def test_training_runs_a_few_steps_on_a_subset_and_resumes(tmp_path, capsys):
+    args = ["train-builtin", "--limit", "256", "--epochs", "1", "--batch-size", "64", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    first = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert first["epoch"] == 1
+    assert main([*args[:4], "2", *args[5:]]) == 0  # two epochs: resumes after the first
+    assert "resuming" in capsys.readouterr().out
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["epoch"] == 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["input_size"] == 32 and config["class_names"] == CLASS_NAMES
+    backbone = create_backbone("builtin", weights=tmp_path / "model.safetensors")
+    assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    images, labels = load_idx_split("test", FMNIST)
+    assert images.shape == (10_000, 28, 28) and to_rgb32(images[:2]).shape == (2, 3, 32, 32)
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        load_idx_split("train", tmp_path)
+
+
+def test_offline_hub_backbone_fails_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    assert name in HUB_BACKBONES
+    started = time.perf_counter()
+    with pytest.raises(BackboneUnavailable, match="--weights"):
+        create_backbone(name)
+    assert time.perf_counter() - started < 5
+    with pytest.raises(ValueError, match="tag"):
+        create_backbone("vit_base_patch16_224")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("resnet_imaginary_9000")
+
+
+def test_local_weights_file_loads_without_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7).eval()
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"model": reference.state_dict()}, tmp_path / "w.pth")
+    x = torch.rand(1, 3, 224, 224)
+    for file in ("w.safetensors", "w.pth"):
+        backbone = create_backbone("vit_tiny_patch16_224", weights=tmp_path / file)
+        assert backbone.num_classes == 7 and backbone.input_size == 224
+        with torch.no_grad():
+            assert torch.allclose(backbone(x), reference(backbone.normalize(x)), atol=1e-5)
+    torch.save({"model": reference.state_dict(), "evil": object()}, tmp_path / "evil.pth")
+    with pytest.raises(BackboneUnavailable, match="safely"):
+        create_backbone("vit_tiny_patch16_224", weights=tmp_path / "evil.pth")
+    with pytest.raises(BackboneUnavailable, match="does not exist"):
+        create_backbone("vit_tiny_patch16_224", weights=tmp_path / "missing.pth")
+
+
+def test_domain_sequences():
+    assert [d.corruption for d in domain_sequence("continual")] == list(CORRUPTIONS)
+    assert {d.severity for d in domain_sequence("single", severity=3)} == {3}
+    gradual = domain_sequence("gradual")
+    assert len(gradual) == 135 and [d.severity for d in gradual[:9]] == list(GRADUAL_SEVERITIES)
+    assert gradual[9].corruption == CORRUPTIONS[1]
+    recurring = domain_sequence("recurring", rounds=2)
+    assert len(recurring) == 30 and recurring[15:] == recurring[:15]
+    assert [d.corruption for d in domain_sequence("continual", "validation")] == list(VALIDATION_CORRUPTIONS)
+    with pytest.raises(ValueError):
+        domain_sequence("shuffled")
+    with pytest.raises(ValueError):
+        domain_sequence("continual", ["rain"])
+
+
+def test_stream_yields_domains_in_order_with_counts_and_is_reproducible():
+    source = BuiltinSource()
+    stream = Stream(source, "gradual", ["fog", "contrast"], per_domain=50, batch_size=16, seed=3)
+    batches = list(stream)
+    assert len(batches) == len(stream) == 18 * 4
+    seen = [(b.domain.corruption, b.domain.severity) for b in batches if b.first_of_domain]
+    assert seen == [(c, s) for c in ("fog", "contrast") for s in GRADUAL_SEVERITIES]
+    per_domain = {}
+    for b in batches:
+        per_domain[b.domain_index] = per_domain.get(b.domain_index, 0) + len(b.labels)
+        assert b.images.dtype == torch.uint8 and b.images.shape[1:] == (3, 32, 32)
+    assert set(per_domain.values()) == {50}
+    again = list(Stream(source, "gradual", ["fog", "contrast"], per_domain=50, batch_size=16, seed=3))
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(batches, again))
+    other = next(iter(Stream(source, "gradual", ["fog", "contrast"], per_domain=50, batch_size=16, seed=4)))
+    assert not torch.equal(other.labels, batches[0].labels)
+    # each domain shows the same images (comparable accuracies), in its own order
+    first = sorted(torch.cat([b.labels for b in batches if b.domain_index == 0]).tolist())
+    second = sorted(torch.cat([b.labels for b in batches if b.domain_index == 1]).tolist())
+    assert first == second
+    with pytest.raises(ValueError, match="only"):
+        next(iter(Stream(source, per_domain=20_000)))
+
+
+def validate_bench_json(result: dict, methods: list[str], domains: int) -> None:
+    assert set(result) >= {"config", "versions", "per_seed", "methods", "seconds"}
+    assert result["config"]["methods"] == methods and "torch" in result["versions"]
+    for name in methods:
+        entry = result["methods"][name]
+        assert len(entry["domains"]) == domains
+        for domain in entry["domains"]:
+            assert set(domain) >= {"name", "severity", "n", "accuracy"}
+            assert 0.0 <= domain["accuracy"] <= 1.0 and domain["n"] > 0
+        assert entry["mean_accuracy"] == pytest.approx(np.mean([d["accuracy"] for d in entry["domains"]]))
+        assert entry["num_trainable"] >= 0 and entry["images_per_s"] > 0
+
+
+def test_bench_cli_runs_a_tiny_continual_stream_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code = main(
+        [
+            "bench",
+            "--methods", "source,tent,sar,imse",
+            "--per-domain", "32",
+            "--batch-size", "16",
+            "--seeds", "0,1",
+            "--corruptions", "validation",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| method |" in printed and "| imse |" in printed and "± " in printed
+    result = json.loads(out.read_text())
+    validate_bench_json(result, ["source", "tent", "sar", "imse"], domains=4)
+    trainable = {m: result["methods"][m]["num_trainable"] for m in result["methods"]}
+    assert trainable["source"] == 0 and trainable["imse"] == 3 * 4 * 128  # S of blocks 0-2, rank 128 each
+    # the same seed gives the same numbers (paired, reproducible)
+    assert main(["bench", "--methods", "source", "--per-domain", "32", "--batch-size", "16",
+                 "--corruptions", "validation", "--out", str(tmp_path / "again.json")]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["per_seed"][0]["methods"]["source"]["domains"] == result["per_seed"][0]["methods"]["source"]["domains"]
+
+
+def test_sweep_picks_an_lr_from_the_same_grid_for_each_method(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", "--methods", "tent,imse", "--per-domain", "16", "--batch-size", "16", "--out", str(out)]) == 0
+    sweep = json.loads(out.read_text())
+    assert sweep["protocol"]["corruptions"] == "validation"
+    for method in ("tent", "imse"):
+        entry = sweep["methods"][method]
+        assert len(entry["grid"]) == 5 and str(entry["lr"]) in entry["grid"]
+        assert entry["grid"][str(entry["lr"])] == max(entry["grid"].values())
+    assert main(["bench", "--methods", "imse", "--per-domain", "16", "--batch-size", "16", "--corruptions",
+                 "validation", "--hparams", str(out), "--out", str(tmp_path / "b.json")]) == 0  # fmt: skip
+    used = json.loads((tmp_path / "b.json").read_text())["config"]["lr"]["imse"]
+    assert used == sweep["methods"]["imse"]["lr"]
+
+
+def test_bench_on_pregenerated_imagenet_c_folder_with_local_weights(tmp_path):
+    """ImageNet-C layout root/<corruption>/<severity>/<wnid>/*.JPEG through the CLI, a local weights file."""
+    from safetensors.torch import save_file
+
+    from imse.data.sources import imagenet_wnids
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), str(tmp_path / "w.safetensors"))
+    rng = np.random.RandomState(0)
+    for corruption in ("speckle_noise", "gaussian_blur", "spatter", "saturate"):
+        for wnid in imagenet_wnids()[:2]:
+            folder = tmp_path / "inc" / corruption / "5" / wnid
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.randint(0, 256, (224, 224, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "w.safetensors"),
+                 "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation",
+                 "--per-domain", "6", "--batch-size", "3", "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    validate_bench_json(result, ["source"], domains=4)
+    assert all(d["n"] == 6 for d in result["methods"]["source"]["domains"])
+
+
+def test_bench_reports_bad_input_without_a_traceback(capsys):
+    assert main(["bench", "--methods", "source,cotta", "--per-domain", "8"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "--data", "/nonexistent/folder", "--backbone", "builtin", "--per-domain", "8"]) == 2
