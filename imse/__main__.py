@@ -97,6 +97,37 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shifts(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import run_shift_detection
+
+    result = run_shift_detection(
+        backbone=args.backbone,
+        weights=args.weights,
+        data=args.data,
+        severity=args.severity,
+        per_domain=args.per_domain,
+        batch_size=args.batch_size,
+        seeds=tuple(int(s) for s in _csv(args.seeds)),
+        threshold=args.threshold,
+        stationary_batches=args.stationary_batches,
+        device=args.device,
+    )
+    print("| stream | precision | recall |\n|---|---|---|")
+    for scenario, entry in result["scenarios"].items():
+        print(f"| {scenario} | {entry['precision']:.3f} | {entry['recall']:.3f} |")
+    for name, entry in result["stationary"].items():
+        print(
+            f"no shift ({name}): {entry['false_detections']} false detections in {entry['batches']} batches "
+            f"({entry['per_1000_batches']:.1f} per 1000), max score {entry['max_score']:.4f}"
+        )
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="builtin", help="'builtin' or a timm name with its weight tag")
     parser.add_argument("--weights", help="local weights file (safetensors or .pth state dict) for --backbone")
@@ -179,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", default="sweep.json")
     sweep.set_defaults(handler=_sweep)
+
+    shifts = commands.add_parser(
+        "shifts",
+        help="shift-detection precision/recall on continual and gradual streams, false alarms without shifts",
+    )
+    _add_model_args(shifts)
+    shifts.add_argument("--per-domain", type=int, default=500)
+    shifts.add_argument("--seeds", default="0,1,2")
+    shifts.add_argument("--threshold", type=float, default=0.05)
+    shifts.add_argument("--stationary-batches", type=int, default=1000)
+    shifts.add_argument("--out")
+    shifts.set_defaults(handler=_shifts)
     return parser
 
 

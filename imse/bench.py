@@ -51,6 +51,34 @@ def build_source(data: str, backbone_name: str, size: int):
     return ImageFolderSource(data, size=size)
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``imse`` or ``imse@retrieval=top1,shift_threshold=0.02``: a method and its overrides (numbers parsed)."""
+    name, _, rest = spec.partition("@")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {sorted(METHODS)}")
+    return name, overrides
+
+
+def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Clean source-domain images for the bank's slot 0: the built-in backbone's shipped training sample, else
+    ``count`` clean images of the chosen data (float [0, 1])."""
+    if backbone == BUILTIN:
+        from .data.fashion_mnist import load_shipped, to_rgb32
+
+        images, _ = load_shipped("train_sample")
+        return to_rgb32(images[:count]).float() / 255
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count]
+    images, _ = source.load(order.tolist())
+    return images.float() / 255
+
+
 def default_lr(method: str, batch_size: int) -> float:
     cls = METHODS[method]
     if cls.defaults.get("lr") is not None:
@@ -87,9 +115,7 @@ def run_bench(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    specs = {spec: parse_method(spec) for spec in methods}
     lrs = dict(lrs or {})
     base = create_backbone(backbone, weights=weights, device=device)
     if imagenet_c:
@@ -115,20 +141,30 @@ def run_bench(
         "corruptions": corruptions,
         "rounds": rounds if scenario == "recurring" else None,
         "device": device,
-        "lr": {m: lrs.get(m, default_lr(m, batch_size)) for m in methods if m in ADAPTIVE},
+        "lr": {
+            spec: specs[spec][1].get("lr", lrs.get(specs[spec][0], default_lr(specs[spec][0], batch_size)))
+            for spec in methods
+            if specs[spec][0] in ADAPTIVE
+        },
     }
+    needs_source = any(overrides.get("retrieval") for _, overrides in specs.values())
+    clean_source = source_images(backbone, source) if needs_source and source is not None else None
     per_seed = []
     started = time.perf_counter()
     for seed in seeds:
         torch.manual_seed(seed)
         wrapped = {}
-        for name in methods:
+        for spec in methods:
+            name, extra = specs[spec]
             overrides: dict[str, Any] = {}
-            if name in ("tent", "sar"):
+            if name in ("tent", "sar", "imse"):
                 overrides["batch_size"] = batch_size
             if name in lrs:
                 overrides["lr"] = lrs[name]
-            wrapped[name] = create(name, copy.deepcopy(base), **overrides)
+            if extra.get("retrieval") and clean_source is not None:
+                overrides["source_images"] = clean_source
+            overrides.update(extra)
+            wrapped[spec] = create(name, copy.deepcopy(base), **overrides)
         stream = Stream(
             source,
             scenario=scenario,
@@ -275,6 +311,107 @@ def run_sweep(
         best = max(grid, key=lambda k: (grid[k], -abs(math.log(float(k) / default_lr(method, batch_size)))))
         results["methods"][method] = {"lr": float(best), "default_lr": default_lr(method, batch_size), "grid": grid}
     return results
+
+
+def run_shift_detection(
+    backbone: str = BUILTIN,
+    weights: str | None = None,
+    data: str = "builtin",
+    scenarios: tuple[str, ...] = ("continual", "gradual"),
+    severity: int = 5,
+    per_domain: int = 500,
+    gradual_per_domain: int = 128,
+    batch_size: int = 64,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    threshold: float = 0.05,
+    stationary_batches: int = 1000,
+    stationary: tuple[str, ...] = ("clean", "gaussian_noise"),
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """How well the descriptor + τ rule finds domain boundaries (it does not depend on the adaptation: the
+    descriptor comes from the untrained patch embedding). A detection within one batch of a true boundary is a
+    hit (each boundary matched once); precision = hits / detections, recall = matched boundaries / boundaries.
+    On a stream without any shift, every detection is false: reported per 1000 batches."""
+    from .bank import ShiftDetector, batch_descriptor, patch_tokens
+
+    base = create_backbone(backbone, weights=weights, device=device)
+    source = build_source(data, backbone, base.input_size)
+
+    def detections(stream: Stream) -> tuple[list[int], list[int], list[float]]:
+        detector = ShiftDetector(threshold, 0.8, batch_size)
+        found, boundaries, scores = [], [], []
+        for batch in stream:
+            if batch.first_of_domain and batch.domain_index > 0:
+                boundaries.append(batch.batch_index)
+            descriptor = batch_descriptor(patch_tokens(base, batch.images.float() / 255))
+            score = detector.score(descriptor)
+            scores.append(score if score is not None else 0.0)
+            if detector.is_shift(score):
+                found.append(batch.batch_index)
+                detector.reset()
+            detector.update(descriptor, len(batch.labels))
+        return found, boundaries, scores
+
+    result: dict[str, Any] = {
+        "config": {
+            "backbone": backbone,
+            "data": data,
+            "severity": severity,
+            "per_domain": per_domain,
+            "gradual_per_domain": gradual_per_domain,
+            "batch_size": batch_size,
+            "seeds": list(seeds),
+            "threshold": threshold,
+            "stationary_batches": stationary_batches,
+        },
+        "versions": _versions(),
+        "scenarios": {},
+        "stationary": {},
+    }
+    for scenario in scenarios:
+        runs = []
+        for seed in seeds:
+            count = gradual_per_domain if scenario == "gradual" else per_domain
+            stream = Stream(source, scenario, "test", severity, count, batch_size, seed, device)
+            found, boundaries, scores = detections(stream)
+            unmatched, hits = set(boundaries), 0
+            for f in found:
+                near = [b for b in unmatched if abs(b - f) <= 1]
+                if near:
+                    unmatched.discard(min(near, key=lambda b: abs(b - f)))
+                    hits += 1
+            runs.append(
+                {
+                    "seed": seed,
+                    "detections": len(found),
+                    "boundaries": len(boundaries),
+                    "precision": hits / len(found) if found else 0.0,
+                    "recall": (len(boundaries) - len(unmatched)) / len(boundaries) if boundaries else 0.0,
+                    "missed": sorted(stream.domains[stream_index(b, stream)].name for b in unmatched),
+                }
+            )
+        result["scenarios"][scenario] = {
+            "runs": runs,
+            "precision": statistics.fmean(r["precision"] for r in runs),
+            "recall": statistics.fmean(r["recall"] for r in runs),
+        }
+    for name in stationary:
+        per_pass = (len(source) // batch_size) * batch_size
+        rounds = -(-stationary_batches // (per_pass // batch_size))
+        stream = Stream(source, "recurring", [name], severity, per_pass, batch_size, 0, device, rounds=rounds)
+        found, _, scores = detections(stream)
+        batches = len(stream)
+        result["stationary"][name] = {
+            "batches": batches,
+            "false_detections": len(found),
+            "per_1000_batches": 1000 * len(found) / batches,
+            "max_score": max(scores),
+        }
+    return result
+
+
+def stream_index(batch_index: int, stream: Stream) -> int:
+    return batch_index // stream.batches_per_domain()
 
 
 def load_lrs(path: str | None) -> dict[str, float]:

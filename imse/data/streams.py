@@ -15,9 +15,19 @@ import torch
 from .corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
 from .sources import Source
 
-__all__ = ["GRADUAL_SEVERITIES", "SCENARIOS", "Batch", "Domain", "Stream", "domain_sequence", "resolve_corruptions"]
+__all__ = [
+    "CLEAN",
+    "GRADUAL_SEVERITIES",
+    "SCENARIOS",
+    "Batch",
+    "Domain",
+    "Stream",
+    "domain_sequence",
+    "resolve_corruptions",
+]
 
 SCENARIOS = ("single", "continual", "gradual", "recurring")
+CLEAN = "clean"  # a pseudo-corruption: the images as they are (no-shift streams, source-domain checks)
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
 
@@ -49,7 +59,7 @@ def resolve_corruptions(corruptions: str | Sequence[str]) -> tuple[str, ...]:
     if corruptions == "validation":
         return VALIDATION_CORRUPTIONS
     names = (corruptions,) if isinstance(corruptions, str) else tuple(corruptions)
-    unknown = [n for n in names if n not in CORRUPTIONS + VALIDATION_CORRUPTIONS]
+    unknown = [n for n in names if n not in CORRUPTIONS + VALIDATION_CORRUPTIONS + (CLEAN,)]
     if unknown or not names:
         raise ValueError(f"unknown corruption(s) {unknown or names}; use 'test', 'validation' or names from both")
     return names
@@ -134,7 +144,7 @@ class Stream:
             for start in range(0, len(indices), self.batch_size):
                 clean, labels = source.load(indices[start : start + self.batch_size])
                 clean, labels = clean.to(self.device), labels.to(self.device)
-                if self.pregenerated:
+                if self.pregenerated or domain.corruption == CLEAN:
                     images = clean
                 else:
                     generator = torch.Generator(self.device).manual_seed(

@@ -7,12 +7,17 @@ through their inputs). Defaults are the official code's: Adam lr 7e-3, λ_dm 50,
 
 from __future__ import annotations
 
+import copy
+import warnings
+from typing import Any
+
 import torch
 from torch import nn
 
+from ..bank import Descriptor, DomainBank, ShiftDetector, batch_descriptor, patch_tokens
 from ..losses import diversity_loss
 from ..sam import SAM
-from ..spectral import SpectralLinear, find_vit, inject, spectral_layers
+from ..spectral import SpectralLinear, find_vit, get_code, inject, set_code, spectral_layers
 from .base import SAMEntropyMethod
 
 __all__ = ["IMSE"]
@@ -29,6 +34,14 @@ class IMSE(SAMEntropyMethod):
         "diversity_ratio": 1.0,
         "betas": (0.9, 0.999),
         "weight_decay": 0.0,
+        # continual TTA (DESIGN §1 "Domain descriptor" / "Domain bank"); retrieval None = plain IMSE
+        "retrieval": None,  # None, "top1" or "mix"
+        "shift_threshold": 0.05,
+        "descriptor_momentum": 0.8,
+        "batch_size": 64,  # a "full" batch: only those update the domain descriptor
+        "bank_capacity": 32,
+        "mix_temperature": 1.0,
+        "source_images": None,  # float [N, 3, H, W] in [0, 1]: clean source images for slot 0's descriptor
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -52,6 +65,113 @@ class IMSE(SAMEntropyMethod):
             self.diversity_layers = []  # no diversity term: do not pay for its statistics
         layers = spectral_layers(model)
         return {f"{name}.S": layers[name].S for name in layers_of(vit.blocks[: depth - frozen])}
+
+    def __init__(self, model: nn.Module, record_alignment: bool = False, **overrides: Any) -> None:
+        super().__init__(model, record_alignment=record_alignment, **overrides)
+        retrieval = self.hparams["retrieval"]
+        if retrieval not in (None, "top1", "mix"):
+            raise ValueError(f"retrieval must be None, 'top1' or 'mix', got {retrieval!r}")
+        layers = spectral_layers(self.model)
+        self.source_code = {name: layer.S0.detach().clone() for name, layer in layers.items()}
+        self.source_descriptor: Descriptor | None = None
+        self.bank_note = ""
+        if retrieval:
+            images = self.hparams["source_images"]
+            if images is None:
+                self.bank_note = "no source images: the bank starts empty (slot 0 is the first domain stored)"
+                warnings.warn(f"IMSE retrieval: {self.bank_note}", stacklevel=3)
+            else:
+                self.source_descriptor = self._descriptor_of(images)
+        self._new_bank()
+
+    def _descriptor_of(self, images: torch.Tensor, chunk: int = 256) -> Descriptor:
+        """Pooled per-channel mean/variance of the patch tokens of all source images (every image counts
+        once, unlike an EMA over batches that would favour the last ones)."""
+        device = next(self.model.parameters()).device
+        total, squares, count = None, None, 0
+        for start in range(0, len(images), chunk):
+            tokens = patch_tokens(self.model, images[start : start + chunk].to(device)).float()
+            flat = tokens.reshape(-1, tokens.shape[-1]).double()
+            total = flat.sum(0) if total is None else total + flat.sum(0)
+            squares = (flat**2).sum(0) if squares is None else squares + (flat**2).sum(0)
+            count += flat.shape[0]
+        mean = total / count
+        var = (squares - count * mean**2) / (count - 1)
+        return Descriptor(mean.float(), var.float())
+
+    def _new_bank(self) -> None:
+        self.detector = ShiftDetector(
+            self.hparams["shift_threshold"], self.hparams["descriptor_momentum"], self.hparams["batch_size"]
+        )
+        self.bank = DomainBank(capacity=self.hparams["bank_capacity"])
+        if self.source_descriptor is not None:
+            self.bank.set_source(self.source_descriptor, self.source_code)
+
+    def reset_state(self) -> None:
+        self._new_bank()
+
+    def _retrieve(self, x: torch.Tensor) -> dict[str, Any]:
+        """Shift detection and code retrieval, before adapting on the batch (as the official code does)."""
+        descriptor = batch_descriptor(patch_tokens(self.model, x))
+        score = self.detector.score(descriptor)
+        shift = self.detector.is_shift(score)
+        stored = retrieved = None
+        if shift:
+            stored = self.bank.store(
+                self.detector.current,
+                get_code(self.model),
+                copy.deepcopy(self.optimizer.state_dict()),
+                label=f"domain {self.detector_shifts + 1}",
+            )
+            self.detector.reset()
+            self.detector_shifts += 1
+        self.detector.update(descriptor, x.shape[0])
+        distances = self.bank.distances(descriptor) if len(self.bank) else torch.zeros(0)
+        if shift:
+            if self.hparams["retrieval"] == "top1":
+                retrieved = int(distances.argmin())
+                set_code(self.model, self.bank.entries[retrieved].code)
+            else:
+                code, _, _ = self.bank.mix(descriptor, self.source_code, self.hparams["mix_temperature"])
+                set_code(self.model, code)
+                retrieved = "mix"
+            self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer))  # fresh Adam for the new domain
+        return {
+            "shift_score": score,
+            "shift_detected": shift,
+            "stored_slot": stored,
+            "retrieved_slot": retrieved,
+            "slot_distances": distances.tolist(),
+            "bank_size": len(self.bank),
+        }
+
+    detector_shifts = 0
+
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        events = self._retrieve(x) if self.hparams["retrieval"] else {}
+        logits, record = super().step(x)
+        record.update(events)
+        return logits, record
+
+    def reset(self) -> None:
+        super().reset()
+        self.detector_shifts = 0
+
+    def bank_identity(self) -> dict[str, Any]:
+        """What a saved bank must match: the backbone and the code layout (names and ranks)."""
+        layers = spectral_layers(self.model)
+        return {
+            "backbone": getattr(self.model, "name", type(self.model).__name__),
+            "code_layout": {name: int(layer.rank) for name, layer in layers.items()},
+            "source_s0_sum": round(float(sum(float(layer.S0.double().sum()) for layer in layers.values())), 3),
+        }
+
+    def save_bank(self, path) -> None:
+        self.bank.save(path, self.bank_identity())
+
+    def load_bank(self, path) -> None:
+        """Replace the bank by a saved one; a corrupted or mismatched file raises and leaves the bank as it was."""
+        self.bank = DomainBank.load(path, self.bank_identity())
 
     def diversity(self, stats: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.diversity_layers:

@@ -1,0 +1,219 @@
+"""Domain descriptors, shift detection, the bounded domain bank, and IMSE's retrieval built on them."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+from imse.bank import (
+    BankMismatchError,
+    Descriptor,
+    DomainBank,
+    ShiftDetector,
+    batch_descriptor,
+    patch_tokens,
+    symmetric_kl,
+)
+from imse.data.fashion_mnist import BuiltinSource, load_shipped, to_rgb32
+from imse.data.streams import Stream
+from imse.methods import create
+from imse.models import create_backbone
+from imse.spectral import get_code
+
+
+def loop_kl(mu_a, var_a, mu_b, var_b) -> float:
+    terms = []
+    for ma, va, mb, vb in zip(mu_a.tolist(), var_a.tolist(), mu_b.tolist(), var_b.tolist()):
+        kl_ab = 0.5 * (math.log(vb / va) + (va + (ma - mb) ** 2) / vb - 1)
+        kl_ba = 0.5 * (math.log(va / vb) + (vb + (ma - mb) ** 2) / va - 1)
+        terms.append(kl_ab + kl_ba)  # the log terms cancel: symmetric KL of 1-D Gaussians
+    return sum(terms) / len(terms)
+
+
+def descriptor(seed: int, channels: int = 8, shift: float = 0.0) -> Descriptor:
+    g = torch.Generator().manual_seed(seed)
+    return Descriptor(torch.randn(channels, generator=g) + shift, torch.rand(channels, generator=g) + 0.5)
+
+
+def test_symmetric_kl_equals_independent_computation_and_is_zero_for_identical():
+    a, b = descriptor(0), descriptor(1)
+    got = symmetric_kl(a.mean, a.var, b.mean, b.var).item()
+    assert got == pytest.approx(loop_kl(a.mean, a.var, b.mean, b.var), rel=1e-6)
+    assert symmetric_kl(b.mean, b.var, a.mean, a.var).item() == pytest.approx(got, rel=1e-6)
+    assert symmetric_kl(a.mean, a.var, a.mean, a.var).item() == pytest.approx(0.0, abs=1e-7)
+    assert a.distance(b) == pytest.approx(got, rel=1e-6)
+
+
+def test_batch_descriptor_pools_batch_and_tokens_with_unbiased_variance():
+    tokens = torch.randn(3, 5, 4)
+    d = batch_descriptor(tokens)
+    flat = tokens.reshape(15, 4)
+    torch.testing.assert_close(d.mean, flat.mean(0))
+    torch.testing.assert_close(d.var, ((flat - flat.mean(0)) ** 2).sum(0) / 14)
+
+
+def test_descriptor_ema_follows_the_rule_on_full_batches_only():
+    detector = ShiftDetector(threshold=0.05, momentum=0.8, full_batch=64)
+    first, second, short = descriptor(0), descriptor(1), descriptor(2)
+    assert detector.score(first) is None  # no domain yet: no shift can be scored
+    detector.update(first, 64)
+    torch.testing.assert_close(detector.current.mean, first.mean)
+    detector.update(short, 10)  # a short batch leaves the EMA alone
+    torch.testing.assert_close(detector.current.mean, first.mean)
+    detector.update(second, 64)
+    torch.testing.assert_close(detector.current.mean, 0.8 * first.mean + 0.2 * second.mean)
+    torch.testing.assert_close(detector.current.var, 0.8 * first.var + 0.2 * second.var)
+    detector.reset()
+    assert detector.current is None
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return create_backbone("builtin"), BuiltinSource()
+
+
+def scores_of(backbone, stream) -> tuple[list[int], list[int]]:
+    detector, found, boundaries = ShiftDetector(0.05, 0.8, 64), [], []
+    for batch in stream:
+        if batch.first_of_domain and batch.domain_index > 0:
+            boundaries.append(batch.batch_index)
+        d = batch_descriptor(patch_tokens(backbone, batch.images.float() / 255))
+        if detector.is_shift(detector.score(d)):
+            found.append(batch.batch_index)
+            detector.reset()
+        detector.update(d, len(batch.labels))
+    return found, boundaries
+
+
+def test_one_boundary_is_detected_at_the_boundary_and_a_stationary_stream_never(builtin):
+    backbone, source = builtin
+    found, boundaries = scores_of(backbone, Stream(source, "continual", ["clean", "fog"], per_domain=640))
+    assert boundaries == [10] and found == [10]
+    stationary = Stream(source, "recurring", ["clean"], per_domain=9984, rounds=2)  # 312 batches of 64
+    found, _ = scores_of(backbone, stationary)
+    assert len(stationary) >= 200 and found == []
+
+
+def test_top1_restores_a_stored_code_bit_exactly_and_mix_equals_the_formula():
+    code = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([4.0, 5.0])}
+    source = {"a": torch.tensor([1.0, 1.0, 1.0]), "b": torch.tensor([2.0, 2.0])}
+    bank = DomainBank(capacity=4)
+    bank.set_source(descriptor(0), source)
+    slot = bank.store(descriptor(1, shift=3.0), code, None)
+    bank.store(descriptor(2, shift=-3.0), {k: v * 7 for k, v in code.items()}, None)
+    query = descriptor(1, shift=3.0)
+    got_slot, got_code, distances = bank.top1(query)
+    assert got_slot == slot == 1 and all(torch.equal(got_code[k], code[k]) for k in code)
+    code["a"][0] = 99.0  # the bank keeps its own copy
+    assert bank.entries[1].code["a"][0] == 1.0
+    mixed, weights, distances = bank.mix(query, source, temperature=0.7)
+    expected_w = torch.softmax(-distances / 0.7, 0)
+    torch.testing.assert_close(weights, expected_w)
+    for name in source:
+        expected = source[name] + sum(w * (e.code[name] - source[name]) for w, e in zip(expected_w, bank.entries))
+        torch.testing.assert_close(mixed[name], expected)
+
+
+def test_capacity_is_never_exceeded_and_slot_0_survives_merges():
+    bank = DomainBank(capacity=3)
+    source_descriptor = descriptor(0)
+    bank.set_source(source_descriptor, {"s": torch.zeros(2)})
+    for i in range(10):
+        slot = bank.store(descriptor(i + 1, shift=i), {"s": torch.full((2,), float(i))}, {"step": i})
+        assert len(bank) <= 3 and 1 <= slot < len(bank)
+        assert bank.entries[0].label == "source" and torch.equal(
+            bank.entries[0].descriptor.mean, source_descriptor.mean
+        )
+    assert sum(e.count for e in bank.entries[1:]) == 10  # every visit is accounted for in the merged entries
+    # merged codes are count-weighted averages of what went in: all within the stored range
+    for entry in bank.entries[1:]:
+        assert 0.0 <= entry.code["s"][0].item() <= 9.0
+
+
+def test_merge_averages_codes_by_count_and_moment_matches_descriptors():
+    bank = DomainBank(capacity=2, has_source=False)
+    a = Descriptor(torch.tensor([0.0]), torch.tensor([1.0]))
+    b = Descriptor(torch.tensor([2.0]), torch.tensor([1.0]))
+    bank.store(a, {"s": torch.tensor([0.0])}, None)
+    bank.store(b, {"s": torch.tensor([3.0])}, None)
+    bank.store(Descriptor(torch.tensor([100.0]), torch.tensor([1.0])), {"s": torch.tensor([9.0])}, None)
+    merged = bank.entries[0]
+    assert merged.count == 2 and merged.code["s"].item() == pytest.approx(1.5)
+    assert merged.descriptor.mean.item() == pytest.approx(1.0) and merged.descriptor.var.item() == pytest.approx(2.0)
+
+
+def imse_with_bank(images):
+    return create("imse", create_backbone("builtin"), retrieval="top1", lr=7e-4, source_images=images, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def source_images():
+    images, _ = load_shipped("train_sample")
+    return to_rgb32(images[:512]).float() / 255
+
+
+def test_imse_retrieval_records_events_and_resets(builtin, source_images):
+    _, source = builtin
+    method = imse_with_bank(source_images)
+    assert len(method.bank) == 1
+    stream = Stream(source, "continual", ["clean", "fog", "clean"], per_domain=256)
+    records = []
+    for batch in stream:
+        method(batch.images.float() / 255)
+        records.append(dict(method.last_record))
+    detected = [i for i, r in enumerate(records) if r["shift_detected"]]
+    assert detected == [4, 8]
+    first = records[4]
+    assert first["stored_slot"] == 1 and first["retrieved_slot"] in (0, 1) and len(first["slot_distances"]) == 2
+    back = records[8]  # back to clean: the source slot is the nearest
+    assert back["stored_slot"] == 2 and back["retrieved_slot"] == 0 and back["bank_size"] == 3
+    assert all(r["shift_score"] is None or r["shift_score"] >= 0 for r in records)
+    method.reset()
+    assert len(method.bank) == 1 and method.detector.current is None
+
+
+def test_bank_save_load_round_trip_and_refusals(tmp_path, builtin, source_images):
+    _, source = builtin
+    method = imse_with_bank(source_images)
+    for batch in Stream(source, "continual", ["clean", "fog"], per_domain=256):
+        method(batch.images.float() / 255)
+    path = tmp_path / "bank.safetensors"
+    method.save_bank(path)
+    other = imse_with_bank(source_images)
+    other.load_bank(path)
+    assert len(other.bank) == len(method.bank) == 2
+    for a, b in zip(method.bank.entries, other.bank.entries):
+        assert torch.equal(a.descriptor.mean, b.descriptor.mean) and a.count == b.count and a.label == b.label
+        assert all(torch.equal(a.code[k], b.code[k]) for k in a.code)
+    saved_state = method.bank.entries[1].optimizer_state
+    loaded_state = other.bank.entries[1].optimizer_state
+    assert loaded_state["param_groups"][0]["lr"] == saved_state["param_groups"][0]["lr"]
+    assert torch.equal(loaded_state["state"][0]["exp_avg"], saved_state["state"][0]["exp_avg"])
+    other.optimizer.load_state_dict(loaded_state)  # a stored optimizer state is usable as is
+
+    before = [e.code for e in other.bank.entries]
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a bank at all")
+    with pytest.raises(BankMismatchError, match="not a readable"):
+        other.load_bank(garbage)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(BankMismatchError):
+        other.load_bank(truncated)
+    with pytest.warns(UserWarning, match="no source images"):
+        tiny = create("imse", tiny_vit(), retrieval="top1")
+    tiny_path = tmp_path / "tiny.safetensors"
+    tiny.save_bank(tiny_path)
+    with pytest.raises(BankMismatchError, match="another model"):
+        other.load_bank(tiny_path)
+    assert [e.code for e in other.bank.entries] == before  # untouched by every refusal
+    assert get_code(other.model)  # and the model still has its code
+
+
+def test_retrieval_without_source_images_starts_empty_and_says_so(builtin):
+    with pytest.warns(UserWarning, match="no source images"):
+        method = create("imse", create_backbone("builtin"), retrieval="top1")
+    assert len(method.bank) == 0 and "empty" in method.bank_note
+    with pytest.raises(ValueError, match="retrieval"):
+        create("imse", create_backbone("builtin"), retrieval="nearest")
