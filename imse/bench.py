@@ -52,10 +52,11 @@ def build_source(data: str, backbone_name: str, size: int):
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``imse`` or ``imse@retrieval=top1,shift_threshold=0.02``: a method and its overrides (numbers parsed)."""
+    """``imse`` or ``imse@retrieval=top1:shift_threshold=0.02``: a method and its overrides (``:`` between
+    them, since ``,`` separates methods on the command line; values parsed as JSON where they can be)."""
     name, _, rest = spec.partition("@")
     overrides: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split(":")):
         key, _, value = item.partition("=")
         try:
             overrides[key] = json.loads(value)
@@ -226,6 +227,8 @@ def format_table(result: dict[str, Any], max_columns: int = 16) -> str:
     methods = result["methods"]
     first = next(iter(methods.values()))
     domains = first["domains"]
+    if result["config"]["scenario"] == "recurring":
+        return _format_rounds(result)
     grouped = len(domains) > max_columns
     if grouped:
         names = list(dict.fromkeys(d["name"] for d in domains))
@@ -252,6 +255,37 @@ def format_table(result: dict[str, Any], max_columns: int = 16) -> str:
         f"\n{cfg['scenario']}, severity {cfg['severity']}, {cfg['per_domain']} images per domain, batch "
         f"{cfg['batch_size']}, seeds {cfg['seeds']}, backbone {cfg['backbone']}, data {cfg['data']}"
         + (" (columns: mean over each corruption's severities)" if grouped else "")
+    )
+    return "\n".join(lines)
+
+
+def _format_rounds(result: dict[str, Any]) -> str:
+    """Recurring streams: one column per round (mean accuracy over that round's domains, mean ± std over seeds)."""
+    cfg = result["config"]
+    rounds = cfg["rounds"]
+    per_round = len(next(iter(result["methods"].values()))["domains"]) // rounds
+    lines = [
+        "| method | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " | mean |",
+        "|---|" + "---|" * (rounds + 1),
+    ]
+    for name in result["methods"]:
+        cells = []
+        for r in range(rounds):
+            values = [
+                statistics.fmean(
+                    d["accuracy"] for d in seed["methods"][name]["domains"][r * per_round : (r + 1) * per_round]
+                )
+                for seed in result["per_seed"]
+            ]
+            std = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+            cells.append(f"{100 * statistics.fmean(values):.1f}{std}")
+        entry = result["methods"][name]
+        std = f" ± {100 * entry['mean_accuracy_std']:.1f}" if len(result["per_seed"]) > 1 else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * entry['mean_accuracy']:.1f}{std} |")
+    lines.append(
+        f"\nrecurring, {rounds} rounds x {per_round} domains, severity {cfg['severity']}, {cfg['per_domain']} "
+        f"images per domain, batch {cfg['batch_size']}, seeds {cfg['seeds']}, backbone {cfg['backbone']}, "
+        f"data {cfg['data']}"
     )
     return "\n".join(lines)
 

@@ -232,3 +232,15 @@ def test_bench_reports_bad_input_without_a_traceback(capsys):
     assert main(["bench", "--methods", "source,cotta", "--per-domain", "8"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "--data", "/nonexistent/folder", "--backbone", "builtin", "--per-domain", "8"]) == 2
+
+
+def test_method_specs_carry_overrides():
+    from imse.bench import parse_method
+
+    assert parse_method("imse") == ("imse", {})
+    assert parse_method("imse@retrieval=top1:lr=0.003:shift_threshold=2e-2") == (
+        "imse",
+        {"retrieval": "top1", "lr": 0.003, "shift_threshold": 0.02},
+    )
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("cotta@lr=1")
