@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (default: 10)")
     perf.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     perf.add_argument(
-        "--only", default="merged,step,svd,corruptions", help="comma-separated subset of: merged,step,svd,corruptions"
+        "--only",
+        default="merged,step,svd,corruptions",
+        help="comma-separated subset of: merged,step,svd,corruptions,lab (lab: the app's run on the built-in model)",
     )
     perf.add_argument("--out", help="also write the results as JSON to this file")
     perf.set_defaults(handler=_perf)
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if getattr(args, "only", None):
-        unknown = set(args.only.split(",")) - {"merged", "step", "svd", "corruptions"}
+        unknown = set(args.only.split(",")) - {"merged", "step", "svd", "corruptions", "lab"}
         if unknown:
             parser.error(f"--only: unknown measure(s) {sorted(unknown)}")
     for option in ("repeats", "batch", "batch_size", "per_domain", "epochs"):

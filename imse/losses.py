@@ -97,9 +97,10 @@ def diversity_loss(stds: Iterable[torch.Tensor], num_blocks: int = 3, ratio: flo
 class AlignmentProbe:
     """Collects ``alignment_std`` of spectral layers during forward passes.
 
-    It sets each layer's ``projection_hook``, so the statistic reuses the layer's own ``x Vhᵀ`` GEMM.
-    ``differentiable`` layers keep the graph (they feed the diversity loss); ``detached`` ones are computed
-    without it (what the app's heatmap shows). Hooks exist only inside ``capture()``.
+    ``differentiable`` layers (they feed the diversity loss) keep the graph and reuse the layer's own ``x Vhᵀ``
+    GEMM through its ``projection_hook`` (which makes the layer take its factored path). ``detached`` layers
+    (what the app's heatmap shows) are measured by a plain pre-forward hook instead, so observing a layer never
+    changes how it computes. Hooks exist only inside ``capture()``.
     """
 
     def __init__(self, layers: Mapping[str, SpectralLinear]) -> None:
@@ -114,24 +115,31 @@ class AlignmentProbe:
         if unknown:
             raise KeyError(f"not spectral layers: {sorted(unknown)[:3]}")
         self.stats = {}
-        names = differentiable | detached
-        for name in names:
+        for name in differentiable:
             if self.layers[name].projection_hook is not None:
                 raise RuntimeError(f"{name} is already being captured")
+        handles = []
         try:
-            for name in names:
-                self.layers[name].projection_hook = self._hook(name, name in differentiable)
+            for name in differentiable:
+                self.layers[name].projection_hook = self._projection_hook(name)
+            for name in detached:
+                handles.append(self.layers[name].register_forward_pre_hook(self._input_hook(name)))
             yield self.stats
         finally:
-            for name in names:
+            for name in differentiable:
                 self.layers[name].projection_hook = None
+            for handle in handles:
+                handle.remove()
 
-    def _hook(self, name: str, keep_graph: bool):
+    def _projection_hook(self, name: str):
         def hook(x: torch.Tensor, projection: torch.Tensor) -> None:
-            if keep_graph:
-                self.stats[name] = projected_alignment_std(x, projection)
-            else:
-                with torch.no_grad():
-                    self.stats[name] = projected_alignment_std(x.detach(), projection.detach())
+            self.stats[name] = projected_alignment_std(x, projection)
+
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(module: SpectralLinear, args: tuple) -> None:
+            with torch.no_grad():
+                self.stats[name] = alignment_std(args[0].detach(), module.Vh)
 
         return hook

@@ -49,6 +49,7 @@ def run(methods: Mapping[str, TTAMethod], stream: Stream, progress: bool = False
             seconds = time.perf_counter() - started
             record["methods"][name] = {
                 "correct": int((predictions == batch.labels).sum()),
+                "predictions": predictions.tolist(),
                 "seconds": seconds,
                 "step": method.last_record,
             }

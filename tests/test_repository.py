@@ -47,3 +47,14 @@ def test_every_package_ships():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "imse").rglob("__init__.py")}
     assert found | {"imse.assets"} == listed
+
+
+def test_space_front_matter_matches_requirements():
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = text.split("---\n")[1]
+    fields = dict(line.split(": ", 1) for line in front.strip().splitlines())
+    assert fields["sdk"] == "gradio" and fields["app_file"] == "app.py"
+    pinned = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("gradio")]
+    assert pinned == [f"gradio=={fields['sdk_version']}"]
+    assert len(fields["short_description"]) <= 60

@@ -1,0 +1,139 @@
+"""IMSE Lab — the Gradio app: layout and event wiring only (logic lives in imse/).
+
+Run: python app.py (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, default 127.0.0.1:7860). Works as a Hugging Face
+Space: CPU by default, CUDA whenever present, and ZeroGPU through @spaces.GPU when the `spaces` package exists.
+"""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls from the server
+
+import gradio as gr  # noqa: E402
+
+from imse import ui  # noqa: E402
+from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
+from imse.lab import MAX_BATCH  # noqa: E402
+
+try:  # ZeroGPU Spaces: borrow a GPU for each run
+    import spaces
+
+    start_lab = spaces.GPU(duration=300)(ui.start_lab)
+except ImportError:
+    start_lab = ui.start_lab
+
+FORMULAS = r"""
+**A spectral expert.** Every linear layer is split by SVD:
+$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_i \sigma_i u_i v_i^\top$.
+Expert $i$ writes along $u_i$, scaled by $\sigma_i$, as much as the input points along $v_i$.
+The $u_i$ are orthonormal, so two experts' outputs are orthogonal for any input (the check on the right).
+IMSE adapts only the $\sigma_i$.
+
+**Alignment.** For input rows $x_n$ (all tokens of all images): $a_{n,i} = v_i^\top x_n / \lVert x_n \rVert_2$,
+and $\mathrm{Std}_i$ is its spread over the batch. Experts whose alignment no longer varies have stopped
+telling images apart.
+
+**Diversity loss.** $L_\ell$ = mean of $\mathrm{Std}_i$ over a layer's experts but the largest;
+$L_{dm} = \frac{1}{3}\sum_{\ell \in \text{last 3 blocks}} L_\ell$. IMSE minimises reliable-sample entropy
+$-\,\lambda_{dm} L_{dm}$ (λ = 50).
+
+**Domain shift.** Patch-token mean/variance per channel give a descriptor; a batch starts a new domain when
+$D = \mathrm{mean}_c\big[\tfrac{v_d + (\mu_d-\mu_b)^2}{2 v_b} + \tfrac{v_b + (\mu_d-\mu_b)^2}{2 v_d} - 1\big] > \tau$.
+"""
+
+with gr.Blocks(title="IMSE Lab") as demo:
+    gr.Markdown(
+        "# IMSE Lab\nTest-time adaptation of a Vision Transformer by its **spectral experts** (IMSE, ICLR 2026): "
+        "corrupted images stream through the model, which adapts only its singular values, live."
+    )
+    with gr.Tab("Lab"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                backbone = gr.Dropdown(ui.backbone_choices(), value="builtin", label="Backbone")
+                scenario = gr.Radio(
+                    ["single", "continual", "gradual", "recurring"], value="continual", label="Scenario"
+                )
+                corruptions = gr.Dropdown(
+                    list(ALL_CORRUPTIONS), value=list(CORRUPTIONS), multiselect=True, label="Corruptions (in order)"
+                )
+                severity = gr.Slider(1, 5, value=5, step=1, label="Severity")
+                methods = gr.CheckboxGroup(
+                    ui.method_labels(),
+                    value=["IMSE", "Source"],
+                    label="Methods (several = compare on the same batches)",
+                )
+                with gr.Row():
+                    batch_size = gr.Number(64, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size")
+                    per_domain = gr.Number(500, precision=0, minimum=1, label="Images per domain")
+                    seed = gr.Number(0, precision=0, label="Seed")
+                with gr.Row():
+                    imse_lr = gr.Number(7e-4, label="IMSE lr")
+                    lambda_dm = gr.Number(50.0, label="λ_dm")
+                    tau = gr.Number(0.05, label="τ (shift)")
+                device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary")
+                    stop = gr.Button("Stop")
+                status = gr.Markdown("Ready: pick settings and press **Start**.")
+            with gr.Column(scale=3):
+                accuracy_plot = gr.Plot(ui.empty_panels()[0], label="Accuracy")
+                with gr.Row():
+                    alignment_plot = gr.Plot(ui.empty_panels()[1], label="Expert alignment std")
+                    shift_plot = gr.Plot(ui.empty_panels()[2], label="Singular-value shifts")
+                show_source = gr.Checkbox(False, label="Show the no-adaptation model's alignment heatmap instead")
+                with gr.Row():
+                    bank_plot = gr.Plot(ui.empty_panels()[3], label="Domain bank")
+                    batch_plot = gr.Plot(ui.empty_panels()[4], label="Current batch")
+                results = gr.Dataframe(label="Per-domain accuracy (%)", interactive=False)
+                download = gr.File(label="Download the run (records JSON, spectral code, bank)")
+        inputs = [backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr, lambda_dm]
+        inputs += [tau, device, show_source]
+        outputs = [status, accuracy_plot, alignment_plot, shift_plot, bank_plot, batch_plot, results, download]
+        run_event = start.click(start_lab, inputs, outputs, api_name="start", concurrency_limit=2)
+        stop.click(
+            lambda: "Stopped: the panels keep what was shown.", None, status, cancels=[run_event], api_name="stop"
+        )
+
+    with gr.Tab("Teach: what is a spectral expert?"):
+        layers = ui.teach_layers()
+        samples = [label for _, label in ui.teach.sample_images()]
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                teach_backbone = gr.Dropdown([("built-in ViT", "builtin")], value="builtin", label="Backbone")
+                layer = gr.Dropdown(layers, value=layers[0], label="Layer")
+                sample = gr.Radio(samples, value=samples[0], label="Sample image")
+                upload = gr.Image(type="filepath", label="…or upload one (PNG/JPEG/WebP, ≤ 10 MB)", height=160)
+                expert = gr.Slider(0, 127, value=0, step=1, label="Expert i")
+                scale = gr.Slider(0.0, 3.0, value=1.0, step=0.05, label="Scale σ_i by")
+                preview = gr.Image(label="The image the model sees", height=120, interactive=False)
+                gr.Markdown(FORMULAS)
+            with gr.Column(scale=2):
+                prediction = gr.Markdown()
+                with gr.Row():
+                    spectrum_plot = gr.Plot(label="Singular spectrum")
+                    orthogonality_plot = gr.Plot(label="Expert outputs are orthogonal")
+                with gr.Row():
+                    top5_base = gr.Plot(label="Top-5")
+                    top5_scaled = gr.Plot(label="Top-5, scaled expert")
+        layer_inputs = [teach_backbone, layer, sample, upload, expert]
+        predict_inputs = [*layer_inputs, scale]
+        predict_outputs = [prediction, top5_base, top5_scaled, preview]
+        for trigger in (layer.change, sample.change, upload.change, expert.release):
+            trigger(ui.teach_layer, layer_inputs, [spectrum_plot, orthogonality_plot], api_name=False)
+        for trigger in (layer.change, sample.change, upload.change, expert.release, scale.release):
+            trigger(ui.teach_predict, predict_inputs, predict_outputs, api_name=False)
+        demo.load(ui.teach_layer, layer_inputs, [spectrum_plot, orthogonality_plot], api_name=False)
+        demo.load(ui.teach_predict, predict_inputs, predict_outputs, api_name=False)
+
+demo.queue(max_size=16, default_concurrency_limit=2)
+
+if __name__ == "__main__":
+    # System fonts only: the default theme would fetch Google Fonts, and the page must make no outside request.
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        theme=theme,
+        show_error=False,
+    )

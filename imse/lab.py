@@ -1,0 +1,370 @@
+"""The live lab behind the app: a validated run configuration and a generator of display states.
+
+No UI here (the app only lays out and wires): ``run_lab`` builds the backbone and the chosen methods, streams the
+*same* corrupted batches through all of them (``runner.run``), and keeps a ``LabState`` of plain numbers and
+arrays — accuracy curves, domain spans, alignment statistics, singular-value shifts, bank events, the current
+batch — from which ``imse.viz`` draws figures. It yields that state at most a few times per second.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bank import ShiftDetector, batch_descriptor, patch_tokens
+from .bench import build_source, source_images
+from .data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS
+from .data.streams import SCENARIOS, Stream
+from .methods import create
+from .models import BUILTIN, create_backbone
+from .runner import run, summarise
+from .spectral import get_code, inject, spectral_layers
+
+__all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "export_run", "run_lab", "validate"]
+
+# UI label -> (method, overrides)
+METHOD_CHOICES: dict[str, tuple[str, dict[str, Any]]] = {
+    "IMSE": ("imse", {}),
+    "IMSE + retrieval (top-1)": ("imse", {"retrieval": "top1"}),
+    "IMSE + retrieval (mix)": ("imse", {"retrieval": "mix"}),
+    "SAR": ("sar", {}),
+    "TENT": ("tent", {}),
+    "Source": ("source", {}),
+}
+MAX_IMAGES = 200_000  # per run: keeps a public Space's runs bounded
+MAX_BATCH = 256
+
+
+@dataclass
+class LabConfig:
+    backbone: str = BUILTIN
+    scenario: str = "continual"
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severity: int = 5
+    methods: tuple[str, ...] = ("IMSE", "Source")
+    batch_size: int = 64
+    per_domain: int = 500
+    seed: int = 0
+    imse_lr: float = 7e-4  # the validation sweep's choice for the built-in backbone (the official 7e-3 overshoots)
+    lambda_dm: float = 50.0
+    tau: float = 0.05
+    device: str = "cpu"
+    rounds: int = 3
+    data: str = "builtin"
+
+
+def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
+    """Readable ``ValueError`` for anything impossible, before any work starts."""
+    problems = []
+    if config.scenario not in SCENARIOS:
+        problems.append(f"scenario must be one of {', '.join(SCENARIOS)}")
+    unknown = [c for c in config.corruptions if c not in ALL_CORRUPTIONS]
+    if not config.corruptions:
+        problems.append("choose at least one corruption")
+    elif unknown:
+        problems.append(f"unknown corruption(s): {', '.join(unknown)}")
+    if not isinstance(config.severity, int) or not 1 <= config.severity <= 5:
+        problems.append("severity must be 1 to 5")
+    bad = [m for m in config.methods if m not in METHOD_CHOICES]
+    if not config.methods:
+        problems.append("choose at least one method")
+    elif bad:
+        problems.append(f"unknown method(s): {', '.join(bad)}")
+    if not isinstance(config.batch_size, int) or not 1 <= config.batch_size <= MAX_BATCH:
+        problems.append(f"batch size must be 1 to {MAX_BATCH}")
+    if not isinstance(config.per_domain, int) or config.per_domain < 1:
+        problems.append("images per domain must be at least 1")
+    elif source_size is not None and config.per_domain > source_size:
+        problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
+    if not 0 < config.imse_lr <= 1:
+        problems.append("IMSE lr must be in (0, 1]")
+    if not 0 <= config.lambda_dm <= 1000:
+        problems.append("λ_dm must be in [0, 1000]")
+    if not 0 < config.tau <= 10:
+        problems.append("τ must be in (0, 10]")
+    if not 1 <= config.rounds <= 10:
+        problems.append("rounds must be 1 to 10")
+    if config.device not in ("cpu", "cuda") or (config.device == "cuda" and not torch.cuda.is_available()):
+        problems.append("device must be 'cpu' (or 'cuda' when a GPU is present)")
+    domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
+    domains *= config.rounds if config.scenario == "recurring" else 1
+    if not problems and domains * config.per_domain > MAX_IMAGES:
+        problems.append(f"this run would stream {domains * config.per_domain:,} images; the limit is {MAX_IMAGES:,}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
+
+
+@dataclass
+class LabState:
+    """Everything the panels show, as plain data (no tensors with gradients, no figures)."""
+
+    config: dict
+    methods: list[str]
+    class_names: list[str]
+    layer_names: list[str] = field(default_factory=list)
+    batch: int = 0
+    total_batches: int = 0
+    images: int = 0
+    correct: dict[str, list[int]] = field(default_factory=dict)  # per method, cumulative correct after each batch
+    seen: list[int] = field(default_factory=list)  # cumulative images after each batch
+    domains: list[dict] = field(default_factory=list)  # {name, start, end} in batch indices
+    alignment: list[list[float]] | None = None  # layers × experts (primary method, current batch)
+    alignment_source: list[list[float]] | None = None  # same for the frozen model
+    shift_rel: list[list[float]] | None = None  # layers × experts: (S − S0)/S0
+    shift_history: list[list[float]] = field(default_factory=list)  # per batch: mean |ΔS/S0| per layer
+    shift_scores: list[float | None] = field(default_factory=list)
+    detections: list[int] = field(default_factory=list)
+    stored: list[tuple[int, int]] = field(default_factory=list)  # (batch, slot)
+    retrieved: list[tuple[int, Any]] = field(default_factory=list)
+    bank_size: list[int] = field(default_factory=list)
+    thumbnails: dict | None = None
+    finished: bool = False
+    message: str = ""
+    summary: dict | None = None
+    seconds: float = 0.0
+    records: list = field(default_factory=list, repr=False)  # the runner's records (for the download)
+    final_methods: dict = field(default_factory=dict, repr=False)
+
+    def accuracy(self, method: str) -> list[float]:
+        return [c / n for c, n in zip(self.correct[method], self.seen)]
+
+
+def _primary(methods: dict) -> str:
+    """The method whose internals the panels show: the first IMSE variant, else the first method."""
+    return next((label for label in methods if METHOD_CHOICES[label][0] == "imse"), next(iter(methods)))
+
+
+def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) -> Iterator[LabState]:
+    """Stream the run, yielding the state after at least ``min_interval`` seconds of computing since the
+    caller last got it (and at the end), so drawing updates never takes more than its share.
+
+    Stopping is cooperative: the caller closes the generator; the batch in progress finishes first.
+    """
+    started = time.perf_counter()
+    backbone = create_backbone(config.backbone, device=config.device)
+    source = build_source(config.data, config.backbone, backbone.input_size)
+    validate(config, len(source))
+    wrapped = {}
+    clean_source = None
+    for label in config.methods:
+        name, extra = METHOD_CHOICES[label]
+        model = copy.deepcopy(backbone)
+        overrides: dict[str, Any] = {}
+        if name in ("tent", "sar", "imse"):
+            overrides["batch_size"] = config.batch_size
+        if name == "imse":
+            overrides.update(lr=config.imse_lr, lambda_dm=config.lambda_dm, shift_threshold=config.tau)
+        if extra.get("retrieval"):
+            if clean_source is None:
+                clean_source = source_images(config.backbone, source)
+            overrides["source_images"] = clean_source
+        overrides.update(extra)
+        wrapped[label] = create(name, model, **overrides)
+    primary = _primary(wrapped)
+    wrapped[primary].record_alignment = True
+    frozen = copy.deepcopy(backbone)
+    inject(frozen)
+    frozen_layers = spectral_layers(frozen)
+    stream = Stream(
+        source,
+        scenario=config.scenario,
+        corruptions=config.corruptions,
+        severity=config.severity,
+        per_domain=config.per_domain,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=config.device,
+        rounds=config.rounds,
+        keep_clean=True,
+    )
+    state = LabState(
+        config=asdict(config),
+        methods=list(wrapped),
+        class_names=list(backbone.class_names),
+        layer_names=list(spectral_layers(wrapped[primary].model)) or list(frozen_layers),
+        total_batches=len(stream),
+    )
+    state.correct = {label: [] for label in wrapped}
+    detector = ShiftDetector(config.tau, 0.8, config.batch_size)  # scores for the bank panel without retrieval
+    last_yield = 0.0
+    current: dict[str, Any] = {}
+    for record in run(wrapped, _StreamView(stream, current), progress=False):
+        state.records.append(record)
+        _update_state(state, record, wrapped, primary, current["batch"], detector, frozen, frozen_layers, thumbnails)
+        now = time.perf_counter()
+        if now - last_yield >= min_interval or state.batch == state.total_batches:
+            state.seconds = now - started
+            yield state
+            last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
+    state.summary = summarise(state.records)
+    for label, entry in state.summary.items():
+        entry["num_trainable"] = wrapped[label].num_trainable()
+    state.finished = True
+    state.seconds = time.perf_counter() - started
+    state.message = f"finished: {state.images:,} images in {state.seconds:.1f} s"
+    state.final_methods = wrapped
+    yield state
+
+
+class _StreamView:
+    """The stream as the runner sees it, noting the batch in flight (the panels show its images)."""
+
+    def __init__(self, stream: Stream, current: dict) -> None:
+        self.stream, self.current, self.scenario = stream, current, stream.scenario
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self):
+        for batch in self.stream:
+            self.current["batch"] = batch
+            yield batch
+
+
+def _pool(values: torch.Tensor, columns: int = 128, digits: int = 4) -> list[float]:
+    """Mean-pool consecutive experts (sorted by singular value, as the SVD orders them) to ≤ ``columns``;
+    rounded, since the panels show colours, not 7-digit numbers (and the payload stays small)."""
+    values = values.float()
+    if values.numel() > columns:
+        values = torch.stack([c.mean() for c in torch.tensor_split(values, columns)])
+    return [round(v, digits) for v in values.tolist()]
+
+
+@torch.no_grad()
+def _update_state(state, record, methods, primary, batch, detector, frozen, frozen_layers, thumbnails) -> None:
+    index = record["batch_index"]
+    state.batch = index + 1
+    state.images += record["n"]
+    state.seen.append(state.images)
+    for label, result in record["methods"].items():
+        previous = state.correct[label][-1] if state.correct[label] else 0
+        state.correct[label].append(previous + result["correct"])
+    if not state.domains or state.domains[-1]["index"] != record["domain_index"]:
+        state.domains.append({"name": record["domain"], "index": record["domain_index"], "start": index, "end": index})
+    state.domains[-1]["end"] = index
+
+    step = record["methods"][primary]["step"]
+    stats = step.get("alignment_std")
+    layers = state.layer_names
+    if stats:
+        state.alignment = [_pool(stats[name]) for name in layers if name in stats]
+    method = methods[primary]
+    spectral = spectral_layers(method.model)
+    if spectral:
+        rel = [((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).float().cpu() for layer in spectral.values()]
+        state.shift_rel = [_pool(r, digits=6) for r in rel]
+        state.shift_history.append([float(r.abs().mean()) for r in rel])
+
+    # bank panel: the retrieval method's own events, else an independent detector on the same descriptors
+    retrieval = next((label for label in methods if METHOD_CHOICES[label][1].get("retrieval")), None)
+    x = batch.images.float() / 255
+    if retrieval is not None:
+        events = record["methods"][retrieval]["step"]
+        score, shift = events.get("shift_score"), events.get("shift_detected")
+        if events.get("stored_slot") is not None:
+            state.stored.append((index, events["stored_slot"]))
+        if events.get("retrieved_slot") is not None:
+            state.retrieved.append((index, events["retrieved_slot"]))
+        state.bank_size.append(events.get("bank_size", 0))
+    else:
+        descriptor = batch_descriptor(patch_tokens(frozen, x))
+        score = detector.score(descriptor)
+        shift = detector.is_shift(score)
+        if shift:
+            detector.reset()
+        detector.update(descriptor, len(batch.labels))
+        state.bank_size.append(0)
+    state.shift_scores.append(score)
+    if shift:
+        state.detections.append(index)
+
+    k = min(thumbnails, len(batch.labels))
+    if k:
+        from .losses import AlignmentProbe
+
+        probe = AlignmentProbe(frozen_layers)
+        with probe.capture(detached=list(frozen_layers)) as frozen_stats:
+            frozen(x)
+        state.alignment_source = [_pool(frozen_stats[name]) for name in frozen_layers]
+        after = method.model(x[:k]).argmax(-1).tolist()  # the adapted model, after this batch's update
+        state.thumbnails = {
+            "clean": batch.clean[:k].cpu(),
+            "corrupted": batch.images[:k].cpu(),
+            "labels": batch.labels[:k].tolist(),
+            "before": record["methods"][primary]["predictions"][:k],  # step-1 (pre-update) predictions
+            "after": after,
+            "domain": record["domain"],
+        }
+
+
+def export_run(state: LabState, directory: str | Path) -> Path:
+    """A zip with the run's records (JSON), the primary method's final spectral code and, when it kept one,
+    its domain bank (safetensors)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not state.finished:
+        raise ValueError("the run has not finished")
+    records = []
+    for record in state.records:
+        clean = {k: v for k, v in record.items() if k != "methods"}
+        clean["methods"] = {
+            label: {
+                "correct": r["correct"],
+                "seconds": r["seconds"],
+                "step": {k: v for k, v in r["step"].items() if k not in ("alignment_std",)},
+            }
+            for label, r in record["methods"].items()
+        }
+        records.append(clean)
+    methods = state.final_methods
+    primary = _primary(methods)
+    archive = directory / f"imse-lab-run-{int(time.time())}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("records.json", json.dumps({"config": state.config, "summary": state.summary, "records": records}))
+        code = get_code(methods[primary].model)
+        if code:
+            buffer = directory / ".code.safetensors"
+            save_file({k: v.cpu().contiguous() for k, v in code.items()}, str(buffer), metadata={"method": primary})
+            zf.write(buffer, "spectral_code.safetensors")
+            buffer.unlink()
+        bank = getattr(methods[primary], "bank", None)
+        if bank is not None and len(bank):
+            buffer = directory / ".bank.safetensors"
+            methods[primary].save_bank(buffer)
+            zf.write(buffer, "domain_bank.safetensors")
+            buffer.unlink()
+    return archive
+
+
+def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
+    """The results table: one row per method, per-domain accuracy (%) and the mean."""
+    if not state.summary:
+        return ["method"], []
+    first = next(iter(state.summary.values()))
+    headers = ["method"] + [f"{d['name']}-{d['severity']}" for d in first["domains"]] + ["mean"]
+    rows = []
+    for label, entry in state.summary.items():
+        rows.append(
+            [label]
+            + [round(100 * d["accuracy"], 1) for d in entry["domains"]]
+            + [round(100 * entry["mean_accuracy"], 2)]
+        )
+    return headers, rows
+
+
+def bytes_of(obj: Any) -> int:
+    buffer = io.BytesIO()
+    buffer.write(json.dumps(obj, default=str).encode())
+    return buffer.tell()
