@@ -98,14 +98,14 @@ with gr.Blocks(title="IMSE Lab") as demo:
         samples = [label for _, label in ui.teach.sample_images()]
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                teach_backbone = gr.Dropdown([("built-in ViT", "builtin")], value="builtin", label="Backbone")
+                teach_backbone = gr.Dropdown(ui.backbone_choices(), value="builtin", label="Backbone")
                 layer = gr.Dropdown(layers, value=layers[0], label="Layer")
                 sample = gr.Radio(samples, value=samples[0], label="Sample image")
                 upload = gr.Image(type="filepath", label="…or upload one (PNG/JPEG/WebP, ≤ 10 MB)", height=160)
                 expert = gr.Slider(0, 127, value=0, step=1, label="Expert i")
                 scale = gr.Slider(0.0, 3.0, value=1.0, step=0.05, label="Scale σ_i by")
                 preview = gr.Image(label="The image the model sees", height=120, interactive=False)
-                gr.Markdown(FORMULAS)
+                gr.Markdown(FORMULAS, latex_delimiters=[{"left": "$", "right": "$", "display": False}])
             with gr.Column(scale=2):
                 prediction = gr.Markdown()
                 with gr.Row():
@@ -114,6 +114,7 @@ with gr.Blocks(title="IMSE Lab") as demo:
                 with gr.Row():
                     top5_base = gr.Plot(label="Top-5")
                     top5_scaled = gr.Plot(label="Top-5, scaled expert")
+        teach_backbone.change(ui.teach_backbone, teach_backbone, [layer, expert], api_name=False)
         layer_inputs = [teach_backbone, layer, sample, upload, expert]
         predict_inputs = [*layer_inputs, scale]
         predict_outputs = [prediction, top5_base, top5_scaled, preview]

@@ -147,6 +147,17 @@ def teach_layers(backbone: str = BUILTIN) -> list[str]:
     return list(spectral_layers(teach.spectral_backbone(backbone)))
 
 
+def teach_backbone(backbone_name: str):
+    """Switching backbones: its layers and its experts' range (hub models load their weights here)."""
+    try:
+        backbone = teach.spectral_backbone(backbone_name)
+    except (BackboneUnavailable, ValueError, RuntimeError) as error:
+        raise gr.Error(str(error)) from None
+    layers = spectral_layers(backbone)
+    first = next(iter(layers))
+    return gr.update(choices=list(layers), value=first), gr.update(maximum=layers[first].rank - 1, value=0)
+
+
 def _image(backbone_name: str, sample: str | None, upload: str | None) -> tuple[torch.Tensor, str]:
     backbone = teach.spectral_backbone(backbone_name)
     if upload:
@@ -156,8 +167,11 @@ def _image(backbone_name: str, sample: str | None, upload: str | None) -> tuple[
             raise gr.Error(str(error)) from None
     samples = teach.sample_images()
     labels = [label for _, label in samples]
-    index = labels.index(sample) if sample in labels else 0
-    return samples[index]
+    image, label = samples[labels.index(sample) if sample in labels else 0]
+    if image.shape[-1] != backbone.input_size:  # bundled 32 px samples shown to a 224 px backbone
+        resized = torch.nn.functional.interpolate(image[None].float(), size=backbone.input_size, mode="bilinear")
+        image = resized[0].round().clamp(0, 255).to(torch.uint8)
+    return image, label
 
 
 def teach_layer(backbone_name: str, layer: str, sample: str | None, upload: str | None, expert: float):
