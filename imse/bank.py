@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import save_safetensors_atomic
 from .spectral import find_vit
 
 __all__ = [
@@ -216,8 +217,6 @@ class DomainBank:
     def save(self, path: str | os.PathLike, identity: dict[str, Any]) -> Path:
         """Write tensors (descriptors, codes, optimizer tensors) as safetensors with the rest as JSON metadata,
         atomically (temporary file, then rename). ``identity`` (backbone name, code layout) is checked on load."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
         slots = []
@@ -237,13 +236,7 @@ class DomainBank:
             "slots": json.dumps(slots),
             "identity": json.dumps(identity, sort_keys=True),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_safetensors_atomic(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, identity: dict[str, Any]) -> DomainBank:

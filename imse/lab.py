@@ -9,7 +9,6 @@ batch — from which ``imse.viz`` draws figures. It yields that state at most a 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import time
 import zipfile
@@ -362,9 +361,3 @@ def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
             + [round(100 * entry["mean_accuracy"], 2)]
         )
     return headers, rows
-
-
-def bytes_of(obj: Any) -> int:
-    buffer = io.BytesIO()
-    buffer.write(json.dumps(obj, default=str).encode())
-    return buffer.tell()

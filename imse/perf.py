@@ -120,6 +120,7 @@ def _benchmark_images(count: int, size: int) -> torch.Tensor:
     """Real photos when scikit-image is installed (the speed of some corruptions, JPEG above all, depends on
     content), else smooth random images."""
     try:
+        import numpy as np
         from PIL import Image
         from skimage import data
 
@@ -127,7 +128,7 @@ def _benchmark_images(count: int, size: int) -> torch.Tensor:
         photos = []
         for name in names:
             image = Image.fromarray(getattr(data, name)()).convert("RGB").resize((size, size), Image.BILINEAR)
-            photos.append(torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1))
+            photos.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
         return torch.stack([photos[i % len(photos)] for i in range(count)])
     except ImportError:
         generator = torch.Generator().manual_seed(0)

@@ -280,7 +280,7 @@ def save_code(path: str | os.PathLike, model: nn.Module, extra: Mapping[str, str
 
     The header records the layer names, a fingerprint of the source weights (``S0``) and ``extra`` strings.
     """
-    from safetensors.torch import save_file
+    from .files import save_safetensors_atomic
 
     layers = spectral_layers(model)
     if not layers:
@@ -296,13 +296,7 @@ def save_code(path: str | os.PathLike, model: nn.Module, extra: Mapping[str, str
             raise ValueError(f"metadata key {key!r} is reserved")
         metadata[key] = str(value)
     tensors = {name: layer.S.detach().to("cpu").contiguous() for name, layer in layers.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_safetensors_atomic(tensors, path, metadata)
 
 
 def load_code(

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_backbone_folds_its_normalisation():
 
 
 @pytest.mark.skipif(
-    not (__import__("pathlib").Path(FMNIST) / "train-images-idx3-ubyte.gz").exists(),
+    not (Path(FMNIST) / "train-images-idx3-ubyte.gz").exists(),
     reason="needs the Debian package dataset-fashion-mnist",
 )
 def test_training_runs_a_few_steps_on_a_subset_and_resumes(tmp_path, capsys):

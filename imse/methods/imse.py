@@ -75,6 +75,7 @@ class IMSE(SAMEntropyMethod):
         self.source_code = {name: layer.S0.detach().clone() for name, layer in layers.items()}
         self.source_descriptor: Descriptor | None = None
         self.bank_note = ""
+        self.detector_shifts = 0  # domains ended so far (labels the stored entries)
         if retrieval:
             images = self.hparams["source_images"]
             if images is None:
@@ -144,8 +145,6 @@ class IMSE(SAMEntropyMethod):
             "slot_distances": distances.tolist(),
             "bank_size": len(self.bank),
         }
-
-    detector_shifts = 0
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         events = self._retrieve(x) if self.hparams["retrieval"] else {}

@@ -45,12 +45,13 @@ def snow(x: torch.Tensor, c: tuple, draws: Draws, table: str) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def _frost_textures(scale: float, device: str) -> tuple[torch.Tensor, ...]:
+    import numpy as np
     from PIL import Image
 
     textures = []
     for name in FROST_FILES:
         with Image.open(asset_path("frost", name)) as image:
-            rgb = torch.from_numpy(__import__("numpy").asarray(image.convert("RGB")).copy())
+            rgb = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
         texture = rgb.permute(2, 0, 1).float()
         if scale != 1.0:
             h, w = texture.shape[-2:]
