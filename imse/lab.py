@@ -27,6 +27,7 @@ from .methods import create
 from .models import BUILTIN, create_backbone
 from .runner import run, summarise
 from .spectral import get_code, inject, spectral_layers
+from .svd_cache import default_svd_cache
 
 __all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "export_run", "run_lab", "validate"]
 
@@ -172,7 +173,7 @@ def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) 
     primary = _primary(wrapped)
     wrapped[primary].record_alignment = True
     frozen = copy.deepcopy(backbone)
-    inject(frozen)
+    inject(frozen, cache=default_svd_cache())
     frozen_layers = spectral_layers(frozen)
     stream = Stream(
         source,

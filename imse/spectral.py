@@ -89,14 +89,16 @@ class SpectralLinear(nn.Module):
         self.projection_hook = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> SpectralLinear:
-        """Decompose ``linear.weight`` (float64 SVD, thin) and keep its bias."""
+    def from_linear(cls, linear: nn.Linear, cache=None) -> SpectralLinear:
+        """Decompose ``linear.weight`` (float64 SVD, thin; through ``cache``, an ``SVDCache``, when given) and
+        keep its bias."""
+        from .svd_cache import decompose
+
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
-        U, S, Vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
-        dtype = weight.dtype
-        return cls(U.to(dtype), S.to(dtype), Vh.to(dtype), linear.bias)
+        U, S, Vh = cache.decompose(weight) if cache is not None else decompose(weight)
+        return cls(U, S, Vh, linear.bias)
 
     def weight(self) -> torch.Tensor:
         """The current dense weight ``U diag(S) Vh`` (differentiable in ``S``)."""
@@ -184,12 +186,15 @@ def inject(
     model: nn.Module,
     blocks: Iterable[int] | None = None,
     targets: Iterable[str] = DEFAULT_TARGETS,
+    cache=None,
 ) -> list[str]:
     """Replace the target ``nn.Linear`` layers of the chosen ViT blocks by ``SpectralLinear`` in place.
 
     ``blocks``: block indices (negative ones count from the end); ``None`` means every block. ``targets``:
-    short names (``qkv``, ``proj``, ``fc1``, ``fc2``) or paths inside a block. Layers that are already spectral
-    are left alone. Returns the qualified names (relative to ``model``) that were replaced, in block order.
+    short names (``qkv``, ``proj``, ``fc1``, ``fc2``) or paths inside a block. ``cache``: an ``SVDCache``
+    (``imse.svd_cache.default_svd_cache()`` is the shared one) to skip recomputing known decompositions.
+    Layers that are already spectral are left alone. Returns the qualified names (relative to ``model``) that
+    were replaced, in block order.
     """
     prefix, vit = find_vit(model)
     depth = len(vit.blocks)
@@ -208,7 +213,7 @@ def inject(
                 continue
             if not isinstance(layer, nn.Linear):
                 raise TypeError(f"blocks.{index}.{path} is {type(layer).__name__}, not nn.Linear")
-            setattr(parent, attr, SpectralLinear.from_linear(layer))
+            setattr(parent, attr, SpectralLinear.from_linear(layer, cache))
             replaced.append(_qualify(prefix, f"blocks.{index}.{path}"))
     return replaced
 

@@ -34,8 +34,10 @@ ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}
 @lru_cache(maxsize=2)
 def spectral_backbone(name: str = "builtin"):
     """A frozen backbone with every target layer decomposed (cached: the SVD runs once per backbone)."""
+    from .svd_cache import default_svd_cache
+
     backbone = create_backbone(name)
-    inject(backbone)
+    inject(backbone, cache=default_svd_cache())
     backbone.requires_grad_(False)
     return backbone
 

@@ -1,9 +1,12 @@
 """Shared fixtures. Tests never touch the network and run on CPU unless a test asks for CUDA explicitly."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Downloads and the SVD cache go to a per-run folder, never the user's ~/.cache.
+os.environ["IMSE_CACHE"] = tempfile.mkdtemp(prefix="imse-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -200,3 +200,30 @@ def test_code_for_another_model_is_refused(tmp_path):
         load_code(garbage, model)
     with pytest.raises(CodeMismatchError, match="no spectral layers"):
         load_code(path, tiny_vit())
+
+
+def test_svd_cache_hits_are_exact_and_corrupted_entries_are_rebuilt(tmp_path):
+    from imse.svd_cache import SVDCache, decompose
+
+    cache = SVDCache(tmp_path)
+    first, second = tiny_vit(), tiny_vit()
+    names = inject(first, cache=cache)
+    assert cache.misses == len(names) and cache.hits == 0
+    inject(second, cache=cache)
+    assert cache.hits == len(names)
+    for a, b in zip(spectral_layers(first).values(), spectral_layers(second).values()):
+        assert torch.equal(a.U, b.U) and torch.equal(a.S0, b.S0) and torch.equal(a.Vh, b.Vh)
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave nothing behind
+    weight = torch.randn(12, 8)
+    assert cache.key(weight) != cache.key(weight.double()) and cache.key(weight) == cache.key(weight.clone())
+    expected = decompose(weight)
+    cache.decompose(weight)
+    path = cache.path(cache.key(weight))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the factors
+    path.write_bytes(bytes(data))
+    got = cache.decompose(weight)
+    assert cache.rejected == 1
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    path.write_bytes(b"truncated")
+    assert all(torch.equal(g, e) for g, e in zip(cache.decompose(weight), expected)) and cache.rejected == 2

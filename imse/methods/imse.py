@@ -18,6 +18,7 @@ from ..bank import Descriptor, DomainBank, ShiftDetector, batch_descriptor, patc
 from ..losses import diversity_loss
 from ..sam import SAM
 from ..spectral import SpectralLinear, find_vit, get_code, inject, set_code, spectral_layers
+from ..svd_cache import default_svd_cache
 from .base import SAMEntropyMethod
 
 __all__ = ["IMSE"]
@@ -51,7 +52,9 @@ class IMSE(SAMEntropyMethod):
         if not 0 < frozen < depth:
             raise ValueError(f"diversity_blocks must be in 1..{depth - 1} for a ViT with {depth} blocks, got {frozen}")
         if not spectral_layers(model):
-            inject(model)  # every target layer of every block: the last blocks need their Vh for the diversity term
+            # every target layer of every block (the last blocks need their Vh for the diversity term), through
+            # the shared SVD cache: a backbone is decomposed once per machine
+            inject(model, cache=default_svd_cache())
         names = {id(module): name for name, module in spectral_layers(model).items()}
 
         def layers_of(blocks) -> list[str]:
