@@ -174,7 +174,6 @@ def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) 
     wrapped[primary].record_alignment = True
     frozen = copy.deepcopy(backbone)
     inject(frozen, cache=default_svd_cache())
-    frozen_layers = spectral_layers(frozen)
     stream = Stream(
         source,
         scenario=config.scenario,
@@ -191,18 +190,24 @@ def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) 
         config=asdict(config),
         methods=list(wrapped),
         class_names=list(backbone.class_names),
-        layer_names=list(spectral_layers(wrapped[primary].model)) or list(frozen_layers),
+        layer_names=list(spectral_layers(wrapped[primary].model) or spectral_layers(frozen)),
         total_batches=len(stream),
     )
     state.correct = {label: [] for label in wrapped}
+    retrieval = next((label for label in wrapped if METHOD_CHOICES[label][1].get("retrieval")), None)
     detector = ShiftDetector(config.tau, 0.8, config.batch_size)  # scores for the bank panel without retrieval
     last_yield = 0.0
     current: dict[str, Any] = {}
     for record in run(wrapped, _StreamView(stream, current), progress=False):
+        batch = current["batch"]
+        # the latest statistics only feed the next snapshot; kept in every record they would pile up (ViT-B:
+        # 150 KB per batch)
+        current["alignment"] = record["methods"][primary]["step"].pop("alignment_std", None)
         state.records.append(record)
-        _update_state(state, record, wrapped, primary, current["batch"], detector, frozen, frozen_layers, thumbnails)
+        _count(state, record, wrapped[primary], retrieval, batch, detector, frozen)
         now = time.perf_counter()
         if now - last_yield >= min_interval or state.batch == state.total_batches:
+            _snapshot(state, record, wrapped[primary], primary, batch, current["alignment"], frozen, thumbnails)
             state.seconds = now - started
             yield state
             last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
@@ -241,7 +246,8 @@ def _pool(values: torch.Tensor, columns: int = 128, digits: int = 4) -> list[flo
 
 
 @torch.no_grad()
-def _update_state(state, record, methods, primary, batch, detector, frozen, frozen_layers, thumbnails) -> None:
+def _count(state, record, method, retrieval, batch, detector, frozen) -> None:
+    """What every batch adds to the curves: accuracy, domains, singular-value drift, shift scores and events."""
     index = record["batch_index"]
     state.batch = index + 1
     state.images += record["n"]
@@ -252,22 +258,12 @@ def _update_state(state, record, methods, primary, batch, detector, frozen, froz
     if not state.domains or state.domains[-1]["index"] != record["domain_index"]:
         state.domains.append({"name": record["domain"], "index": record["domain_index"], "start": index, "end": index})
     state.domains[-1]["end"] = index
-
-    step = record["methods"][primary]["step"]
-    stats = step.get("alignment_std")
-    layers = state.layer_names
-    if stats:
-        state.alignment = [_pool(stats[name]) for name in layers if name in stats]
-    method = methods[primary]
     spectral = spectral_layers(method.model)
     if spectral:
-        rel = [((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).float().cpu() for layer in spectral.values()]
-        state.shift_rel = [_pool(r, digits=6) for r in rel]
-        state.shift_history.append([float(r.abs().mean()) for r in rel])
-
+        state.shift_history.append(
+            [float(((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).abs().mean()) for layer in spectral.values()]
+        )
     # bank panel: the retrieval method's own events, else an independent detector on the same descriptors
-    retrieval = next((label for label in methods if METHOD_CHOICES[label][1].get("retrieval")), None)
-    x = batch.images.float() / 255
     if retrieval is not None:
         events = record["methods"][retrieval]["step"]
         score, shift = events.get("shift_score"), events.get("shift_detected")
@@ -277,7 +273,7 @@ def _update_state(state, record, methods, primary, batch, detector, frozen, froz
             state.retrieved.append((index, events["retrieved_slot"]))
         state.bank_size.append(events.get("bank_size", 0))
     else:
-        descriptor = batch_descriptor(patch_tokens(frozen, x))
+        descriptor = batch_descriptor(patch_tokens(frozen, batch.images.float() / 255))
         score = detector.score(descriptor)
         shift = detector.is_shift(score)
         if shift:
@@ -288,23 +284,34 @@ def _update_state(state, record, methods, primary, batch, detector, frozen, froz
     if shift:
         state.detections.append(index)
 
-    k = min(thumbnails, len(batch.labels))
-    if k:
-        from .losses import AlignmentProbe
 
-        probe = AlignmentProbe(frozen_layers)
-        with probe.capture(detached=list(frozen_layers)) as frozen_stats:
-            frozen(x)
-        state.alignment_source = [_pool(frozen_stats[name]) for name in frozen_layers]
-        after = method.model(x[:k]).argmax(-1).tolist()  # the adapted model, after this batch's update
-        state.thumbnails = {
-            "clean": batch.clean[:k].cpu(),
-            "corrupted": batch.images[:k].cpu(),
-            "labels": batch.labels[:k].tolist(),
-            "before": record["methods"][primary]["predictions"][:k],  # step-1 (pre-update) predictions
-            "after": after,
-            "domain": record["domain"],
-        }
+@torch.no_grad()
+def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnails) -> None:
+    """What only the panels of an update need, computed when an update goes out rather than every batch:
+    pooled heatmaps, the frozen model's contrast heatmap and the current batch's thumbnails."""
+    from .losses import AlignmentProbe
+
+    if alignment:
+        state.alignment = [_pool(alignment[name]) for name in state.layer_names if name in alignment]
+    spectral = spectral_layers(method.model)
+    if spectral:
+        state.shift_rel = [
+            _pool(((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).cpu(), digits=6) for layer in spectral.values()
+        ]
+    x = batch.images.float() / 255
+    frozen_layers = spectral_layers(frozen)
+    with AlignmentProbe(frozen_layers).capture(detached=list(frozen_layers)) as frozen_stats:
+        frozen(x)
+    state.alignment_source = [_pool(frozen_stats[name]) for name in frozen_layers]
+    k = min(thumbnails, len(batch.labels))
+    state.thumbnails = {
+        "clean": batch.clean[:k].cpu(),
+        "corrupted": batch.images[:k].cpu(),
+        "labels": batch.labels[:k].tolist(),
+        "before": record["methods"][primary]["predictions"][:k],  # step-1 (pre-update) predictions
+        "after": method.model(x[:k]).argmax(-1).tolist(),  # the adapted model, after this batch's update
+        "domain": record["domain"],
+    }
 
 
 def export_run(state: LabState, directory: str | Path) -> Path:
@@ -323,7 +330,7 @@ def export_run(state: LabState, directory: str | Path) -> Path:
             label: {
                 "correct": r["correct"],
                 "seconds": r["seconds"],
-                "step": {k: v for k, v in r["step"].items() if k not in ("alignment_std",)},
+                "step": r["step"],
             }
             for label, r in record["methods"].items()
         }
