@@ -64,8 +64,10 @@ def alignment_std(x: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
 def projected_alignment_std(x: torch.Tensor, projection: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``alignment_std`` from an already computed ``projection = x Vhᵀ`` (what a factored spectral layer has):
     dividing each projected row by ``‖x_n‖`` equals projecting the normalised row."""
-    norms = x.reshape(-1, x.shape[-1]).norm(dim=-1, keepdim=True).clamp_min(eps)
-    alignment = projection.reshape(-1, projection.shape[-1]) / norms.to(projection.dtype)
+    # float32 at least: under bf16 autocast the projection is bfloat16, too coarse for a spread of cosines
+    dtype = torch.promote_types(projection.dtype, torch.float32)
+    norms = x.reshape(-1, x.shape[-1]).to(dtype).norm(dim=-1, keepdim=True).clamp_min(eps)
+    alignment = projection.reshape(-1, projection.shape[-1]).to(dtype) / norms
     if alignment.shape[0] < 2:
         return alignment.new_zeros(alignment.shape[-1])
     return alignment.std(dim=0)

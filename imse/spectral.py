@@ -87,6 +87,9 @@ class SpectralLinear(nn.Module):
         # When set, called as ``hook(x, x @ Vhᵀ)`` on every forward (this forces the factored path, whose first
         # GEMM is exactly that projection): how IMSE's alignment statistics are gathered at no extra GEMM.
         self.projection_hook = None
+        # Inference calls (no S gradient) reuse ``U diag(S) Vh`` while S is unchanged: (key of S, U, Vh; weight).
+        self._merged: tuple[tuple, torch.Tensor] | None = None
+        self._seen_key: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cache=None) -> SpectralLinear:
@@ -103,6 +106,29 @@ class SpectralLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The current dense weight ``U diag(S) Vh`` (differentiable in ``S``)."""
         return (self.U * self.S) @ self.Vh
+
+    def _weights_key(self) -> tuple:
+        # in-place updates (optimiser steps, set_code, load_state_dict) bump _version; .to() changes data_ptr
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in (self.S, self.U, self.Vh))
+
+    def _inference_weight(self) -> torch.Tensor | None:
+        """The merged weight for an inference call (no autograd), or None when the factored path is better.
+
+        Kept from the previous call while S, U and Vh are unchanged; built on the *second* call that sees the
+        same weights, so a stream of adaptation steps (S changes every batch) never pays for a rebuild it
+        cannot reuse, while repeated inference at a fixed code runs at the plain model's cost.
+        """
+        key = self._weights_key()
+        if self._merged is not None and self._merged[0] == key:
+            return self._merged[1]
+        self._merged = None
+        if self._seen_key != key:
+            self._seen_key = key
+            return None
+        with torch.no_grad():
+            weight = self.weight()
+        self._merged = (key, weight)
+        return weight
 
     def use_factored(self, rows: int, input_grad: bool) -> bool:
         """Whether ``(x Vhᵀ) S Uᵀ`` costs fewer multiply-adds than rebuilding ``W`` and applying it.
@@ -122,6 +148,10 @@ class SpectralLinear(nn.Module):
         return factored < dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self.projection_hook is None and self.path == "auto":
+            weight = self._inference_weight()
+            if weight is not None:
+                return F.linear(x, weight, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
         if self.projection_hook is not None or self.use_factored(rows, x.requires_grad):
             projection = F.linear(x, self.Vh)  # a_{n,i} · ‖x_n‖: how each row aligns with each expert

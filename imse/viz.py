@@ -1,19 +1,24 @@
 """Pure functions from lab states (plain data) to Plotly figures. Figures never reach into a model.
 
 Each figure stays small (long curves are decimated, heatmaps pooled to ≤ 128 columns, thumbnails embedded as
-small PNGs) so that one live update of all panels stays well under 200 KB.
+small PNGs) so that one live update of all panels stays well under 200 KB. The live panels are plain figure
+specs (``Figure``) rather than ``plotly.graph_objects``: they are rebuilt for every update, and validation made
+building them cost more than the adaptation itself.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import json
+import math
 
 import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 __all__ = [
+    "Figure",
     "accuracy_figure",
     "alignment_figure",
     "bank_figure",
@@ -28,17 +33,48 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 MAX_POINTS = 400
 
 
-def empty_figure(title: str, note: str = "press Start") -> go.Figure:
-    fig = go.Figure()
-    fig.update_layout(
-        title=title,
-        height=300,
-        margin=dict(l=40, r=10, t=40, b=30),
-        annotations=[dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")],
-        xaxis=dict(visible=False),
-        yaxis=dict(visible=False),
-    )
-    return fig
+class Figure(dict):
+    """A Plotly figure as plain JSON-ready data: ``{"data": [...], "layout": {...}}``.
+
+    The live panels are rebuilt several times a second; building them as ``plotly.graph_objects`` (validated
+    on every assignment, ~300 ms for the five) cost more than a batch of adaptation. This is the same figure
+    spec without the validation: ``to_json`` is what ``gr.Plot`` calls, ``to_plotly`` gives the checked object.
+    """
+
+    def to_json(self) -> str:
+        layout = {"template": _template(), **self["layout"]}
+        return json.dumps({"data": self["data"], "layout": layout}, separators=(",", ":"), allow_nan=False)
+
+    def to_plotly(self) -> go.Figure:
+        return go.Figure(self["data"], self["layout"])
+
+    @property
+    def title(self) -> str:
+        return self["layout"].get("title", {}).get("text", "")
+
+
+@functools.cache
+def _template() -> dict:
+    import plotly.io as pio
+
+    return pio.templates["plotly"].to_plotly_json()  # the look go.Figure would give, read once
+
+
+def _layout(title: str, height: int, margin: tuple[int, int, int, int], **extra) -> dict:
+    left, right, top, bottom = margin
+    return {"title": {"text": title}, "height": height, "margin": dict(l=left, r=right, t=top, b=bottom), **extra}
+
+
+def _subplot_title(text: str, x: float) -> dict:
+    return dict(text=text, x=x, y=1.0, xref="paper", yref="paper", xanchor="center", yanchor="bottom",
+                showarrow=False, font=dict(size=14))  # fmt: skip
+
+
+def empty_figure(title: str, note: str = "press Start") -> Figure:
+    annotation = dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    layout = _layout(title, 300, (40, 10, 40, 30), annotations=[annotation])
+    layout.update(xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return Figure(data=[], layout=layout)
 
 
 def _decimate(n: int) -> list[int]:
@@ -48,8 +84,13 @@ def _decimate(n: int) -> list[int]:
     return sorted({int(i * step) for i in range(MAX_POINTS)} | {n - 1})
 
 
-def _domain_shapes(fig: go.Figure, domains: list[dict], xref: str = "x", label: bool = True) -> None:
-    """Alternate domains shaded, names on top (layout shapes in one update: far faster than add_vrect)."""
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN/inf: a non-finite value becomes a gap in the curve."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _domain_marks(domains: list[dict], xref: str = "x", label: bool = True) -> tuple[list[dict], list[dict]]:
+    """Alternate domains shaded, names on top (shapes, annotations)."""
     shapes = [
         dict(type="rect", xref=xref, yref="paper", x0=d["start"] - 0.5, x1=d["end"] + 0.5, y0=0, y1=1,
              fillcolor="grey", opacity=0.08, line_width=0)
@@ -62,26 +103,18 @@ def _domain_shapes(fig: go.Figure, domains: list[dict], xref: str = "x", label: 
                  showarrow=False, textangle=-60, font=dict(size=8), yanchor="bottom")
             for d in domains
         ]  # fmt: skip
-    fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + annotations)
+    return shapes, annotations
 
 
-def accuracy_figure(state) -> go.Figure:
+def accuracy_figure(state) -> Figure:
     """Running online accuracy per method over batches, domains shaded and labelled, and per-domain bars."""
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], subplot_titles=("", "per domain (%)"))
     keep = _decimate(len(state.seen))
+    data = []
     for i, method in enumerate(state.methods):
+        colour = COLOURS[i % len(COLOURS)]
         accuracy = state.accuracy(method)
-        fig.add_trace(
-            go.Scatter(
-                x=keep,
-                y=[100 * accuracy[j] for j in keep],
-                name=method,
-                mode="lines",
-                line=dict(color=COLOURS[i % len(COLOURS)]),
-            ),
-            row=1,
-            col=1,
-        )
+        data.append(dict(type="scatter", x=keep, y=[100 * accuracy[j] for j in keep], name=method, mode="lines",
+                         line=dict(color=colour), xaxis="x", yaxis="y"))  # fmt: skip
         per_domain = []
         for domain in state.domains:
             s, e = domain["start"], domain["end"]
@@ -89,176 +122,132 @@ def accuracy_figure(state) -> go.Figure:
             before_n = state.seen[s - 1] if s else 0
             n = state.seen[e] - before_n
             per_domain.append(100 * (state.correct[method][e] - before_c) / n if n else 0.0)
-        fig.add_trace(
-            go.Bar(
-                x=[d["name"] for d in state.domains],
-                y=per_domain,
-                name=method,
-                marker_color=COLOURS[i % len(COLOURS)],
-                showlegend=False,
-            ),
-            row=1,
-            col=2,
-        )
-    _domain_shapes(fig, state.domains, xref="x", label=True)
-    fig.update_layout(
-        title=f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images",
-        height=360,
-        margin=dict(l=40, r=10, t=90, b=40),
+        data.append(dict(type="bar", x=[d["name"] for d in state.domains], y=per_domain, name=method,
+                         marker=dict(color=colour), showlegend=False, xaxis="x2", yaxis="y2"))  # fmt: skip
+    shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
+    layout = _layout(
+        f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images",
+        360,
+        (40, 10, 90, 40),
         legend=dict(orientation="h", y=-0.15),
         barmode="group",
+        shapes=shapes,
+        annotations=[*annotations, _subplot_title("per domain (%)", 0.86)],
+        xaxis=dict(domain=[0, 0.64], anchor="y", title=dict(text="batch")),
+        yaxis=dict(domain=[0, 1], anchor="x", range=[0, 100], title=dict(text="accuracy so far (%)")),
+        xaxis2=dict(domain=[0.72, 1], anchor="y2", tickangle=-60, tickfont=dict(size=8)),
+        yaxis2=dict(domain=[0, 1], anchor="x2"),
     )
-    fig.update_yaxes(title_text="accuracy so far (%)", row=1, col=1, range=[0, 100])
-    fig.update_xaxes(title_text="batch", row=1, col=1)
-    fig.update_xaxes(tickangle=-60, tickfont=dict(size=8), row=1, col=2)
-    return fig
+    return Figure(data=data, layout=layout)
 
 
 def _short(name: str) -> str:
     return name.replace("model.", "").replace("blocks.", "b").replace(".attn", "").replace(".mlp", "")
 
 
-def alignment_figure(state, show_source: bool = False) -> go.Figure:
+def alignment_figure(state, show_source: bool = False) -> Figure:
     """Per-expert alignment std (layers × experts, experts in singular-value order, pooled), fixed scale."""
     matrix = state.alignment_source if show_source else state.alignment
     title = "Expert alignment std — " + ("no adaptation (frozen model)" if show_source else "adapting model")
     if not matrix:
         return empty_figure(title, "no spectral layers to show" if state.batch else "press Start")
-    fig = go.Figure(
-        go.Heatmap(
-            z=matrix,
-            y=[_short(n) for n in state.layer_names[: len(matrix)]],
-            colorscale="Viridis",
-            zmin=0.0,
-            zmax=0.5,
-            colorbar=dict(title="std"),
-            hovertemplate="layer %{y}<br>expert group %{x}<br>std %{z:.3f}<extra></extra>",
-        )
+    heatmap = dict(
+        type="heatmap",
+        z=[[_finite(v) for v in row] for row in matrix],
+        y=[_short(n) for n in state.layer_names[: len(matrix)]],
+        colorscale="Viridis",
+        zmin=0.0,
+        zmax=0.5,
+        colorbar=dict(title=dict(text="std")),
+        hovertemplate="layer %{y}<br>expert group %{x}<br>std %{z:.3f}<extra></extra>",
     )
-    fig.update_layout(
-        title=title, height=420, margin=dict(l=80, r=10, t=40, b=40), xaxis_title="experts (largest σ first, pooled)"
-    )
-    return fig
+    layout = _layout(title, 420, (80, 10, 40, 40), xaxis=dict(title=dict(text="experts (largest σ first, pooled)")))
+    return Figure(data=[heatmap], layout=layout)
 
 
-def shift_figure(state) -> go.Figure:
+def shift_figure(state) -> Figure:
     """(S − S0)/S0 per layer and expert, and each layer's mean |ΔS/S0| over time."""
     title = "Singular-value shifts (S − S0)/S0"
     if not state.shift_rel:
         return empty_figure(title, "the shown method adapts no singular values" if state.batch else "press Start")
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], subplot_titles=("now", "mean |ΔS/S0| per layer"))
     # colour range from the 99th percentile: a few near-zero σ of rank-deficient layers would otherwise have
     # huge relative shifts and wash every other expert out to white
-    magnitudes = sorted(abs(v) for row in state.shift_rel for v in row)
-    bound = max(1e-6, magnitudes[int(0.99 * (len(magnitudes) - 1))])
-    fig.add_trace(
-        go.Heatmap(
-            z=state.shift_rel,
-            y=[_short(n) for n in state.layer_names[: len(state.shift_rel)]],
-            colorscale="RdBu",
-            zmid=0.0,
-            zmin=-bound,
-            zmax=bound,
-            colorbar=dict(x=0.52, len=0.9),
-            hovertemplate="layer %{y}<br>expert group %{x}<br>ΔS/S0 %{z:.2e}<extra></extra>",
-        ),
-        row=1,
-        col=1,
-    )
+    magnitudes = sorted(abs(v) for row in state.shift_rel for v in row if math.isfinite(v))
+    bound = max(1e-6, magnitudes[int(0.99 * (len(magnitudes) - 1))] if magnitudes else 0.0)
+    data = [
+        dict(type="heatmap", z=[[_finite(v) for v in row] for row in state.shift_rel],
+             y=[_short(n) for n in state.layer_names[: len(state.shift_rel)]], colorscale="RdBu", zmid=0.0,
+             zmin=-bound, zmax=bound, colorbar=dict(x=0.47, len=0.9, thickness=12), xaxis="x", yaxis="y",
+             hovertemplate="layer %{y}<br>expert group %{x}<br>ΔS/S0 %{z:.2e}<extra></extra>")
+    ]  # fmt: skip
     history = state.shift_history
     keep = _decimate(len(history))
     for layer in range(len(history[0]) if history else 0):
-        fig.add_trace(
-            go.Scatter(
-                x=keep,
-                y=[history[j][layer] for j in keep],
-                mode="lines",
-                name=_short(state.layer_names[layer]),
-                line=dict(width=1),
-                showlegend=False,
-                hovertemplate=_short(state.layer_names[layer]) + "<br>batch %{x}<br>%{y:.2e}<extra></extra>",
-            ),
-            row=1,
-            col=2,
-        )
-    fig.update_layout(title=title, height=420, margin=dict(l=80, r=10, t=60, b=40))
-    fig.update_xaxes(title_text="batch", row=1, col=2)
-    return fig
+        name = _short(state.layer_names[layer])
+        data.append(dict(type="scatter", x=keep, y=[_finite(history[j][layer]) for j in keep], mode="lines",
+                         name=name, line=dict(width=1), showlegend=False, xaxis="x2", yaxis="y2",
+                         hovertemplate=name + "<br>batch %{x}<br>%{y:.2e}<extra></extra>"))  # fmt: skip
+    layout = _layout(
+        title,
+        420,
+        (80, 10, 60, 40),
+        annotations=[_subplot_title("now", 0.22), _subplot_title("mean |ΔS/S0| per layer", 0.83)],
+        xaxis=dict(domain=[0, 0.44], anchor="y"),
+        yaxis=dict(domain=[0, 1], anchor="x"),
+        xaxis2=dict(domain=[0.66, 1], anchor="y2", title=dict(text="batch")),
+        yaxis2=dict(domain=[0, 1], anchor="x2"),
+    )
+    return Figure(data=data, layout=layout)
 
 
-def bank_figure(state) -> go.Figure:
+def _markers(points: list[tuple[int, int]], scores: list, symbol: str, colour: str, name: str, verb: str) -> dict:
+    return dict(type="scatter", x=[b for b, _ in points], y=[_finite(scores[b]) for b, _ in points],
+                mode="markers", marker=dict(symbol=symbol, size=11, color=colour), name=name, xaxis="x", yaxis="y",
+                text=[f"{verb} slot {s}" for _, s in points],
+                hovertemplate="batch %{x}<br>%{text}<extra></extra>")  # fmt: skip
+
+
+def bank_figure(state) -> Figure:
     """Shift score per batch with the τ line, detections, stored/retrieved slots, true boundaries, bank size."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
     tau = state.config["tau"]
     scores = state.shift_scores
     keep = _decimate(len(scores))
-    fig.add_trace(
-        go.Scatter(
-            x=keep,
-            y=[scores[j] if scores[j] is not None else None for j in keep],
-            mode="lines",
-            name="shift score D",
-            line=dict(color="#444"),
-        ),
-        row=1,
-        col=1,
-    )
-    if scores:
-        fig.add_hline(y=tau, line_dash="dash", line_color="red", annotation_text=f"τ = {tau}", row=1, col=1)
+    data = [
+        dict(type="scatter", x=keep, y=[_finite(scores[j]) for j in keep], mode="lines", name="shift score D",
+             line=dict(color="#444"), xaxis="x", yaxis="y")
+    ]  # fmt: skip
     if state.detections:
-        fig.add_trace(
-            go.Scatter(
-                x=state.detections,
-                y=[scores[i] for i in state.detections],
-                mode="markers",
-                marker=dict(symbol="x", size=10, color="red"),
-                name="detected shift",
-            ),
-            row=1,
-            col=1,
-        )
+        data.append(dict(type="scatter", x=state.detections, y=[_finite(scores[i]) for i in state.detections],
+                         mode="markers", marker=dict(symbol="x", size=10, color="red"), name="detected shift",
+                         xaxis="x", yaxis="y"))  # fmt: skip
     if state.stored:
-        fig.add_trace(
-            go.Scatter(
-                x=[b for b, _ in state.stored],
-                y=[scores[b] for b, _ in state.stored],
-                mode="markers",
-                marker=dict(symbol="triangle-down", size=11, color="#2ca02c"),
-                name="stored slot",
-                text=[f"stored in slot {s}" for _, s in state.stored],
-                hovertemplate="batch %{x}<br>%{text}<extra></extra>",
-            ),
-            row=1,
-            col=1,
-        )
+        data.append(_markers(state.stored, scores, "triangle-down", "#2ca02c", "stored slot", "stored in"))
     if state.retrieved:
-        fig.add_trace(
-            go.Scatter(
-                x=[b for b, _ in state.retrieved],
-                y=[scores[b] for b, _ in state.retrieved],
-                mode="markers",
-                marker=dict(symbol="triangle-up", size=11, color="#1f77b4"),
-                name="retrieved slot",
-                text=[f"retrieved slot {s}" for _, s in state.retrieved],
-                hovertemplate="batch %{x}<br>%{text}<extra></extra>",
-            ),
-            row=1,
-            col=1,
-        )
-    for domain in state.domains[1:]:
-        fig.add_vline(x=domain["start"] - 0.5, line_width=1, line_dash="dot", line_color="grey", row=1, col=1)
-    fig.add_trace(
-        go.Scatter(
-            x=keep, y=[state.bank_size[j] for j in keep], mode="lines", name="bank size", line=dict(color="#9467bd")
-        ),
-        row=2,
-        col=1,
+        data.append(_markers(state.retrieved, scores, "triangle-up", "#1f77b4", "retrieved slot", "retrieved"))
+    data.append(dict(type="scatter", x=keep, y=[state.bank_size[j] for j in keep], mode="lines", name="bank size",
+                     line=dict(color="#9467bd"), xaxis="x", yaxis="y2"))  # fmt: skip
+    shapes = [
+        dict(type="line", xref="x", yref="y domain", x0=d["start"] - 0.5, x1=d["start"] - 0.5, y0=0, y1=1,
+             line=dict(width=1, dash="dot", color="grey"))
+        for d in state.domains[1:]
+    ]  # fmt: skip
+    annotations = []
+    if scores:
+        shapes.append(dict(type="line", xref="x domain", yref="y", x0=0, x1=1, y0=tau, y1=tau,
+                           line=dict(dash="dash", color="red")))  # fmt: skip
+        annotations.append(dict(text=f"τ = {tau}", xref="x domain", yref="y", x=1, y=math.log10(tau),
+                                xanchor="right", yanchor="bottom", showarrow=False))  # fmt: skip
+    layout = _layout(
+        "Domain bank",
+        420,
+        (60, 10, 40, 40),
+        shapes=shapes,
+        annotations=annotations,
+        xaxis=dict(anchor="y2", title=dict(text="batch (dotted: true domain boundaries)")),
+        yaxis=dict(domain=[0.3, 1], type="log", title=dict(text="symmetric KL")),
+        yaxis2=dict(domain=[0, 0.24], anchor="x", title=dict(text="slots")),
     )
-    fig.update_yaxes(type="log", title_text="symmetric KL", row=1, col=1)
-    fig.update_yaxes(title_text="slots", row=2, col=1)
-    fig.update_xaxes(title_text="batch (dotted: true domain boundaries)", row=2, col=1)
-    fig.update_layout(title="Domain bank", height=420, margin=dict(l=60, r=10, t=40, b=40))
-    return fig
+    return Figure(data=data, layout=layout)
 
 
 def _grid(images: list[torch.Tensor], size: int = 96, gap: int = 4) -> str:
@@ -273,11 +262,11 @@ def _grid(images: list[torch.Tensor], size: int = 96, gap: int = 4) -> str:
     for i, tile in enumerate(tiles):
         canvas.paste(tile, (i * (size + gap), 0))
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG", optimize=True)
+    canvas.save(buffer, format="PNG", compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def batch_figure(state) -> go.Figure:
+def batch_figure(state) -> Figure:
     """A few images of the current batch: clean above, corrupted below; label, prediction before → after."""
     thumbs = state.thumbnails
     if not thumbs:
@@ -288,24 +277,27 @@ def batch_figure(state) -> go.Figure:
     def name(i):
         return names[i][:14] if i is not None and 0 <= i < len(names) else str(i)
 
-    fig = go.Figure()
-    fig.add_trace(go.Image(source=_grid(list(thumbs["clean"]), size, gap), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"))
-    fig.add_trace(
-        go.Image(source=_grid(list(thumbs["corrupted"]), size, gap), x0=0, y0=size + 30, dx=1, dy=1, hoverinfo="skip")
-    )
+    data = [
+        dict(type="image", source=_grid(list(thumbs["clean"]), size, gap), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"),
+        dict(type="image", source=_grid(list(thumbs["corrupted"]), size, gap), x0=0, y0=size + 30, dx=1, dy=1,
+             hoverinfo="skip"),
+    ]  # fmt: skip
+    annotations = []
     for i in range(k):
         x = i * (size + gap) + size / 2
-        fig.add_annotation(x=x, y=-4, text=f"true: {name(thumbs['labels'][i])}", showarrow=False, font_size=9)
         before, after = name(thumbs["before"][i]), name(thumbs["after"][i])
-        fig.add_annotation(x=x, y=size + 26, text=f"{before} → {after}", showarrow=False, font_size=9)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
-    fig.update_layout(
-        title=f"The current batch ({thumbs['domain']}): clean / corrupted; prediction before → after adaptation",
-        height=330,
-        margin=dict(l=10, r=10, t=50, b=10),
+        annotations.append(dict(x=x, y=-4, text=f"true: {name(thumbs['labels'][i])}", showarrow=False,
+                                font=dict(size=9)))  # fmt: skip
+        annotations.append(dict(x=x, y=size + 26, text=f"{before} → {after}", showarrow=False, font=dict(size=9)))
+    layout = _layout(
+        f"The current batch ({thumbs['domain']}): clean / corrupted; prediction before → after adaptation",
+        330,
+        (10, 10, 50, 10),
+        annotations=annotations,
+        xaxis=dict(visible=False),
+        yaxis=dict(visible=False, autorange="reversed", scaleanchor="x"),
     )
-    return fig
+    return Figure(data=data, layout=layout)
 
 
 def spectrum_figure(singular_values: list[float], layer: str, highlight: int | None = None) -> go.Figure:

@@ -201,3 +201,26 @@ def test_lambda_zero_skips_diversity_statistics():
     method = create("imse", tiny_vit(head_scale=20.0), lambda_dm=0.0)
     method(batch(8))
     assert method.last_record["diversity"] is None and method.last_record["updated"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bf16_precision_adapts_in_float32_and_tracks_the_fp32_step(name):
+    """precision="bf16": forward under bfloat16 autocast, logits float32, adapted values stay float32 and
+    move like the fp32 step's; an unknown precision is refused."""
+    x = batch(16)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        method = create(name, tiny_vit(head_scale=20.0), margin=1.0, precision=precision)
+        logits = method(x)
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+        runs[precision] = (logits, {k: p.detach().clone() for k, p in method.trainable.items()}, method)
+    assert relative_error(runs["bf16"][0], runs["fp32"][0]) < 0.05
+    assert all(p.dtype == torch.float32 for p in runs["bf16"][2].trainable.values())
+    if name != "source":
+        assert runs["bf16"][2].last_record["updated"]
+        step = {p: torch.cat([(v - runs[p][2]._initial_params[k]).flatten() for k, v in runs[p][1].items()])
+                for p in runs}  # fmt: skip
+        cosine = torch.nn.functional.cosine_similarity(step["bf16"], step["fp32"], dim=0)
+        assert cosine > 0.9
+    with pytest.raises(ValueError, match="precision"):
+        create(name, tiny_vit(), precision="fp16")

@@ -3,6 +3,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import CUDA, relative_error, tiny_vit
 from torch import nn
 
@@ -127,6 +128,46 @@ def test_auto_path_picks_the_cheaper_computation():
     assert not wide.use_factored(rows=1, input_grad=False)
     with pytest.raises(ValueError):
         set_path(nn.Sequential(wide), "fast")
+
+
+@pytest.mark.parametrize("leading", [(1, 1), (1, 65), (3, 13)])
+def test_inference_reuses_the_merged_weight_only_while_s_is_unchanged(leading):
+    """No-grad calls build ``U diag(S) Vh`` on the second call at the same weights and reuse it; any change of S
+    (set_code, an optimiser step) or a dtype change is seen, so the output always equals the dense path's."""
+    torch.manual_seed(0)
+    layer = SpectralLinear.from_linear(nn.Linear(24, 40))
+    x = torch.randn(*leading, 24)
+
+    def dense_reference():
+        return F.linear(x.to(layer.S.dtype), (layer.U * layer.S) @ layer.Vh, layer.bias).detach()
+
+    with torch.no_grad():
+        first = layer(x)  # first sight of these weights: factored (or dense) path, nothing kept
+        assert layer._merged is None
+        second = layer(x)
+        assert layer._merged is not None
+        kept = layer._merged[1]
+        third = layer(x)
+        assert layer._merged[1] is kept  # reused, not rebuilt
+    for y in (first, second, third):
+        assert relative_error(y, dense_reference()) <= 1e-5
+
+    set_code(nn.Sequential(layer), {"0": layer.S.detach() * 1.1})
+    with torch.no_grad():
+        assert relative_error(layer(x), dense_reference()) <= 1e-5
+        assert layer._merged is None  # the stale weight was dropped, not used
+
+    optimizer = torch.optim.SGD([layer.S], lr=0.1)
+    layer(x).square().sum().backward()  # with autograd: never the cached weight
+    optimizer.step()
+    with torch.no_grad():
+        layer(x)
+        assert relative_error(layer(x), dense_reference()) <= 1e-5
+
+    layer.double()
+    with torch.no_grad():
+        y = layer(x.double())
+        assert y.dtype == torch.float64 and relative_error(y, dense_reference()) <= 1e-12
 
 
 def test_reset_to_linear_and_merge():

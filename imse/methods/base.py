@@ -21,6 +21,11 @@ from ..spectral import spectral_layers
 __all__ = ["SAMEntropyMethod", "TTAMethod"]
 
 
+# Settings every method has: "bf16" runs the forward passes under bfloat16 autocast (GPU, or CPUs with AMX).
+COMMON_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+PRECISIONS = ("fp32", "bf16")
+
+
 def _finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
 
@@ -33,10 +38,13 @@ class TTAMethod(nn.Module):
 
     def __init__(self, model: nn.Module, record_alignment: bool = False, **overrides: Any) -> None:
         super().__init__()
-        unknown = sorted(set(overrides) - set(self.defaults))
+        known = {**COMMON_DEFAULTS, **self.defaults}
+        unknown = sorted(set(overrides) - set(known))
         if unknown:
-            raise TypeError(f"{self.name} has no setting(s) {unknown}; known: {sorted(self.defaults)}")
-        self.hparams: dict[str, Any] = {**self.defaults, **overrides}
+            raise TypeError(f"{self.name} has no setting(s) {unknown}; known: {sorted(known)}")
+        self.hparams: dict[str, Any] = {**known, **overrides}
+        if self.hparams["precision"] not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.hparams['precision']!r}")
         self.model = model
         self.record_alignment = record_alignment
         # Adaptation must not be random: dropout and stochastic depth stay off (timm ViTs have none by default,
@@ -70,6 +78,14 @@ class TTAMethod(nn.Module):
         """Reset method-specific running state (e.g. SAR's loss EMA)."""
 
     # -- common behaviour ---------------------------------------------------------------------------------
+    def run_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward; with ``precision="bf16"`` under bfloat16 autocast (the adapted values, the
+        optimiser and the loss stay float32: the logits come back as float32)."""
+        if self.hparams["precision"] == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.model(x).float()
+        return self.model(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
@@ -150,7 +166,7 @@ class SAMEntropyMethod(TTAMethod):
         sam: SAM = self.optimizer
         sam.zero_grad()
         with self.probe.capture(differentiable=self.diversity_layers, detached=self.alignment_layers()) as stats:
-            logits = self.model(x)
+            logits = self.run_model(x)
         num_classes = logits.shape[-1]
         margin = entropy_margin(num_classes, self.hparams["margin"])
         entropy = softmax_entropy(logits)
@@ -187,7 +203,7 @@ class SAMEntropyMethod(TTAMethod):
             return self._finish(logits, record)
 
         with self.probe.capture(differentiable=self.diversity_layers) as stats2:
-            logits2 = self.model(x)
+            logits2 = self.run_model(x)
         entropy2 = softmax_entropy(logits2)
         keep2 = keep & (entropy2.detach() < margin)
         record["num_reliable_second"] = int(keep2.sum())

@@ -19,7 +19,7 @@ class Source(TTAMethod):
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         with self.probe.capture(detached=self.alignment_layers()) as stats:
-            logits = self.model(x)
+            logits = self.run_model(x)
         entropy = softmax_entropy(logits)
         margin = entropy_margin(logits.shape[-1], self.hparams["margin"])
         record: dict[str, Any] = {

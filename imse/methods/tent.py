@@ -46,7 +46,7 @@ class Tent(TTAMethod):
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         self.optimizer.zero_grad()
         with self.probe.capture(detached=self.alignment_layers()) as stats:
-            logits = self.model(x)
+            logits = self.run_model(x)
         entropy = softmax_entropy(logits)
         loss = entropy.mean()
         margin = entropy_margin(logits.shape[-1], self.hparams["margin"])
