@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -14,15 +15,26 @@ __all__ = ["save_safetensors_atomic"]
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
 ) -> Path:
-    """Write to a temporary file next to ``path`` (unique per process and thread), then rename over it: the
-    rename is atomic, so readers see the old file or the new one, never a partial one."""
-    from safetensors.torch import save_file
+    """Write to a temporary file next to ``path`` (``.<name>.<pid>.<thread>.tmp``), flush it to the disk, then
+    rename it over ``path``: the rename is atomic, so readers (and a process killed mid-save) see the old file or
+    the new one, never a partial one; the temporary file is removed if anything fails."""
+    from safetensors.torch import save
 
     path = Path(path)
+    data = save(tensors, metadata=metadata)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename points at it (else a power cut can empty it)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # make the rename itself durable; not every platform can sync a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path

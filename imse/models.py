@@ -87,11 +87,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (no pickle code runs); unwraps ``{"model": ...}``/``{"state_dict": ...}`` and ``module.`` prefixes."""
     path = Path(path)
     if not path.is_file():
-        raise BackboneUnavailable(f"weights file {path} does not exist")
+        raise BackboneUnavailable(f"weights file {path} " + ("is not a file" if path.exists() else "does not exist"))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as error:  # safetensors' own error types for empty, truncated or garbled files
+            raise BackboneUnavailable(f"{path} is not a readable safetensors weights file: {error}") from error
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -105,6 +108,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneUnavailable(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_weights(model: nn.Module, state: dict, source, name: str, strict: bool):
+    """``model.load_state_dict``, with a shape mismatch (weights of another size) reported against the file."""
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        detail = "; ".join(str(error).splitlines()[1:4]).strip()
+        raise BackboneUnavailable(f"{source} does not fit {name}: {detail or error}") from error
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -154,7 +166,7 @@ def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = Non
         config = builtin_config()
         model = build_builtin_vit(config)
         source = Path(weights) if weights else asset_path("builtin", "model.safetensors")
-        model.load_state_dict(load_state_dict_file(source))
+        _load_weights(model, load_state_dict_file(source), source, BUILTIN, strict=True)
         backbone = Backbone(model, config["mean"], config["std"], BUILTIN, config["class_names"], config["input_size"])
         return backbone.to(device).eval()
 
@@ -171,7 +183,7 @@ def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = Non
 
         with contextlib.suppress(Exception):  # converts original (e.g. MAE/DeiT) layouts; timm's own pass through
             state = checkpoint_filter_fn(state, model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = _load_weights(model, state, weights, name, strict=False)
         if missing or unexpected:
             raise BackboneUnavailable(
                 f"{weights} does not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"

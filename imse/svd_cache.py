@@ -2,12 +2,14 @@
 
 Entries are keyed by a SHA-256 of the weight's bytes, its dtype and shape: the same weights give the same
 factors, whichever model or process asks. Files are written atomically (temporary file + rename), so processes
-can share the cache; each file carries a CRC-32 of its factors, and an entry that fails it (a disk error, a
-truncated copy) is deleted and recomputed, never trusted.
+can share the cache; each file carries its key and a CRC-32 of its factors (names, dtypes, shapes and bytes), and
+an entry that fails either (a disk error, a truncated copy, an entry copied under another name) is deleted and
+recomputed, never trusted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ from .files import save_safetensors_atomic
 
 __all__ = ["SVDCache", "decompose", "default_svd_cache"]
 
-_FORMAT = "imse-svd/1"
+_FORMAT = "imse-svd/2"
 
 
 def decompose(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,9 +32,13 @@ def decompose(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> int:
+    """CRC-32 of each factor's name, dtype, shape and bytes: a header edit that keeps the bytes (another dtype or
+    a transposed shape) fails it as much as damaged bytes do."""
     crc = 0
     for name in sorted(tensors):
-        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+        tensor = tensors[name].contiguous()
+        crc = zlib.crc32(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode(), crc)
+        crc = zlib.crc32(tensor.view(torch.uint8).numpy().tobytes(), crc)
     return crc
 
 
@@ -62,12 +68,15 @@ class SVDCache:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path))
-            if metadata.get("format") != _FORMAT or int(metadata["crc32"]) != _crc(tensors):
+            if metadata.get("format") != _FORMAT or metadata.get("key") != path.stem:
+                raise ValueError("not this entry")
+            if int(metadata["crc32"]) != _crc(tensors):
                 raise ValueError("checksum mismatch")
             return tensors["U"], tensors["S"], tensors["Vh"]
         except Exception:  # unreadable, truncated or altered: drop it and recompute
             self.rejected += 1
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # one that cannot be removed is still not used
+                path.unlink(missing_ok=True)
             return None
 
     def decompose(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +92,7 @@ class SVDCache:
         tensors = {"U": U.cpu().contiguous(), "S": S.cpu().contiguous(), "Vh": Vh.cpu().contiguous()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_safetensors_atomic(tensors, path, {"format": _FORMAT, "crc32": str(_crc(tensors))})
+            save_safetensors_atomic(tensors, path, {"format": _FORMAT, "key": key, "crc32": str(_crc(tensors))})
         except OSError:  # a read-only or full disk must not stop the decomposition
             pass
         return U, S, Vh

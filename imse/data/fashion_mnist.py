@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,11 @@ _FILES = {
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # not gzip, a cut-off download, a disk error
+        raise ValueError(f"cannot read {path}: {error}") from error
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise ValueError(f"{path} is not an idx file of unsigned bytes")
     dims = data[3]
