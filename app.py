@@ -10,9 +10,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls 
 
 import gradio as gr  # noqa: E402
 
-from imse import ui  # noqa: E402
+from imse import serving, ui  # noqa: E402
 from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
 from imse.lab import MAX_BATCH  # noqa: E402
+from imse.teach import MAX_UPLOAD_BYTES  # noqa: E402
 
 try:  # ZeroGPU Spaces: borrow a GPU for each run
     import spaces
@@ -40,7 +41,8 @@ $-\,\lambda_{dm} L_{dm}$ (λ = 50).
 $D = \mathrm{mean}_c\big[\tfrac{v_d + (\mu_d-\mu_b)^2}{2 v_b} + \tfrac{v_b + (\mu_d-\mu_b)^2}{2 v_d} - 1\big] > \tau$.
 """
 
-with gr.Blocks(title="IMSE Lab") as demo:
+# Gradio's cache (uploads, downloads) is swept hourly of files older than an hour: a public Space's disk stays bounded
+with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
     gr.Markdown(
         "# IMSE Lab\nTest-time adaptation of a Vision Transformer by its **spectral experts** (IMSE, ICLR 2026): "
         "corrupted images stream through the model, which adapts only its singular values, live."
@@ -64,7 +66,7 @@ with gr.Blocks(title="IMSE Lab") as demo:
                 with gr.Row():
                     batch_size = gr.Number(64, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size")
                     per_domain = gr.Number(500, precision=0, minimum=1, label="Images per domain")
-                    seed = gr.Number(0, precision=0, label="Seed")
+                    seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
                 with gr.Row():
                     imse_lr = gr.Number(7e-4, label="IMSE lr")
                     lambda_dm = gr.Number(50.0, label="λ_dm")
@@ -88,10 +90,8 @@ with gr.Blocks(title="IMSE Lab") as demo:
         inputs = [backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr, lambda_dm]
         inputs += [tau, device, show_source]
         outputs = [status, accuracy_plot, alignment_plot, shift_plot, bank_plot, batch_plot, results, download]
-        run_event = start.click(start_lab, inputs, outputs, api_name="start", concurrency_limit=2)
-        stop.click(
-            lambda: "Stopped: the panels keep what was shown.", None, status, cancels=[run_event], api_name="stop"
-        )
+        run_event = start.click(start_lab, inputs, outputs, api_name="start", concurrency_id="runs")
+        stop.click(ui.stop_lab, None, status, cancels=[run_event], api_name="stop")
 
     with gr.Tab("Teach: what is a spectral expert?"):
         layers = ui.teach_layers()
@@ -125,7 +125,13 @@ with gr.Blocks(title="IMSE Lab") as demo:
         demo.load(ui.teach_layer, layer_inputs, [spectrum_plot, orthogonality_plot], api_name=False)
         demo.load(ui.teach_predict, predict_inputs, predict_outputs, api_name=False)
 
-demo.queue(max_size=16, default_concurrency_limit=2)
+    demo.unload(ui.end_session)  # a closed tab stops its session's run
+
+# At most IMSE_MAX_CONCURRENT_RUNS runs compute at once (each event kind its own group of that size); at most
+# IMSE_MAX_QUEUE requests wait in the queue, the next is refused ("queue is full").
+demo.queue(
+    max_size=serving.limit("IMSE_MAX_QUEUE"), default_concurrency_limit=serving.limit("IMSE_MAX_CONCURRENT_RUNS")
+)
 
 if __name__ == "__main__":
     # System fonts only: the default theme would fetch Google Fonts, and the page must make no outside request.
@@ -137,4 +143,5 @@ if __name__ == "__main__":
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         theme=theme,
         show_error=False,
+        max_file_size=MAX_UPLOAD_BYTES,  # refused by the server before the upload reaches any code of ours
     )

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import reprlib
+import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from .bench import build_source, source_images
 from .data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS
 from .data.streams import SCENARIOS, Stream
 from .methods import create
-from .models import BUILTIN, create_backbone
+from .models import BUILTIN, HUB_BACKBONES, create_backbone
 from .runner import run, summarise
 from .spectral import get_code, inject, spectral_layers
 from .svd_cache import default_svd_cache
@@ -63,42 +66,83 @@ class LabConfig:
 
 
 def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
-    """Readable ``ValueError`` for anything impossible, before any work starts."""
+    """Readable ``ValueError`` for anything impossible, before any work starts: each field's type, range or
+    allowed values, then the combinations (backbone and data, the run's total size). Whatever the fields hold
+    (the app's API passes on any JSON value), it raises nothing else; user values in messages are cut short."""
+
+    def shown(value: Any) -> str:
+        try:
+            return reprlib.repr(value)
+        except Exception:  # e.g. an int beyond Python's 4300-digit str limit
+            return f"a {type(value).__name__}"
+
+    def listed(values: list) -> str:
+        more = f" and {len(values) - 5} more" if len(values) > 5 else ""
+        return ", ".join(shown(v) for v in values[:5]) + more
+
+    def whole(value: Any, low: int, high: float = math.inf) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def real(value: Any, low: float, high: float, open_low: bool = False) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (low < value if open_low else low <= value) and value <= high
+
+    def choice(value: Any, allowed) -> bool:
+        return isinstance(value, str) and value in allowed
+
     problems = []
-    if config.scenario not in SCENARIOS:
+    backbones = (BUILTIN, *HUB_BACKBONES)
+    if not choice(config.backbone, backbones):
+        problems.append(f"unknown backbone {shown(config.backbone)}; choose one of {', '.join(backbones)}")
+    elif config.data != (expected := BUILTIN if config.backbone == BUILTIN else "imagenette"):
+        problems.append(f"data must be {expected!r} for backbone {config.backbone!r}, got {shown(config.data)}")
+    if not choice(config.scenario, SCENARIOS):
         problems.append(f"scenario must be one of {', '.join(SCENARIOS)}")
-    unknown = [c for c in config.corruptions if c not in ALL_CORRUPTIONS]
-    if not config.corruptions:
+    if not isinstance(config.corruptions, (tuple, list)):
+        problems.append(f"corruptions must be a list of names, got {shown(config.corruptions)}")
+    elif not config.corruptions:
         problems.append("choose at least one corruption")
-    elif unknown:
-        problems.append(f"unknown corruption(s): {', '.join(unknown)}")
-    if not isinstance(config.severity, int) or not 1 <= config.severity <= 5:
+    elif unknown := [c for c in config.corruptions if not choice(c, ALL_CORRUPTIONS)]:
+        problems.append(f"unknown corruption(s): {listed(unknown)}")
+    if not whole(config.severity, 1, 5):
         problems.append("severity must be 1 to 5")
-    bad = [m for m in config.methods if m not in METHOD_CHOICES]
-    if not config.methods:
+    if not isinstance(config.methods, (tuple, list)):
+        problems.append(f"methods must be a list of method names, got {shown(config.methods)}")
+    elif not config.methods:
         problems.append("choose at least one method")
-    elif bad:
-        problems.append(f"unknown method(s): {', '.join(bad)}")
-    if not isinstance(config.batch_size, int) or not 1 <= config.batch_size <= MAX_BATCH:
+    elif bad := [m for m in config.methods if not choice(m, METHOD_CHOICES)]:
+        problems.append(f"unknown method(s): {listed(bad)}; choose from {', '.join(METHOD_CHOICES)}")
+    elif len(set(config.methods)) < len(config.methods):
+        twice = sorted({m for m in config.methods if config.methods.count(m) > 1})
+        problems.append(f"each method once: {listed(twice)} chosen more than once")
+    if not whole(config.batch_size, 1, MAX_BATCH):
         problems.append(f"batch size must be 1 to {MAX_BATCH}")
-    if not isinstance(config.per_domain, int) or config.per_domain < 1:
-        problems.append("images per domain must be at least 1")
+    if not whole(config.per_domain, 1, MAX_IMAGES):
+        problems.append(f"images per domain must be 1 to {MAX_IMAGES:,}")
     elif source_size is not None and config.per_domain > source_size:
         problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
-    if not 0 < config.imse_lr <= 1:
+    if not whole(config.seed, 0, 2**32 - 1):  # the stream derives generator seeds from it: keep them in range
+        problems.append(f"seed must be a whole number from 0 to {2**32 - 1}")
+    if not real(config.imse_lr, 0, 1, open_low=True):
         problems.append("IMSE lr must be in (0, 1]")
-    if not 0 <= config.lambda_dm <= 1000:
+    if not real(config.lambda_dm, 0, 1000):
         problems.append("λ_dm must be in [0, 1000]")
-    if not 0 < config.tau <= 10:
+    if not real(config.tau, 0, 10, open_low=True):
         problems.append("τ must be in (0, 10]")
-    if not 1 <= config.rounds <= 10:
+    if not whole(config.rounds, 1, 10):
         problems.append("rounds must be 1 to 10")
-    if config.device not in ("cpu", "cuda") or (config.device == "cuda" and not torch.cuda.is_available()):
-        problems.append("device must be 'cpu' (or 'cuda' when a GPU is present)")
-    domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
-    domains *= config.rounds if config.scenario == "recurring" else 1
-    if not problems and domains * config.per_domain > MAX_IMAGES:
-        problems.append(f"this run would stream {domains * config.per_domain:,} images; the limit is {MAX_IMAGES:,}")
+    if not choice(config.device, ("cpu", "cuda")) or (config.device == "cuda" and not torch.cuda.is_available()):
+        problems.append(f"device must be 'cpu' (or 'cuda' when a GPU is present), got {shown(config.device)}")
+    if not problems:
+        domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
+        domains *= config.rounds if config.scenario == "recurring" else 1
+        if domains * config.per_domain > MAX_IMAGES:
+            problems.append(
+                f"this run would stream {domains * config.per_domain:,} images; the limit is {MAX_IMAGES:,}"
+            )
     if problems:
         raise ValueError("; ".join(problems))
     return config
@@ -144,11 +188,19 @@ def _primary(methods: dict) -> str:
     return next((label for label in methods if METHOD_CHOICES[label][0] == "imse"), next(iter(methods)))
 
 
-def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) -> Iterator[LabState]:
+def run_lab(
+    config: LabConfig,
+    min_interval: float = 0.25,
+    thumbnails: int = 6,
+    time_limit: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[LabState]:
     """Stream the run, yielding the state after at least ``min_interval`` seconds of computing since the
     caller last got it (and at the end), so drawing updates never takes more than its share.
 
-    Stopping is cooperative: the caller closes the generator; the batch in progress finishes first.
+    Stopping is cooperative and happens between batches: the caller closes the generator, or ``should_stop()``
+    turns true (the run ends without a final state: nobody is listening), or the run has taken ``time_limit``
+    seconds (it finishes early, with the results so far and a message saying so).
     """
     started = time.perf_counter()
     backbone = create_backbone(config.backbone, device=config.device)
@@ -198,6 +250,7 @@ def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) 
     detector = ShiftDetector(config.tau, 0.8, config.batch_size)  # scores for the bank panel without retrieval
     last_yield = 0.0
     current: dict[str, Any] = {}
+    out_of_time = False
     for record in run(wrapped, _StreamView(stream, current), progress=False):
         batch = current["batch"]
         # the latest statistics only feed the next snapshot; kept in every record they would pile up (ViT-B:
@@ -211,12 +264,23 @@ def run_lab(config: LabConfig, min_interval: float = 0.25, thumbnails: int = 6) 
             state.seconds = now - started
             yield state
             last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
+        if should_stop is not None and should_stop():
+            return
+        if time_limit is not None and time.perf_counter() - started > time_limit and state.batch < state.total_batches:
+            out_of_time = True
+            _snapshot(state, record, wrapped[primary], primary, batch, current["alignment"], frozen, thumbnails)
+            break
     state.summary = summarise(state.records)
     for label, entry in state.summary.items():
         entry["num_trainable"] = wrapped[label].num_trainable()
     state.finished = True
     state.seconds = time.perf_counter() - started
     state.message = f"finished: {state.images:,} images in {state.seconds:.1f} s"
+    if out_of_time:
+        state.message = (
+            f"stopped at the {time_limit:.0f} s limit per run: {state.images:,} of "
+            f"{state.total_batches * config.batch_size:,} images (results below are for those)"
+        )
     state.final_methods = wrapped
     yield state
 
@@ -317,7 +381,7 @@ def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnai
 def export_run(state: LabState, directory: str | Path) -> Path:
     """A zip with the run's records (JSON), the primary method's final spectral code and, when it kept one,
     its domain bank (safetensors)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -337,18 +401,17 @@ def export_run(state: LabState, directory: str | Path) -> Path:
         records.append(clean)
     methods = state.final_methods
     primary = _primary(methods)
-    archive = directory / f"imse-lab-run-{int(time.time())}.zip"
+    # a directory of its own per export: runs of several users finishing in the same second never collide
+    archive = Path(tempfile.mkdtemp(prefix="run-", dir=directory)) / "imse-lab-run.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("records.json", json.dumps({"config": state.config, "summary": state.summary, "records": records}))
         code = get_code(methods[primary].model)
         if code:
-            buffer = directory / ".code.safetensors"
-            save_file({k: v.cpu().contiguous() for k, v in code.items()}, str(buffer), metadata={"method": primary})
-            zf.write(buffer, "spectral_code.safetensors")
-            buffer.unlink()
+            tensors = {k: v.cpu().contiguous() for k, v in code.items()}
+            zf.writestr("spectral_code.safetensors", safetensors_bytes(tensors, metadata={"method": primary}))
         bank = getattr(methods[primary], "bank", None)
         if bank is not None and len(bank):
-            buffer = directory / ".bank.safetensors"
+            buffer = archive.parent / "domain_bank.safetensors"
             methods[primary].save_bank(buffer)
             zf.write(buffer, "domain_bank.safetensors")
             buffer.unlink()

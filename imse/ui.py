@@ -6,6 +6,7 @@ the logic stays in ``imse.lab``, ``imse.teach`` and ``imse.viz``.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,16 +15,18 @@ from typing import Any
 import gradio as gr
 import torch
 
-from . import teach, viz
+from . import serving, teach, viz
 from .data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from .lab import METHOD_CHOICES, LabConfig, export_run, run_lab, summary_rows, validate
 from .models import BUILTIN, HUB_BACKBONES, BackboneUnavailable
 from .spectral import spectral_layers
 
-__all__ = ["backbone_choices", "start_lab", "teach_layer", "teach_predict"]
+__all__ = ["backbone_choices", "end_session", "start_lab", "stop_lab", "teach_layer", "teach_predict"]
 
 PANEL_TITLES = ("Online accuracy", "Expert alignment std", "Singular-value shifts", "Domain bank", "The current batch")
 _EXPORT_DIR = tempfile.mkdtemp(prefix="imse-lab-")
+RUNS = serving.SessionRuns()
+MAX_SCALE = 3.0  # the Teach tab's σ-scale slider range
 
 
 def offline() -> bool:
@@ -47,35 +50,71 @@ def empty_panels() -> tuple:
 
 
 def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):  # float(True) is 1.0: a checkbox value is not a number
+        raise gr.Error(f"{name} must be a whole number")
+    if isinstance(value, int):  # exact, however large (float() would round 2**53 + 1)
+        return value
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise gr.Error(f"{name} must be a whole number") from None
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise gr.Error(f"{name} must be a whole number")
     return int(number)
+
+
+def _as_float(value: Any, name: str) -> float:
+    """A number field's value as a float; NaN and ±inf pass through, for ``validate`` to refuse by name."""
+    if isinstance(value, bool):
+        raise gr.Error(f"{name} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):  # None, "abc", [1], an int beyond float's range
+        raise gr.Error(f"{name} must be a number") from None
+
+
+def _as_names(value: Any, name: str, groups: dict | None = None) -> tuple:
+    """A multi-choice field: a list (or tuple) of names, or one name (or group name) as a string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (groups or {}).get(value, (value,))
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise gr.Error(f"{name} must be a list of names, got {type(value).__name__}")
+
+
+def _check_backbone(backbone: Any) -> str:
+    """Only the offered backbones: a public app never turns free text into a model name or a path."""
+    allowed = [value for _, value in backbone_choices()]
+    if backbone in (None, ""):
+        return BUILTIN
+    if not isinstance(backbone, str) or backbone not in allowed:
+        raise gr.Error(f"unknown backbone {str(backbone)[:80]!r}; choose one of: {', '.join(allowed)}")
+    return backbone
 
 
 def make_config(
     backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr, lambda_dm, tau, device
 ) -> LabConfig:
-    names = {"test": CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
-    chosen = tuple(corruptions) if isinstance(corruptions, (list, tuple)) else names.get(corruptions, (corruptions,))
+    backbone = _check_backbone(backbone)
+    groups = {"test": CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
+    chosen = _as_names(corruptions, "corruptions", groups)
     try:
         config = LabConfig(
-            backbone=backbone or BUILTIN,
+            backbone=backbone,
             scenario=scenario,
             corruptions=chosen,
             severity=_as_int(severity, "severity"),
-            methods=tuple(methods or ()),
+            methods=_as_names(methods, "methods"),
             batch_size=_as_int(batch_size, "batch size"),
             per_domain=_as_int(per_domain, "images per domain"),
             seed=_as_int(seed, "seed"),
-            imse_lr=float(imse_lr),
-            lambda_dm=float(lambda_dm),
-            tau=float(tau),
+            imse_lr=_as_float(imse_lr, "IMSE lr"),
+            lambda_dm=_as_float(lambda_dm, "λ_dm"),
+            tau=_as_float(tau, "τ"),
             device=device,
-            data=BUILTIN if (backbone or BUILTIN) == BUILTIN else "imagenette",
+            data=BUILTIN if backbone == BUILTIN else "imagenette",
         )
         return validate(config)
     except (TypeError, ValueError) as error:
@@ -106,8 +145,13 @@ def start_lab(
     tau,
     device,
     show_source,
+    request: gr.Request = None,
 ) -> Iterator[tuple]:
-    """Stream a run: (status, 5 figures, results table, download) at most ~4 times a second."""
+    """Stream a run: (status, 5 figures, results table, download) at most ~2 times a second.
+
+    The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, and the
+    memory it held is handed back when it ends, however it ends.
+    """
     config = make_config(
         backbone,
         scenario,
@@ -122,9 +166,13 @@ def start_lab(
         tau,
         device,
     )
+    session = getattr(request, "session_hash", None) or "local"
+    flag = RUNS.start(session)
     table = gr.update()
+    state = None
     try:
-        for state in run_lab(config, min_interval=0.5):
+        time_limit = serving.limit("IMSE_MAX_RUN_SECONDS")
+        for state in run_lab(config, min_interval=0.5, time_limit=time_limit, should_stop=flag.is_set):
             status = (
                 f"**{state.message or 'running'}** — batch {state.batch}/{state.total_batches}, "
                 f"{state.images:,} images, {state.seconds:.1f} s"
@@ -132,12 +180,28 @@ def start_lab(
             if state.finished:
                 headers, rows = summary_rows(state)
                 table = gr.update(value=rows, headers=headers)
+                serving.prune_exports(_EXPORT_DIR, serving.limit("IMSE_EXPORT_MAX_AGE"))
                 archive = export_run(state, _EXPORT_DIR)
                 yield (status, *panels(state, show_source), table, str(archive))
             else:
                 yield (status, *panels(state, show_source), table, None)
     except (ValueError, BackboneUnavailable, RuntimeError, FileNotFoundError) as error:
         raise gr.Error(str(error)) from None
+    finally:
+        RUNS.finish(session, flag)
+        state = None  # the last state holds the adapted models
+        serving.release_memory()
+
+
+def stop_lab(request: gr.Request = None) -> str:
+    """The Stop button: end this session's run at its next batch (the panels keep what they show)."""
+    RUNS.stop(getattr(request, "session_hash", None) or "local")
+    return "Stopped: the panels keep what was shown."
+
+
+def end_session(request: gr.Request = None) -> None:
+    """A closed tab: stop whatever that session still had running."""
+    RUNS.stop(getattr(request, "session_hash", None) or "local")
 
 
 # -- Teach tab ---------------------------------------------------------------------------------------------------
@@ -147,24 +211,39 @@ def teach_layers(backbone: str = BUILTIN) -> list[str]:
     return list(spectral_layers(teach.spectral_backbone(backbone)))
 
 
-def teach_backbone(backbone_name: str):
-    """Switching backbones: its layers and its experts' range (hub models load their weights here)."""
+def _teach_backbone(backbone_name: Any):
     try:
-        backbone = teach.spectral_backbone(backbone_name)
+        return teach.spectral_backbone(_check_backbone(backbone_name))
     except (BackboneUnavailable, ValueError, RuntimeError) as error:
         raise gr.Error(str(error)) from None
+
+
+def _teach_inputs(backbone_name: Any, layer: Any, expert: Any):
+    """The Teach tab's widget values checked server-side (API callers can send anything)."""
+    backbone = _teach_backbone(backbone_name)
     layers = spectral_layers(backbone)
+    if not isinstance(layer, str) or layer not in layers:
+        raise gr.Error(f"unknown layer {str(layer)[:80]!r}")
+    expert = _as_int(expert, "expert")
+    if not 0 <= expert < layers[layer].rank:
+        raise gr.Error(f"expert must be 0 to {layers[layer].rank - 1}")
+    return backbone, layers[layer], expert
+
+
+def teach_backbone(backbone_name: str):
+    """Switching backbones: its layers and its experts' range (hub models load their weights here)."""
+    layers = spectral_layers(_teach_backbone(backbone_name))
     first = next(iter(layers))
     return gr.update(choices=list(layers), value=first), gr.update(maximum=layers[first].rank - 1, value=0)
 
 
-def _image(backbone_name: str, sample: str | None, upload: str | None) -> tuple[torch.Tensor, str]:
-    backbone = teach.spectral_backbone(backbone_name)
+def _image(backbone, sample: Any, upload: Any) -> tuple[torch.Tensor, str]:
     if upload:
         try:
-            return teach.load_user_image(upload, backbone.input_size), "your image"
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
+            return teach.load_user_image(str(upload), backbone.input_size), "your image"
+        except (ValueError, OSError) as error:  # OSError: a vanished or unreadable upload
+            message = str(error) if isinstance(error, ValueError) else "the uploaded file could not be read"
+            raise gr.Error(message) from None
     samples = teach.sample_images()
     labels = [label for _, label in samples]
     image, label = samples[labels.index(sample) if sample in labels else 0]
@@ -176,33 +255,26 @@ def _image(backbone_name: str, sample: str | None, upload: str | None) -> tuple[
 
 def teach_layer(backbone_name: str, layer: str, sample: str | None, upload: str | None, expert: float):
     """Spectrum and orthogonality check for a layer, on the chosen image."""
-    try:
-        backbone = teach.spectral_backbone(backbone_name)
-    except (BackboneUnavailable, ValueError) as error:
-        raise gr.Error(str(error)) from None
-    layers = spectral_layers(backbone)
-    if layer not in layers:
-        raise gr.Error(f"unknown layer {layer!r}")
-    image, _ = _image(backbone_name, sample, upload)
-    expert = int(expert)
-    spectrum = layers[layer].S.detach().tolist()
+    backbone, spectral, expert = _teach_inputs(backbone_name, layer, expert)
+    image, _ = _image(backbone, sample, upload)
+    spectrum = spectral.S.detach().tolist()
     cosines = teach.expert_cosines(backbone, layer, image)
     return viz.spectrum_figure(spectrum, layer, expert), viz.orthogonality_figure(cosines, layer)
 
 
 def teach_predict(backbone_name: str, layer: str, sample: str | None, upload: str | None, expert: float, scale: float):
     """Top-5 with and without scaling one expert's σ."""
-    backbone = teach.spectral_backbone(backbone_name)
-    layers = spectral_layers(backbone)
-    if layer not in layers:
-        raise gr.Error(f"unknown layer {layer!r}")
-    expert = int(expert)
-    if not 0 <= expert < layers[layer].rank:
-        raise gr.Error(f"expert must be 0 to {layers[layer].rank - 1}")
-    image, label = _image(backbone_name, sample, upload)
+    backbone, _, expert = _teach_inputs(backbone_name, layer, expert)
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise gr.Error("scale must be a number") from None
+    if not 0.0 <= scale <= MAX_SCALE:  # also refuses NaN
+        raise gr.Error(f"scale must be 0 to {MAX_SCALE:g}")
+    image, label = _image(backbone, sample, upload)
     names = backbone.class_names
     base = teach.predict(backbone, image)
-    scaled = teach.predict(backbone, image, layer, expert, float(scale))
+    scaled = teach.predict(backbone, image, layer, expert, scale)
     best_base, best_scaled = (
         max(range(len(base)), key=base.__getitem__),
         max(range(len(scaled)), key=scaled.__getitem__),

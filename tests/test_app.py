@@ -22,14 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url():
+def launch_app(**settings):
+    """``python app.py`` on a free port (offline, no analytics, fast tab-close detection); (process, url)."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env.update(GRADIO_HEARTBEAT_INTERVAL="1", **{k: str(v) for k, v in settings.items()})
     process = subprocess.Popen(
         [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -42,12 +42,27 @@ def app_url():
     else:
         process.kill()
         pytest.fail("app did not start within 90 s")
-    yield url
+    return process, f"http://127.0.0.1:{port}/"
+
+
+def stop_app(process):
     process.terminate()
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def app():
+    process, url = launch_app()
+    yield process, url
+    stop_app(process)
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app[1]
 
 
 def client(url):
@@ -178,7 +193,8 @@ def test_browser_start_panels_stop_and_no_outside_request(app_url, tmp_path):
             "request",
             lambda r: outside.append(r.url) if not r.url.startswith((app_url, "data:", "blob:")) else None,
         )
-        page.goto(app_url, wait_until="networkidle")
+        page.goto(app_url)  # not "networkidle": the session's heartbeat stream (tab-close detection) stays open
+        page.get_by_role("button", name="Start").wait_for(state="visible")
         number = page.get_by_label("Images per domain")
         number.fill("64")
         number.press("Tab")
@@ -198,3 +214,155 @@ def test_browser_start_panels_stop_and_no_outside_request(app_url, tmp_path):
     assert any("alignment" in t for t in titles)
     assert (tmp_path / "lab.png").stat().st_size > 10_000
     assert outside == []
+
+
+# -- a public Space: many users, closed tabs, limits, no way onto the server's disk ---------------------------
+
+
+def final_summary(c, arguments):
+    """Run to the end; what it measured from its download (full precision, not the rounded table; timings
+    dropped, they differ between any two runs)."""
+    import json
+    import zipfile
+
+    outputs = c.predict(*arguments, api_name="/start")
+    assert "finished" in outputs[0], outputs[0]
+    with zipfile.ZipFile(outputs[7]) as archive:
+        summary = json.loads(archive.read("records.json"))["summary"]
+    return {
+        label: {k: v for k, v in entry.items() if k not in ("seconds", "images_per_s")}
+        for label, entry in summary.items()
+    }
+
+
+def test_four_simultaneous_users_get_what_each_would_get_alone(app_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = []
+    for seed, methods in enumerate((["IMSE", "Source"], ["SAR", "TENT"], ["IMSE + retrieval (top-1)"], ["IMSE"])):
+        arguments = list(SHORT)
+        arguments[4], arguments[6], arguments[7] = methods, 64, seed
+        runs.append(arguments)
+    with ThreadPoolExecutor(len(runs)) as pool:  # one client (one session) per user
+        together = list(pool.map(lambda a: final_summary(client(app_url), a), runs))
+    alone = [final_summary(client(app_url), arguments) for arguments in runs]
+    assert together == alone
+    assert len({json_key(s) for s in together}) == len(runs)  # the runs differ: equality is not trivial
+
+
+def json_key(summary):
+    return str(sorted((label, entry["mean_accuracy"]) for label, entry in summary.items()))
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(pid, timeout=60.0):
+    """True once the process uses under 10 % of a core over a 2 s window."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(2)
+        if cpu_seconds(pid) - before < 0.2:
+            return True
+    return False
+
+
+LONG = list(SHORT)
+LONG[2], LONG[6] = ["fog", "contrast", "snow", "frost", "brightness"], 4000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
+    from playwright.sync_api import sync_playwright
+
+    from imse.serving import resident_bytes
+
+    process, url = app
+    final_summary(client(url), SHORT)  # warm: imports, kernels, caches
+    assert wait_until_idle(process.pid)
+    baseline = resident_bytes(process.pid)
+
+    final_summary(client(url), SHORT)  # a finished run
+    assert wait_until_idle(process.pid)
+    after_finished = resident_bytes(process.pid)
+
+    c = client(url)  # Stop: the run ends at its next batch and gives its memory back
+    job = c.submit(*LONG, api_name="/start")
+    deadline = time.time() + 60
+    while time.time() < deadline and not job.outputs():
+        time.sleep(0.2)
+    assert job.outputs(), "no update arrived"
+    c.predict(api_name="/stop")
+    assert wait_until_idle(process.pid, timeout=30), "the run kept computing after Stop"
+    after_stop = resident_bytes(process.pid)
+
+    with sync_playwright() as p:  # a visitor starts a long run and closes the tab
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1500, "height": 2000})
+        page.goto(url)
+        number = page.get_by_label("Images per domain")
+        number.fill("4000")
+        number.press("Tab")
+        page.get_by_role("button", name="Start").click()
+        page.wait_for_function("[...document.querySelectorAll('.gtitle')].some(t => t.textContent.includes('batch'))")
+        page.close()
+        browser.close()
+    assert wait_until_idle(process.pid, timeout=45), "the run kept computing after its tab was closed"
+    after_close = resident_bytes(process.pid)
+    for label, value in (("finished", after_finished), ("stopped", after_stop), ("closed tab", after_close)):
+        assert value <= 1.05 * baseline, f"after a {label} run: {value / 2**20:.0f} MiB vs {baseline / 2**20:.0f} MiB"
+
+
+def test_no_path_from_the_api_reaches_the_servers_files(app_url, tmp_path):
+    import httpx
+    from gradio_client.exceptions import AppError
+
+    for path in ("/etc/passwd", str(ROOT / "app.py")):
+        for route in ("gradio_api/file=", "file="):
+            response = httpx.get(app_url + route + path, timeout=10)
+            assert response.status_code != 200 or "root:" not in response.text and "gr.Blocks" not in response.text
+    for backbone in ("/etc/passwd", "../../weights.pth", "vit_base_patch16_224"):  # untagged: other weights
+        arguments = list(SHORT)
+        arguments[0] = backbone
+        # Gradio's dropdown refuses it first; imse.ui refuses it again for direct callers
+        with pytest.raises(AppError, match="unknown backbone|not in the list of choices"):
+            client(app_url).predict(*arguments, api_name="/start")
+    api = client(app_url).view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/start", "/stop"}  # the Teach tab's events are not an API
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\0" * (11 * 2**20))
+    with big.open("rb") as handle:
+        response = httpx.post(app_url + "gradio_api/upload", files={"files": handle}, timeout=30)
+    assert response.status_code == 413  # refused by the server before any code of ours sees it
+
+
+def test_limits_time_per_run_and_queue_size():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client.exceptions import AppError
+
+    process, url = launch_app(IMSE_MAX_RUN_SECONDS=4, IMSE_MAX_QUEUE=1, IMSE_MAX_CONCURRENT_RUNS=1)
+    try:
+        capped = client(url).predict(*LONG, api_name="/start")
+        assert "stopped at the 4 s limit" in capped[0]
+        table = capped[6]["value"] if "value" in capped[6] else capped[6]
+        assert table["data"] and Path(capped[7]).suffix == ".zip"  # the results so far, downloadable
+
+        def attempt(_):
+            try:
+                client(url).predict(*LONG, api_name="/start")
+                return "ran"
+            except AppError as error:
+                return str(error)
+            except Exception as error:  # the client reports a full queue with its own exception types
+                return f"{type(error).__name__}: {error}"
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(attempt, range(4)))
+        assert outcomes.count("ran") >= 1
+        assert any("queue" in outcome.lower() and "full" in outcome.lower() for outcome in outcomes), outcomes
+    finally:
+        stop_app(process)

@@ -12,6 +12,7 @@ Parameter tables (``tables.py``) come from Hendrycks' generators: the CIFAR-10-C
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable
 
 import torch
@@ -54,6 +55,14 @@ _FUNCTIONS: dict[str, Callable] = {
 _CIFAR_MAX_SIDE = math.sqrt(32 * 224)  # ≈ 84.7: nearer to 32 than to 224 on a log scale
 
 
+def _shown(value: object) -> str:
+    """A user's value in an error message, cut short (a megabyte of text stays out of the message)."""
+    try:
+        return reprlib.repr(value)
+    except Exception:  # e.g. an int beyond Python's 4300-digit str limit
+        return f"a {type(value).__name__}"
+
+
 def table_for_size(height: int, width: int) -> str:
     """The parameter table made for images of this size: ``"cifar"`` up to 84 px (shorter side), else
     ``"imagenet"``."""
@@ -69,23 +78,28 @@ def corrupt(
 ) -> torch.Tensor:
     """Corrupt a batch. ``generator`` (on any device) makes the draws reproducible; ``None`` uses torch's
     global RNG. Raises ``ValueError`` for an unknown name, a severity outside 1..5, or a bad table name, and
-    ``TypeError``/``ValueError`` for anything but a uint8 ``[B, 3, H, W]`` tensor of at least 2×2 pixels."""
-    if name not in _FUNCTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(ALL_CORRUPTIONS)}")
+    ``TypeError``/``ValueError`` for anything but a dense uint8 ``[B, 3, H, W]`` tensor of at least 2×2 pixels, or a
+    ``generator`` that is not a ``torch.Generator``. Nothing else: every check comes before any work."""
+    if not isinstance(name, str) or name not in _FUNCTIONS:
+        raise ValueError(f"unknown corruption {_shown(name)}; choose from {', '.join(ALL_CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
-        raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
+        raise ValueError(f"severity must be an integer from 1 to 5, got {_shown(severity)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 (0..255), got {images.dtype}")
+    if images.layout != torch.strided or images.is_meta:
+        raise TypeError(f"images must be a dense tensor holding data, got {images.layout} on {images.device}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
     height, width = images.shape[-2:]
     if height < 2 or width < 2:
         raise ValueError(f"images must be at least 2x2 pixels, got {height}x{width}")
     table = table or table_for_size(height, width)
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; choose from {sorted(TABLES)}")
+    if not isinstance(table, str) or table not in TABLES:
+        raise ValueError(f"unknown table {_shown(table)}; choose from {sorted(TABLES)}")
     if images.shape[0] == 0:
         return images.clone()
     params = TABLES[table][name][severity - 1]

@@ -74,7 +74,9 @@ def elastic_transform(x: torch.Tensor, c: tuple, draws: Draws, table: str) -> to
     b, _, h, w = x.shape
     # ImageNet-C takes (h//2, w//2) as the centre and hands it to OpenCV as an (x, y) point; kept as is.
     centre = torch.tensor([h // 2, w // 2], dtype=torch.float64)
-    size = min(h, w) // 3
+    # min(h, w) // 3 is 0 below 3 px: three coincident points, a singular system. 1 px keeps the smallest
+    # images (2 px sides) warpable and changes nothing from 3 px up.
+    size = max(1, min(h, w) // 3)
     base = torch.stack((centre + size, torch.stack((centre[0] + size, centre[1] - size)), centre - size))
     moved = base + draws.uniform((b, 3, 2), -affine, affine).double().cpu()
     grid = _affine_grids(base.expand(b, 3, 2), moved, h, w).to(device=x.device, dtype=x.dtype)
