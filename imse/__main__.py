@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .serving import keep_freed_memory
+
+    keep_freed_memory()  # no page-faulting every step's activations in again (release_memory trims at the end)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["SessionRuns", "limit", "prune_exports", "release_memory", "resident_bytes"]
+__all__ = ["SessionRuns", "keep_freed_memory", "limit", "prune_exports", "release_memory", "resident_bytes"]
 
 _DEFAULTS = {
     "IMSE_MAX_RUN_SECONDS": 600.0,
@@ -78,6 +78,23 @@ class SessionRuns:
     def active(self) -> int:
         with self._lock:
             return sum(len(flags) for flags in self._runs.values())
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in the process instead of unmapping it: by default every large tensor is a
+    fresh ``mmap``, so each adaptation step page-faults all its activations in again — measured on ViT-B/16 at
+    batch 32 on 2 CPU cores, 18–22 % of an IMSE step (which allocates ~1.5× SAR's memory). ``release_memory``
+    still hands everything back at the end of a run. Called by the CLI and the app; returns False off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt parameter numbers (malloc.h)
+        return bool(
+            libc.mallopt(m_mmap_max, 0)
+            and libc.mallopt(m_trim_threshold, 1 << 40)
+            and libc.mallopt(m_top_pad, 256 << 20)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def release_memory() -> None:

@@ -58,3 +58,25 @@ def test_space_front_matter_matches_requirements():
     pinned = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("gradio")]
     assert pinned == [f"gradio=={fields['sdk_version']}"]
     assert len(fields["short_description"]) <= 60
+
+
+def test_nothing_unpickles_untrusted_files():
+    """Weights, codes, banks and data load through safetensors, ``torch.load(weights_only=True)`` or
+    ``np.load(allow_pickle=False)`` only: no call in the package or the app may run pickled code."""
+    import ast
+
+    unsafe = []
+    for path in [ROOT / "app.py", *sorted((ROOT / "imse").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            where = f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+            if name.endswith("torch.load") and keywords.get("weights_only") != "True":
+                unsafe.append(where)
+            if name in ("np.load", "numpy.load") and keywords.get("allow_pickle") != "False":
+                unsafe.append(where)
+            if name.startswith(("pickle.", "cPickle.", "dill.", "joblib.")) or name in ("pickle", "marshal.loads"):
+                unsafe.append(where)
+    assert unsafe == []
