@@ -112,7 +112,7 @@ class SpectralLinear(nn.Module):
         return tuple((t._version, t.data_ptr(), t.dtype) for t in (self.S, self.U, self.Vh))
 
     def _inference_weight(self) -> torch.Tensor | None:
-        """The merged weight for an inference call (no autograd), or None when the factored path is better.
+        """The merged weight for an inference call (no autograd), or None (then the per-call cost choice decides).
 
         Kept from the previous call while S, U and Vh are unchanged; built on the *second* call that sees the
         same weights, so a stream of adaptation steps (S changes every batch) never pays for a rebuild it
