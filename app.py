@@ -41,8 +41,6 @@ $-\,\lambda_{dm} L_{dm}$ (λ = 50).
 $D = \mathrm{mean}_c\big[\tfrac{v_d + (\mu_d-\mu_b)^2}{2 v_b} + \tfrac{v_b + (\mu_d-\mu_b)^2}{2 v_d} - 1\big] > \tau$.
 """
 
-serving.keep_freed_memory()  # runs reuse the process's freed memory; each run's end hands it back to the OS
-
 # Gradio's cache (uploads, downloads) is swept hourly of files older than an hour: a public Space's disk stays bounded
 with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
     gr.Markdown(

@@ -216,18 +216,13 @@ def _peak_step_bytes(method: str, model_name: str, batch: int, device: str) -> i
         return torch.cuda.max_memory_allocated(dev) - before
     import gc
 
+    from .serving import resident_bytes
+
     gc.collect()
-
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {field} in /proc/self/status")
-
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to the current one
-    before = status("VmRSS")
+    before = resident_bytes()
     adapter(x)
-    return status("VmHWM") - before
+    return resident_bytes(field="VmHWM") - before
 
 
 def bench_memory(device: torch.device, batch: int, model_name: str = "vit_base_patch16_224") -> dict:

@@ -84,7 +84,9 @@ def keep_freed_memory() -> bool:
     """Let glibc keep freed memory in the process instead of unmapping it: by default every large tensor is a
     fresh ``mmap``, so each adaptation step page-faults all its activations in again — measured on ViT-B/16 at
     batch 32 on 2 CPU cores, 18–22 % of an IMSE step (which allocates ~1.5× SAR's memory). ``release_memory``
-    still hands everything back at the end of a run. Called by the CLI and the app; returns False off glibc."""
+    still hands everything back at the end of a run. Called by the CLI; not by the app: a long-lived server's
+    resident size then wanders by ~±5 % between identical runs (measured), and its steady level matters more
+    there. Returns False off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt parameter numbers (malloc.h)
@@ -105,12 +107,12 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def resident_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process (Linux), in bytes."""
+def resident_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """Resident set size of a process (Linux), in bytes; ``field="VmHWM"`` gives its peak instead."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 def prune_exports(directory: str | Path, max_age: float) -> int:

@@ -97,7 +97,7 @@ def _check_backbone(backbone: Any) -> str:
 def make_config(
     backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr, lambda_dm, tau, device
 ) -> LabConfig:
-    backbone = _check_backbone(backbone)
+    backbone = BUILTIN if backbone in (None, "") else backbone  # validate() refuses anything not offered
     groups = {"test": CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
     chosen = _as_names(corruptions, "corruptions", groups)
     try:
@@ -166,7 +166,7 @@ def start_lab(
         tau,
         device,
     )
-    session = getattr(request, "session_hash", None) or "local"
+    session = _session(request)
     flag = RUNS.start(session)
     table = gr.update()
     state = None
@@ -193,15 +193,20 @@ def start_lab(
         serving.release_memory()
 
 
+def _session(request: gr.Request | None) -> str:
+    """The visitor's browser session (direct calls without Gradio share one, "local")."""
+    return getattr(request, "session_hash", None) or "local"
+
+
 def stop_lab(request: gr.Request = None) -> str:
     """The Stop button: end this session's run at its next batch (the panels keep what they show)."""
-    RUNS.stop(getattr(request, "session_hash", None) or "local")
+    RUNS.stop(_session(request))
     return "Stopped: the panels keep what was shown."
 
 
 def end_session(request: gr.Request = None) -> None:
     """A closed tab: stop whatever that session still had running."""
-    RUNS.stop(getattr(request, "session_hash", None) or "local")
+    RUNS.stop(_session(request))
 
 
 # -- Teach tab ---------------------------------------------------------------------------------------------------

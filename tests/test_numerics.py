@@ -1,8 +1,6 @@
 """Numerical edge cases a public app will see: batches of 1 and 2, identical images, an all-black batch,
 extreme severities in a row — no NaN, no crash, and every method recovers on the clean data that follows."""
 
-import math
-
 import pytest
 import torch
 
@@ -64,7 +62,6 @@ def test_hostile_batches_never_give_nan_and_the_model_recovers_on_clean_data(dat
         correct["source"] += int((reference(x).argmax(-1) == y).sum())
     adapted, plain = 100 * correct["adapted"] / 512, 100 * correct["source"] / 512
     assert adapted >= plain - 5, f"{label}: {adapted:.1f} % on clean data after the hostile batches vs {plain:.1f} %"
-    assert math.isfinite(adapted)
 
 
 def test_soak_gradual_stream_no_nan_flat_memory_bank_within_capacity(tmp_path):
