@@ -189,7 +189,7 @@ def start_lab(
         raise gr.Error(str(error)) from None
     finally:
         RUNS.finish(session, flag)
-        state = None  # the last state holds the adapted models
+        state = None  # the last update (its plain-data records) goes before the trim
         serving.release_memory()
 
 

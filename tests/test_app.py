@@ -272,28 +272,85 @@ def wait_until_idle(pid, timeout=60.0):
 
 LONG = list(SHORT)
 LONG[2], LONG[6] = ["fog", "contrast", "snow", "frost", "brightness"], 4000
+WARM = list(LONG)
+WARM[6] = 64  # the long runs' corruptions (frost's textures, snow's kernels... are cached once per process)
+
+
+def close_tab_mid_run(url, pid):
+    """A visitor starts a long run in the browser and closes the tab once the first batch shows."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1500, "height": 2000})
+        page.goto(url)
+        number = page.get_by_label("Images per domain")
+        number.fill("4000")
+        number.press("Tab")
+        page.get_by_role("button", name="Start").click()
+        page.wait_for_function("[...document.querySelectorAll('.gtitle')].some(t => t.textContent.includes('batch'))")
+        page.close()
+        browser.close()
+    return wait_until_idle(pid, timeout=45)
+
+
+def test_stopped_and_abandoned_runs_leave_no_model_or_tensor_behind():
+    """Exact, in one process: whatever ends a run (the end, Stop, a closed tab), every module and tensor it
+    made is garbage once it ends (the counts equal those after a finished run; mid-run they are higher)."""
+    import gc
+    import types
+
+    from imse import ui
+
+    def live():
+        gc.collect()
+        objects = gc.get_objects()
+        kinds = [type(o) for o in objects]  # type(), not isinstance: some module attributes warn on __class__
+        return sum(issubclass(k, torch.nn.Module) for k in kinds), sum(issubclass(k, torch.Tensor) for k in kinds)
+
+    visitor = types.SimpleNamespace(session_hash="visitor")
+    for _ in ui.start_lab(*WARM, request=visitor):  # warm: the corruptions' per-process caches
+        pass
+    finished = live()
+    run = ui.start_lab(*LONG, request=visitor)
+    next(run)
+    during = live()
+    ui.stop_lab(visitor)
+    list(run)
+    after_stop = live()
+    run = ui.start_lab(*LONG, request=visitor)
+    next(run)
+    ui.end_session(visitor)
+    list(run)
+    after_closed_tab = live()
+    assert during[0] > finished[0] and during[1] > finished[1]  # the count sees a run's models and tensors
+    assert after_stop == finished and after_closed_tab == finished
+    assert ui.RUNS.active() == 0
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
+    """The served app: Stop and a closed tab end the run (the process goes idle), and its resident size comes
+    back to where identical warm runs left it. Resident size wanders by a few percent between identical runs
+    (allocator arenas), so the baseline is the larger of a finished and an abandoned warm run."""
     from playwright.sync_api import sync_playwright
 
     from imse.serving import resident_bytes
 
     process, url = app
-    warm = list(LONG)
-    warm[6] = 64  # the long runs' corruptions (frost's textures, snow's kernels... are cached once per process)
     with sync_playwright() as p:  # a page visit loads the Teach tab's model and samples (cached once)
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page()
         page.goto(url)
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
         browser.close()
-    final_summary(client(url), warm)  # warm: imports, kernels, caches
+    final_summary(client(url), WARM)  # warm: imports, kernels, caches
     assert wait_until_idle(process.pid)
-    baseline = resident_bytes(process.pid)
+    warm_finished = resident_bytes(process.pid)
+    assert close_tab_mid_run(url, process.pid)
+    baseline = max(warm_finished, resident_bytes(process.pid))
 
-    final_summary(client(url), warm)  # a finished run
+    final_summary(client(url), WARM)  # a finished run
     assert wait_until_idle(process.pid)
     after_finished = resident_bytes(process.pid)
 
@@ -307,18 +364,7 @@ def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
     assert wait_until_idle(process.pid, timeout=30), "the run kept computing after Stop"
     after_stop = resident_bytes(process.pid)
 
-    with sync_playwright() as p:  # a visitor starts a long run and closes the tab
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1500, "height": 2000})
-        page.goto(url)
-        number = page.get_by_label("Images per domain")
-        number.fill("4000")
-        number.press("Tab")
-        page.get_by_role("button", name="Start").click()
-        page.wait_for_function("[...document.querySelectorAll('.gtitle')].some(t => t.textContent.includes('batch'))")
-        page.close()
-        browser.close()
-    assert wait_until_idle(process.pid, timeout=45), "the run kept computing after its tab was closed"
+    assert close_tab_mid_run(url, process.pid), "the run kept computing after its tab was closed"
     after_close = resident_bytes(process.pid)
     for label, value in (("finished", after_finished), ("stopped", after_stop), ("closed tab", after_close)):
         assert value <= 1.05 * baseline, f"after a {label} run: {value / 2**20:.0f} MiB vs {baseline / 2**20:.0f} MiB"
