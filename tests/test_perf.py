@@ -1,0 +1,44 @@
+"""The step floor of ``python -m imse perf``: its multiply-add count equals a hand count for a whole ViT."""
+
+import pytest
+import timm
+
+from imse.perf import step_floor
+
+
+def hand_count(d: int, depth: int, batch: int, classes: int = 1000, frozen: int = 3) -> tuple[int, int]:
+    """SAR and IMSE GEMM multiply-adds of one step (two SAM passes), written out for a ViT with width d and
+    MLP 4d at 224 px / patch 16 (T = 197 tokens per image), from the shapes written out here."""
+    T = 197 * batch
+    patch = 196 * batch * 768 * d  # the patch embedding: 3·16·16 inputs per output
+    head = 2 * batch * d * classes  # forward + input gradient
+    attention = 6 * 197**2 * d * batch
+    sar_block = 2 * T * (3 * d * d + d * d + 4 * d * d + 4 * d * d) + attention
+
+    def trained(out, inp, input_grad=True):
+        r = min(out, inp)
+        factored = 2 * T * r * (inp + out) - (0 if input_grad else T * r * inp)
+        dense = 3 * T * out * inp + 2 * out * r * inp - (0 if input_grad else T * out * inp)
+        return min(factored, dense)
+
+    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # qkv, proj, fc1, fc2 as (out, in)
+    imse = 0
+    for block in range(depth):
+        if block >= depth - frozen:  # frozen S, x Vhᵀ still needed: the factored route
+            imse += sum(2 * T * min(o, i) * (i + o) for o, i in shapes) + attention
+        else:
+            imse += sum(trained(o, i, input_grad=(block, n) != (0, 0)) for n, (o, i) in enumerate(shapes))
+            imse += attention
+    sar = 2 * (patch + head + depth * sar_block)
+    return sar, 2 * (patch + head + imse)
+
+
+@pytest.mark.parametrize("name,d,depth", [("vit_tiny_patch16_224", 192, 12), ("vit_small_patch16_224", 384, 12)])
+def test_step_floor_equals_a_hand_count(name, d, depth):
+    model = timm.create_model(name, pretrained=False)
+    floor = step_floor(model, batch=64)
+    sar, imse = hand_count(d, depth, 64)
+    assert (floor["sar_macs"], floor["imse_macs"]) == (sar, imse)
+    # at batch 64 the square proj layers of the trained blocks take the dense route: the floor is below the
+    # all-factored count
+    assert floor["ratio"] < (imse + 2 * 9 * 197 * 64 * d * d) / sar
