@@ -157,7 +157,11 @@ class SpectralLinear(nn.Module):
             projection = F.linear(x, self.Vh)  # a_{n,i} · ‖x_n‖: how each row aligns with each expert
             if self.projection_hook is not None:
                 self.projection_hook(x, projection)
-            return F.linear(projection * self.S, self.U, self.bias)
+            if (torch.is_grad_enabled() and self.S.requires_grad) or projection.numel() <= self.U.numel():
+                return F.linear(projection * self.S, self.U, self.bias)  # ∂S is then elementwise, no GEMM
+            # S needs no gradient (a frozen diversity layer, inference) and the rows outnumber U's: scaling U's
+            # columns once replaces a pass over the projection forward and another in the backward
+            return F.linear(projection, self.U * self.S, self.bias)
         return F.linear(x, self.weight(), self.bias)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from imse.losses import (
     entropy_margin,
     layer_diversity,
     masked_mean,
+    projected_alignment_std,
     reliable_mask,
     softmax_entropy,
 )
@@ -63,6 +64,34 @@ def test_alignment_std_equals_loop_computation(leading):
     got = alignment_std(x, Vh)
     assert got.shape == (4,)
     torch.testing.assert_close(got, torch.tensor(loop_alignment_std(x, Vh), dtype=torch.float64))
+
+
+def test_alignment_std_gradient_equals_autograd_through_the_plain_formula():
+    """The hand-written backward: same gradients (x and projection) as autograd through
+    ``(projection / ‖x‖).std(0)``, float64, including a zero row (clamped: no gradient through its norm) and an
+    expert every row aligns with alike (std 0: no gradient, as torch's std)."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 7, dtype=torch.float64)
+    x[4] = 0.0
+    projection = x @ torch.randn(5, 7, dtype=torch.float64).T + 0.1 * torch.randn(9, 5, dtype=torch.float64)
+    projection[:, 2] = 0.0  # every row aligns alike with expert 2: std 0, no gradient through it
+    weights = torch.randn(5, dtype=torch.float64)
+
+    def gradients(statistic):
+        a, p = x.clone().requires_grad_(), projection.clone().requires_grad_()
+        (statistic(a, p) * weights).sum().backward()
+        return a.grad, p.grad
+
+    def plain(a, p):
+        return (p / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)).std(dim=0)
+
+    got, expected = gradients(projected_alignment_std), gradients(plain)
+    assert projected_alignment_std(x, projection)[2] == 0
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    a, p = x[:4].clone().requires_grad_(), projection[:4].clone().requires_grad_()
+    assert torch.autograd.gradcheck(projected_alignment_std, (a, p))
 
 
 def test_alignment_std_single_row_is_zero_not_nan():

@@ -114,6 +114,18 @@ def test_dense_and_factored_paths_agree_with_gradients(device, leading):
     for path in ("factored", "auto"):
         for got, want in zip(results[path], results["dense"]):
             assert relative_error(got, want) <= 1e-5
+    # frozen S (IMSE's diversity layers): the factored path scales U instead of the rows when rows outnumber it
+    layer.S.requires_grad_(False)
+    frozen = {}
+    for path in ("dense", "factored"):
+        layer.path = path
+        x.grad = None
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        frozen[path] = (y.detach(), x.grad.clone())
+    for got, want in zip(frozen["factored"], frozen["dense"]):
+        assert relative_error(got, want) <= 1e-5
+    assert relative_error(frozen["dense"][0], results["dense"][0]) == 0
 
 
 def test_auto_path_picks_the_cheaper_computation():
