@@ -92,7 +92,7 @@ def keep_freed_memory() -> bool:
         m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt parameter numbers (malloc.h)
         return bool(
             libc.mallopt(m_mmap_max, 0)
-            and libc.mallopt(m_trim_threshold, 2**31 - 1)  # a C int: 1 << 40 would wrap to 0
+            and libc.mallopt(m_trim_threshold, -1)  # -1: never trim (a C int: 1 << 40 was masked to 0)
             and libc.mallopt(m_top_pad, 256 << 20)
         )
     except (OSError, AttributeError):
