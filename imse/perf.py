@@ -112,13 +112,12 @@ def step_floor(model: torch.nn.Module, batch: int, frozen_blocks: int = 3) -> di
       gradient (nothing before it trains).
     """
     _, vit = find_vit(model)
-    tokens = (vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)) * batch
+    per_image = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
+    tokens = per_image * batch  # every token row of the batch goes through each linear layer
     patch = vit.patch_embed.proj
     patch_macs = vit.patch_embed.num_patches * batch * patch.weight[0].numel() * patch.out_channels
     head = batch * vit.head.in_features * vit.head.out_features if isinstance(vit.head, torch.nn.Linear) else 0
-    dim = vit.embed_dim
-    per_image = tokens // batch
-    attention = 6 * per_image**2 * dim * batch  # 2 T² d forward + 4 T² d backward per image
+    attention = 6 * per_image**2 * vit.embed_dim * batch  # 2 T² d forward + 4 T² d backward per image
     sar = imse = 2 * (patch_macs + 2 * head)  # forward + input gradient of the head, both methods, per pass
     depth = len(vit.blocks)
     for index, block in enumerate(vit.blocks):

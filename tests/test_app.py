@@ -367,7 +367,9 @@ def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
     assert close_tab_mid_run(url, process.pid), "the run kept computing after its tab was closed"
     after_close = resident_bytes(process.pid)
     for label, value in (("finished", after_finished), ("stopped", after_stop), ("closed tab", after_close)):
-        assert value <= 1.05 * baseline, f"after a {label} run: {value / 2**20:.0f} MiB vs {baseline / 2**20:.0f} MiB"
+        # identical runs leave 892-951 MiB (6.6 % apart, no trend); a run's own state is +90-450 MiB mid-run, so
+        # 10 % still catches keeping one, and the exact object count above catches any leak
+        assert value <= 1.10 * baseline, f"after a {label} run: {value / 2**20:.0f} MiB vs {baseline / 2**20:.0f} MiB"
 
 
 def test_no_path_from_the_api_reaches_the_servers_files(app_url, tmp_path):
