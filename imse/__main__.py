@@ -11,7 +11,15 @@ def _perf(args: argparse.Namespace) -> int:
 
     only = tuple(part.strip() for part in args.only.split(",") if part.strip())
     models = tuple(part.strip() for part in args.models.split(",") if part.strip())
-    run_perf(device=args.device, repeats=args.repeats, batch=args.batch, only=only, out=args.out, models=models)
+    run_perf(
+        device=args.device,
+        repeats=args.repeats,
+        batch=args.batch,
+        only=only,
+        out=args.out,
+        models=models,
+        per_domain=args.per_domain,
+    )
     return 0
 
 
@@ -187,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="speed and memory benchmarks (medians, ratios against a baseline timed in the same run)",
         description="Each line is a ratio against a baseline timed in the same run: IMSE vs SAR step with its "
         "GEMM floor (ViT-S/16, ViT-B/16, random init), the per-call path vs rebuilding U diag(S) Vh on every "
-        "forward (batch 1 and --batch), merged-IMSE vs timm inference, SVD start-up with the disk cache, memory, "
+        "forward (batch 1 and --batch), bf16 autocast (speed, and accuracy vs fp32), merged-IMSE vs timm "
+        "inference, SVD start-up with the disk cache, memory, "
         "corruption vs the step it feeds, the app's live run and its figures, and the app's cold start.",
     )
     perf.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -195,14 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--batch", type=int, default=64, help="adaptation batch size (default: 64)")
     perf.add_argument(
         "--only",
-        default="merged,step,small,svd,memory,stream,corruptions,lab,startup",
-        help="comma-separated subset of: merged, step, small, svd, memory, stream, corruptions, lab, startup "
+        default="merged,step,small,precision,svd,memory,stream,corruptions,lab,startup",
+        help="comma-separated subset of: merged, step, small, precision, svd, memory, stream, corruptions, lab, "
+        "startup "
         "(default: all; on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
     )
     perf.add_argument(
         "--models",
         default="vit_small_patch16_224,vit_base_patch16_224",
-        help="timm ViTs of the step and small-batch benchmarks (default: ViT-S/16 and ViT-B/16)",
+        help="timm ViTs of the step and small-batch benchmarks; the last one also runs the bf16 benchmark "
+        "(default: ViT-S/16 and ViT-B/16)",
+    )
+    perf.add_argument(
+        "--per-domain",
+        type=int,
+        default=1000,
+        help="images per corruption of the bf16-vs-fp32 accuracy comparison (built-in stream; default: 1000)",
     )
     perf.add_argument("--out", help="also write the results as JSON to this file")
     perf.set_defaults(handler=_perf)

@@ -161,6 +161,52 @@ def bench_step(device: torch.device, batch: int, repeats: int, model_name: str) 
     }
 
 
+def bench_precision(device: torch.device, batch: int, repeats: int, model_name: str, per_domain: int) -> dict:
+    """bfloat16 autocast: what it buys and what it costs.
+
+    Speed: IMSE and SAR steps on ``model_name`` at ``batch`` under bf16 autocast, timed interleaved with the
+    float32 IMSE step (images/s, the bf16 IMSE/SAR ratio against the same GEMM floor, the bf16 speedup).
+    Accuracy: ``python -m imse bench``'s built-in continual stream (15 test corruptions x ``per_domain``,
+    severity 5, seed 0) through IMSE in float32 and in bf16, on the same corrupted batches.
+    """
+    from .bench import run_bench
+
+    steps = {
+        "imse_bf16": create("imse", _vit(model_name, device), margin=1.0, precision="bf16"),
+        "sar_bf16": create("sar", _vit(model_name, device), margin=1.0, batch_size=batch, precision="bf16"),
+        "imse_fp32": create("imse", _vit(model_name, device), margin=1.0),
+    }
+    floor = step_floor(steps["sar_bf16"].model, batch)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    t = _time_interleaved({name: lambda m=method, x=x: m(x) for name, method in steps.items()}, repeats, 1, device)
+    updated = all(method.last_record["updated"] for method in steps.values())
+    del steps, x  # free the three ViTs before the accuracy runs
+    accuracy = run_bench(
+        methods=("imse", "imse@precision=bf16"), per_domain=per_domain, device=str(device), progress=False
+    )["methods"]
+    fp32, bf16 = accuracy["imse"]["mean_accuracy"], accuracy["imse@precision=bf16"]["mean_accuracy"]
+    return {
+        "model": model_name,
+        "batch": batch,
+        "imse_bf16_step_s": t["imse_bf16"],
+        "sar_bf16_step_s": t["sar_bf16"],
+        "imse_fp32_step_s": t["imse_fp32"],
+        "imse_bf16_images_per_s": batch / t["imse_bf16"],
+        "ratio": t["imse_bf16"] / t["sar_bf16"],
+        "floor_ratio": floor["ratio"],
+        "bf16_speedup": t["imse_fp32"] / t["imse_bf16"],
+        "all_updated": updated,
+        "accuracy": {
+            "stream": f"built-in continual, 15 x {per_domain} images, severity 5, seed 0",
+            "images": sum(domain["n"] for domain in accuracy["imse"]["domains"]),
+            "fp32_mean": fp32,
+            "bf16_mean": bf16,
+            "difference_points": 100 * (bf16 - fp32),
+            "target_points": 0.3,
+        },
+    }
+
+
 class RebuildEveryForward(SpectralLinear):
     """The official implementation's layer, the small-batch baseline: ``U diag(S) Vh`` rebuilt on every call
     (autograd then needs the weight-gradient GEMM and the rebuild's backward), and the alignment statistics'
@@ -514,7 +560,9 @@ def bench_lab(device: torch.device, per_domain: int = 500) -> dict:
     }
 
 
-ALL_BENCHMARKS = ("merged", "step", "small", "svd", "memory", "stream", "corruptions", "lab", "startup")
+ALL_BENCHMARKS = (
+    "merged", "step", "small", "precision", "svd", "memory", "stream", "corruptions", "lab", "startup"
+)  # fmt: skip
 STEP_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 
 
@@ -525,11 +573,13 @@ def run_perf(
     only: tuple[str, ...] = ALL_BENCHMARKS,
     out: str | None = None,
     models: tuple[str, ...] = STEP_MODELS,
+    per_domain: int = 1000,
 ) -> dict:
     """Run the selected benchmarks, print a table, optionally write JSON; returns the results.
 
     ``batch`` is the adaptation batch of the step, memory and stream benchmarks; ``models`` the ViTs of the
-    step benchmark (the small-batch one runs the first at batch 1 and ``batch``, the others at batch 1).
+    step benchmark (the small-batch one runs the first at batch 1 and ``batch``, the others at batch 1; the
+    bf16 one the last at ``batch``, and ``per_domain`` images per corruption for its accuracy comparison).
     """
     unknown = set(only) - set(ALL_BENCHMARKS)
     if unknown:
@@ -549,6 +599,8 @@ def run_perf(
     if "small" in only:
         runs = [(models[0], 1), (models[0], batch)] + [(name, 1) for name in models[1:]]
         results["small_batch"] = [bench_small_batch(dev, repeats, name, b) for name, b in runs]
+    if "precision" in only:
+        results["precision"] = bench_precision(dev, batch, repeats, models[-1], per_domain)
     if "svd" in only:
         results["svd"] = bench_svd(dev, max(1, repeats // 3), "vit_base_patch16_224")
     if "memory" in only:
@@ -599,6 +651,33 @@ def format_table(results: dict) -> str:
                     target,
                 )
             )
+    if "precision" in results:
+        r = results["precision"]
+        a = r["accuracy"]
+        rows.append(
+            (
+                f"bf16 IMSE step / bf16 SAR step ({r['model']}, b{r['batch']}; GEMM floor {r['floor_ratio']:.3f})",
+                f"{r['imse_bf16_step_s'] * 1e3:.0f} / {r['sar_bf16_step_s'] * 1e3:.0f} ms",
+                f"{r['ratio']:.3f}",
+                "reported",
+            )
+        )
+        rows.append(
+            (
+                f"bf16 IMSE images/s; fp32 / bf16 IMSE step ({r['model']}, b{r['batch']})",
+                f"{r['imse_bf16_images_per_s']:.1f} img/s; {r['imse_fp32_step_s'] * 1e3:.0f} ms fp32",
+                f"{r['bf16_speedup']:.2f}x",
+                "reported",
+            )
+        )
+        rows.append(
+            (
+                f"IMSE accuracy bf16 - fp32 ({a['stream']})",
+                f"{100 * a['bf16_mean']:.2f} / {100 * a['fp32_mean']:.2f} %",
+                f"{a['difference_points']:+.2f} pt",
+                f"|diff| <= {a['target_points']} pt",
+            )
+        )
     if "svd" in results:
         r = results["svd"]
         rows.append((f"SVD inject ({r['model']}, {r['layers']} layers), no cache", f"{r['inject_s']:.2f} s", "-", "-"))

@@ -158,7 +158,9 @@ class SpectralLinear(nn.Module):
             if self.projection_hook is not None:
                 self.projection_hook(x, projection)
             if (torch.is_grad_enabled() and self.S.requires_grad) or projection.numel() <= self.U.numel():
-                return F.linear(projection * self.S, self.U, self.bias)  # ∂S is then elementwise, no GEMM
+                # ∂S is then elementwise, no GEMM. S in the projection's dtype: under bf16 autocast a float32 S
+                # would promote the rows to float32 (and the next GEMM cast them back), both ways
+                return F.linear(projection * self.S.to(projection.dtype), self.U, self.bias)
             # S needs no gradient (a frozen diversity layer, inference) and the rows outnumber U's: scaling U's
             # columns once replaces a pass over the projection forward and another in the backward
             return F.linear(projection, self.U * self.S, self.bias)

@@ -25,3 +25,23 @@ def test_perf_rejects_unknown_measure(capsys):
     with pytest.raises(SystemExit):
         main(["perf", "--only", "speed"])
     assert "unknown measure" in capsys.readouterr().err
+
+
+def test_perf_precision_times_bf16_and_measures_its_accuracy_cost(tmp_path, capsys):
+    from imse.bench import run_bench
+
+    out = tmp_path / "perf.json"
+    argv = ["perf", "--only", "precision", "--models", "vit_tiny_patch16_224", "--batch", "2", "--repeats", "1"]
+    assert main([*argv, "--per-domain", "16", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["precision"]
+    assert (r["model"], r["batch"], r["all_updated"]) == ("vit_tiny_patch16_224", 2, True)
+    assert r["ratio"] == r["imse_bf16_step_s"] / r["sar_bf16_step_s"]
+    assert r["imse_bf16_images_per_s"] == 2 / r["imse_bf16_step_s"]
+    assert r["bf16_speedup"] == r["imse_fp32_step_s"] / r["imse_bf16_step_s"]
+    accuracy = r["accuracy"]
+    assert accuracy["images"] == 15 * 16
+    # the fp32 side is exactly what `python -m imse bench` reports for IMSE on the same stream
+    alone = run_bench(methods=("imse",), per_domain=16, progress=False)["methods"]["imse"]["mean_accuracy"]
+    assert accuracy["fp32_mean"] == alone
+    assert accuracy["difference_points"] == pytest.approx(100 * (accuracy["bf16_mean"] - alone))
+    assert "IMSE accuracy bf16 - fp32" in capsys.readouterr().out
