@@ -128,6 +128,37 @@ def test_dense_and_factored_paths_agree_with_gradients(device, leading):
     assert relative_error(frozen["dense"][0], results["dense"][0]) == 0
 
 
+def test_bf16_autocast_keeps_the_factored_rows_in_bf16_and_matches_float32():
+    """Under bf16 autocast the factored path scales its rows in bf16 (a float32 S would promote every row to
+    float32, and the next GEMM cast it back) and still gives the float32 output and S gradient to bf16 precision."""
+    from torch.overrides import TorchFunctionMode
+
+    class RecordDtypes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                seen.append((out.dtype, tuple(out.shape)))
+            return out
+
+    torch.manual_seed(0)
+    layer = SpectralLinear.from_linear(nn.Linear(24, 40))  # rank 24: the rows are [3, 13, 24]
+    layer.path = "factored"
+    x = torch.randn(3, 13, 24)
+    weights = torch.linspace(-1, 1, 40)
+    want = layer(x)
+    (want * weights).sum().backward()
+    want_grad, layer.S.grad = layer.S.grad.clone(), None
+    seen: list = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordDtypes():
+        got = layer(x)
+    (got.float() * weights).sum().backward()
+    rows = [dtype for dtype, shape in seen if shape == (3, 13, 24)]
+    assert len(rows) == 2 and set(rows) == {torch.bfloat16}  # the projection and its scaled copy
+    assert got.dtype == torch.bfloat16 and layer.S.grad.dtype == torch.float32
+    assert relative_error(got.float(), want) < 2e-2
+    assert relative_error(layer.S.grad, want_grad) < 3e-2
+
+
 def test_auto_path_picks_the_cheaper_computation():
     layer = SpectralLinear.from_linear(nn.Linear(768, 768))
     with torch.no_grad():
