@@ -206,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         default="merged,step,small,precision,svd,memory,stream,corruptions,lab,startup",
         help="comma-separated subset of: merged, step, small, precision, svd, memory, stream, corruptions, lab, "
-        "startup "
-        "(default: all; on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
+        "startup (default: all; on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
     )
     perf.add_argument(
         "--models",

@@ -85,8 +85,8 @@ def keep_freed_memory() -> bool:
     fresh ``mmap``, so each adaptation step page-faults all its activations in again — measured on ViT-B/16 at
     batch 32 on 2 CPU cores, 18–22 % of an IMSE step (which allocates ~1.5× SAR's memory). ``release_memory``
     still hands everything back at the end of a run. Called by the CLI; not by the app: a long-lived server's
-    resident size then wanders by ~±5 % between identical runs (measured), and its steady level matters more
-    there. Returns False off glibc."""
+    resident size then wandered 916–988 MiB over identical runs (864–891 without; measured before the trim
+    threshold became -1, not since), and its steady level matters more there. Returns False off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt parameter numbers (malloc.h)
