@@ -7,9 +7,9 @@ import sys
 
 
 def _perf(args: argparse.Namespace) -> int:
-    from .perf import run_perf
+    from .perf import ALL_BENCHMARKS, run_perf
 
-    only = tuple(part.strip() for part in args.only.split(",") if part.strip())
+    only = ALL_BENCHMARKS if args.only is None else tuple(part.strip() for part in args.only.split(",") if part.strip())
     models = tuple(part.strip() for part in args.models.split(",") if part.strip())
     run_perf(
         device=args.device,
@@ -204,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--batch", type=int, default=64, help="adaptation batch size (default: 64)")
     perf.add_argument(
         "--only",
-        default="merged,step,small,precision,svd,memory,stream,corruptions,lab,startup",
         help="comma-separated subset of: merged, step, small, precision, svd, memory, stream, corruptions, lab, "
         "startup (default: all; on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
     )

@@ -45,3 +45,13 @@ def test_perf_precision_times_bf16_and_measures_its_accuracy_cost(tmp_path, caps
     assert accuracy["fp32_mean"] == alone
     assert accuracy["difference_points"] == pytest.approx(100 * (accuracy["bf16_mean"] - alone))
     assert "IMSE accuracy bf16 - fp32" in capsys.readouterr().out
+
+
+def test_perf_runs_every_benchmark_unless_told_otherwise(monkeypatch):
+    import imse.perf
+    from imse.perf import ALL_BENCHMARKS
+
+    asked = []
+    monkeypatch.setattr(imse.perf, "run_perf", lambda **kwargs: asked.append(kwargs["only"]))
+    assert main(["perf"]) == 0 and main(["perf", "--only", "step, small"]) == 0
+    assert asked == [ALL_BENCHMARKS, ("step", "small")]
