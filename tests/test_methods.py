@@ -224,3 +224,18 @@ def test_bf16_precision_adapts_in_float32_and_tracks_the_fp32_step(name):
         assert cosine > 0.9
     with pytest.raises(ValueError, match="precision"):
         create(name, tiny_vit(), precision="fp16")
+
+
+@pytest.mark.parametrize("name", ["source", "sar", "imse"])
+def test_margin_classes_sets_the_entropy_filter_as_the_official_code_does(name):
+    """E0 = 0.4·ln C with C the model's classes; ``margin_classes=1000`` is the official code's E0 for every model,
+    which exceeds a 10-class model's largest entropy (ln 10) and so keeps every sample."""
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        entropy = softmax_entropy(tiny_vit(head_scale=8.0)(x))
+    ours = create(name, tiny_vit(head_scale=8.0), margin=0.4)
+    ours(x)
+    assert ours.last_record["num_reliable"] == int((entropy < 0.4 * math.log(10)).sum()) < 8
+    official = create(name, tiny_vit(head_scale=8.0), margin=0.4, margin_classes=1000)
+    official(x)
+    assert 0.4 * math.log(1000) > math.log(10) and official.last_record["num_reliable"] == 8

@@ -115,6 +115,11 @@ class TTAMethod(nn.Module):
         self.skipped_updates = 0
         self.last_record = {}
 
+    def entropy_margin(self, num_classes: int) -> float:
+        """The reliability margin ``E0 = margin · ln C``; ``margin_classes`` replaces C (the official code uses
+        1000 for every model, which on a 10-class model keeps every sample: E0 = 2.76 > ln 10)."""
+        return entropy_margin(self.hparams.get("margin_classes") or num_classes, self.hparams["margin"])
+
     def num_trainable(self) -> int:
         """Number of scalar values this method adapts."""
         return sum(p.numel() for p in self.trainable.values())
@@ -167,8 +172,7 @@ class SAMEntropyMethod(TTAMethod):
         sam.zero_grad()
         with self.probe.capture(differentiable=self.diversity_layers, detached=self.alignment_layers()) as stats:
             logits = self.run_model(x)
-        num_classes = logits.shape[-1]
-        margin = entropy_margin(num_classes, self.hparams["margin"])
+        margin = self.entropy_margin(logits.shape[-1])
         entropy = softmax_entropy(logits)
         keep = entropy.detach() < margin
         loss, parts = self._loss(entropy, keep, stats)

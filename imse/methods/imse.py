@@ -31,6 +31,7 @@ class IMSE(SAMEntropyMethod):
         "lambda_dm": 50.0,
         "rho": 0.05,
         "margin": 0.4,
+        "margin_classes": None,  # C in E0 = margin · ln C: None = the model's classes; the official code: 1000
         "diversity_blocks": 3,
         "diversity_ratio": 1.0,
         "betas": (0.9, 0.999),

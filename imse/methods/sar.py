@@ -28,6 +28,7 @@ class SAR(SAMEntropyMethod):
         "momentum": 0.9,
         "rho": 0.05,
         "margin": 0.4,
+        "margin_classes": None,
         "frozen_blocks": 3,
         "reset_threshold": 0.2,
         "ema_momentum": 0.9,

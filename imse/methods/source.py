@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..losses import entropy_margin, softmax_entropy
+from ..losses import softmax_entropy
 from .base import TTAMethod
 
 __all__ = ["Source"]
@@ -14,14 +14,14 @@ __all__ = ["Source"]
 
 class Source(TTAMethod):
     name = "source"
-    defaults = {"margin": 0.4}
+    defaults = {"margin": 0.4, "margin_classes": None}
 
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         with self.probe.capture(detached=self.alignment_layers()) as stats:
             logits = self.run_model(x)
         entropy = softmax_entropy(logits)
-        margin = entropy_margin(logits.shape[-1], self.hparams["margin"])
+        margin = self.entropy_margin(logits.shape[-1])
         record: dict[str, Any] = {
             "entropy": float(entropy.mean()),
             "num_reliable": int((entropy < margin).sum()),

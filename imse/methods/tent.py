@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import entropy_margin, softmax_entropy
+from ..losses import softmax_entropy
 from .base import TTAMethod
 
 __all__ = ["Tent", "layernorm_params"]
@@ -27,7 +27,7 @@ class Tent(TTAMethod):
     """SGD (momentum 0.9) at ``lr = base_lr · batch_size / 64`` unless ``lr`` is given."""
 
     name = "tent"
-    defaults = {"lr": None, "base_lr": 1e-3, "batch_size": 64, "momentum": 0.9, "margin": 0.4}
+    defaults = {"lr": None, "base_lr": 1e-3, "batch_size": 64, "momentum": 0.9, "margin": 0.4, "margin_classes": None}
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = layernorm_params(model)
@@ -49,7 +49,7 @@ class Tent(TTAMethod):
             logits = self.run_model(x)
         entropy = softmax_entropy(logits)
         loss = entropy.mean()
-        margin = entropy_margin(logits.shape[-1], self.hparams["margin"])
+        margin = self.entropy_margin(logits.shape[-1])
         record: dict[str, Any] = {
             "entropy": float(loss.detach()),
             "num_reliable": int((entropy.detach() < margin).sum()),
