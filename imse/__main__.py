@@ -46,10 +46,36 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def bench_settings(args: argparse.Namespace) -> dict:
+    """``bench``'s stream and methods: the flags given, else the preset's (``--preset``, default: the Lab's
+    default run, so ``python -m imse bench`` runs exactly what the app's Start runs, plus SAR)."""
+    from .defaults import lab_settings, run_methods
+
+    preset = lab_settings(args.preset or "default", args.backbone)
+    if args.methods:
+        methods = _csv(args.methods)
+    elif args.preset:
+        methods = run_methods(preset)  # the preset's Lab methods, by their Lab labels
+    else:
+        methods = ("source", "tent", "sar", "imse")
+    corruptions = args.corruptions or preset["corruptions"]
+    if isinstance(corruptions, str) and corruptions not in ("test", "validation"):
+        corruptions = _csv(corruptions)
+    return dict(
+        methods=methods,
+        scenario=args.scenario or preset["scenario"],
+        severity=args.severity or preset["severity"],
+        per_domain=args.per_domain or preset["per_domain"],
+        batch_size=args.batch_size or preset["batch_size"],
+        corruptions=corruptions,
+        rounds=args.rounds or preset["rounds"],
+    )
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import format_table, load_lrs, run_bench
+    from .bench import format_summary, format_table, load_lrs, run_bench
 
     lrs = load_lrs(args.hparams)
     for item in args.lr or []:
@@ -62,19 +88,17 @@ def _bench(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         weights=args.weights,
         data=data,
-        methods=_csv(args.methods),
-        scenario=args.scenario,
-        severity=args.severity,
-        per_domain=args.per_domain,
-        batch_size=args.batch_size,
         seeds=tuple(int(s) for s in _csv(args.seeds)),
-        corruptions=args.corruptions,
         device=args.device,
-        rounds=args.rounds,
         lrs=lrs,
         imagenet_c=imagenet_c,
+        **bench_settings(args),
     )
+    if args.preset:
+        result["config"]["preset"] = args.preset
     print(format_table(result))
+    print()
+    print(format_summary(result))
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)
@@ -85,22 +109,24 @@ def _bench(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import run_sweep
+    from .sweep import run_sweep
 
     result = run_sweep(
         backbone=args.backbone,
         weights=args.weights,
         data=args.data,
         methods=_csv(args.methods),
-        severity=args.severity,
+        severities=tuple(int(s) for s in _csv(args.severities)),
         per_domain=args.per_domain,
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
     )
     for method, entry in result["methods"].items():
-        grid = ", ".join(f"{lr}: {100 * acc:.1f}" for lr, acc in entry["grid"].items())
-        print(f"{method}: chose lr {entry['lr']} (default {entry['default_lr']:.3g}); {grid}")
+        print(f"{method}: chose {entry['chosen']} in {entry['runs']} runs")
+        for stage in entry["stages"]:
+            grid = ", ".join(f"{value}: {100 * acc:.2f}" for value, acc in stage["grid"].items())
+            print(f"  {stage['setting']}: {grid}")
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
     print(f"wrote {args.out}; use it with: python -m imse bench --hparams {args.out}")
@@ -170,7 +196,7 @@ def _shifts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, severity: int | None = 5, batch_size: int | None = 64) -> None:
     parser.add_argument("--backbone", default="builtin", help="'builtin' or a timm name with its weight tag")
     parser.add_argument("--weights", help="local weights file (safetensors or .pth state dict) for --backbone")
     parser.add_argument(
@@ -178,12 +204,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default="builtin",
         help="'builtin', 'imagenette', an image folder (class folders), or imagenet-c:<root> (bench only)",
     )
-    parser.add_argument("--severity", type=int, default=5, choices=range(1, 6))
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--severity", type=int, default=severity, choices=range(1, 6))
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--device", default="cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .defaults import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="python -m imse",
         description="IMSE Lab: test-time adaptation of Vision Transformers by their spectral experts.",
@@ -244,13 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy of Source/TENT/SAR/IMSE on a corrupted test stream (markdown table + JSON)",
         description="Streams the same corrupted batches through every method and reports per-domain accuracy.",
     )
-    _add_model_args(bench)
-    bench.add_argument("--methods", default="source,tent,sar,imse")
-    bench.add_argument("--scenario", default="continual", choices=("single", "continual", "gradual", "recurring"))
-    bench.add_argument("--per-domain", type=int, default=1000, help="images per domain (default: %(default)s)")
+    _add_model_args(bench, severity=None, batch_size=None)
+    bench.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="a Lab story's stream and methods (default: the Lab's default run's stream; methods "
+        "source,tent,sar,imse); flags given explicitly win",
+    )
+    bench.add_argument("--methods", help="comma-separated, e.g. source,imse,imse@retrieval=top1")
+    bench.add_argument("--scenario", choices=("single", "continual", "gradual", "recurring"))
+    bench.add_argument("--per-domain", type=int, help="images per domain")
     bench.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    bench.add_argument("--corruptions", default="test", choices=("test", "validation"))
-    bench.add_argument("--rounds", type=int, default=3, help="rounds of the recurring scenario")
+    bench.add_argument("--corruptions", help="'test' (the 15), 'validation' (the 4) or comma-separated names")
+    bench.add_argument("--rounds", type=int, help="rounds of the recurring scenario")
     bench.add_argument("--hparams", help="sweep JSON whose chosen learning rates to use")
     bench.add_argument("--lr", action="append", metavar="METHOD=LR", help="override one method's lr")
     bench.add_argument("--out", help="write the full result as JSON")
@@ -258,13 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
-        help="tune each method's lr on the validation corruptions (same grid size and images for all)",
-        description="Runs each adaptive method at its default lr x (0.1, 0.3, 1, 3, 10) on a continual stream of "
-        "the four validation corruptions and writes the best lr per method.",
+        help="tune each method on the validation corruptions (same lr grid and images for all)",
+        description="Each adaptive method runs at its default lr x (0.03, 0.1, 0.3, 1, 3, 10), then (at the chosen "
+        "lr) the entropy margin's class count (SAR, IMSE) and IMSE's lambda_dm, on continual streams of the four "
+        "validation corruptions at each severity; the best mean accuracy wins. Writes every grid as JSON.",
     )
     _add_model_args(sweep)
     sweep.add_argument("--methods", default="tent,sar,imse")
-    sweep.add_argument("--per-domain", type=int, default=500)
+    sweep.add_argument("--severities", default="3,5", help="comma-separated (default: %(default)s)")
+    sweep.add_argument("--per-domain", type=int, default=2000, help="images per corruption (default: %(default)s)")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", default="sweep.json")
     sweep.set_defaults(handler=_sweep)

@@ -1,40 +1,40 @@
-"""``python -m imse bench`` and ``python -m imse sweep``: accuracy under a test stream, and fair lr tuning.
+"""``python -m imse bench``: accuracy under a test stream.
 
 A bench run builds the backbone once per seed, gives each method its own copy, streams the same corrupted
 batches through all of them (``runner.run``), and reports per-domain accuracy, the mean, trainable values and
 throughput — with the full configuration and versions, so a JSON result says how it was made.
-The sweep picks each method's learning rate on the *validation* corruptions only, with the same grid size and
-the same images for every method.
+Each method starts from the settings the validation sweep chose for the backbone (``imse.defaults``).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
+from .collapse import CollapseMeter
 from .data.streams import Stream
-from .methods import METHODS, create
+from .defaults import parse_method
+from .methods import METHODS
 from .models import BUILTIN, create_backbone
-from .runner import run, summarise
+from .runner import build_methods, method_settings, run, summarise
+from .svd_cache import default_svd_cache
 
-__all__ = ["build_source", "format_table", "run_bench", "run_sweep"]
+__all__ = ["build_source", "format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
 
 ADAPTIVE = ("tent", "sar", "imse")
-SWEEP_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # around each method's default lr: the same budget for everyone
 
 
-def build_source(data: str, backbone_name: str, size: int):
-    """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached), or a
-    folder of class folders (ImageNet wnids map to IN-1k labels)."""
+def build_source(data: str, backbone_name: str, size: int, progress=None):
+    """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached; ``progress``
+    follows the download), or a folder of class folders (ImageNet wnids map to IN-1k labels)."""
     from .data.sources import ImageFolderSource, imagenette_source
 
     if data == "builtin":
@@ -47,24 +47,8 @@ def build_source(data: str, backbone_name: str, size: int):
 
         return BuiltinSource()
     if data == "imagenette":
-        return imagenette_source(size=size)
+        return imagenette_source(size=size, progress=progress)
     return ImageFolderSource(data, size=size)
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``imse`` or ``imse@retrieval=top1:shift_threshold=0.02``: a method and its overrides (``:`` between
-    them, since ``,`` separates methods on the command line; values parsed as JSON where they can be)."""
-    name, _, rest = spec.partition("@")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, rest.split(":")):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {sorted(METHODS)}")
-    return name, overrides
 
 
 def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> torch.Tensor:
@@ -87,7 +71,7 @@ def default_lr(method: str, batch_size: int) -> float:
     return cls.defaults["base_lr"] * batch_size / 64
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import timm
 
     return {
@@ -102,21 +86,30 @@ def run_bench(
     backbone: str = BUILTIN,
     weights: str | None = None,
     data: str = "builtin",
-    methods: tuple[str, ...] = ("source", "tent", "sar", "imse"),
+    methods: tuple[str, ...] | Mapping[str, tuple[str, dict[str, Any]]] = ("source", "tent", "sar", "imse"),
     scenario: str = "continual",
     severity: int = 5,
     per_domain: int = 1000,
     batch_size: int = 64,
     seeds: tuple[int, ...] = (0,),
-    corruptions: str = "test",
+    corruptions: str | tuple[str, ...] = "test",
     device: str = "cpu",
     rounds: int = 3,
     lrs: dict[str, float] | None = None,
     imagenet_c: str | None = None,
     progress: bool = True,
+    tuned: bool = True,
+    collapse: bool = True,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``)."""
-    specs = {spec: parse_method(spec) for spec in methods}
+    """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``).
+
+    Methods start from the backbone's tuned settings (``imse.defaults``; ``tuned=False``: the official ones),
+    then ``lrs`` (a sweep file's or ``--lr``'s), then each spec's own ``@key=value`` overrides. ``collapse``
+    adds each method's expert-alignment std in the last blocks (``imse.collapse``) to the result."""
+    if isinstance(methods, Mapping):  # label -> (method, overrides), e.g. a Lab preset's methods
+        specs = {label: (name, dict(extra)) for label, (name, extra) in methods.items()}
+    else:
+        specs = {spec: parse_method(spec) for spec in methods}
     lrs = dict(lrs or {})
     base = create_backbone(backbone, weights=weights, device=device)
     if imagenet_c:
@@ -133,39 +126,36 @@ def run_bench(
         "backbone": backbone,
         "weights": str(weights) if weights else None,
         "data": f"imagenet-c:{imagenet_c}" if imagenet_c else data,
-        "methods": list(methods),
+        "methods": list(specs),
         "scenario": scenario,
         "severity": severity,
         "per_domain": per_domain,
         "batch_size": batch_size,
         "seeds": list(seeds),
-        "corruptions": corruptions,
+        "corruptions": corruptions if isinstance(corruptions, str) else list(corruptions),
         "rounds": rounds if scenario == "recurring" else None,
         "device": device,
-        "lr": {
-            spec: specs[spec][1].get("lr", lrs.get(specs[spec][0], default_lr(specs[spec][0], batch_size)))
-            for spec in methods
-            if specs[spec][0] in ADAPTIVE
-        },
     }
-    needs_source = any(overrides.get("retrieval") for _, overrides in specs.values())
-    clean_source = source_images(backbone, source) if needs_source and source is not None else None
+    for name, lr in lrs.items():  # a sweep file's or --lr's rate comes before a spec's own overrides
+        specs = {spec: (n, {"lr": lr, **extra} if n == name else extra) for spec, (n, extra) in specs.items()}
+    clean: list[torch.Tensor] = []  # slot 0's source images, loaded once, and only if a method retrieves
+
+    def clean_source() -> torch.Tensor | None:
+        if not clean and source is not None:
+            clean.append(source_images(backbone, source))
+        return clean[0] if clean else None
+
+    meter = None
+    if collapse:
+        blocks = METHODS["imse"].defaults["diversity_blocks"]
+        meter = CollapseMeter(base, blocks=blocks, cache=default_svd_cache())
     per_seed = []
     started = time.perf_counter()
     for seed in seeds:
         torch.manual_seed(seed)
-        wrapped = {}
-        for spec in methods:
-            name, extra = specs[spec]
-            overrides: dict[str, Any] = {}
-            if name in ("tent", "sar", "imse"):
-                overrides["batch_size"] = batch_size
-            if name in lrs:
-                overrides["lr"] = lrs[name]
-            if extra.get("retrieval") and clean_source is not None:
-                overrides["source_images"] = clean_source
-            overrides.update(extra)
-            wrapped[spec] = create(name, copy.deepcopy(base), **overrides)
+        wrapped = build_methods(base, backbone, specs, batch_size, clean_source, tuned=tuned)
+        config["settings"] = {spec: method_settings(method) for spec, method in wrapped.items()}
+        config["lr"] = {spec: s["lr"] for spec, s in config["settings"].items() if "lr" in s}
         stream = Stream(
             source,
             scenario=scenario,
@@ -178,14 +168,14 @@ def run_bench(
             rounds=rounds,
             pregenerated=pregenerated,
         )
-        summary = summarise(list(run(wrapped, stream, progress=progress)))
+        summary = summarise(list(run(wrapped, stream, progress=progress, meter=meter)))
         for name, entry in summary.items():
             entry["num_trainable"] = wrapped[name].num_trainable()
             entry["skipped_updates"] = wrapped[name].skipped_updates
         per_seed.append({"seed": seed, "methods": summary})
     return {
         "config": config,
-        "versions": _versions(),
+        "versions": versions(),
         "device_name": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else platform.processor(),
         "seconds": round(time.perf_counter() - started, 1),
         "per_seed": per_seed,
@@ -210,6 +200,9 @@ def _aggregate(per_seed: list[dict]) -> dict[str, dict[str, Any]]:
                     "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                 }
             )
+            for key in ("top_class_share", "expert_std"):
+                if all(key in r["domains"][i] for r in runs):
+                    domains[-1][key] = statistics.fmean(r["domains"][i][key] for r in runs)
         speeds = [r["images_per_s"] for r in runs if r["images_per_s"]]
         out[name] = {
             "domains": domains,
@@ -218,6 +211,13 @@ def _aggregate(per_seed: list[dict]) -> dict[str, dict[str, Any]]:
             "num_trainable": runs[0]["num_trainable"],
             "images_per_s": statistics.fmean(speeds) if speeds else None,
         }
+        if all("bank" in r for r in runs):  # totals over the seeds
+            out[name]["bank"] = {key: sum(r["bank"][key] for r in runs) for key in runs[0]["bank"]}
+        for key in ("mean_top_class_share", "mean_expert_std"):
+            values = [r[key] for r in runs if key in r]
+            if len(values) == len(runs):
+                out[name][key] = statistics.fmean(values)
+                out[name][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
 
 
@@ -252,10 +252,73 @@ def format_table(result: dict[str, Any], max_columns: int = 16) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
     cfg = result["config"]
     lines.append(
-        f"\n{cfg['scenario']}, severity {cfg['severity']}, {cfg['per_domain']} images per domain, batch "
+        f"\n{cfg['scenario']}, "
+        + ("severities 1-5-1" if cfg["scenario"] == "gradual" else f"severity {cfg['severity']}")
+        + f", {cfg['per_domain']} images per domain, batch "
         f"{cfg['batch_size']}, seeds {cfg['seeds']}, backbone {cfg['backbone']}, data {cfg['data']}"
         + (" (columns: mean over each corruption's severities)" if grouped else "")
     )
+    return "\n".join(lines)
+
+
+def _source_key(result: dict[str, Any]) -> str | None:
+    return next((key for key in result["methods"] if key.lower() == "source"), None)
+
+
+def gains_over_source(result: dict[str, Any]) -> dict[str, list[float]]:
+    """Per method, its mean accuracy minus Source's in each seed, in points (paired: same batches)."""
+    source = _source_key(result)
+    if source is None:
+        return {}
+    return {
+        name: [100 * (s["methods"][name]["mean_accuracy"] - s["methods"][source]["mean_accuracy"]) for s in runs]
+        for name in result["methods"]
+        if name != source
+        for runs in [result["per_seed"]]
+    }
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Markdown, one row per method: mean accuracy, gain over Source (points, mean ± std of the per-seed paired
+    differences), and the collapse readouts — mean expert-alignment std of the last blocks and the share of the
+    most-predicted class (mean over domains) — each ± std over seeds."""
+    several = len(result["per_seed"]) > 1
+
+    def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+        return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if several else "")
+
+    gains = gains_over_source(result)
+    lines = [
+        "| method | accuracy (%) | vs Source (points) | expert-alignment std | most-predicted class (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in result["methods"].items():
+        gain = "–"
+        if name in gains:
+            values = gains[name]
+            gain = pm(statistics.fmean(values), statistics.stdev(values) if several else 0.0, 1.0)
+            gain = gain if gain.startswith("-") else "+" + gain
+        std = "–"
+        if "mean_expert_std" in entry:
+            std = pm(entry["mean_expert_std"], entry["mean_expert_std_std"], 1.0, 4)
+        share = (
+            pm(entry["mean_top_class_share"], entry["mean_top_class_share_std"])
+            if "mean_top_class_share" in entry
+            else "–"
+        )
+        lines.append(
+            f"| {name} | {pm(entry['mean_accuracy'], entry['mean_accuracy_std'])} | {gain} | {std} | {share} |"
+        )
+    for name, entry in result["methods"].items():
+        if "bank" in entry:
+            b = entry["bank"]
+            lines.append(
+                f"\n{name}, over {len(result['per_seed'])} seed(s): {b['detections']} detections found "
+                f"{b['boundaries_detected']} of {b['boundaries']} domain boundaries; of the retrievals where a code of "
+                f"the incoming corruption was stored ({b.get('retrievals_with_own_code_stored', '?')}), "
+                f"{b['retrieved_same_corruption']} brought that code back; the others retrieved another "
+                f"corruption's code {b['retrieved_other_corruption']} times, the source's {b['retrieved_source']}."
+            )
     return "\n".join(lines)
 
 
@@ -288,63 +351,6 @@ def _format_rounds(result: dict[str, Any]) -> str:
         f"data {cfg['data']}"
     )
     return "\n".join(lines)
-
-
-def run_sweep(
-    backbone: str = BUILTIN,
-    weights: str | None = None,
-    data: str = "builtin",
-    methods: tuple[str, ...] = ADAPTIVE,
-    severity: int = 5,
-    per_domain: int = 500,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str = "cpu",
-    factors: tuple[float, ...] = SWEEP_FACTORS,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Choose each method's lr on a continual stream of the four validation corruptions: every method tries
-    ``default lr × factors`` (same count, same images); the best mean accuracy wins."""
-    results: dict[str, Any] = {
-        "protocol": {
-            "scenario": "continual",
-            "corruptions": "validation",
-            "severity": severity,
-            "per_domain": per_domain,
-            "batch_size": batch_size,
-            "seed": seed,
-            "factors": list(factors),
-            "backbone": backbone,
-            "data": data,
-        },
-        "versions": _versions(),
-        "methods": {},
-    }
-    for method in methods:
-        if method not in ADAPTIVE:
-            raise ValueError(f"only adaptive methods have an lr to tune: {ADAPTIVE}")
-        grid = {}
-        for factor in factors:
-            lr = float(f"{default_lr(method, batch_size) * factor:.3g}")
-            result = run_bench(
-                backbone,
-                weights,
-                data,
-                (method,),
-                "continual",
-                severity,
-                per_domain,
-                batch_size,
-                (seed,),
-                "validation",
-                device,
-                lrs={method: lr},
-                progress=progress,
-            )
-            grid[str(lr)] = result["methods"][method]["mean_accuracy"]
-        best = max(grid, key=lambda k: (grid[k], -abs(math.log(float(k) / default_lr(method, batch_size)))))
-        results["methods"][method] = {"lr": float(best), "default_lr": default_lr(method, batch_size), "grid": grid}
-    return results
 
 
 def run_shift_detection(
@@ -398,7 +404,7 @@ def run_shift_detection(
             "threshold": threshold,
             "stationary_batches": stationary_batches,
         },
-        "versions": _versions(),
+        "versions": versions(),
         "scenarios": {},
         "stationary": {},
     }

@@ -6,21 +6,71 @@ comparisons paired. Records are plain dicts; ``summarise`` turns them into per-d
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
+from .collapse import CollapseMeter
 from .data.streams import Stream
+from .defaults import tuned_settings
+from .methods import create
 from .methods.base import TTAMethod
 
-__all__ = ["run", "summarise"]
+__all__ = ["bank_summary", "build_methods", "method_settings", "run", "summarise", "top_class_share"]
+
+ADAPTIVE = ("tent", "sar", "imse")
 
 
-def run(methods: Mapping[str, TTAMethod], stream: Stream, progress: bool = False) -> Iterator[dict[str, Any]]:
-    """Yield one record per batch: domain, severity, batch size and, per method, correct count, step record
-    and seconds. In the ``single`` scenario every method is reset before each domain."""
+def build_methods(
+    model: nn.Module,
+    backbone: str,
+    specs: Mapping[str, tuple[str, dict[str, Any]]],
+    batch_size: int,
+    source_images: Callable[[], torch.Tensor | None] | None = None,
+    tuned: bool = True,
+) -> dict[str, TTAMethod]:
+    """The methods of a run, by label, each on its own copy of ``model`` (the CLI, the Lab and the soak all
+    build them here). Settings, later ones winning: the backbone's tuned settings (``tuned=False``: the
+    official defaults), the stream's batch size (TENT/SAR scale their lr by it), the spec's own overrides.
+    A method that retrieves codes gets ``source_images()`` for its bank's slot 0."""
+    methods = {}
+    for label, (name, extra) in specs.items():
+        overrides: dict[str, Any] = dict(tuned_settings(backbone, name)) if tuned else {}
+        if name in ADAPTIVE:
+            overrides["batch_size"] = batch_size
+        if "lr" in extra:  # an explicit rate replaces the tuned one, whichever form that took
+            overrides.pop("base_lr", None)
+        if extra.get("retrieval") and source_images is not None and "source_images" not in extra:
+            overrides["source_images"] = source_images()
+        overrides.update(extra)
+        methods[label] = create(name, copy.deepcopy(model), **overrides)
+    return methods
+
+
+def method_settings(method: TTAMethod) -> dict[str, Any]:
+    """A method's settings as plain JSON values, with the learning rate it actually uses as ``lr``."""
+    settings = {key: value for key, value in method.hparams.items() if key != "source_images"}
+    settings = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+    if method.optimizer is not None:
+        settings["lr"] = float(method.optimizer.param_groups[0]["lr"])
+    return settings
+
+
+def run(
+    methods: Mapping[str, TTAMethod],
+    stream: Stream,
+    progress: bool = False,
+    meter: CollapseMeter | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield one record per batch: domain, severity, batch size and, per method, correct count, predictions,
+    step record and seconds. In the ``single`` scenario every method is reset before
+    each domain. With a ``meter``, each method's record also holds its per-layer expert-alignment std
+    (``expert_std``, the collapse metric) from the forward pass its predictions came from."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -42,7 +92,8 @@ def run(methods: Mapping[str, TTAMethod], stream: Stream, progress: bool = False
         }
         for name, method in methods.items():
             started = time.perf_counter()
-            logits = method(x)
+            with meter.measure(method.model) if meter is not None else contextlib.nullcontext([]) as expert_std:
+                logits = method(x)
             predictions = logits.argmax(-1)
             if predictions.is_cuda:
                 torch.cuda.synchronize(predictions.device)
@@ -53,6 +104,8 @@ def run(methods: Mapping[str, TTAMethod], stream: Stream, progress: bool = False
                 "seconds": seconds,
                 "step": method.last_record,
             }
+            if meter is not None:
+                record["methods"][name]["expert_std"] = expert_std
         if bar is not None:
             bar.update(1)
         yield record
@@ -60,13 +113,67 @@ def run(methods: Mapping[str, TTAMethod], stream: Stream, progress: bool = False
         bar.close()
 
 
+def top_class_share(predictions: list[int]) -> float:
+    """The share of the most frequent prediction: 1/C for balanced answers, 1.0 when a model answers alike."""
+    if not predictions:
+        return 0.0
+    counts: dict[int, int] = {}
+    for p in predictions:
+        counts[p] = counts.get(p, 0) + 1
+    return max(counts.values()) / len(predictions)
+
+
+def bank_summary(records: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """What a retrieving method's bank did, from its step records (``None`` if it keeps no bank): detections,
+    how many true domain boundaries they found (within one batch), and what the retrievals brought back — the
+    code stored for the same corruption, another corruption's, or the source's (slot 0), and how many of them
+    could have found the same corruption's code. A stored slot holds the domain of the batch before its
+    detection."""
+    if not records or "shift_detected" not in records[0]["methods"][name]["step"]:
+        return None
+    holds: dict[int, str] = {}  # slot -> corruption whose code it holds
+    boundaries = [
+        r["batch_index"] for i, r in enumerate(records) if i and r["domain_index"] != records[i - 1]["domain_index"]
+    ]
+    detections, same, other, source, could = [], 0, 0, 0, 0
+    for i, record in enumerate(records):
+        step = record["methods"][name]["step"]
+        if not step.get("shift_detected"):
+            continue
+        detections.append(record["batch_index"])
+        if step.get("stored_slot") is not None and i:
+            holds[step["stored_slot"]] = records[i - 1]["corruption"]
+        slot = step.get("retrieved_slot")
+        if isinstance(slot, int):
+            could += record["corruption"] in holds.values()
+            if slot == 0 and 0 not in holds:
+                source += 1
+            elif holds.get(slot) == record["corruption"]:
+                same += 1
+            else:
+                other += 1
+    found = sum(any(abs(d - b) <= 1 for d in detections) for b in boundaries)
+    return {
+        "detections": len(detections),
+        "boundaries": len(boundaries),
+        "boundaries_detected": found,
+        "retrievals_with_own_code_stored": could,  # a code of the incoming corruption was in the bank
+        "retrieved_same_corruption": same,
+        "retrieved_other_corruption": other,
+        "retrieved_source": source,
+    }
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: per-domain ``{name, severity, n, accuracy}`` (domains in stream order; a domain seen in
-    several rounds of a recurring stream is listed once per round), the mean over domains, images/s."""
+    """Per method: per-domain ``{name, severity, n, accuracy, top_class_share[, expert_std]}`` (domains in
+    stream order; a domain seen in several rounds of a recurring stream is listed once per round), the means
+    over domains, images/s, the correct count of every batch (paired comparisons need them). ``expert_std`` is
+    the mean over the domain's batches of the mean over layers."""
     out: dict[str, dict[str, Any]] = {}
     for record in records:
         for name, result in record["methods"].items():
-            entry = out.setdefault(name, {"domains": [], "seconds": 0.0, "images": 0, "_open": {}})
+            entry = out.setdefault(name, {"domains": [], "seconds": 0.0, "images": 0, "batch_correct": [], "_open": {}})
+            entry["batch_correct"].append(result["correct"])
             key = record["domain_index"]
             if key not in entry["_open"]:
                 entry["_open"][key] = {
@@ -74,17 +181,34 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     "severity": record["severity"],
                     "n": 0,
                     "correct": 0,
+                    "_predictions": [],
+                    "_std": [],
                 }
                 entry["domains"].append(entry["_open"][key])
             domain = entry["_open"][key]
             domain["n"] += record["n"]
             domain["correct"] += result["correct"]
+            domain["_predictions"].extend(result["predictions"])
+            if result.get("expert_std"):
+                domain["_std"].append(sum(result["expert_std"]) / len(result["expert_std"]))
             entry["seconds"] += result["seconds"]
             entry["images"] += record["n"]
     for entry in out.values():
         entry.pop("_open")
         for domain in entry["domains"]:
             domain["accuracy"] = domain.pop("correct") / domain["n"]
-        entry["mean_accuracy"] = sum(d["accuracy"] for d in entry["domains"]) / len(entry["domains"])
+            domain["top_class_share"] = top_class_share(domain.pop("_predictions"))
+            stds = domain.pop("_std")
+            if stds:
+                domain["expert_std"] = sum(stds) / len(stds)
+        domains = entry["domains"]
+        entry["mean_accuracy"] = sum(d["accuracy"] for d in domains) / len(domains)
+        entry["mean_top_class_share"] = sum(d["top_class_share"] for d in domains) / len(domains)
+        if all("expert_std" in d for d in domains):
+            entry["mean_expert_std"] = sum(d["expert_std"] for d in domains) / len(domains)
         entry["images_per_s"] = entry["images"] / entry["seconds"] if entry["seconds"] else None
+    for name, entry in out.items():
+        bank = bank_summary(records, name)
+        if bank is not None:
+            entry["bank"] = bank
     return out

@@ -190,15 +190,31 @@ def test_bench_cli_runs_a_tiny_continual_stream_end_to_end(tmp_path, capsys):
     assert again["per_seed"][0]["methods"]["source"]["domains"] == result["per_seed"][0]["methods"]["source"]["domains"]
 
 
-def test_sweep_picks_an_lr_from_the_same_grid_for_each_method(tmp_path):
+def test_sweep_tries_the_same_lr_grid_for_every_method_then_checks_the_margin_and_lambda(tmp_path):
+    from imse.sweep import LR_FACTORS
+
     out = tmp_path / "sweep.json"
-    assert main(["sweep", "--methods", "tent,imse", "--per-domain", "16", "--batch-size", "16", "--out", str(out)]) == 0
+    assert main(["sweep", "--methods", "tent,imse", "--per-domain", "16", "--batch-size", "16",
+                 "--severities", "2,5", "--out", str(out)]) == 0  # fmt: skip
     sweep = json.loads(out.read_text())
-    assert sweep["protocol"]["corruptions"] == "validation"
+    assert sweep["protocol"]["corruptions"] == "validation" and sweep["protocol"]["severities"] == [2, 5]
     for method in ("tent", "imse"):
         entry = sweep["methods"][method]
-        assert len(entry["grid"]) == 5 and str(entry["lr"]) in entry["grid"]
+        assert len(entry["grid"]) == len(LR_FACTORS) and str(entry["lr"]) in entry["grid"]
         assert entry["grid"][str(entry["lr"])] == max(entry["grid"].values())
+        for stage in entry["stages"]:  # each candidate's score is the mean over the severities' streams
+            for value, score in stage["grid"].items():
+                assert score == pytest.approx(sum(stage["per_severity"][value].values()) / 2)
+            assert stage["source"] == entry["stages"][0]["source"]  # every stage saw the same images
+        assert entry["runs"] == sum(len(stage["grid"]) for stage in entry["stages"])
+    imse = sweep["methods"]["imse"]
+    assert [stage["setting"] for stage in imse["stages"]] == ["lr", "lambda_dm", "margin_classes"]
+    assert set(imse["chosen"]) == {"lr", "lambda_dm", "margin_classes"} and imse["stages"][1]["grid"].keys() == {
+        "0.0",
+        "10.0",
+        "50.0",
+        "200.0",
+    }
     assert main(["bench", "--methods", "imse", "--per-domain", "16", "--batch-size", "16", "--corruptions",
                  "validation", "--hparams", str(out), "--out", str(tmp_path / "b.json")]) == 0  # fmt: skip
     used = json.loads((tmp_path / "b.json").read_text())["config"]["lr"]["imse"]
@@ -222,7 +238,7 @@ def test_bench_on_pregenerated_imagenet_c_folder_with_local_weights(tmp_path):
                 Image.fromarray(rng.randint(0, 256, (224, 224, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
     out = tmp_path / "r.json"
     assert main(["bench", "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "w.safetensors"),
-                 "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation",
+                 "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation", "--severity", "5",
                  "--per-domain", "6", "--batch-size", "3", "--out", str(out)]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     validate_bench_json(result, ["source"], domains=4)

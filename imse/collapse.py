@@ -1,0 +1,80 @@
+"""The paper's collapse metric, measured the same way for every method: expert-alignment std in the last blocks.
+
+Entropy minimisation can drive a model to answer everything alike; the IMSE paper sees it as the spread of the
+inputs' alignment with the experts' directions shrinking (every token looks the same to each expert). ``L_dm`` is
+IMSE's term against it. ``CollapseMeter`` measures that spread — per layer of the last ``blocks`` blocks, the
+mean alignment std over all experts but the largest (``layer_diversity``, as in ``L_dm``) — on *any* model:
+plain ``nn.Linear`` layers (Source, TENT, SAR) as well as spectral ones (IMSE). One set of right singular
+vectors serves every method, since none changes them: TENT and SAR adapt LayerNorms, IMSE only ``S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .losses import alignment_std, layer_diversity
+from .spectral import DEFAULT_TARGETS, TARGET_PATHS, SpectralLinear, find_vit
+from .svd_cache import decompose
+
+__all__ = ["CollapseMeter"]
+
+
+class CollapseMeter:
+    """Per-layer expert-alignment std on the first forward pass of a model inside ``measure``.
+
+    ``model`` supplies the layers' right singular vectors (its spectral layers' ``Vh``, else an SVD of the
+    linear weights): pass the unadapted backbone. Any model with the same layer names can then be measured.
+    """
+
+    def __init__(self, model: nn.Module, blocks: int = 3, ratio: float = 1.0, cache=None) -> None:
+        prefix, vit = find_vit(model)
+        depth = len(vit.blocks)
+        if not 0 < blocks <= depth:
+            raise ValueError(f"blocks must be in 1..{depth} for a ViT with {depth} blocks, got {blocks}")
+        self.ratio = ratio
+        self.bases: dict[str, torch.Tensor] = {}
+        for index in range(depth - blocks, depth):
+            for target in DEFAULT_TARGETS:
+                name = f"{prefix}.blocks.{index}.{TARGET_PATHS[target]}".lstrip(".")
+                layer = model.get_submodule(name)
+                if isinstance(layer, SpectralLinear):
+                    Vh = layer.Vh
+                elif isinstance(layer, nn.Linear):
+                    Vh = (cache.decompose(layer.weight) if cache is not None else decompose(layer.weight))[2]
+                else:
+                    raise TypeError(f"{name} is {type(layer).__name__}, not a linear layer")
+                self.bases[name] = Vh.detach()
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.bases)
+
+    @contextmanager
+    def measure(self, model: nn.Module) -> Iterator[list[float]]:
+        """Yields a list that holds, after the block, one value per layer (``layers`` order) from the first
+        forward pass made inside it (SAM's second pass is not counted: the first is the one predictions come
+        from). Empty if the model was not run."""
+        found: dict[str, torch.Tensor] = {}
+        values: list[float] = []
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                if name not in found:
+                    with torch.no_grad():
+                        x = args[0].detach()
+                        found[name] = layer_diversity(alignment_std(x, self.bases[name].to(x.device)), self.ratio)
+
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in self.bases]
+        try:
+            yield values
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(found) == len(self.bases):
+            values.extend(torch.stack([found[name].float() for name in self.bases]).tolist())

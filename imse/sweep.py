@@ -1,0 +1,165 @@
+"""``python -m imse sweep``: choose each method's hyper-parameters on the four validation corruptions only.
+
+Why this protocol: at 500 images per domain and one severity every learning rate of every method scored within
+0.3 points (a 500-image domain is ~8 updates), so the old sweep could not choose. Here every candidate sees
+``per_domain`` images (default 2,000) of each validation corruption, in a continual stream, at each of several
+severities (default 3 and 5), and is scored by its mean accuracy over those streams. All candidates of a stage
+run side by side on the *same* batches (paired), and every method gets the same learning-rate grid.
+
+Stage 1: the learning rate, ``default × LR_FACTORS`` (the same grid size for every method). Stage 2, one
+setting at a time at the chosen lr (``CHECKS``): the entropy margin's class count for the methods that filter
+(``None`` = ours, 0.4·ln C; ``1000`` = the official code's 0.4·ln 1000, which keeps every sample of a 10-class
+model), and IMSE's λ_dm. A setting leaves its default only when validation shows a significant gain: among the
+candidates whose score is within two paired standard errors of the best (per-batch differences on the same
+batches), the one closest to the default is kept. The 15 test corruptions are never looked at.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from .bench import ADAPTIVE, default_lr, run_bench, versions
+from .models import BUILTIN
+
+__all__ = ["CHECKS", "LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "run_sweep"]
+
+LR_FACTORS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+SWEEP_SEVERITIES = (3, 5)
+SWEEP_PER_DOMAIN = 2000
+# stage 2: (setting, candidate values, the default) per method, tried in this order at the chosen lr
+CHECKS: dict[str, tuple[tuple[str, tuple, Any], ...]] = {
+    "tent": (),
+    "sar": (("margin_classes", (None, 1000), None),),
+    "imse": (("lambda_dm", (0.0, 10.0, 50.0, 200.0), 50.0), ("margin_classes", (None, 1000), None)),
+}
+
+
+def _spec(method: str, settings: dict[str, Any]) -> str:
+    """A bench method spec (``imse@lr=0.003:lambda_dm=0.0``); ``None`` values are left out (= the default)."""
+    parts = [f"{key}={value}" for key, value in settings.items() if value is not None]
+    return method + ("@" + ":".join(parts) if parts else "")
+
+
+def _stage(
+    candidates: dict[Any, str], severities: tuple[int, ...], common: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    """Run every candidate spec (and Source) on the same streams. Score = mean accuracy over the severities;
+    each candidate also keeps its per-domain accuracies and per-batch correct counts (for paired noise)."""
+    specs = ("source", *candidates.values())
+    per_severity: dict[str, dict[int, float]] = {spec: {} for spec in specs}
+    domains: dict[str, dict[str, float]] = {spec: {} for spec in specs}
+    batches: dict[str, list[int]] = {spec: [] for spec in specs}
+    images = 0
+    for severity in severities:
+        result = run_bench(methods=specs, severity=severity, tuned=False, progress=progress, **common)
+        for spec in specs:
+            entry = result["per_seed"][0]["methods"][spec]
+            per_severity[spec][severity] = entry["mean_accuracy"]
+            domains[spec].update({f"{d['name']}-{d['severity']}": d["accuracy"] for d in entry["domains"]})
+            batches[spec].extend(entry["batch_correct"])
+        images += sum(d["n"] for d in result["per_seed"][0]["methods"]["source"]["domains"])
+    score = {spec: statistics.fmean(per_severity[spec].values()) for spec in specs}
+    best = max(candidates.values(), key=lambda spec: score[spec])
+    return {
+        "grid": {str(value): score[spec] for value, spec in candidates.items()},
+        "per_severity": {str(value): per_severity[spec] for value, spec in candidates.items()},
+        "per_domain": {str(value): domains[spec] for value, spec in candidates.items()},
+        "noise": {
+            str(value): _paired_noise(batches[spec], batches[best], images) for value, spec in candidates.items()
+        },
+        "source": per_severity["source"],
+        "source_per_domain": domains["source"],
+    }
+
+
+def _paired_noise(candidate: list[int], best: list[int], images: int) -> float:
+    """Two standard errors of the score difference between a candidate and the best one, from their per-batch
+    correct counts on the same batches: the score is the correct count over all ``images`` (the severities'
+    streams have equal length), so its difference has standard error ``stdev(Δ per batch) · √batches / images``."""
+    differences = [a - b for a, b in zip(candidate, best)]
+    if len(differences) < 2 or not any(differences):
+        return 0.0
+    return 2 * statistics.stdev(differences) * math.sqrt(len(differences)) / images
+
+
+def _choose(stage: dict[str, Any], default: str, distance) -> str:
+    """The candidate to keep: among those whose score is within the paired noise (2 standard errors) of the best
+    one, the closest to the default — a setting leaves its default only on a significant validation gain."""
+    grid, noise = stage["grid"], stage["noise"]
+    top = max(grid.values())
+    tied = [key for key in grid if top - grid[key] <= noise[key]]
+    return min(tied, key=lambda key: (distance(key, default), -grid[key]))
+
+
+def run_sweep(
+    backbone: str = BUILTIN,
+    weights: str | None = None,
+    data: str = "builtin",
+    methods: tuple[str, ...] = ADAPTIVE,
+    severities: tuple[int, ...] = SWEEP_SEVERITIES,
+    per_domain: int = SWEEP_PER_DOMAIN,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    factors: tuple[float, ...] = LR_FACTORS,
+    checks: dict[str, tuple] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The sweep's JSON: per method the chosen settings (``chosen``, ``lr``), every stage's grid, run count."""
+    checks = CHECKS if checks is None else checks
+    common = dict(
+        backbone=backbone,
+        weights=weights,
+        data=data,
+        scenario="continual",
+        corruptions="validation",
+        per_domain=per_domain,
+        batch_size=batch_size,
+        seeds=(seed,),
+        device=device,
+    )
+    results: dict[str, Any] = {
+        "protocol": {
+            "scenario": "continual",
+            "corruptions": "validation",
+            "severities": list(severities),
+            "per_domain": per_domain,
+            "batch_size": batch_size,
+            "seed": seed,
+            "factors": list(factors),
+            "checks": {m: [[key, list(values)] for key, values, _ in checks.get(m, ())] for m in methods},
+            "score": "mean accuracy over the severities' continual streams of the four validation corruptions",
+            "rule": "among candidates within 2 paired standard errors of the best score, the closest to the default",
+            "backbone": backbone,
+            "data": data,
+        },
+        "versions": versions(),
+        "methods": {},
+    }
+    for method in methods:
+        if method not in ADAPTIVE:
+            raise ValueError(f"only adaptive methods have settings to tune: {ADAPTIVE}")
+        base = default_lr(method, batch_size)
+        lrs = [float(f"{base * factor:.3g}") for factor in factors]
+        stage = _stage({lr: _spec(method, {"lr": lr}) for lr in lrs}, severities, common, progress)
+        label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))
+        chosen: dict[str, Any] = {"lr": float(label)}
+        stages = [{"setting": "lr", **stage, "chosen": chosen["lr"]}]
+        for key, values, default in checks.get(method, ()):
+            candidates = {value: _spec(method, {**chosen, key: value}) for value in values}
+            stage = _stage(candidates, severities, common, progress)
+            label = _choose(stage, str(default), lambda k, d: 0 if k == d else 1)
+            chosen[key] = next(value for value in values if str(value) == label)
+            stages.append({"setting": key, **stage, "chosen": chosen[key]})
+        results["methods"][method] = {
+            "lr": chosen["lr"],
+            "default_lr": base,
+            "chosen": chosen,
+            "score": stages[-1]["grid"][str(chosen[stages[-1]["setting"]])],
+            "grid": stages[0]["grid"],
+            "stages": stages,
+            "runs": sum(len(s["grid"]) for s in stages),
+        }
+    return results
