@@ -18,7 +18,15 @@ from torch import nn
 
 from .resources import asset_path
 
-__all__ = ["BUILTIN", "HUB_BACKBONES", "Backbone", "BackboneUnavailable", "create_backbone", "load_state_dict_file"]
+__all__ = [
+    "BUILTIN",
+    "HUB_BACKBONES",
+    "Backbone",
+    "BackboneUnavailable",
+    "create_backbone",
+    "hub_reachable",
+    "load_state_dict_file",
+]
 
 BUILTIN = "builtin"
 # Hub weights by their full timm name, tag included: the bare name maps to other weights in newer timm.
@@ -119,7 +127,8 @@ def _load_weights(model: nn.Module, state: dict, source, name: str, strict: bool
         raise BackboneUnavailable(f"{source} does not fit {name}: {detail or error}") from error
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` s (never with HF_HUB_OFFLINE)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     try:
@@ -195,7 +204,7 @@ def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = Non
                 "silently maps to other weights in newer timm"
             )
         cached = _cached_hub_file(name)
-        if cached is None and not _hub_reachable():
+        if cached is None and not hub_reachable():
             raise BackboneUnavailable(
                 f"{name} needs its weights from the Hugging Face hub, which is not reachable from here. Supply them "
                 f"with weights=<file> (CLI: --weights model.safetensors or a .pth state dict), or download them once "

@@ -20,7 +20,15 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["SessionRuns", "keep_freed_memory", "limit", "prune_exports", "release_memory", "resident_bytes"]
+__all__ = [
+    "SessionRuns",
+    "gpu_present",
+    "keep_freed_memory",
+    "limit",
+    "prune_exports",
+    "release_memory",
+    "resident_bytes",
+]
 
 _DEFAULTS = {
     "IMSE_MAX_RUN_SECONDS": 600.0,
@@ -28,6 +36,15 @@ _DEFAULTS = {
     "IMSE_MAX_QUEUE": 16,
     "IMSE_EXPORT_MAX_AGE": 3600.0,
 }
+
+
+def gpu_present() -> bool:
+    """A CUDA device now, or a ZeroGPU Space (its GPU is attached only inside ``@spaces.GPU`` calls, so CUDA is
+    not visible at start-up; the Space sets ``SPACES_ZERO_GPU``)."""
+    import torch
+
+    zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "true", "yes")
+    return zero_gpu or torch.cuda.is_available()
 
 
 def limit(name: str) -> float | int:

@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "imagenet_class_names",
     "imagenet_wnids",
     "imagenette_source",
+    "imagenette_url",
     "prepare_image",
 ]
 
@@ -47,6 +48,7 @@ _IMAGENETTE_FOLDER = "imagenette2-320"
 _DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
 _TRUE = ("1", "true", "yes", "on")
+DownloadProgress = Callable[[int, "int | None"], None]  # (bytes so far, total bytes or None)
 
 
 # --- ImageNet-1k class list (offline, from timm's bundled metadata) -------------------------------------------
@@ -290,9 +292,9 @@ def _unavailable(reason: str, url: str, cache: Path) -> RuntimeError:
     )
 
 
-def _download(url: str, destination: Path) -> None:
-    """Stream ``url`` into ``destination`` with a progress bar (shown on terminals only); a short read is an
-    error, so a truncated archive is never extracted."""
+def _download(url: str, destination: Path, progress: DownloadProgress | None = None) -> None:
+    """Stream ``url`` into ``destination`` with a progress bar (shown on terminals only) and ``progress(done,
+    total)`` calls (the app's bar); a short read is an error, so a truncated archive is never extracted."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a convenience, not a dependency
@@ -308,6 +310,8 @@ def _download(url: str, destination: Path) -> None:
                 received += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
+                if progress is not None:
+                    progress(received, total)
         finally:
             if bar is not None:
                 bar.close()
@@ -335,8 +339,16 @@ def _extract(archive: Path, destination: Path) -> None:
             tar.extract(member, destination, **extra)
 
 
+def imagenette_url() -> str:
+    """``$IMSE_IMAGENETTE_URL`` (a host's mirror, or a ``file://`` copy of the archive), else the fast.ai URL."""
+    return os.environ.get("IMSE_IMAGENETTE_URL", "").strip() or IMAGENETTE_URL
+
+
 def imagenette_source(
-    size: int = 224, cache_dir: str | os.PathLike | None = None, url: str = IMAGENETTE_URL
+    size: int = 224,
+    cache_dir: str | os.PathLike | None = None,
+    url: str | None = None,
+    progress: DownloadProgress | None = None,
 ) -> ImageFolderSource:
     """The Imagenette validation set (3,925 images of 10 ImageNet classes, labelled with ImageNet-1k indices):
     real photos an ImageNet model knows, small enough to download on first use (~330 MB).
@@ -345,8 +357,10 @@ def imagenette_source(
     Otherwise downloads ``url`` into a temporary file in the cache, extracts it into a temporary folder and moves
     the result into place with one rename, so an interrupted or refused download never leaves a half-filled
     cache. Raises ``RuntimeError`` with instructions for placing the data by hand when ``HF_HUB_OFFLINE`` or
-    ``IMSE_OFFLINE`` is set, the download fails (30 s timeout), or the archive is unreadable or unsafe."""
+    ``IMSE_OFFLINE`` is set (a ``file://`` URL is read even then: it is no download), the download fails (30 s
+    timeout), or the archive is unreadable or unsafe. ``progress(done, total)`` follows the download."""
     _check_size(size)
+    url = url or imagenette_url()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / _IMAGENETTE_FOLDER
     val = target / "val"
@@ -354,7 +368,7 @@ def imagenette_source(
         return ImageFolderSource(val, size, name="imagenette")
     if target.exists():
         raise _unavailable(f"{target} exists but has no val folder; remove it or complete it", url, cache)
-    if _offline():
+    if _offline() and not url.startswith("file:"):
         raise _unavailable("offline mode is on (HF_HUB_OFFLINE or IMSE_OFFLINE is set)", url, cache)
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -366,7 +380,7 @@ def imagenette_source(
     staging = Path(tempfile.mkdtemp(prefix=f".{_IMAGENETTE_FOLDER}-", dir=cache))
     try:
         try:
-            _download(url, archive)
+            _download(url, archive, progress)
         except (urllib.error.URLError, TimeoutError, OSError, ValueError) as error:
             raise _unavailable(f"{type(error).__name__}: {error}", url, cache) from error
         try:
