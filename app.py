@@ -4,6 +4,7 @@ Run: python app.py (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, default 127.0.0.1:7
 Space: CPU by default, CUDA whenever present, and ZeroGPU through @spaces.GPU when the `spaces` package exists.
 """
 
+import functools
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls from the server
@@ -11,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls 
 import gradio as gr  # noqa: E402
 
 from imse import serving, ui  # noqa: E402
-from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
+from imse.data.corruptions import ALL_CORRUPTIONS  # noqa: E402
 from imse.lab import MAX_BATCH  # noqa: E402
 from imse.teach import MAX_UPLOAD_BYTES  # noqa: E402
 
@@ -41,57 +42,81 @@ $-\,\lambda_{dm} L_{dm}$ (λ = 50).
 $D = \mathrm{mean}_c\big[\tfrac{v_d + (\mu_d-\mu_b)^2}{2 v_b} + \tfrac{v_b + (\mu_d-\mu_b)^2}{2 v_d} - 1\big] > \tau$.
 """
 
+DEFAULT_BACKBONE, BACKBONE_NOTE = ui.startup_backbone()  # probes the hub ≤ 3 s (not at all offline)
+START = dict(zip(ui.SETTINGS, ui.settings_values("default", DEFAULT_BACKBONE)))
+
 # Gradio's cache (uploads, downloads) is swept hourly of files older than an hour: a public Space's disk stays bounded
 with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
     gr.Markdown(
         "# IMSE Lab\nTest-time adaptation of a Vision Transformer by its **spectral experts** (IMSE, ICLR 2026): "
         "corrupted images stream through the model, which adapts only its singular values, live."
     )
+    gr.Markdown(BACKBONE_NOTE, elem_id="backbone-note")
     with gr.Tab("Lab"):
         with gr.Row():
+            gr.Markdown("**Stories** — one click loads a run, says what to watch, and starts it:")
+            preset_buttons = {
+                key: gr.Button(f"▶ {preset.title}", size="sm") for key, preset in ui.PRESETS.items() if key != "default"
+            }
+        preset_text = gr.Markdown("")
+        with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                backbone = gr.Dropdown(ui.backbone_choices(), value="builtin", label="Backbone")
-                scenario = gr.Radio(
-                    ["single", "continual", "gradual", "recurring"], value="continual", label="Scenario"
-                )
-                corruptions = gr.Dropdown(
-                    list(ALL_CORRUPTIONS), value=list(CORRUPTIONS), multiselect=True, label="Corruptions (in order)"
-                )
-                severity = gr.Slider(1, 5, value=5, step=1, label="Severity")
-                methods = gr.CheckboxGroup(
-                    ui.method_labels(),
-                    value=["IMSE", "Source"],
-                    label="Methods (several = compare on the same batches)",
-                )
-                with gr.Row():
-                    batch_size = gr.Number(64, precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size")
-                    per_domain = gr.Number(500, precision=0, minimum=1, label="Images per domain")
-                    seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
-                with gr.Row():
-                    imse_lr = gr.Number(7e-4, label="IMSE lr")
-                    lambda_dm = gr.Number(50.0, label="λ_dm")
-                    tau = gr.Number(0.05, label="τ (shift)")
-                device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
                     stop = gr.Button("Stop")
-                status = gr.Markdown("Ready: pick settings and press **Start**.")
-            with gr.Column(scale=3):
-                accuracy_plot = gr.Plot(ui.empty_panels()[0], label="Accuracy")
+                status = gr.Markdown("Ready: press **Start** for the default run, or pick a story above.")
+                backbone = gr.Dropdown(ui.backbone_choices(), value=START["backbone"], label="Backbone")
+                scenario = gr.Radio(
+                    ["single", "continual", "gradual", "recurring"], value=START["scenario"], label="Scenario"
+                )
+                corruptions = gr.Dropdown(
+                    list(ALL_CORRUPTIONS), value=START["corruptions"], multiselect=True, label="Corruptions (in order)"
+                )
+                severity = gr.Slider(1, 5, value=START["severity"], step=1, label="Severity")
+                methods = gr.CheckboxGroup(
+                    ui.method_labels(), value=START["methods"], label="Methods (several = compare on the same batches)"
+                )
                 with gr.Row():
-                    alignment_plot = gr.Plot(ui.empty_panels()[1], label="Expert alignment std")
-                    shift_plot = gr.Plot(ui.empty_panels()[2], label="Singular-value shifts")
+                    batch_size = gr.Number(
+                        START["batch_size"], precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size"
+                    )
+                    per_domain = gr.Number(START["per_domain"], precision=0, minimum=1, label="Images per domain")
+                    seed = gr.Number(START["seed"], precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                with gr.Row():
+                    imse_lr = gr.Number(START["imse_lr"], label="IMSE lr")
+                    lambda_dm = gr.Number(START["lambda_dm"], label="λ_dm")
+                    tau = gr.Number(START["tau"], label="τ (shift)")
+                    rounds = gr.Number(
+                        START["rounds"], precision=0, minimum=1, maximum=10, label="Rounds (recurring)"
+                    )
+                device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
+            with gr.Column(scale=3):
+                empty = ui.empty_panels()
+                accuracy_plot = gr.Plot(empty[0], label="Accuracy")
+                collapse_plot = gr.Plot(empty[1], label="Collapse")
+                with gr.Row():
+                    alignment_plot = gr.Plot(empty[2], label="Expert alignment std")
+                    shift_plot = gr.Plot(empty[3], label="Singular-value shifts")
                 show_source = gr.Checkbox(False, label="Show the no-adaptation model's alignment heatmap instead")
                 with gr.Row():
-                    bank_plot = gr.Plot(ui.empty_panels()[3], label="Domain bank")
-                    batch_plot = gr.Plot(ui.empty_panels()[4], label="Current batch")
-                results = gr.Dataframe(label="Per-domain accuracy (%)", interactive=False)
-                download = gr.File(label="Download the run (records JSON, spectral code, bank)")
-        inputs = [backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr, lambda_dm]
-        inputs += [tau, device, show_source]
-        outputs = [status, accuracy_plot, alignment_plot, shift_plot, bank_plot, batch_plot, results, download]
-        run_event = start.click(start_lab, inputs, outputs, api_name="start", concurrency_id="runs")
-        stop.click(ui.stop_lab, None, status, cancels=[run_event], api_name="stop")
+                    bank_plot = gr.Plot(empty[4], label="Domain bank")
+                    batch_plot = gr.Plot(empty[5], label="Current batch")
+                results = gr.Dataframe(label="Results (%, mean over the run)", interactive=False, visible=False)
+                download = gr.File(label="Download the run (records JSON, spectral code, bank)", visible=False)
+        settings = [backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr]
+        settings += [lambda_dm, tau, rounds]
+        inputs = [*settings, device, show_source]
+        outputs = [status, accuracy_plot, collapse_plot, alignment_plot, shift_plot, bank_plot, batch_plot, results]
+        outputs += [download]
+        run_events = [start.click(start_lab, inputs, outputs, api_name="start", concurrency_id="runs")]
+        for key, button in preset_buttons.items():
+            loaded = button.click(
+                functools.partial(ui.load_preset, key), backbone, [*settings, preset_text], api_name=False
+            )
+            run_events.append(loaded.then(start_lab, inputs, outputs, api_name=False, concurrency_id="runs"))
+        stop.click(ui.stop_lab, None, status, cancels=run_events, api_name="stop")
+        backbone.input(ui.backbone_defaults, backbone, [imse_lr, lambda_dm], api_name=False)
+        gr.api(ui.load_preset, api_name="preset")  # a preset's settings by name (readable error for a bad name)
 
     with gr.Tab("Teach: what is a spectral expert?"):
         layers = ui.teach_layers()

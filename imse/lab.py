@@ -24,45 +24,47 @@ import torch
 
 from .bank import ShiftDetector, batch_descriptor, patch_tokens
 from .bench import build_source, source_images
-from .data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS
+from .collapse import CollapseMeter
+from .data.corruptions import ALL_CORRUPTIONS
 from .data.streams import SCENARIOS, Stream
-from .methods import create
+from .defaults import METHOD_CHOICES, lab_settings, parse_method, run_methods
+from .methods import METHODS
+from .methods.base import TTAMethod
 from .models import BUILTIN, HUB_BACKBONES, create_backbone
-from .runner import run, summarise
+from .runner import build_methods, run, summarise, top_class_share
 from .spectral import get_code, inject, spectral_layers
 from .svd_cache import default_svd_cache
 
 __all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "export_run", "run_lab", "validate"]
 
-# UI label -> (method, overrides)
-METHOD_CHOICES: dict[str, tuple[str, dict[str, Any]]] = {
-    "IMSE": ("imse", {}),
-    "IMSE + retrieval (top-1)": ("imse", {"retrieval": "top1"}),
-    "IMSE + retrieval (mix)": ("imse", {"retrieval": "mix"}),
-    "SAR": ("sar", {}),
-    "TENT": ("tent", {}),
-    "Source": ("source", {}),
-}
 MAX_IMAGES = 200_000  # per run: keeps a public Space's runs bounded
 MAX_BATCH = 256
+_DEFAULT = lab_settings()
 
 
 @dataclass
 class LabConfig:
-    backbone: str = BUILTIN
-    scenario: str = "continual"
-    corruptions: tuple[str, ...] = CORRUPTIONS
-    severity: int = 5
-    methods: tuple[str, ...] = ("IMSE", "Source")
-    batch_size: int = 64
-    per_domain: int = 500
-    seed: int = 0
-    imse_lr: float = 7e-4  # the validation sweep's choice for the built-in backbone (the official 7e-3 overshoots)
-    lambda_dm: float = 50.0
-    tau: float = 0.05
+    """One Lab run's settings; the defaults are the default run's (``imse.defaults.lab_settings``)."""
+
+    backbone: str = _DEFAULT["backbone"]
+    scenario: str = _DEFAULT["scenario"]
+    corruptions: tuple[str, ...] = _DEFAULT["corruptions"]
+    severity: int = _DEFAULT["severity"]
+    methods: tuple[str, ...] = _DEFAULT["methods"]
+    batch_size: int = _DEFAULT["batch_size"]
+    per_domain: int = _DEFAULT["per_domain"]
+    seed: int = _DEFAULT["seed"]
+    imse_lr: float = _DEFAULT["imse_lr"]  # the validation sweep's choice for the built-in backbone
+    lambda_dm: float = _DEFAULT["lambda_dm"]
+    tau: float = _DEFAULT["tau"]
     device: str = "cpu"
-    rounds: int = 3
-    data: str = "builtin"
+    rounds: int = _DEFAULT["rounds"]
+    data: str = _DEFAULT["data"]
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", backbone: str = BUILTIN, device: str = "cpu") -> LabConfig:
+        """The settings of a story preset (``imse.defaults.PRESETS``) for ``backbone``."""
+        return cls(**lab_settings(preset, backbone), device=device)
 
 
 def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
@@ -163,9 +165,13 @@ class LabState:
     seen: list[int] = field(default_factory=list)  # cumulative images after each batch
     domains: list[dict] = field(default_factory=list)  # {name, start, end} in batch indices
     alignment: list[list[float]] | None = None  # layers × experts (primary method, current batch)
-    alignment_source: list[list[float]] | None = None  # same for the frozen model
+    alignment_source: list[list[float]] | None = None  # same for the frozen model, on the domain's first update
+    alignment_source_domain: int | None = None
     shift_rel: list[list[float]] | None = None  # layers × experts: (S − S0)/S0
-    shift_history: list[list[float]] = field(default_factory=list)  # per batch: mean |ΔS/S0| per layer
+    shift_history: list[list[float]] = field(default_factory=list)  # per batch: ‖S − S0‖/‖S0‖ per layer
+    frozen_layers: list[str] = field(default_factory=list)  # spectral layers whose S the shown method keeps
+    expert_std: dict[str, list[float | None]] = field(default_factory=dict)  # per method, per batch: collapse
+    top_share: dict[str, list[float]] = field(default_factory=dict)  # per method, per batch: top-class share
     shift_scores: list[float | None] = field(default_factory=list)
     detections: list[int] = field(default_factory=list)
     stored: list[tuple[int, int]] = field(default_factory=list)  # (batch, slot)
@@ -183,49 +189,53 @@ class LabState:
         return [c / n for c, n in zip(self.correct[method], self.seen)]
 
 
+def _method_name(label: str) -> str:
+    return parse_method(METHOD_CHOICES[label])[0]
+
+
 def _primary(methods: dict) -> str:
     """The method whose internals the panels show: the first IMSE variant, else the first method."""
-    return next((label for label in methods if METHOD_CHOICES[label][0] == "imse"), next(iter(methods)))
+    return next((label for label in methods if _method_name(label) == "imse"), next(iter(methods)))
+
+
+# The app's pace: a panel update after at least this much computing. Each update costs a heatmap snapshot here and
+# six figures in the browser; at 1 s the default run's 2 cores spend their time adapting, and the page still moves.
+UPDATE_INTERVAL = 1.0
 
 
 def run_lab(
     config: LabConfig,
-    min_interval: float = 0.25,
+    min_interval: float = UPDATE_INTERVAL,
     thumbnails: int = 6,
     time_limit: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_download: Callable[[int, int | None], None] | None = None,
 ) -> Iterator[LabState]:
     """Stream the run, yielding the state after at least ``min_interval`` seconds of computing since the
     caller last got it (and at the end), so drawing updates never takes more than its share.
 
     Stopping is cooperative and happens between batches: the caller closes the generator, or ``should_stop()``
     turns true (the run ends without a final state: nobody is listening), or the run has taken ``time_limit``
-    seconds (it finishes early, with the results so far and a message saying so).
+    seconds (it finishes early, with the results so far and a message saying so). ``on_download(done, total)``
+    follows a first download of the data (Imagenette).
     """
     started = time.perf_counter()
     backbone = create_backbone(config.backbone, device=config.device)
-    source = build_source(config.data, config.backbone, backbone.input_size)
+    source = build_source(config.data, config.backbone, backbone.input_size, progress=on_download)
     validate(config, len(source))
-    wrapped = {}
-    clean_source = None
-    for label in config.methods:
-        name, extra = METHOD_CHOICES[label]
-        model = copy.deepcopy(backbone)
-        overrides: dict[str, Any] = {}
-        if name in ("tent", "sar", "imse"):
-            overrides["batch_size"] = config.batch_size
-        if name == "imse":
-            overrides.update(lr=config.imse_lr, lambda_dm=config.lambda_dm, shift_threshold=config.tau)
-        if extra.get("retrieval"):
-            if clean_source is None:
-                clean_source = source_images(config.backbone, source)
-            overrides["source_images"] = clean_source
-        overrides.update(extra)
-        wrapped[label] = create(name, model, **overrides)
+    clean: list[torch.Tensor] = []
+
+    def clean_source() -> torch.Tensor:  # slot 0's images, loaded once and only if a method retrieves
+        if not clean:
+            clean.append(source_images(config.backbone, source))
+        return clean[0]
+
+    specs = run_methods(asdict(config))
+    wrapped = build_methods(backbone, config.backbone, specs, config.batch_size, clean_source)
     primary = _primary(wrapped)
-    wrapped[primary].record_alignment = True
     frozen = copy.deepcopy(backbone)
     inject(frozen, cache=default_svd_cache())
+    meter = CollapseMeter(frozen, blocks=METHODS["imse"].defaults["diversity_blocks"])
     stream = Stream(
         source,
         scenario=config.scenario,
@@ -246,16 +256,29 @@ def run_lab(
         total_batches=len(stream),
     )
     state.correct = {label: [] for label in wrapped}
-    retrieval = next((label for label in wrapped if METHOD_CHOICES[label][1].get("retrieval")), None)
+    state.expert_std = {label: [] for label in wrapped}
+    state.top_share = {label: [] for label in wrapped}
+    trained = {name.removesuffix(".S") for name in wrapped[primary].trainable}
+    state.frozen_layers = [name for name in state.layer_names if name not in trained]
+    retrieval = next((label for label in wrapped if specs[label][1].get("retrieval")), None)
     detector = ShiftDetector(config.tau, 0.8, config.batch_size)  # scores for the bank panel without retrieval
-    last_yield = 0.0
-    current: dict[str, Any] = {}
+    last_yield = 0.0  # the first batch shows at once
+    current: dict[str, Any] = {"batch_seconds": 0.0, "alignment": None}
+
+    def update_due() -> bool:
+        """Whether the batch about to run ends with an update (judged by the last batch's time): only those
+        batches record the primary method's per-expert statistics, which cost an extra product per layer."""
+        coming = state.batch + 1 == state.total_batches
+        return coming or time.perf_counter() - last_yield + current["batch_seconds"] >= min_interval
+
     out_of_time = False
-    for record in run(wrapped, _StreamView(stream, current), progress=False):
+    view = _StreamView(stream, current, wrapped[primary], update_due)
+    for record in run(wrapped, view, progress=False, meter=meter):
         batch = current["batch"]
+        current["batch_seconds"] = time.perf_counter() - current["started"]
         # the latest statistics only feed the next snapshot; kept in every record they would pile up (ViT-B:
         # 150 KB per batch)
-        current["alignment"] = record["methods"][primary]["step"].pop("alignment_std", None)
+        current["alignment"] = record["methods"][primary]["step"].pop("alignment_std", None) or current["alignment"]
         state.records.append(record)
         _count(state, record, wrapped[primary], retrieval, batch, detector, frozen)
         now = time.perf_counter()
@@ -286,10 +309,12 @@ def run_lab(
 
 
 class _StreamView:
-    """The stream as the runner sees it, noting the batch in flight (the panels show its images)."""
+    """The stream as the runner sees it, noting the batch in flight (the panels show its images) and when it
+    started, and switching the shown method's statistics on for the batches that end with an update."""
 
-    def __init__(self, stream: Stream, current: dict) -> None:
+    def __init__(self, stream: Stream, current: dict, shown: TTAMethod, update_due: Callable[[], bool]) -> None:
         self.stream, self.current, self.scenario = stream, current, stream.scenario
+        self.shown, self.update_due = shown, update_due
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -297,6 +322,8 @@ class _StreamView:
     def __iter__(self):
         for batch in self.stream:
             self.current["batch"] = batch
+            self.current["started"] = time.perf_counter()
+            self.shown.record_alignment = self.update_due()
             yield batch
 
 
@@ -319,14 +346,19 @@ def _count(state, record, method, retrieval, batch, detector, frozen) -> None:
     for label, result in record["methods"].items():
         previous = state.correct[label][-1] if state.correct[label] else 0
         state.correct[label].append(previous + result["correct"])
+        stds = result.get("expert_std")
+        state.expert_std[label].append(sum(stds) / len(stds) if stds else None)
+        state.top_share[label].append(top_class_share(result["predictions"]))
     if not state.domains or state.domains[-1]["index"] != record["domain_index"]:
         state.domains.append({"name": record["domain"], "index": record["domain_index"], "start": index, "end": index})
     state.domains[-1]["end"] = index
     spectral = spectral_layers(method.model)
     if spectral:
-        state.shift_history.append(
-            [float(((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).abs().mean()) for layer in spectral.values()]
+        # a norm ratio: a mean of |ΔS/S0| is dominated by the near-zero σ of rank-deficient layers (it reached 2.2)
+        shifts = torch.stack(
+            [(layer.S - layer.S0).norm() / layer.S0.norm().clamp_min(1e-12) for layer in spectral.values()]
         )
+        state.shift_history.append(shifts.tolist())
     # bank panel: the retrieval method's own events, else an independent detector on the same descriptors
     if retrieval is not None:
         events = record["methods"][retrieval]["step"]
@@ -363,10 +395,14 @@ def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnai
             _pool(((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).cpu(), digits=6) for layer in spectral.values()
         ]
     x = batch.images.float() / 255
-    frozen_layers = spectral_layers(frozen)
-    with AlignmentProbe(frozen_layers).capture(detached=list(frozen_layers)) as frozen_stats:
-        frozen(x)
-    state.alignment_source = [_pool(frozen_stats[name]) for name in frozen_layers]
+    if state.alignment_source_domain != record["domain_index"]:
+        # the frozen model's statistics only change with the domain: once per domain, not one more forward pass
+        # per update (that pass was a sixth of the default run's time)
+        frozen_layers = spectral_layers(frozen)
+        with AlignmentProbe(frozen_layers).capture(detached=list(frozen_layers)) as frozen_stats:
+            frozen(x)
+        state.alignment_source = [_pool(frozen_stats[name]) for name in frozen_layers]
+        state.alignment_source_domain = record["domain_index"]
     k = min(thumbnails, len(batch.labels))
     state.thumbnails = {
         "clean": batch.clean[:k].cpu(),
@@ -419,16 +455,21 @@ def export_run(state: LabState, directory: str | Path) -> Path:
 
 
 def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
-    """The results table: one row per method, per-domain accuracy (%) and the mean."""
+    """The results table: one row per method, per-domain accuracy (%), the mean, the gain over Source (points),
+    and the collapse readouts: mean expert-alignment std in the last blocks, share of the most-predicted class."""
     if not state.summary:
         return ["method"], []
     first = next(iter(state.summary.values()))
     headers = ["method"] + [f"{d['name']}-{d['severity']}" for d in first["domains"]] + ["mean"]
+    source = next((label for label in state.summary if _method_name(label) == "source"), None)
+    headers += (["vs Source (pts)"] if source else []) + ["expert std", "top-class share (%)"]
     rows = []
     for label, entry in state.summary.items():
-        rows.append(
-            [label]
-            + [round(100 * d["accuracy"], 1) for d in entry["domains"]]
-            + [round(100 * entry["mean_accuracy"], 2)]
-        )
+        row = [label] + [round(100 * d["accuracy"], 1) for d in entry["domains"]]
+        row.append(round(100 * entry["mean_accuracy"], 2))
+        if source:
+            row.append(round(100 * (entry["mean_accuracy"] - state.summary[source]["mean_accuracy"]), 2))
+        std = entry.get("mean_expert_std")
+        row += [None if std is None else round(std, 4), round(100 * entry["mean_top_class_share"], 1)]
+        rows.append(row)
     return headers, rows

@@ -17,13 +17,45 @@ import torch
 
 from . import serving, teach, viz
 from .data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
+from .defaults import PRESETS, default_backbone, lab_settings
 from .lab import METHOD_CHOICES, LabConfig, export_run, run_lab, summary_rows, validate
-from .models import BUILTIN, HUB_BACKBONES, BackboneUnavailable
+from .models import BUILTIN, HUB_BACKBONES, BackboneUnavailable, hub_reachable
 from .spectral import spectral_layers
 
-__all__ = ["backbone_choices", "end_session", "start_lab", "stop_lab", "teach_layer", "teach_predict"]
+__all__ = [
+    "backbone_choices",
+    "end_session",
+    "load_preset",
+    "start_lab",
+    "startup_backbone",
+    "stop_lab",
+    "teach_layer",
+    "teach_predict",
+]
 
-PANEL_TITLES = ("Online accuracy", "Expert alignment std", "Singular-value shifts", "Domain bank", "The current batch")
+PANEL_TITLES = (
+    "Online accuracy",
+    "Collapse: expert-alignment std and the most-predicted class",
+    "Expert alignment std",
+    "Singular-value shifts",
+    "Domain bank",
+    "The current batch",
+)
+# the Lab's settings widgets, in the order of start_lab's parameters (and of load_preset's outputs)
+SETTINGS = (
+    "backbone",
+    "scenario",
+    "corruptions",
+    "severity",
+    "methods",
+    "batch_size",
+    "per_domain",
+    "seed",
+    "imse_lr",
+    "lambda_dm",
+    "tau",
+    "rounds",
+)
 _EXPORT_DIR = tempfile.mkdtemp(prefix="imse-lab-")
 RUNS = serving.SessionRuns()
 MAX_SCALE = 3.0  # the Teach tab's σ-scale slider range
@@ -34,11 +66,43 @@ def offline() -> bool:
 
 
 def backbone_choices() -> list[tuple[str, str]]:
-    """The built-in backbone first; hub models with a note (they download weights when chosen)."""
+    """The built-in backbone first; hub models with a note (they download weights when chosen, and on a machine
+    without a GPU they adapt slowly)."""
     note = " — offline: needs its weights in the local cache" if offline() else " — downloads weights when started"
+    if not serving.gpu_present():
+        note += "; slow without a GPU (ViT-B/16: ~1 image/s)"
     return [("built-in ViT (Fashion-MNIST, offline)", BUILTIN)] + [
         (f"{label}{note}", name) for name, label in HUB_BACKBONES.items()
     ]
+
+
+def startup_backbone(timeout: float = 3.0) -> tuple[str, str]:
+    """The backbone the Lab opens with, and the note shown under the title (``imse.defaults.default_backbone``):
+    the hub is probed for at most ``timeout`` s, and not at all offline, so the page is up within seconds."""
+    reachable = not offline() and hub_reachable(timeout)
+    return default_backbone(reachable, serving.gpu_present())
+
+
+def settings_values(preset: str = "default", backbone: str = BUILTIN) -> list:
+    """The widget values of a preset (``SETTINGS`` order) for ``backbone``."""
+    settings = lab_settings(preset, backbone)
+    return [list(settings[name]) if isinstance(settings[name], tuple) else settings[name] for name in SETTINGS]
+
+
+def load_preset(name: Any, backbone: Any = BUILTIN) -> tuple:
+    """A story preset's settings for the widgets, and its 'what to watch' text (a readable error for a name
+    that is not a preset)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise gr.Error(f"unknown preset {str(name)[:40]!r}; choose one of: {', '.join(PRESETS)}")
+    backbone = _check_backbone(backbone)
+    preset = PRESETS[name]
+    return (*settings_values(name, backbone), f"**{preset.title}.** {preset.watch}")
+
+
+def backbone_defaults(backbone: Any) -> tuple:
+    """A newly chosen backbone's tuned IMSE lr and λ_dm for the number fields."""
+    settings = lab_settings("default", _check_backbone(backbone))
+    return settings["imse_lr"], settings["lambda_dm"]
 
 
 def device_choices() -> list[str]:
@@ -95,7 +159,19 @@ def _check_backbone(backbone: Any) -> str:
 
 
 def make_config(
-    backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr, lambda_dm, tau, device
+    backbone,
+    scenario,
+    corruptions,
+    severity,
+    methods,
+    batch_size,
+    per_domain,
+    seed,
+    imse_lr,
+    lambda_dm,
+    tau,
+    rounds,
+    device,
 ) -> LabConfig:
     backbone = BUILTIN if backbone in (None, "") else backbone  # validate() refuses anything not offered
     groups = {"test": CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
@@ -113,6 +189,7 @@ def make_config(
             imse_lr=_as_float(imse_lr, "IMSE lr"),
             lambda_dm=_as_float(lambda_dm, "λ_dm"),
             tau=_as_float(tau, "τ"),
+            rounds=_as_int(rounds, "rounds"),
             device=device,
             data=BUILTIN if backbone == BUILTIN else "imagenette",
         )
@@ -124,6 +201,7 @@ def make_config(
 def panels(state, show_source: bool) -> tuple:
     return (
         viz.accuracy_figure(state),
+        viz.collapse_figure(state),
         viz.alignment_figure(state, show_source),
         viz.shift_figure(state),
         viz.bank_figure(state),
@@ -143,11 +221,14 @@ def start_lab(
     imse_lr,
     lambda_dm,
     tau,
+    rounds,
     device,
     show_source,
     request: gr.Request = None,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
 ) -> Iterator[tuple]:
-    """Stream a run: (status, 5 figures, results table, download) at most ~2 times a second.
+    """Stream a run: (status, 6 figures, results table, download) at most ~2 times a second. A first run on
+    Imagenette downloads it once, with a progress bar.
 
     The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, and the
     memory it held is handed back when it ends, however it ends.
@@ -164,27 +245,33 @@ def start_lab(
         imse_lr,
         lambda_dm,
         tau,
+        rounds,
         device,
     )
     session = _session(request)
     flag = RUNS.start(session)
-    table = gr.update()
+    table = gr.update(visible=False)  # results and download appear when the run has finished
     state = None
     try:
         time_limit = serving.limit("IMSE_MAX_RUN_SECONDS")
-        for state in run_lab(config, min_interval=0.5, time_limit=time_limit, should_stop=flag.is_set):
+
+        def downloading(done: int, total: int | None) -> None:
+            progress((done, total) if total else None, desc="Downloading Imagenette (once; then cached)", unit="B")
+
+        runs = run_lab(config, time_limit=time_limit, should_stop=flag.is_set, on_download=downloading)
+        for state in runs:
             status = (
                 f"**{state.message or 'running'}** — batch {state.batch}/{state.total_batches}, "
                 f"{state.images:,} images, {state.seconds:.1f} s"
             )
             if state.finished:
                 headers, rows = summary_rows(state)
-                table = gr.update(value=rows, headers=headers)
+                table = gr.update(value=rows, headers=headers, visible=True)
                 serving.prune_exports(_EXPORT_DIR, serving.limit("IMSE_EXPORT_MAX_AGE"))
                 archive = export_run(state, _EXPORT_DIR)
-                yield (status, *panels(state, show_source), table, str(archive))
+                yield (status, *panels(state, show_source), table, gr.update(value=str(archive), visible=True))
             else:
-                yield (status, *panels(state, show_source), table, None)
+                yield (status, *panels(state, show_source), table, gr.update(value=None, visible=False))
     except (ValueError, BackboneUnavailable, RuntimeError, FileNotFoundError) as error:
         raise gr.Error(str(error)) from None
     finally:

@@ -23,6 +23,7 @@ __all__ = [
     "alignment_figure",
     "bank_figure",
     "batch_figure",
+    "collapse_figure",
     "empty_figure",
     "shift_figure",
     "spectrum_figure",
@@ -106,14 +107,30 @@ def _domain_marks(domains: list[dict], xref: str = "x", label: bool = True) -> t
     return shapes, annotations
 
 
+def _source_label(state) -> str | None:
+    return next((m for m in state.methods if m == "Source"), None)
+
+
+def gains_over_source(state) -> dict[str, float]:
+    """Each adapting method's accuracy so far minus Source's, in points (empty without Source or batches)."""
+    source = _source_label(state)
+    if source is None or not state.seen:
+        return {}
+    base = state.correct[source][-1]
+    return {m: 100 * (state.correct[m][-1] - base) / state.seen[-1] for m in state.methods if m != source}
+
+
 def accuracy_figure(state) -> Figure:
-    """Running online accuracy per method over batches, domains shaded and labelled, and per-domain bars."""
+    """Running online accuracy per method over batches, domains shaded and labelled, and per-domain bars; each
+    method's gain over Source so far, in points, in its legend entry and the title."""
     keep = _decimate(len(state.seen))
+    gains = gains_over_source(state)
     data = []
     for i, method in enumerate(state.methods):
         colour = COLOURS[i % len(COLOURS)]
         accuracy = state.accuracy(method)
-        data.append(dict(type="scatter", x=keep, y=[100 * accuracy[j] for j in keep], name=method, mode="lines",
+        name = f"{method}: {gains[method]:+.1f} pts vs Source" if method in gains else method
+        data.append(dict(type="scatter", x=keep, y=[100 * accuracy[j] for j in keep], name=name, mode="lines",
                          line=dict(color=colour), xaxis="x", yaxis="y"))  # fmt: skip
         per_domain = []
         for domain in state.domains:
@@ -125,10 +142,12 @@ def accuracy_figure(state) -> Figure:
         data.append(dict(type="bar", x=[d["name"] for d in state.domains], y=per_domain, name=method,
                          marker=dict(color=colour), showlegend=False, xaxis="x2", yaxis="y2"))  # fmt: skip
     shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
+    so_far = "; ".join(f"{m.split(' (')[0]} {g:+.1f}" for m, g in gains.items())
     layout = _layout(
-        f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images",
-        360,
-        (40, 10, 90, 40),
+        f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images"
+        + (f"<br><sup>gain over Source so far (points): {so_far}</sup>" if so_far else ""),
+        380,
+        (40, 10, 110, 40),
         legend=dict(orientation="h", y=-0.15),
         barmode="group",
         shapes=shapes,
@@ -174,10 +193,12 @@ def shift_figure(state) -> Figure:
     # huge relative shifts and wash every other expert out to white
     magnitudes = sorted(abs(v) for row in state.shift_rel for v in row if math.isfinite(v))
     bound = max(1e-6, magnitudes[int(0.99 * (len(magnitudes) - 1))] if magnitudes else 0.0)
+    frozen = set(getattr(state, "frozen_layers", ()))
+    rows = [_short(n) + (" · frozen" if n in frozen else "") for n in state.layer_names[: len(state.shift_rel)]]
     data = [
         dict(type="heatmap", z=[[_finite(v) for v in row] for row in state.shift_rel],
-             y=[_short(n) for n in state.layer_names[: len(state.shift_rel)]], colorscale="RdBu", zmid=0.0,
-             zmin=-bound, zmax=bound, colorbar=dict(x=0.47, len=0.9, thickness=12), xaxis="x", yaxis="y",
+             y=rows, colorscale="RdBu", zmid=0.0,
+             zmin=-bound, zmax=bound, colorbar=dict(x=0.5, len=0.9, thickness=10), xaxis="x", yaxis="y",
              hovertemplate="layer %{y}<br>expert group %{x}<br>ΔS/S0 %{z:.2e}<extra></extra>")
     ]  # fmt: skip
     history = state.shift_history
@@ -187,15 +208,70 @@ def shift_figure(state) -> Figure:
         data.append(dict(type="scatter", x=keep, y=[_finite(history[j][layer]) for j in keep], mode="lines",
                          name=name, line=dict(width=1), showlegend=False, xaxis="x2", yaxis="y2",
                          hovertemplate=name + "<br>batch %{x}<br>%{y:.2e}<extra></extra>"))  # fmt: skip
+    note = "· frozen: the last blocks' S stay fixed (they carry L_dm), so they never change colour" if frozen else ""
+    layout = _layout(
+        title + (f"<br><sup>{note}</sup>" if note else ""),
+        420,
+        (110, 10, 70, 40),
+        annotations=[_subplot_title("now, per expert", 0.24), _subplot_title("‖S − S0‖ / ‖S0‖ per layer", 0.84)],
+        xaxis=dict(domain=[0, 0.47], anchor="y"),
+        yaxis=dict(domain=[0, 1], anchor="x"),
+        xaxis2=dict(domain=[0.7, 1], anchor="y2", title=dict(text="batch")),
+        yaxis2=dict(domain=[0, 1], anchor="x2"),
+    )
+    return Figure(data=data, layout=layout)
+
+
+def _rolling(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (a batch's top-class share alone is noisy)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def collapse_figure(state, window: int = 5) -> Figure:
+    """The paper's collapse readouts per method: the mean expert-alignment std of the last blocks per batch
+    (falling = the experts see every input alike) and the share of the most-predicted class (rising = the
+    model answers alike), beside the accuracy panel."""
+    title = "Collapse: expert-alignment std (last blocks) and the most-predicted class"
+    if not state.seen:
+        return empty_figure(title)
+    keep = _decimate(len(state.seen))
+    data = []
+    for i, method in enumerate(state.methods):
+        colour = COLOURS[i % len(COLOURS)]
+        stds = state.expert_std.get(method, [])
+        share = _rolling(state.top_share.get(method, []), window)
+        data.append(dict(type="scatter", x=keep, y=[_finite(stds[j]) for j in keep],
+                         mode="lines", name=method, line=dict(color=colour), xaxis="x", yaxis="y",
+                         legendgroup=method))  # fmt: skip
+        data.append(dict(type="scatter", x=keep, y=[100 * share[j] for j in keep], mode="lines",
+                         name=method, line=dict(color=colour), showlegend=False, xaxis="x2", yaxis="y2",
+                         legendgroup=method))  # fmt: skip
+    classes = len(state.class_names)
+    shapes, _ = _domain_marks(state.domains, xref="x", label=False)
+    shapes2, _ = _domain_marks(state.domains, xref="x2", label=False)
+    shapes += shapes2
+    shapes.append(dict(type="line", xref="x2 domain", yref="y2", x0=0, x1=1, y0=100 / classes, y1=100 / classes,
+                       line=dict(dash="dot", color="grey")))  # fmt: skip
     layout = _layout(
         title,
-        420,
-        (80, 10, 60, 40),
-        annotations=[_subplot_title("now", 0.22), _subplot_title("mean |ΔS/S0| per layer", 0.83)],
-        xaxis=dict(domain=[0, 0.44], anchor="y"),
+        340,
+        (60, 10, 60, 40),
+        legend=dict(orientation="h", y=-0.2),
+        shapes=shapes,
+        annotations=[
+            _subplot_title("mean expert-alignment std (lower = collapsing)", 0.22),
+            _subplot_title(f"most-predicted class, % of a batch (mean of {window}; dotted: 1/C)", 0.79),
+        ],
+        xaxis=dict(domain=[0, 0.44], anchor="y", title=dict(text="batch")),
         yaxis=dict(domain=[0, 1], anchor="x"),
-        xaxis2=dict(domain=[0.66, 1], anchor="y2", title=dict(text="batch")),
-        yaxis2=dict(domain=[0, 1], anchor="x2"),
+        xaxis2=dict(domain=[0.56, 1], anchor="y2", title=dict(text="batch")),
+        yaxis2=dict(domain=[0, 1], anchor="x2", range=[0, 100]),
     )
     return Figure(data=data, layout=layout)
 
@@ -290,9 +366,10 @@ def batch_figure(state) -> Figure:
                                 font=dict(size=9)))  # fmt: skip
         annotations.append(dict(x=x, y=size + 26, text=f"{before} → {after}", showarrow=False, font=dict(size=9)))
     layout = _layout(
-        f"The current batch ({thumbs['domain']}): clean / corrupted; prediction before → after adaptation",
-        330,
-        (10, 10, 50, 10),
+        f"The current batch: {thumbs['domain']}<br><sup>above: clean; below: corrupted, with the prediction before"
+        " → after adaptation</sup>",
+        340,
+        (10, 10, 64, 10),
         annotations=annotations,
         xaxis=dict(visible=False),
         yaxis=dict(visible=False, autorange="reversed", scaleanchor="x"),

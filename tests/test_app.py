@@ -12,8 +12,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT = ["builtin", "continual", ["fog", "gaussian_noise", "contrast"], 5, ["IMSE", "Source"], 64, 128, 0, 7e-4, 50.0]
-SHORT += [0.05, "cpu", False]
+from imse.defaults import lab_settings  # noqa: E402
+
+LAB = lab_settings()  # the app's own IMSE lr and λ_dm, so the CLI (same defaults) must give the same numbers
+SHORT = ["builtin", "continual", ["fog", "gaussian_noise", "contrast"], 5, ["IMSE", "Source"], 64, 128, 0]
+SHORT += [LAB["imse_lr"], LAB["lambda_dm"], 0.05, 3, "cpu", False]
 
 
 def free_port() -> int:
@@ -79,10 +82,12 @@ def test_streamed_run_matches_the_cli(app_url):
     final = job.outputs()[-1]
     assert len(updates) >= 2  # streamed, not one final answer
     assert "finished" in final[0]
-    table = final[6]["value"] if "value" in final[6] else final[6]
+    table = final[7]["value"] if "value" in final[7] else final[7]
     headers, rows = table["headers"], table["data"]
-    assert headers == ["method", "fog-5", "gaussian_noise-5", "contrast-5", "mean"]
-    assert Path(final[7]).suffix == ".zip" and Path(final[7]).stat().st_size > 0
+    assert headers[:5] == ["method", "fog-5", "gaussian_noise-5", "contrast-5", "mean"]
+    assert headers[5:] == ["vs Source (pts)", "expert std", "top-class share (%)"]
+    download = final[8]["value"] if isinstance(final[8], dict) else final[8]
+    assert Path(download).suffix == ".zip" and Path(download).stat().st_size > 0
     cli = run_bench(
         methods=("imse", "source"),
         scenario="continual",
@@ -90,7 +95,6 @@ def test_streamed_run_matches_the_cli(app_url):
         per_domain=128,
         batch_size=64,
         seeds=(0,),
-        lrs={"imse": 7e-4},
         progress=False,
     )
     for row, name in zip(rows, ("imse", "source")):
@@ -140,6 +144,25 @@ def test_bad_input_is_a_readable_message_and_the_app_keeps_working(app_url, chan
     with pytest.raises(AppError, match=message) as raised:
         c.predict(*arguments, api_name="/start")
     assert "Traceback" not in str(raised.value)
+
+
+def test_a_preset_by_name_through_the_api_and_a_bad_one_is_a_readable_message(app_url):
+    from gradio_client.exceptions import AppError
+
+    from imse.defaults import PRESETS
+    from imse.ui import SETTINGS
+
+    c = client(app_url)
+    for name, preset in PRESETS.items():
+        values = c.predict(name, "builtin", api_name="/preset")
+        loaded = dict(zip(SETTINGS, values))
+        assert {k: loaded[k] for k in preset.settings} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in preset.settings.items()
+        }
+    for bad in ("nope", ""):
+        with pytest.raises(AppError, match="unknown preset") as raised:
+            c.predict(bad, "builtin", api_name="/preset")
+        assert "Traceback" not in str(raised.value)
 
 
 def test_teach_helpers_on_a_real_image_and_bad_uploads(tmp_path):
@@ -227,7 +250,8 @@ def final_summary(c, arguments):
 
     outputs = c.predict(*arguments, api_name="/start")
     assert "finished" in outputs[0], outputs[0]
-    with zipfile.ZipFile(outputs[7]) as archive:
+    download = outputs[8]["value"] if isinstance(outputs[8], dict) else outputs[8]
+    with zipfile.ZipFile(download) as archive:
         summary = json.loads(archive.read("records.json"))["summary"]
     return {
         label: {k: v for k, v in entry.items() if k not in ("seconds", "images_per_s")}
@@ -387,7 +411,7 @@ def test_no_path_from_the_api_reaches_the_servers_files(app_url, tmp_path):
         with pytest.raises(AppError, match="unknown backbone|not in the list of choices"):
             client(app_url).predict(*arguments, api_name="/start")
     api = client(app_url).view_api(print_info=False, return_format="dict")
-    assert set(api["named_endpoints"]) == {"/start", "/stop"}  # the Teach tab's events are not an API
+    assert set(api["named_endpoints"]) == {"/start", "/stop", "/preset"}  # the Teach tab's events are not an API
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG" + b"\0" * (11 * 2**20))
     with big.open("rb") as handle:
@@ -404,8 +428,9 @@ def test_limits_time_per_run_and_queue_size():
     try:
         capped = client(url).predict(*LONG, api_name="/start")
         assert "stopped at the 4 s limit" in capped[0]
-        table = capped[6]["value"] if "value" in capped[6] else capped[6]
-        assert table["data"] and Path(capped[7]).suffix == ".zip"  # the results so far, downloadable
+        table = capped[7]["value"] if "value" in capped[7] else capped[7]
+        download = capped[8]["value"] if isinstance(capped[8], dict) else capped[8]
+        assert table["data"] and Path(download).suffix == ".zip"  # the results so far, downloadable
 
         def attempt(_):
             try:

@@ -318,6 +318,7 @@ CASES = {
     "imse_lr": real_numbers(0.0, 1.0),
     "lambda_dm": real_numbers(0.0, 1000.0),
     "tau": real_numbers(0.0, 10.0),
+    "rounds": whole_numbers(1, 10),
     "device": DEVICE,
 }
 
@@ -347,6 +348,7 @@ VALID = {
     "imse_lr": st.floats(1e-8, 1.0),
     "lambda_dm": st.floats(0.0, 1000.0),
     "tau": st.floats(1e-6, 10.0),
+    "rounds": st.integers(1, 10),
     "device": st.sampled_from(ui.device_choices()),
 }
 ORDER = tuple(PARAMETERS)
@@ -363,6 +365,7 @@ LABELS = {
     "imse_lr": "lr",
     "lambda_dm": "λ_dm",
     "tau": "τ",
+    "rounds": "rounds",
     "device": "device",
 }
 # What users must never read: Python internals instead of a sentence about their input.
@@ -435,7 +438,7 @@ def test_make_config_accepts_every_valid_combination_within_the_image_limit(valu
     domains = len(CORRUPTIONS if values["corruptions"] == "test" else VALIDATION_CORRUPTIONS)
     if isinstance(values["corruptions"], list):
         domains = len(values["corruptions"])
-    domains *= {"gradual": 9, "recurring": LabConfig.rounds}.get(values["scenario"], 1)
+    domains *= {"gradual": 9, "recurring": values["rounds"]}.get(values["scenario"], 1)
     if domains * values["per_domain"] > MAX_IMAGES:
         with pytest.raises(gr.Error, match="limit"):
             _make(values)
@@ -462,6 +465,7 @@ DEFAULTS = {
     "imse_lr": 7e-4,
     "lambda_dm": 50.0,
     "tau": 0.05,
+    "rounds": 3,
     "device": "cpu",
 }
 

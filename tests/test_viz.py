@@ -9,7 +9,14 @@ import pytest
 from imse import viz
 from imse.lab import LabConfig, run_lab, summary_rows
 
-LIVE = (viz.accuracy_figure, viz.alignment_figure, viz.shift_figure, viz.bank_figure, viz.batch_figure)
+LIVE = (
+    viz.accuracy_figure,
+    viz.collapse_figure,
+    viz.alignment_figure,
+    viz.shift_figure,
+    viz.bank_figure,
+    viz.batch_figure,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +42,38 @@ def test_live_panels_are_valid_plotly_figures_and_small(finished_state):
     assert payload < 200_000
     titles = [build(finished_state).title for build in LIVE]
     assert titles[0].startswith("Online accuracy — batch 6/6, 384 images")
-    assert titles[3] == "Domain bank" and "current batch" in titles[4]
+    assert titles[1].startswith("Collapse") and titles[4] == "Domain bank" and "current batch" in titles[5]
 
 
 def test_accuracy_bars_are_the_per_domain_accuracies_of_the_results_table(finished_state):
     headers, rows = summary_rows(finished_state)
     bars = [trace for trace in viz.accuracy_figure(finished_state)["data"] if trace["type"] == "bar"]
     assert [bar["name"] for bar in bars] == [row[0] for row in rows]
+    domains = len(finished_state.domains)
+    assert headers[1 + domains :] == ["mean", "vs Source (pts)", "expert std", "top-class share (%)"]
     for bar, row in zip(bars, rows):
         assert bar["x"] == [d["name"] for d in finished_state.domains]
-        assert [round(v, 1) for v in bar["y"]] == row[1:-1]
+        assert [round(v, 1) for v in bar["y"]] == row[1 : 1 + domains]
+
+
+def test_the_accuracy_panel_states_each_methods_gain_over_source_so_far(finished_state):
+    state = finished_state
+    label = "IMSE + retrieval (top-1)"
+    gain = 100 * (state.correct[label][-1] - state.correct["Source"][-1]) / state.images
+    lines = [trace for trace in viz.accuracy_figure(state)["data"] if trace["type"] == "scatter"]
+    assert lines[0]["name"] == f"{label}: {gain:+.1f} pts vs Source" and lines[1]["name"] == "Source"
+    assert f"IMSE + retrieval {gain:+.1f}" in viz.accuracy_figure(state).title
+    headers, rows = summary_rows(state)
+    assert rows[0][headers.index("vs Source (pts)")] == round(gain, 2)
+
+
+def test_the_shift_panel_names_the_frozen_rows_and_shows_norm_ratios(finished_state):
+    heatmap = viz.shift_figure(finished_state)["data"][0]
+    frozen = [row for row in heatmap["y"] if row.endswith("· frozen")]
+    assert len(frozen) == 12 and all(row.startswith(("b3", "b4", "b5")) for row in frozen)  # the last 3 of 6 blocks
+    history = finished_state.shift_history[-1]
+    assert all(0.0 <= value < 1.0 for value in history) and history[-1] == 0.0  # frozen layers never move
+    assert max(history) > 0.0
 
 
 def test_non_finite_values_become_gaps_not_invalid_json(finished_state):
