@@ -66,8 +66,19 @@ def _layout(title: str, height: int, margin: tuple[int, int, int, int], **extra)
     return {"title": {"text": title}, "height": height, "margin": dict(l=left, r=right, t=top, b=bottom), **extra}
 
 
-def _subplot_title(text: str, x: float) -> dict:
-    return dict(text=text, x=x, y=1.0, xref="paper", yref="paper", xanchor="center", yanchor="bottom",
+def _domain_labels(domains: list[dict]) -> list[str]:
+    """One bar label per domain visit: a domain seen again (recurring rounds) gets its visit number, since bars
+    that share a label would be drawn on top of each other."""
+    seen: dict[str, int] = {}
+    labels = []
+    for domain in domains:
+        seen[domain["name"]] = seen.get(domain["name"], 0) + 1
+        labels.append(domain["name"] + (f" ({seen[domain['name']]})" if seen[domain["name"]] > 1 else ""))
+    return labels
+
+
+def _subplot_title(text: str, x: float, anchor: str = "center") -> dict:
+    return dict(text=text, x=x, y=1.0, xref="paper", yref="paper", xanchor=anchor, yanchor="bottom",
                 showarrow=False, font=dict(size=14))  # fmt: skip
 
 
@@ -139,7 +150,7 @@ def accuracy_figure(state) -> Figure:
             before_n = state.seen[s - 1] if s else 0
             n = state.seen[e] - before_n
             per_domain.append(100 * (state.correct[method][e] - before_c) / n if n else 0.0)
-        data.append(dict(type="bar", x=[d["name"] for d in state.domains], y=per_domain, name=method,
+        data.append(dict(type="bar", x=_domain_labels(state.domains), y=per_domain, name=method,
                          marker=dict(color=colour), showlegend=False, xaxis="x2", yaxis="y2"))  # fmt: skip
     shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
     so_far = "; ".join(f"{m.split(' (')[0]} {g:+.1f}" for m, g in gains.items())
@@ -185,7 +196,7 @@ def alignment_figure(state, show_source: bool = False) -> Figure:
 
 
 def shift_figure(state) -> Figure:
-    """(S − S0)/S0 per layer and expert, and each layer's mean |ΔS/S0| over time."""
+    """(S − S0)/S0 per layer and expert, and each layer's ‖S − S0‖/‖S0‖ over time."""
     title = "Singular-value shifts (S − S0)/S0"
     if not state.shift_rel:
         return empty_figure(title, "the shown method adapts no singular values" if state.batch else "press Start")
@@ -213,7 +224,7 @@ def shift_figure(state) -> Figure:
         title + (f"<br><sup>{note}</sup>" if note else ""),
         420,
         (110, 10, 70, 40),
-        annotations=[_subplot_title("now, per expert", 0.24), _subplot_title("‖S − S0‖ / ‖S0‖ per layer", 0.84)],
+        annotations=[_subplot_title("now, per expert", 0.24), _subplot_title("‖S − S0‖/‖S0‖ per layer", 1.0, "right")],
         xaxis=dict(domain=[0, 0.47], anchor="y"),
         yaxis=dict(domain=[0, 1], anchor="x"),
         xaxis2=dict(domain=[0.7, 1], anchor="y2", title=dict(text="batch")),
@@ -320,7 +331,7 @@ def bank_figure(state) -> Figure:
         shapes=shapes,
         annotations=annotations,
         xaxis=dict(anchor="y2", title=dict(text="batch (dotted: true domain boundaries)")),
-        yaxis=dict(domain=[0.3, 1], type="log", title=dict(text="symmetric KL")),
+        yaxis=dict(domain=[0.3, 1], type="log", dtick=1, exponentformat="power", title=dict(text="symmetric KL")),
         yaxis2=dict(domain=[0, 0.24], anchor="x", title=dict(text="slots")),
     )
     return Figure(data=data, layout=layout)

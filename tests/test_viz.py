@@ -98,3 +98,15 @@ def test_empty_and_unstarted_panels():
         figure = viz.empty_figure(title)
         figure.to_plotly()
         assert figure.title == title and json.loads(figure.to_json())["data"] == []
+
+
+def test_a_recurring_run_draws_one_bar_per_domain_visit():
+    """Rounds revisit domains: each visit gets its own bar (bars sharing a label would be drawn as one)."""
+    config = LabConfig(
+        scenario="recurring", rounds=2, corruptions=("fog", "contrast"), per_domain=64, methods=("Source",)
+    )
+    *_, state = run_lab(config, min_interval=0.0)
+    (bar,) = [trace for trace in viz.accuracy_figure(state)["data"] if trace["type"] == "bar"]
+    assert bar["x"] == ["fog-2", "contrast-2", "fog-2 (2)", "contrast-2 (2)"]
+    _, (row,) = summary_rows(state)
+    assert [round(v, 1) for v in bar["y"]] == row[1:5]
