@@ -32,7 +32,7 @@ from .methods import METHODS
 from .methods.base import TTAMethod
 from .models import BUILTIN, HUB_BACKBONES, create_backbone
 from .runner import build_methods, run, summarise, top_class_share
-from .spectral import get_code, inject, spectral_layers
+from .spectral import inject, save_code, spectral_layers
 from .svd_cache import default_svd_cache
 
 __all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "export_run", "run_lab", "validate"]
@@ -417,8 +417,6 @@ def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnai
 def export_run(state: LabState, directory: str | Path) -> Path:
     """A zip with the run's records (JSON), the primary method's final spectral code and, when it kept one,
     its domain bank (safetensors)."""
-    from safetensors.torch import save as safetensors_bytes
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if not state.finished:
@@ -441,10 +439,13 @@ def export_run(state: LabState, directory: str | Path) -> Path:
     archive = Path(tempfile.mkdtemp(prefix="run-", dir=directory)) / "imse-lab-run.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("records.json", json.dumps({"config": state.config, "summary": state.summary, "records": records}))
-        code = get_code(methods[primary].model)
-        if code:
-            tensors = {k: v.cpu().contiguous() for k, v in code.items()}
-            zf.writestr("spectral_code.safetensors", safetensors_bytes(tensors, metadata={"method": primary}))
+        # through the library's own writers, so that load_code / load_bank take them back
+        if spectral_layers(methods[primary].model):
+            buffer = save_code(
+                archive.parent / "spectral_code.safetensors", methods[primary].model, {"method": primary}
+            )
+            zf.write(buffer, "spectral_code.safetensors")
+            buffer.unlink()
         bank = getattr(methods[primary], "bank", None)
         if bank is not None and len(bank):
             buffer = archive.parent / "domain_bank.safetensors"
