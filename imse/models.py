@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .images import as_float_images
 from .resources import asset_path
 
 __all__ = [
@@ -72,7 +73,8 @@ class Backbone(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+        """Logits for images in [0, 1] (float) or [0, 255] (uint8); see ``imse.images``."""
+        return self.model(self.normalize(as_float_images(x)))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}"

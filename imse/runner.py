@@ -18,6 +18,7 @@ from torch import nn
 from .collapse import CollapseMeter
 from .data.streams import Stream
 from .defaults import tuned_settings
+from .images import as_float_images
 from .methods import create
 from .methods.base import TTAMethod
 
@@ -80,7 +81,7 @@ def run(
         if stream.scenario == "single" and batch.first_of_domain and batch.domain_index > 0:
             for method in methods.values():
                 method.reset()
-        x = batch.images.float().div_(255)
+        x = as_float_images(batch.images)  # the stream's uint8 frames, as every entry point reads them
         record: dict[str, Any] = {
             "batch_index": batch.batch_index,
             "domain": batch.domain.name,

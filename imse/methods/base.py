@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..images import as_float_images
 from ..losses import AlignmentProbe, entropy_margin, masked_mean, softmax_entropy
 from ..sam import SAM
 from ..spectral import spectral_layers
@@ -87,8 +88,11 @@ class TTAMethod(nn.Module):
         return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Adapt on one batch and return its logits from before the update. Images: float in [0, 1] or uint8 in
+        [0, 255] (``imse.images``)."""
         if x.ndim != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        x = as_float_images(x)
         logits, record = self.step(x)
         self.steps += 1
         if record.get("skip_reason"):
