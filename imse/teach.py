@@ -8,10 +8,13 @@ orthogonal for *any* input — which ``expert_cosines`` checks on a real image.
 from __future__ import annotations
 
 import io
+import threading
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .models import create_backbone
 from .spectral import SpectralLinear, inject, spectral_layers
@@ -39,7 +42,32 @@ def spectral_backbone(name: str = "builtin"):
     backbone = create_backbone(name)
     inject(backbone, cache=default_svd_cache())
     backbone.requires_grad_(False)
+    _add_scaling_hooks(backbone)
     return backbone
+
+
+# The σ-scaling knob on a model that every visitor shares: nothing is written to the model. A forward hook on each
+# spectral layer adds (scale − 1)·σ_i·u_i(v_iᵀx) to the layer's output when the calling thread's context asks for
+# it, so two visitors scaling different experts at once each see only their own.
+_SCALED: ContextVar[tuple[nn.Module, int, float] | None] = ContextVar("imse_teach_scaled_expert", default=None)
+_HOOKS_LOCK = threading.Lock()
+
+
+def _scaling_hook(module: SpectralLinear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    scaled = _SCALED.get()
+    if scaled is None or scaled[0] is not module:
+        return None
+    _, i, scale = scaled
+    alignment = args[0] @ module.Vh[i]  # v_iᵀ x for every token
+    return output + ((scale - 1.0) * module.S[i] * alignment)[..., None] * module.U[:, i]
+
+
+def _add_scaling_hooks(backbone: nn.Module) -> None:
+    with _HOOKS_LOCK:
+        for module in spectral_layers(backbone).values():
+            if not getattr(module, "_teach_scaling_hook", False):
+                module.register_forward_hook(_scaling_hook)
+                module._teach_scaling_hook = True
 
 
 def sample_images(count: int = 6) -> list[tuple[torch.Tensor, str]]:
@@ -109,14 +137,14 @@ def expert_cosines(backbone, layer: str, image: torch.Tensor, experts: int = 16)
 
 @torch.no_grad()
 def predict(backbone, image: torch.Tensor, layer: str | None = None, expert: int = 0, scale: float = 1.0):
-    """Class probabilities with expert ``expert`` of ``layer`` scaled by ``scale`` (restored afterwards)."""
-    module = spectral_layers(backbone)[layer] if layer else None
-    if module is not None:
-        original = module.S[expert].clone()
-        module.S[expert] = original * scale
+    """Class probabilities with expert ``expert`` of ``layer`` scaled by ``scale``, computed without touching
+    the (shared) model: safe while other threads use it."""
+    if not layer:
+        return torch.softmax(backbone(image[None].float() / 255)[0], -1).tolist()
+    _add_scaling_hooks(backbone)
+    token = _SCALED.set((spectral_layers(backbone)[layer], int(expert), float(scale)))
     try:
         logits = backbone(image[None].float() / 255)
     finally:
-        if module is not None:
-            module.S[expert] = original
+        _SCALED.reset(token)
     return torch.softmax(logits[0], -1).tolist()
