@@ -19,6 +19,7 @@ from imse.models import HUB_BACKBONES, BackboneUnavailable, create_backbone
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.mark.slow  # the whole 10,000-image test split
 def test_shipped_builtin_checkpoint_is_at_least_90_percent_on_the_full_test_split():
     backbone = create_backbone("builtin")
     source = BuiltinSource()
@@ -238,8 +239,8 @@ def test_bench_on_pregenerated_imagenet_c_folder_with_local_weights(tmp_path):
                 Image.fromarray(rng.randint(0, 256, (224, 224, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
     out = tmp_path / "r.json"
     assert main(["bench", "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "w.safetensors"),
-                 "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation", "--severity", "5",
-                 "--per-domain", "6", "--batch-size", "3", "--out", str(out)]) == 0  # fmt: skip
+                 "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation",
+                 "--severity", "5", "--per-domain", "6", "--batch-size", "3", "--out", str(out)]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     validate_bench_json(result, ["source"], domains=4)
     assert all(d["n"] == 6 for d in result["methods"]["source"]["domains"])

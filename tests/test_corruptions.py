@@ -109,7 +109,9 @@ class ChangeStats:
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
-@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(  # the default run checks severities 1, 3, 5; the slow run adds 2 and 4
+    "severity", [1, pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow), 5]
+)
 def test_stochastic_corruptions_match_reference_distribution(photo_batch, name, severity):
     """The change ``corrupted − clean`` has the reference's distribution: std and mean absolute change within
     10 %; the mean within 10 %, or within 5 % of the std when the change is centred on zero (blurs, warps),

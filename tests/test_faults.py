@@ -281,6 +281,7 @@ def code_version(model: nn.Module, path: Path) -> int:
     return version
 
 
+@pytest.mark.slow  # SIGKILL
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and select on pipes are POSIX")
 def test_a_killed_writer_leaves_a_whole_previous_or_new_file(tmp_path):
     # A bank saved for this model's identity (what IMSE's save_bank writes), so that load_bank reads it.

@@ -23,6 +23,7 @@ def trainable_snapshot(method):
     return {name: p.detach().clone() for name, p in method.trainable.items()}
 
 
+@pytest.mark.slow  # ViT-B/16's SVDs
 def test_trainable_counts_on_vit_base(vit_base_injected):
     imse_model, _ = vit_base_injected
     assert create("imse", imse_model).num_trainable() == 9 * 4 * 768 == 27_648

@@ -56,14 +56,15 @@ def test_hostile_batches_never_give_nan_and_the_model_recovers_on_clean_data(dat
         assert non_finite_paths(method.last_record) == [], method.last_record
         assert all(torch.isfinite(p).all() for p in method.trainable.values())
     correct = {"adapted": 0, "source": 0}
-    for start in range(0, 512, 64):  # the clean domain that follows
+    for start in range(0, 256, 64):  # the clean domain that follows
         x, y = images[start : start + 64].float() / 255, labels[start : start + 64]
         correct["adapted"] += int((method(x).argmax(-1) == y).sum())
         correct["source"] += int((reference(x).argmax(-1) == y).sum())
-    adapted, plain = 100 * correct["adapted"] / 512, 100 * correct["source"] / 512
+    adapted, plain = 100 * correct["adapted"] / 256, 100 * correct["source"] / 256
     assert adapted >= plain - 5, f"{label}: {adapted:.1f} % on clean data after the hostile batches vs {plain:.1f} %"
 
 
+@pytest.mark.slow  # soak
 def test_soak_gradual_stream_no_nan_flat_memory_bank_within_capacity(tmp_path):
     """`python -m imse soak` on one corruption's 9 gradual domains (the README reports the full 135)."""
     import json

@@ -65,6 +65,7 @@ def test_inject_vit_tiny_all_blocks_reconstructs():
     assert isinstance(model.head, nn.Linear) and isinstance(model.patch_embed.proj, nn.Conv2d)
 
 
+@pytest.mark.slow  # ViT-B/16's SVDs
 def test_inject_one_vit_base_block_reconstructs():
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
