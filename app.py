@@ -86,9 +86,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     imse_lr = gr.Number(START["imse_lr"], label="IMSE lr")
                     lambda_dm = gr.Number(START["lambda_dm"], label="λ_dm")
                     tau = gr.Number(START["tau"], label="τ (shift)")
-                    rounds = gr.Number(
-                        START["rounds"], precision=0, minimum=1, maximum=10, label="Rounds (recurring)"
-                    )
+                    rounds = gr.Number(START["rounds"], precision=0, minimum=1, maximum=10, label="Rounds (recurring)")
                 device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
             with gr.Column(scale=3):
                 empty = ui.empty_panels()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 
 def _perf(args: argparse.Namespace) -> int:
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m imse",
         description="IMSE Lab: test-time adaptation of Vision Transformers by their spectral experts.",
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     perf = commands.add_parser(
@@ -335,9 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .serving import keep_freed_memory
-
-    keep_freed_memory()  # no page-faulting every step's activations in again (release_memory trims at the end)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -352,9 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("repeats", "batch", "batch_size", "per_domain", "epochs"):
         if getattr(args, option, 1) is not None and getattr(args, option, 1) < 1:
             parser.error(f"--{option.replace('_', '-')} must be positive")
+    from .serving import keep_freed_memory
+
+    # only once a command is about to compute (not for --help or a usage error): glibc then keeps freed memory
+    # in the process, so a step does not page-fault its activations in again (release_memory trims at the end)
+    keep_freed_memory()
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad input or unavailable data: say so
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return 2
 

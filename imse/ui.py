@@ -56,6 +56,9 @@ SETTINGS = (
     "tau",
     "rounds",
 )
+# what /start takes and gives, by name (app.py wires its widgets in these orders; tests address them by name)
+START_INPUTS = (*SETTINGS, "device", "show_source")
+START_OUTPUTS = ("status", "accuracy", "collapse", "alignment", "shifts", "bank", "batch", "results", "download")
 _EXPORT_DIR = tempfile.mkdtemp(prefix="imse-lab-")
 RUNS = serving.SessionRuns()
 MAX_SCALE = 3.0  # the Teach tab's σ-scale slider range

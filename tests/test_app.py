@@ -13,10 +13,38 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 from imse.defaults import lab_settings  # noqa: E402
+from imse.ui import START_INPUTS, START_OUTPUTS  # noqa: E402
 
 LAB = lab_settings()  # the app's own IMSE lr and λ_dm, so the CLI (same defaults) must give the same numbers
-SHORT = ["builtin", "continual", ["fog", "gaussian_noise", "contrast"], 5, ["IMSE", "Source"], 64, 128, 0]
-SHORT += [LAB["imse_lr"], LAB["lambda_dm"], 0.05, 3, "cpu", False]
+SHORT = dict(
+    backbone="builtin",
+    scenario="continual",
+    corruptions=["fog", "gaussian_noise", "contrast"],
+    severity=5,
+    methods=["IMSE", "Source"],
+    batch_size=64,
+    per_domain=128,
+    seed=0,
+    imse_lr=LAB["imse_lr"],
+    lambda_dm=LAB["lambda_dm"],
+    tau=0.05,
+    rounds=3,
+    device="cpu",
+    show_source=False,
+)
+
+
+def start_args(base: dict = SHORT, **changes) -> list:
+    """/start's arguments, in its order, from settings by name."""
+    values = {**base, **changes}
+    assert values.keys() == set(START_INPUTS)
+    return [values[name] for name in START_INPUTS]
+
+
+def output(outputs, name: str):
+    """One of /start's outputs by name (an update's value when it comes as an update)."""
+    value = outputs[START_OUTPUTS.index(name)]
+    return value["value"] if isinstance(value, dict) and "value" in value else value
 
 
 def free_port() -> int:
@@ -77,16 +105,16 @@ def client(url):
 def test_streamed_run_matches_the_cli(app_url):
     from imse.bench import run_bench
 
-    job = client(app_url).submit(*SHORT, api_name="/start")
+    job = client(app_url).submit(*start_args(), api_name="/start")
     updates = list(job)
     final = job.outputs()[-1]
     assert len(updates) >= 2  # streamed, not one final answer
-    assert "finished" in final[0]
-    table = final[7]["value"] if "value" in final[7] else final[7]
+    assert "finished" in output(final, "status")
+    table = output(final, "results")
     headers, rows = table["headers"], table["data"]
     assert headers[:5] == ["method", "fog-5", "gaussian_noise-5", "contrast-5", "mean"]
     assert headers[5:] == ["vs Source (pts)", "expert std", "top-class share (%)"]
-    download = final[8]["value"] if isinstance(final[8], dict) else final[8]
+    download = output(final, "download")
     assert Path(download).suffix == ".zip" and Path(download).stat().st_size > 0
     cli = run_bench(
         methods=("imse", "source"),
@@ -102,12 +130,12 @@ def test_streamed_run_matches_the_cli(app_url):
         assert row[1:4] == expected, (row, expected)
 
 
+@pytest.mark.slow  # timing: stops a run mid-stream
 def test_cancel_stops_the_run_and_the_app_keeps_working(app_url):
     from gradio_client.utils import Status
 
     c = client(app_url)
-    long_run = list(SHORT)
-    long_run[2], long_run[6] = ["fog", "contrast", "snow", "frost", "brightness"], 2000
+    long_run = start_args(corruptions=["fog", "contrast", "snow", "frost", "brightness"], per_domain=2000)
     job = c.submit(*long_run, api_name="/start")
     deadline = time.time() + 60
     while time.time() < deadline and len(job.outputs()) < 1:
@@ -115,34 +143,33 @@ def test_cancel_stops_the_run_and_the_app_keeps_working(app_url):
     assert job.outputs(), "no update arrived"
     job.cancel()
     time.sleep(2)
-    assert job.status().code in (Status.CANCELLED, Status.FINISHED) and "finished" not in job.outputs()[-1][0]
+    assert job.status().code in (Status.CANCELLED, Status.FINISHED)
+    assert "finished" not in output(job.outputs()[-1], "status")
     started = time.time()
-    after = c.submit(*SHORT, api_name="/start")
-    assert "finished" in after.result()[0]
+    after = c.submit(*start_args(), api_name="/start")
+    assert "finished" in output(after.result(), "status")
     assert time.time() - started < 120
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({5: 0}, "batch size|minimum value 1"),  # the widget's own range check answers first
-        ({5: 100_000}, "batch size|maximum value"),
-        ({6: 0}, "images per domain|minimum value 1"),
-        ({6: 10**7}, "images"),
-        ({4: []}, "at least one method"),
-        ({2: []}, "at least one corruption"),
-        ({10: -1.0}, "τ"),
+        ({"batch_size": 0}, "batch size|minimum value 1"),  # the widget's own range check answers first
+        ({"batch_size": 100_000}, "batch size|maximum value"),
+        ({"per_domain": 0}, "images per domain|minimum value 1"),
+        ({"per_domain": 10**7}, "images"),
+        ({"methods": []}, "at least one method"),
+        ({"corruptions": []}, "at least one corruption"),
+        ({"tau": -1.0}, "τ"),
+        ({"rounds": 0}, "rounds|minimum value 1"),
     ],
 )
 def test_bad_input_is_a_readable_message_and_the_app_keeps_working(app_url, change, message):
     from gradio_client.exceptions import AppError
 
     c = client(app_url)
-    arguments = list(SHORT)
-    for index, value in change.items():
-        arguments[index] = value
     with pytest.raises(AppError, match=message) as raised:
-        c.predict(*arguments, api_name="/start")
+        c.predict(*start_args(**change), api_name="/start")
     assert "Traceback" not in str(raised.value)
 
 
@@ -200,6 +227,7 @@ def test_teach_helpers_on_a_real_image_and_bad_uploads(tmp_path):
 CHROMIUM = shutil.which("chromium")
 
 
+@pytest.mark.slow  # browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_browser_start_panels_stop_and_no_outside_request(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -249,8 +277,8 @@ def final_summary(c, arguments):
     import zipfile
 
     outputs = c.predict(*arguments, api_name="/start")
-    assert "finished" in outputs[0], outputs[0]
-    download = outputs[8]["value"] if isinstance(outputs[8], dict) else outputs[8]
+    assert "finished" in output(outputs, "status"), output(outputs, "status")
+    download = output(outputs, "download")
     with zipfile.ZipFile(download) as archive:
         summary = json.loads(archive.read("records.json"))["summary"]
     return {
@@ -259,14 +287,13 @@ def final_summary(c, arguments):
     }
 
 
+@pytest.mark.slow  # load: four full runs at once, then alone
 def test_four_simultaneous_users_get_what_each_would_get_alone(app_url):
     from concurrent.futures import ThreadPoolExecutor
 
     runs = []
     for seed, methods in enumerate((["IMSE", "Source"], ["SAR", "TENT"], ["IMSE + retrieval (top-1)"], ["IMSE"])):
-        arguments = list(SHORT)
-        arguments[4], arguments[6], arguments[7] = methods, 64, seed
-        runs.append(arguments)
+        runs.append(start_args(methods=methods, per_domain=64, seed=seed))
     with ThreadPoolExecutor(len(runs)) as pool:  # one client (one session) per user
         together = list(pool.map(lambda a: final_summary(client(app_url), a), runs))
     alone = [final_summary(client(app_url), arguments) for arguments in runs]
@@ -294,10 +321,9 @@ def wait_until_idle(pid, timeout=60.0):
     return False
 
 
-LONG = list(SHORT)
-LONG[2], LONG[6] = ["fog", "contrast", "snow", "frost", "brightness"], 4000
-WARM = list(LONG)
-WARM[6] = 64  # the long runs' corruptions (frost's textures, snow's kernels... are cached once per process)
+LONG = start_args(corruptions=["fog", "contrast", "snow", "frost", "brightness"], per_domain=4000)
+# the long runs' corruptions (frost's textures, snow's kernels... are cached once per process)
+WARM = start_args(corruptions=["fog", "contrast", "snow", "frost", "brightness"], per_domain=64)
 
 
 def close_tab_mid_run(url, pid):
@@ -318,6 +344,7 @@ def close_tab_mid_run(url, pid):
     return wait_until_idle(pid, timeout=45)
 
 
+@pytest.mark.slow  # memory
 def test_stopped_and_abandoned_runs_leave_no_model_or_tensor_behind():
     """Exact, in one process: whatever ends a run (the end, Stop, a closed tab), every module and tensor it
     made is garbage once it ends (the counts equal those after a finished run; mid-run they are higher)."""
@@ -352,6 +379,7 @@ def test_stopped_and_abandoned_runs_leave_no_model_or_tensor_behind():
     assert ui.RUNS.active() == 0
 
 
+@pytest.mark.slow  # browser and memory
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
     """The served app: Stop and a closed tab end the run (the process goes idle), and its resident size comes
@@ -405,11 +433,9 @@ def test_no_path_from_the_api_reaches_the_servers_files(app_url, tmp_path):
             response = httpx.get(app_url + route + path, timeout=10)
             assert response.status_code != 200 or "root:" not in response.text and "gr.Blocks" not in response.text
     for backbone in ("/etc/passwd", "../../weights.pth", "vit_base_patch16_224"):  # untagged: other weights
-        arguments = list(SHORT)
-        arguments[0] = backbone
         # Gradio's dropdown refuses it first; imse.ui refuses it again for direct callers
         with pytest.raises(AppError, match="unknown backbone|not in the list of choices"):
-            client(app_url).predict(*arguments, api_name="/start")
+            client(app_url).predict(*start_args(backbone=backbone), api_name="/start")
     api = client(app_url).view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == {"/start", "/stop", "/preset"}  # the Teach tab's events are not an API
     big = tmp_path / "big.png"
@@ -419,6 +445,7 @@ def test_no_path_from_the_api_reaches_the_servers_files(app_url, tmp_path):
     assert response.status_code == 413  # refused by the server before any code of ours sees it
 
 
+@pytest.mark.slow  # timing
 def test_limits_time_per_run_and_queue_size():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -427,9 +454,8 @@ def test_limits_time_per_run_and_queue_size():
     process, url = launch_app(IMSE_MAX_RUN_SECONDS=4, IMSE_MAX_QUEUE=1, IMSE_MAX_CONCURRENT_RUNS=1)
     try:
         capped = client(url).predict(*LONG, api_name="/start")
-        assert "stopped at the 4 s limit" in capped[0]
-        table = capped[7]["value"] if "value" in capped[7] else capped[7]
-        download = capped[8]["value"] if isinstance(capped[8], dict) else capped[8]
+        assert "stopped at the 4 s limit" in output(capped, "status")
+        table, download = output(capped, "results"), output(capped, "download")
         assert table["data"] and Path(download).suffix == ".zip"  # the results so far, downloadable
 
         def attempt(_):

@@ -12,6 +12,7 @@ def test_help_lists_commands():
     assert "perf" in result.stdout
 
 
+@pytest.mark.slow  # timing
 def test_perf_writes_ratios(tmp_path, capsys):
     out = tmp_path / "perf.json"
     assert main(["perf", "--only", "merged", "--repeats", "1", "--batch", "1", "--out", str(out)]) == 0
@@ -27,6 +28,7 @@ def test_perf_rejects_unknown_measure(capsys):
     assert "unknown measure" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # timing
 def test_perf_precision_times_bf16_and_measures_its_accuracy_cost(tmp_path, capsys):
     from imse.bench import run_bench
 
@@ -55,3 +57,27 @@ def test_perf_runs_every_benchmark_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr(imse.perf, "run_perf", lambda **kwargs: asked.append(kwargs["only"]))
     assert main(["perf"]) == 0 and main(["perf", "--only", "step, small"]) == 0
     assert asked == [ALL_BENCHMARKS, ("step", "small")]
+
+
+def test_the_allocator_is_left_alone_until_a_command_computes(monkeypatch, capsys):
+    from imse import serving
+
+    calls = []
+    monkeypatch.setattr(serving, "keep_freed_memory", lambda: calls.append(1) or True)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--per-domain", "0"])  # a usage error
+    assert main([]) == 0 and calls == []
+    assert main(["bench", "--data", "/no/such/folder", "--backbone", "vit_tiny_patch16_224"]) == 2
+    assert calls == [1]
+
+
+def test_debug_adds_the_traceback_to_a_one_line_error(capsys):
+    arguments = ["bench", "--data", "/no/such/folder", "--backbone", "vit_tiny_patch16_224"]
+    assert main(arguments) == 2
+    plain = capsys.readouterr().err
+    assert plain.strip().startswith("error:") and "Traceback" not in plain and plain.count("\n") == 1
+    assert main(["--debug", *arguments]) == 2
+    debug = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in debug and debug.strip().endswith(plain.strip())
