@@ -113,6 +113,18 @@ class ShiftDetector:
     def reset(self) -> None:
         self.current = None
 
+    def observe(self, descriptor: Descriptor, batch_size: int) -> tuple[float | None, bool, Descriptor | None]:
+        """One batch, the official order: score it against the current domain, decide, and on a shift start a
+        new domain from this batch; then fold the batch in. Returns ``(score, shift, ended)``: ``ended`` is the
+        descriptor of the domain a shift closed (what the bank stores), else ``None``."""
+        score = self.score(descriptor)
+        shift = self.is_shift(score)
+        ended = self.current if shift else None
+        if shift:
+            self.reset()
+        self.update(descriptor, batch_size)
+        return score, shift, ended
+
 
 @dataclass
 class BankEntry:

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .collapse import CollapseMeter
+from .data.builders import build_source, source_images
 from .data.streams import Stream
 from .defaults import parse_method
 from .methods import METHODS
@@ -27,41 +28,9 @@ from .models import BUILTIN, create_backbone
 from .runner import build_methods, method_settings, run, summarise
 from .svd_cache import default_svd_cache
 
-__all__ = ["build_source", "format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
+__all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
 
 ADAPTIVE = ("tent", "sar", "imse")
-
-
-def build_source(data: str, backbone_name: str, size: int, progress=None):
-    """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached; ``progress``
-    follows the download), or a folder of class folders (ImageNet wnids map to IN-1k labels)."""
-    from .data.sources import ImageFolderSource, imagenette_source
-
-    if data == "builtin":
-        if backbone_name != BUILTIN:
-            raise ValueError(
-                "--data builtin is the Fashion-MNIST split of the built-in backbone; use --data "
-                "imagenette or an image folder for ImageNet backbones"
-            )
-        from .data.fashion_mnist import BuiltinSource
-
-        return BuiltinSource()
-    if data == "imagenette":
-        return imagenette_source(size=size, progress=progress)
-    return ImageFolderSource(data, size=size)
-
-
-def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> torch.Tensor:
-    """Clean source-domain images for the bank's slot 0: the built-in backbone's shipped training sample, else
-    ``count`` clean images of the chosen data (float [0, 1])."""
-    if backbone == BUILTIN:
-        from .data.fashion_mnist import load_shipped, to_rgb32
-
-        images, _ = load_shipped("train_sample")
-        return to_rgb32(images[:count]).float() / 255
-    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count]
-    images, _ = source.load(order.tolist())
-    return images.float() / 255
 
 
 def default_lr(method: str, batch_size: int) -> float:
@@ -384,12 +353,10 @@ def run_shift_detection(
             if batch.first_of_domain and batch.domain_index > 0:
                 boundaries.append(batch.batch_index)
             descriptor = batch_descriptor(patch_tokens(base, batch.images.float() / 255))
-            score = detector.score(descriptor)
+            score, shift, _ = detector.observe(descriptor, len(batch.labels))
             scores.append(score if score is not None else 0.0)
-            if detector.is_shift(score):
+            if shift:
                 found.append(batch.batch_index)
-                detector.reset()
-            detector.update(descriptor, len(batch.labels))
         return found, boundaries, scores
 
     result: dict[str, Any] = {

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from .bank import ShiftDetector, batch_descriptor, patch_tokens
-from .bench import build_source, source_images
 from .collapse import CollapseMeter
+from .data.builders import build_source, source_images
 from .data.corruptions import ALL_CORRUPTIONS
 from .data.streams import SCENARIOS, Stream
 from .defaults import METHOD_CHOICES, lab_settings, parse_method, run_methods
@@ -370,11 +370,7 @@ def _count(state, record, method, retrieval, batch, detector, frozen) -> None:
         state.bank_size.append(events.get("bank_size", 0))
     else:
         descriptor = batch_descriptor(patch_tokens(frozen, batch.images.float() / 255))
-        score = detector.score(descriptor)
-        shift = detector.is_shift(score)
-        if shift:
-            detector.reset()
-        detector.update(descriptor, len(batch.labels))
+        score, shift, _ = detector.observe(descriptor, len(batch.labels))
         state.bank_size.append(0)
     state.shift_scores.append(score)
     if shift:

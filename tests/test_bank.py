@@ -217,3 +217,37 @@ def test_retrieval_without_source_images_starts_empty_and_says_so(builtin):
     assert len(method.bank) == 0 and "empty" in method.bank_note
     with pytest.raises(ValueError, match="retrieval"):
         create("imse", create_backbone("builtin"), retrieval="nearest")
+
+
+def test_observe_scores_decides_reseeds_and_folds_in_as_the_official_order():
+    """One call per batch, checked against the four steps written out: KL to the current EMA descriptor, a shift
+    above τ, a new domain started from the batch, the batch folded in (full batches only)."""
+    from imse.bank import Descriptor, ShiftDetector
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for domain, size in [(0, 64), (0, 64), (0, 32), (3, 64), (3, 64), (0, 64), (0, 64)]:
+        mean = torch.randn(8, generator=generator) * 0.05 + domain
+        batches.append((Descriptor(mean, 1 + 0.01 * torch.rand(8, generator=generator)), size))
+    detector = ShiftDetector(threshold=0.05, momentum=0.8, full_batch=64)
+    current, shifts = None, []
+    for index, (descriptor, size) in enumerate(batches):
+        expected_score = None if current is None else descriptor.distance(current)
+        expected_shift = expected_score is not None and expected_score > 0.05
+        ended = current if expected_shift else None
+        if expected_shift:
+            current = None
+        if size >= 64:
+            current = (
+                Descriptor(descriptor.mean.clone(), descriptor.var.clone())
+                if current is None
+                else Descriptor(0.8 * current.mean + 0.2 * descriptor.mean, 0.8 * current.var + 0.2 * descriptor.var)
+            )
+        score, shift, got_ended = detector.observe(descriptor, size)
+        assert score == expected_score and shift == expected_shift
+        assert (got_ended is None) == (ended is None)
+        if ended is not None:
+            assert torch.equal(got_ended.mean, ended.mean) and torch.equal(got_ended.var, ended.var)
+            shifts.append(index)
+        assert torch.equal(detector.current.mean, current.mean) and torch.equal(detector.current.var, current.var)
+    assert shifts == [3, 5]  # into domain 3 and back

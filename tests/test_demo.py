@@ -253,7 +253,7 @@ def test_the_space_path_loads_the_paper_backbone_and_imagenette_from_local_mirro
     cache, the archive downloads once with progress and is cached. No network."""
     from safetensors.torch import load_file
 
-    from imse.bench import build_source
+    from imse.data.builders import build_source
     from imse.models import create_backbone
 
     backbone_name, _ = default_backbone(hub_reachable=True, gpu=True)

@@ -4,7 +4,7 @@ extreme severities in a row — no NaN, no crash, and every method recovers on t
 import pytest
 import torch
 
-from imse.bench import source_images
+from imse.data.builders import source_images
 from imse.data.corruptions import corrupt
 from imse.data.fashion_mnist import BuiltinSource
 from imse.lab import LabConfig

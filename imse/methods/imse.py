@@ -118,19 +118,16 @@ class IMSE(SAMEntropyMethod):
     def _retrieve(self, x: torch.Tensor) -> dict[str, Any]:
         """Shift detection and code retrieval, before adapting on the batch (as the official code does)."""
         descriptor = batch_descriptor(patch_tokens(self.model, x))
-        score = self.detector.score(descriptor)
-        shift = self.detector.is_shift(score)
+        score, shift, ended = self.detector.observe(descriptor, x.shape[0])
         stored = retrieved = None
         if shift:
             stored = self.bank.store(
-                self.detector.current,
+                ended,
                 get_code(self.model),
                 copy.deepcopy(self.optimizer.state_dict()),
                 label=f"domain {self.detector_shifts + 1}",
             )
-            self.detector.reset()
             self.detector_shifts += 1
-        self.detector.update(descriptor, x.shape[0])
         distances = self.bank.distances(descriptor) if len(self.bank) else torch.zeros(0)
         if shift:
             if self.hparams["retrieval"] == "top1":

@@ -1,0 +1,44 @@
+"""Which images a run streams: a data name to a source, and the clean images that describe a bank's slot 0.
+
+Shared by the CLI's runs and the app's Lab (they used to live in ``bench.py``, which the Lab then imported).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import BUILTIN
+
+__all__ = ["build_source", "source_images"]
+
+
+def build_source(data: str, backbone_name: str, size: int, progress=None):
+    """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached; ``progress``
+    follows the download), or a folder of class folders (ImageNet wnids map to IN-1k labels)."""
+    from .sources import ImageFolderSource, imagenette_source
+
+    if data == "builtin":
+        if backbone_name != BUILTIN:
+            raise ValueError(
+                "--data builtin is the Fashion-MNIST split of the built-in backbone; use --data "
+                "imagenette or an image folder for ImageNet backbones"
+            )
+        from .fashion_mnist import BuiltinSource
+
+        return BuiltinSource()
+    if data == "imagenette":
+        return imagenette_source(size=size, progress=progress)
+    return ImageFolderSource(data, size=size)
+
+
+def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Clean source-domain images for the bank's slot 0: the built-in backbone's shipped training sample, else
+    ``count`` clean images of the chosen data (float [0, 1])."""
+    if backbone == BUILTIN:
+        from .fashion_mnist import load_shipped, to_rgb32
+
+        images, _ = load_shipped("train_sample")
+        return to_rgb32(images[:count]).float() / 255
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count]
+    images, _ = source.load(order.tolist())
+    return images.float() / 255
