@@ -52,6 +52,7 @@ def versions() -> dict[str, str]:
 
 
 def run_bench(
+    *,
     backbone: str = BUILTIN,
     weights: str | None = None,
     data: str = "builtin",
@@ -122,7 +123,7 @@ def run_bench(
     started = time.perf_counter()
     for seed in seeds:
         torch.manual_seed(seed)
-        wrapped = build_methods(base, backbone, specs, batch_size, clean_source, tuned=tuned)
+        wrapped = build_methods(base, backbone, specs, batch_size=batch_size, source_images=clean_source, tuned=tuned)
         config["settings"] = {spec: method_settings(method) for spec, method in wrapped.items()}
         config["lr"] = {spec: s["lr"] for spec, s in config["settings"].items() if "lr" in s}
         stream = Stream(
@@ -323,6 +324,7 @@ def _format_rounds(result: dict[str, Any]) -> str:
 
 
 def run_shift_detection(
+    *,
     backbone: str = BUILTIN,
     weights: str | None = None,
     data: str = "builtin",
@@ -379,7 +381,16 @@ def run_shift_detection(
         runs = []
         for seed in seeds:
             count = gradual_per_domain if scenario == "gradual" else per_domain
-            stream = Stream(source, scenario, "test", severity, count, batch_size, seed, device)
+            stream = Stream(
+                source,
+                scenario,
+                "test",
+                severity=severity,
+                per_domain=count,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+            )
             found, boundaries, scores = detections(stream)
             unmatched, hits = set(boundaries), 0
             for f in found:
@@ -405,7 +416,17 @@ def run_shift_detection(
     for name in stationary:
         per_pass = (len(source) // batch_size) * batch_size
         rounds = -(-stationary_batches // (per_pass // batch_size))
-        stream = Stream(source, "recurring", [name], severity, per_pass, batch_size, 0, device, rounds=rounds)
+        stream = Stream(
+            source,
+            "recurring",
+            [name],
+            severity=severity,
+            per_domain=per_pass,
+            batch_size=batch_size,
+            seed=0,
+            device=device,
+            rounds=rounds,
+        )
         found, _, scores = detections(stream)
         batches = len(stream)
         result["stationary"][name] = {

@@ -77,6 +77,7 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def train_builtin(
+    *,
     data_dir: str | None = None,
     out_dir: str = "assets/builtin",
     epochs: int = 40,

@@ -205,6 +205,7 @@ UPDATE_INTERVAL = 1.0
 
 def run_lab(
     config: LabConfig,
+    *,
     min_interval: float = UPDATE_INTERVAL,
     thumbnails: int = 6,
     time_limit: float | None = None,
@@ -231,7 +232,7 @@ def run_lab(
         return clean[0]
 
     specs = run_methods(asdict(config))
-    wrapped = build_methods(backbone, config.backbone, specs, config.batch_size, clean_source)
+    wrapped = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source)
     primary = _primary(wrapped)
     frozen = copy.deepcopy(backbone)
     inject(frozen, cache=default_svd_cache())

@@ -569,6 +569,7 @@ STEP_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 
 
 def run_perf(
+    *,
     device: str = "cpu",
     repeats: int = 5,
     batch: int = 64,

@@ -31,6 +31,7 @@ def build_methods(
     model: nn.Module,
     backbone: str,
     specs: Mapping[str, tuple[str, dict[str, Any]]],
+    *,
     batch_size: int,
     source_images: Callable[[], torch.Tensor | None] | None = None,
     tuned: bool = True,

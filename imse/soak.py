@@ -31,6 +31,7 @@ def non_finite_paths(value: Any, path: str = "") -> list[str]:
 
 
 def run_soak(
+    *,
     per_domain: int = 64,
     corruptions: tuple[str, ...] = CORRUPTIONS,
     methods: tuple[str, ...] = ("IMSE + retrieval (top-1)", "Source"),

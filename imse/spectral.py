@@ -21,6 +21,7 @@ __all__ = [
     "TARGET_PATHS",
     "CodeMismatchError",
     "SpectralLinear",
+    "code_layers",
     "find_vit",
     "get_code",
     "inject",
@@ -267,9 +268,34 @@ def set_path(model: nn.Module, path: str) -> None:
         layer.path = path
 
 
+def code_layers(model: nn.Module) -> dict[str, SpectralLinear]:
+    """The spectral layers keyed as a code keys them: by name relative to the ViT inside ``model``
+    (``blocks.0.attn.qkv``), so a code saved from a bare timm ViT fits the same ViT inside a wrapper (the
+    built-in backbone's ``model.``) and back. Models without a ViT keep their qualified names."""
+    layers = spectral_layers(model)
+    try:
+        prefix, _ = find_vit(model)
+    except ValueError:
+        return layers
+    cut = prefix + "." if prefix else ""
+    return {name.removeprefix(cut): layer for name, layer in layers.items()}
+
+
+def _relative(model: nn.Module, code: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``code`` keyed relative to the ViT: codes and banks written before codes were portable carry the
+    wrapper's prefix."""
+    try:
+        prefix, _ = find_vit(model)
+    except ValueError:
+        return dict(code)
+    cut = prefix + "." if prefix else ""
+    return {name.removeprefix(cut) if cut else name: value for name, value in code.items()}
+
+
 def get_code(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The spectral code: a detached copy of every layer's ``S``, keyed by the layer's qualified name."""
-    return {name: layer.S.detach().clone() for name, layer in spectral_layers(model).items()}
+    """The spectral code: a detached copy of every layer's ``S``, keyed by name relative to the ViT
+    (``code_layers``)."""
+    return {name: layer.S.detach().clone() for name, layer in code_layers(model).items()}
 
 
 def _check_code(layers: Mapping[str, SpectralLinear], code: Mapping[str, torch.Tensor]) -> None:
@@ -295,9 +321,10 @@ def _check_code(layers: Mapping[str, SpectralLinear], code: Mapping[str, torch.T
 def set_code(model: nn.Module, code: Mapping[str, torch.Tensor]) -> None:
     """Copy ``code`` into the model's ``S`` vectors; names and shapes must match exactly (nothing is changed
     if they do not)."""
-    layers = spectral_layers(model)
+    layers = code_layers(model)
     if not layers:
         raise CodeMismatchError("model has no spectral layers; call imse.spectral.inject(model) first")
+    code = _relative(model, code)
     _check_code(layers, code)
     for name, layer in layers.items():
         layer.S.copy_(code[name].to(device=layer.S.device, dtype=layer.S.dtype))
@@ -323,7 +350,7 @@ def save_code(path: str | os.PathLike, model: nn.Module, extra: Mapping[str, str
     """
     from .files import save_safetensors_atomic
 
-    layers = spectral_layers(model)
+    layers = code_layers(model)
     if not layers:
         raise CodeMismatchError("model has no spectral layers to save")
     path = Path(path)
@@ -366,12 +393,13 @@ def load_code(
         code = {name: code[name] for name in order}  # safetensors sorts keys; keep the model's layer order
     if model is None:
         return code
-    layers = spectral_layers(model)
+    layers = code_layers(model)
     if not layers:
         raise CodeMismatchError("model has no spectral layers; call imse.spectral.inject(model) first")
+    code = _relative(model, code)
     _check_code(layers, code)
     if check_source and "source_fingerprint" in metadata:
-        saved = json.loads(metadata["source_fingerprint"])
+        saved = _relative(model, json.loads(metadata["source_fingerprint"]))
         current = _source_fingerprint(layers)
         differing = [
             name

@@ -94,6 +94,7 @@ def _choose(stage: dict[str, Any], default: str, distance) -> str:
 
 
 def run_sweep(
+    *,
     backbone: str = BUILTIN,
     weights: str | None = None,
     data: str = "builtin",

@@ -230,7 +230,7 @@ def start_lab(
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
 ) -> Iterator[tuple]:
-    """Stream a run: (status, 6 figures, results table, download) at most ~2 times a second. A first run on
+    """Stream a run: (status, 6 figures, results table, download) about once a second. A first run on
     Imagenette downloads it once, with a progress bar.
 
     The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, and the

@@ -105,7 +105,8 @@ def test_the_labs_collapse_curves_equal_what_the_records_and_the_model_say():
     backbone = create_backbone(BUILTIN)
     from imse.data.fashion_mnist import BuiltinSource
 
-    batch = next(iter(Stream(BuiltinSource(), "single", ("contrast",), 3, 128, 64, 0)))
+    stream = Stream(BuiltinSource(), "single", ("contrast",), severity=3, per_domain=128, batch_size=64, seed=0)
+    batch = next(iter(stream))
     names = [f"model.blocks.{b}.{p}" for b in (3, 4, 5) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     inputs = layer_inputs(backbone, names, batch.images.float() / 255)
     expected = [independent_expert_std(inputs[n], backbone.get_submodule(n).weight) for n in names]

@@ -312,3 +312,30 @@ def test_svd_cache_hits_are_exact_and_corrupted_entries_are_rebuilt(tmp_path):
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
     path.write_bytes(b"truncated")
     assert all(torch.equal(g, e) for g, e in zip(cache.decompose(weight), expected)) and cache.rejected == 2
+
+
+def test_a_code_saved_from_a_bare_vit_loads_into_the_wrapped_one_and_back(tmp_path):
+    """Code keys are relative to the ViT, so the built-in wrapper (which holds its ViT as ``model``) and the bare
+    timm ViT exchange codes; a code written with the wrapper's prefix (before codes were portable) still loads."""
+    import copy
+
+    from imse.models import BUILTIN, create_backbone
+
+    wrapped = create_backbone(BUILTIN)
+    bare = copy.deepcopy(wrapped.model)
+    inject(wrapped)
+    inject(bare)
+    with torch.no_grad():
+        for layer in spectral_layers(bare).values():
+            layer.S.mul_(1.0 + 0.01 * torch.arange(layer.rank, dtype=layer.S.dtype) / layer.rank)
+    path = save_code(tmp_path / "bare.safetensors", bare)
+    code = load_code(path, wrapped)
+    assert all(name.startswith("blocks.") for name in code)
+    for name, layer in spectral_layers(bare).items():
+        assert torch.equal(wrapped.get_submodule("model." + name).S, layer.S)
+    reset_code(bare)
+    load_code(save_code(tmp_path / "wrapped.safetensors", wrapped), bare)
+    assert all(torch.equal(bare.get_submodule(n).S, get_code(wrapped)[n]) for n in get_code(bare))
+    reset_code(wrapped)
+    set_code(wrapped, {"model." + name: value for name, value in get_code(bare).items()})  # the old keys
+    assert all(torch.equal(a, b) for a, b in zip(get_code(wrapped).values(), get_code(bare).values()))

@@ -98,6 +98,7 @@ class Stream:
         source: Source | None,
         scenario: str = "continual",
         corruptions: str | Sequence[str] = "test",
+        *,
         severity: int = 5,
         per_domain: int = 1000,
         batch_size: int = 64,
