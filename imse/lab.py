@@ -9,15 +9,11 @@ batch — from which ``imse.viz`` draws figures. It yields that state at most a 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import reprlib
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,10 +28,10 @@ from .methods import METHODS
 from .methods.base import TTAMethod
 from .models import BUILTIN, HUB_BACKBONES, create_backbone
 from .runner import build_methods, run, summarise, top_class_share
-from .spectral import inject, save_code, spectral_layers
+from .spectral import inject, spectral_layers
 from .svd_cache import default_svd_cache
 
-__all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "export_run", "run_lab", "validate"]
+__all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "method_name", "primary_label", "run_lab", "validate"]
 
 MAX_IMAGES = 200_000  # per run: keeps a public Space's runs bounded
 MAX_BATCH = 256
@@ -189,13 +185,13 @@ class LabState:
         return [c / n for c, n in zip(self.correct[method], self.seen)]
 
 
-def _method_name(label: str) -> str:
+def method_name(label: str) -> str:
     return parse_method(METHOD_CHOICES[label])[0]
 
 
-def _primary(methods: dict) -> str:
+def primary_label(methods: dict) -> str:
     """The method whose internals the panels show: the first IMSE variant, else the first method."""
-    return next((label for label in methods if _method_name(label) == "imse"), next(iter(methods)))
+    return next((label for label in methods if method_name(label) == "imse"), next(iter(methods)))
 
 
 # The app's pace: a panel update after at least this much computing. Each update costs a heatmap snapshot here and
@@ -233,7 +229,7 @@ def run_lab(
 
     specs = run_methods(asdict(config))
     wrapped = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source)
-    primary = _primary(wrapped)
+    primary = primary_label(wrapped)
     frozen = copy.deepcopy(backbone)
     inject(frozen, cache=default_svd_cache())
     meter = CollapseMeter(frozen, blocks=METHODS["imse"].defaults["diversity_blocks"])
@@ -409,65 +405,3 @@ def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnai
         "after": method.model(x[:k]).argmax(-1).tolist(),  # the adapted model, after this batch's update
         "domain": record["domain"],
     }
-
-
-def export_run(state: LabState, directory: str | Path) -> Path:
-    """A zip with the run's records (JSON), the primary method's final spectral code and, when it kept one,
-    its domain bank (safetensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if not state.finished:
-        raise ValueError("the run has not finished")
-    records = []
-    for record in state.records:
-        clean = {k: v for k, v in record.items() if k != "methods"}
-        clean["methods"] = {
-            label: {
-                "correct": r["correct"],
-                "seconds": r["seconds"],
-                "step": r["step"],
-            }
-            for label, r in record["methods"].items()
-        }
-        records.append(clean)
-    methods = state.final_methods
-    primary = _primary(methods)
-    # a directory of its own per export: runs of several users finishing in the same second never collide
-    archive = Path(tempfile.mkdtemp(prefix="run-", dir=directory)) / "imse-lab-run.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("records.json", json.dumps({"config": state.config, "summary": state.summary, "records": records}))
-        # through the library's own writers, so that load_code / load_bank take them back
-        if spectral_layers(methods[primary].model):
-            buffer = save_code(
-                archive.parent / "spectral_code.safetensors", methods[primary].model, {"method": primary}
-            )
-            zf.write(buffer, "spectral_code.safetensors")
-            buffer.unlink()
-        bank = getattr(methods[primary], "bank", None)
-        if bank is not None and len(bank):
-            buffer = archive.parent / "domain_bank.safetensors"
-            methods[primary].save_bank(buffer)
-            zf.write(buffer, "domain_bank.safetensors")
-            buffer.unlink()
-    return archive
-
-
-def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
-    """The results table: one row per method, per-domain accuracy (%), the mean, the gain over Source (points),
-    and the collapse readouts: mean expert-alignment std in the last blocks, share of the most-predicted class."""
-    if not state.summary:
-        return ["method"], []
-    first = next(iter(state.summary.values()))
-    headers = ["method"] + [f"{d['name']}-{d['severity']}" for d in first["domains"]] + ["mean"]
-    source = next((label for label in state.summary if _method_name(label) == "source"), None)
-    headers += (["vs Source (pts)"] if source else []) + ["expert std", "top-class share (%)"]
-    rows = []
-    for label, entry in state.summary.items():
-        row = [label] + [round(100 * d["accuracy"], 1) for d in entry["domains"]]
-        row.append(round(100 * entry["mean_accuracy"], 2))
-        if source:
-            row.append(round(100 * (entry["mean_accuracy"] - state.summary[source]["mean_accuracy"]), 2))
-        std = entry.get("mean_expert_std")
-        row += [None if std is None else round(std, 4), round(100 * entry["mean_top_class_share"], 1)]
-        rows.append(row)
-    return headers, rows

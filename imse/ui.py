@@ -18,7 +18,8 @@ import torch
 from . import serving, teach, viz
 from .data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from .defaults import PRESETS, default_backbone, lab_settings
-from .lab import METHOD_CHOICES, LabConfig, export_run, run_lab, summary_rows, validate
+from .lab import METHOD_CHOICES, LabConfig, run_lab, validate
+from .lab_results import export_run, summary_rows
 from .models import BUILTIN, HUB_BACKBONES, BackboneUnavailable, hub_reachable
 from .spectral import spectral_layers
 

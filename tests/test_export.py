@@ -5,7 +5,8 @@ import zipfile
 
 import torch
 
-from imse.lab import LabConfig, export_run, run_lab
+from imse.lab import LabConfig, run_lab
+from imse.lab_results import export_run
 from imse.methods import create
 from imse.models import BUILTIN, create_backbone
 from imse.spectral import load_code

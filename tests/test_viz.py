@@ -7,7 +7,8 @@ import json
 import pytest
 
 from imse import viz
-from imse.lab import LabConfig, run_lab, summary_rows
+from imse.lab import LabConfig, run_lab
+from imse.lab_results import summary_rows
 
 LIVE = (
     viz.accuracy_figure,
