@@ -10,7 +10,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -20,9 +20,18 @@ from .data.streams import Stream
 from .defaults import tuned_settings
 from .images import as_float_images
 from .methods import create
-from .methods.base import TTAMethod
+from .methods.base import StepRecord, TTAMethod
 
-__all__ = ["bank_summary", "build_methods", "method_settings", "run", "summarise", "top_class_share"]
+__all__ = [
+    "BatchRecord",
+    "MethodResult",
+    "bank_summary",
+    "build_methods",
+    "method_settings",
+    "run",
+    "summarise",
+    "top_class_share",
+]
 
 ADAPTIVE = ("tent", "sar", "imse")
 
@@ -63,16 +72,38 @@ def method_settings(method: TTAMethod) -> dict[str, Any]:
     return settings
 
 
+class MethodResult(TypedDict, total=False):
+    """One method's part of a batch record."""
+
+    correct: int  # right answers among the batch's pre-update predictions
+    predictions: list[int]
+    seconds: float  # the method's wall time on this batch
+    step: StepRecord  # the method's own record of the call
+    expert_std: list[float]  # per layer of the last blocks, with a CollapseMeter
+
+
+class BatchRecord(TypedDict):
+    """What ``run`` yields per batch."""
+
+    batch_index: int
+    domain: str  # "fog-5"
+    corruption: str
+    severity: int
+    domain_index: int  # position of the domain in the stream (a revisited domain gets a new index)
+    n: int  # images in the batch
+    methods: dict[str, MethodResult]  # by label
+
+
 def run(
     methods: Mapping[str, TTAMethod],
     stream: Stream,
     progress: bool = False,
     meter: CollapseMeter | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Yield one record per batch: domain, severity, batch size and, per method, correct count, predictions,
-    step record and seconds. In the ``single`` scenario every method is reset before
-    each domain. With a ``meter``, each method's record also holds its per-layer expert-alignment std
-    (``expert_std``, the collapse metric) from the forward pass its predictions came from."""
+) -> Iterator[BatchRecord]:
+    """Yield one record per batch (``BatchRecord``): domain, severity, batch size and, per method, correct count,
+    predictions, step record and seconds. In the ``single`` scenario every method is reset before each domain.
+    With a ``meter``, each method's record also holds its per-layer expert-alignment std (``expert_std``, the
+    collapse metric) from the forward pass its predictions came from."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -83,7 +114,7 @@ def run(
             for method in methods.values():
                 method.reset()
         x = as_float_images(batch.images)  # the stream's uint8 frames, as every entry point reads them
-        record: dict[str, Any] = {
+        record: BatchRecord = {
             "batch_index": batch.batch_index,
             "domain": batch.domain.name,
             "corruption": batch.domain.corruption,

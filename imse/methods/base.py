@@ -9,7 +9,7 @@ whether the update was applied, and optionally the alignment std of every spectr
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import nn
@@ -19,7 +19,35 @@ from ..losses import AlignmentProbe, entropy_margin, masked_mean, softmax_entrop
 from ..sam import SAM
 from ..spectral import spectral_layers
 
-__all__ = ["SAMEntropyMethod", "TTAMethod"]
+__all__ = ["SAMEntropyMethod", "StepRecord", "TTAMethod"]
+
+
+class StepRecord(TypedDict, total=False):
+    """What one ``method(x)`` call records (``method.last_record``): plain numbers, JSON-ready. Every method
+    sets the first four; the SAM-entropy methods (SAR, IMSE) the losses and the skip; IMSE with retrieval the
+    bank's events; ``record_alignment=True`` adds every spectral layer's per-expert alignment std."""
+
+    method: str  # "source", "tent", "sar", "imse"
+    step: int  # calls so far, this one included
+    batch_size: int
+    skipped_updates: int  # updates skipped so far (no reliable sample, non-finite loss or gradient)
+    entropy: float  # mean prediction entropy of the batch, before the update
+    num_reliable: int  # samples under the entropy margin E0 (step 1)
+    num_reliable_second: int  # the same at SAM's perturbed point (step 2)
+    entropy_loss: float | None
+    diversity: float | None  # L_dm (IMSE)
+    loss: float | None
+    loss_second: float | None
+    grad_norm: float | None
+    updated: bool
+    skip_reason: str | None  # why this batch did not update, else None
+    alignment_std: dict[str, list[float]]  # layer -> per-expert std (record_alignment=True)
+    shift_score: float | None  # IMSE with retrieval: KL to the current domain, None before the first
+    shift_detected: bool
+    stored_slot: int | None
+    retrieved_slot: int | str | None  # a slot, "mix", or None
+    slot_distances: list[float]
+    bank_size: int
 
 
 # Settings every method has: "bf16" runs the forward passes under bfloat16 autocast (GPU, or CPUs with AMX).
@@ -57,7 +85,7 @@ class TTAMethod(nn.Module):
             param.requires_grad_(True)
         self.optimizer = self.build_optimizer(list(self.trainable.values())) if self.trainable else None
         self.probe = AlignmentProbe(spectral_layers(model))
-        self.last_record: dict[str, Any] = {}
+        self.last_record: StepRecord = {}
         self.steps = 0
         self.skipped_updates = 0
         self._initial_params = {name: p.detach().clone() for name, p in self.trainable.items()}
