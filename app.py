@@ -101,11 +101,15 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     batch_plot = gr.Plot(empty[5], label="Current batch")
                 results = gr.Dataframe(label="Results (%, mean over the run)", interactive=False, visible=False)
                 download = gr.File(label="Download the run (records JSON, spectral code, bank)", visible=False)
-        settings = [backbone, scenario, corruptions, severity, methods, batch_size, per_domain, seed, imse_lr]
-        settings += [lambda_dm, tau, rounds]
-        inputs = [*settings, device, show_source]
-        outputs = [status, accuracy_plot, collapse_plot, alignment_plot, shift_plot, bank_plot, batch_plot, results]
-        outputs += [download]
+        # wired by name, in the orders ui.start_lab and its API callers use (ui.START_INPUTS / START_OUTPUTS)
+        widgets = dict(backbone=backbone, scenario=scenario, corruptions=corruptions, severity=severity)
+        widgets.update(methods=methods, batch_size=batch_size, per_domain=per_domain, seed=seed, imse_lr=imse_lr)
+        widgets.update(lambda_dm=lambda_dm, tau=tau, rounds=rounds, device=device, show_source=show_source)
+        settings = [widgets[name] for name in ui.SETTINGS]
+        inputs = [widgets[name] for name in ui.START_INPUTS]
+        shown = dict(status=status, accuracy=accuracy_plot, collapse=collapse_plot, alignment=alignment_plot)
+        shown.update(shifts=shift_plot, bank=bank_plot, batch=batch_plot, results=results, download=download)
+        outputs = [shown[name] for name in ui.START_OUTPUTS]
         run_events = [start.click(start_lab, inputs, outputs, api_name="start", concurrency_id="runs")]
         for key, button in preset_buttons.items():
             loaded = button.click(
