@@ -1,0 +1,148 @@
+"""The data side: SVD start-up with the disk cache, the corruption engine, a whole stream's batches."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..methods import create
+from ..spectral import inject
+from .timing import _sync, _time_interleaved, _vit
+
+
+def bench_svd(device: torch.device, repeats: int, model_name: str) -> dict:
+    """One-time cost of decomposing every target layer (float64 SVD), what a user waits for at start-up: cold
+    (no cache: SVD, hashing and writing the cache) and warm (the factors read back from the disk cache)."""
+    import tempfile
+
+    from ..svd_cache import SVDCache
+
+    cold, warm = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as directory:
+            cache = SVDCache(directory)
+            for samples in (cold, warm):
+                model = _vit(model_name, device)
+                _sync(device)
+                start = time.perf_counter()
+                names = inject(model, cache=cache)
+                _sync(device)
+                samples.append(time.perf_counter() - start)
+            assert cache.hits == len(names) and cache.misses == len(names)
+        uncached = _vit(model_name, device)
+        start = time.perf_counter()
+        inject(uncached)
+        _sync(device)
+    plain = time.perf_counter() - start
+    return {
+        "model": model_name,
+        "layers": len(names),
+        "inject_s": plain,
+        "cold_cached_s": statistics.median(cold),
+        "warm_s": statistics.median(warm),
+        "warm_speedup": statistics.median(cold) / statistics.median(warm),
+        "target_speedup": 10.0,
+        "repeats": repeats,
+    }
+
+
+def _benchmark_images(count: int, size: int) -> torch.Tensor:
+    """Real photos when scikit-image is installed (the speed of some corruptions, JPEG above all, depends on
+    content), else smooth random images."""
+    try:
+        import numpy as np
+        from PIL import Image
+        from skimage import data
+
+        names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+        photos = []
+        for name in names:
+            image = Image.fromarray(getattr(data, name)()).convert("RGB").resize((size, size), Image.BILINEAR)
+            photos.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        return torch.stack([photos[i % len(photos)] for i in range(count)])
+    except ImportError:
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.rand(count, 3, size // 8, size // 8, generator=generator)
+        smooth = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+        return (smooth.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def bench_corruptions(device: torch.device, repeats: int, batch: int = 64, size: int = 224, severity: int = 3) -> dict:
+    """Batched ``corrupt`` of ``batch`` images vs corrupt-tta applied image by image on the CPU (the reference
+    implementation, if installed), per test corruption, median seconds; speedup = reference / ours."""
+    from ..data.corruptions import CORRUPTIONS, corrupt
+
+    images = _benchmark_images(batch, size)
+    on_device = images.to(device)
+    try:
+        import corrupt_tta
+        import numpy as np
+    except ImportError:
+        corrupt_tta = None
+    rows = {}
+    for name in CORRUPTIONS:
+        generator = torch.Generator(device).manual_seed(0)
+
+        def run(name=name, generator=generator):
+            corrupt(on_device, name, severity, generator=generator)
+
+        ours = _time_interleaved({name: run}, repeats, 1, device)
+        row = {"ours_s": ours[name]}
+        if corrupt_tta is not None:
+            arrays = [image.permute(1, 2, 0).numpy() for image in images]
+            samples = []
+            budget = time.perf_counter() + 20.0  # glass blur's reference takes ~10 s per batch: fewer repeats
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for array in arrays:
+                    np.uint8(np.clip(corrupt_tta.corrupt(array, severity=severity, corruption_name=name), 0, 255))
+                samples.append(time.perf_counter() - start)
+                if time.perf_counter() > budget:
+                    break
+            row["reference_s"] = statistics.median(samples)
+            row["speedup"] = row["reference_s"] / row["ours_s"]
+        rows[name] = row
+    result = {"batch": batch, "size": size, "severity": severity, "device": str(device), "per_corruption": rows}
+    speedups = [row["speedup"] for row in rows.values() if "speedup" in row]
+    if speedups:
+        result["median_speedup"] = statistics.median(speedups)
+        result["slowest_speedup"] = min(speedups)
+        result["target"] = "median >= 5, none < 1"
+    return result
+
+
+def bench_stream(device: torch.device, repeats: int, batch: int = 64, severity: int = 5) -> dict:
+    """Corrupting a batch vs the IMSE step that consumes it, per corruption, on the same device: the built-in
+    backbone at 32 px on the CPU, ViT-B/16 (random init; timing only) at 224 px on a GPU."""
+    from ..data.corruptions import CORRUPTIONS, corrupt
+    from ..models import create_backbone
+
+    if device.type == "cpu":
+        backbone, size, label = create_backbone("builtin", device=device), 32, "builtin"
+    else:
+        backbone, size, label = _vit("vit_base_patch16_224", device), 224, "vit_base_patch16_224"
+    imse = create("imse", backbone, margin=1.0)
+    images = _benchmark_images(batch, size).to(device)
+    x = images.float() / 255
+    step = _time_interleaved({"step": lambda: imse(x)}, repeats, 2, device)["step"]
+    rows = {}
+    for name in CORRUPTIONS:
+        generator = torch.Generator(device).manual_seed(0)
+        seconds = _time_interleaved(
+            {name: lambda name=name, g=generator: corrupt(images, name, severity, generator=g)}, repeats, 1, device
+        )[name]
+        rows[name] = {"corrupt_s": seconds, "share_of_step": seconds / step}
+    worst = max(rows, key=lambda n: rows[n]["share_of_step"])
+    return {
+        "model": label,
+        "size": size,
+        "batch": batch,
+        "severity": severity,
+        "imse_step_s": step,
+        "per_corruption": rows,
+        "worst": worst,
+        "worst_share": rows[worst]["share_of_step"],
+        "target": 0.10,
+    }

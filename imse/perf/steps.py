@@ -1,0 +1,165 @@
+"""Step benchmarks: IMSE vs SAR, small batches vs the official rebuild-every-forward, bf16, merged inference."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..methods import create
+from ..spectral import SpectralLinear, get_code, inject, merge, set_code, spectral_layers
+from .floors import step_floor
+from .timing import _time_interleaved, _vit
+
+
+def bench_merged_forward(device: torch.device, batch: int, repeats: int, model_name: str) -> dict:
+    """Adapted-then-merged IMSE model vs the plain timm model: inference cost once the code is folded in."""
+    plain = _vit(model_name, device)
+    adapted = copy.deepcopy(plain)
+    inject(adapted)
+    code = {name: s * (1 + 0.01 * torch.randn_like(s)) for name, s in get_code(adapted).items()}
+    set_code(adapted, code)  # a non-trivial code, as after adaptation
+    merge(adapted)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+
+    def forward(model):
+        def run():
+            with torch.inference_mode():
+                model(x)
+
+        return run
+
+    t = _time_interleaved({"plain": forward(plain), "merged": forward(adapted)}, repeats, 3, device)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "plain_forward_s": t["plain"],
+        "merged_forward_s": t["merged"],
+        "ratio": t["merged"] / t["plain"],
+        "target": 1.02,
+    }
+
+
+def bench_step(device: torch.device, batch: int, repeats: int, model_name: str) -> dict:
+    """One IMSE adaptation step vs one SAR step (both two SAM passes) on the same batch, with the GEMM floor.
+
+    A random-init model predicts near-uniformly, so no sample would pass ``H < 0.4 ln C`` and both methods
+    would skip their updates; ``margin=1.0`` (``E0 = ln C``) keeps every sample so both do full updates.
+    """
+    imse = create("imse", _vit(model_name, device), margin=1.0)
+    sar = create("sar", _vit(model_name, device), margin=1.0, batch_size=batch)
+    floor = step_floor(sar.model, batch)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    t = _time_interleaved({"sar": lambda: sar(x), "imse": lambda: imse(x)}, repeats, 1, device)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "sar_step_s": t["sar"],
+        "imse_step_s": t["imse"],
+        "ratio": t["imse"] / t["sar"],
+        "floor_ratio": floor["ratio"],
+        "floor": floor,
+        "target": 1.1 * floor["ratio"],
+        "sar_gmacs_per_s": floor["sar_macs"] / t["sar"] / 1e9,
+        "imse_gmacs_per_s": floor["imse_macs"] / t["imse"] / 1e9,
+        "both_updated": bool(imse.last_record["updated"] and sar.last_record["updated"]),
+        "imse_trainable": imse.num_trainable(),
+        "sar_trainable": sar.num_trainable(),
+    }
+
+
+def bench_precision(device: torch.device, batch: int, repeats: int, model_name: str, per_domain: int) -> dict:
+    """bfloat16 autocast: what it buys and what it costs.
+
+    Speed: IMSE and SAR steps on ``model_name`` at ``batch`` under bf16 autocast, timed interleaved with the
+    float32 IMSE step (images/s, the bf16 IMSE/SAR ratio against the same GEMM floor, the bf16 speedup).
+    Accuracy: ``python -m imse bench``'s built-in continual stream (15 test corruptions x ``per_domain``,
+    severity 5, seed 0) through IMSE in float32 and in bf16, on the same corrupted batches.
+    """
+    from ..bench import run_bench
+
+    steps = {
+        "imse_bf16": create("imse", _vit(model_name, device), margin=1.0, precision="bf16"),
+        "sar_bf16": create("sar", _vit(model_name, device), margin=1.0, batch_size=batch, precision="bf16"),
+        "imse_fp32": create("imse", _vit(model_name, device), margin=1.0),
+    }
+    floor = step_floor(steps["sar_bf16"].model, batch)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    t = _time_interleaved({name: lambda m=method, x=x: m(x) for name, method in steps.items()}, repeats, 1, device)
+    updated = all(method.last_record["updated"] for method in steps.values())
+    del steps, x  # free the three ViTs before the accuracy runs
+    accuracy = run_bench(
+        methods=("imse", "imse@precision=bf16"), per_domain=per_domain, device=str(device), progress=False
+    )["methods"]
+    fp32, bf16 = accuracy["imse"]["mean_accuracy"], accuracy["imse@precision=bf16"]["mean_accuracy"]
+    return {
+        "model": model_name,
+        "batch": batch,
+        "imse_bf16_step_s": t["imse_bf16"],
+        "sar_bf16_step_s": t["sar_bf16"],
+        "imse_fp32_step_s": t["imse_fp32"],
+        "imse_bf16_images_per_s": batch / t["imse_bf16"],
+        "ratio": t["imse_bf16"] / t["sar_bf16"],
+        "floor_ratio": floor["ratio"],
+        "bf16_speedup": t["imse_fp32"] / t["imse_bf16"],
+        "all_updated": updated,
+        "accuracy": {
+            "stream": f"built-in continual, 15 x {per_domain} images, severity 5, seed 0",
+            "images": sum(domain["n"] for domain in accuracy["imse"]["domains"]),
+            "fp32_mean": fp32,
+            "bf16_mean": bf16,
+            "difference_points": 100 * (bf16 - fp32),
+            "target_points": 0.3,
+        },
+    }
+
+
+class RebuildEveryForward(SpectralLinear):
+    """The official implementation's layer, the small-batch baseline: ``U diag(S) Vh`` rebuilt on every call
+    (autograd then needs the weight-gradient GEMM and the rebuild's backward), and the alignment statistics'
+    projection ``x Vhᵀ`` computed by a GEMM of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.projection_hook is not None:
+            self.projection_hook(x, torch.nn.functional.linear(x, self.Vh))
+        return torch.nn.functional.linear(x, self.weight(), self.bias)
+
+
+def _as_rebuild_every_forward(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in spectral_layers(model).values():
+        layer.__class__ = RebuildEveryForward
+    return model
+
+
+def bench_small_batch(device: torch.device, repeats: int, model_name: str, batch: int) -> dict:
+    """Ours (per-call choice of merged weight / factored path) vs rebuilding ``U diag(S) Vh`` on every forward:
+    one IMSE step, and inference with an adapted (unmerged) code, at ``batch``; speedup = reference / ours."""
+    from ..svd_cache import default_svd_cache
+
+    plain = _vit(model_name, device)
+    inject(plain, cache=default_svd_cache())
+    set_code(plain, {name: s * (1 + 0.01 * torch.randn_like(s)) for name, s in get_code(plain).items()})
+    ours = create("imse", copy.deepcopy(plain), margin=1.0)
+    reference = create("imse", _as_rebuild_every_forward(copy.deepcopy(plain)), margin=1.0)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    step = _time_interleaved({"ours": lambda: ours(x), "reference": lambda: reference(x)}, repeats, 1, device)
+
+    def infer(model):
+        def run():
+            with torch.inference_mode():
+                model(x)
+
+        return run
+
+    inference = _time_interleaved({"ours": infer(ours.model), "reference": infer(reference.model)}, repeats, 2, device)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "step_ours_s": step["ours"],
+        "step_reference_s": step["reference"],
+        "step_speedup": step["reference"] / step["ours"],
+        "inference_ours_s": inference["ours"],
+        "inference_reference_s": inference["reference"],
+        "inference_speedup": inference["reference"] / inference["ours"],
+        "target": ">= 3 at batch 1, >= 1 at batch 64",
+    }
