@@ -30,8 +30,6 @@ from .svd_cache import default_svd_cache
 
 __all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
 
-ADAPTIVE = ("tent", "sar", "imse")
-
 
 def default_lr(method: str, batch_size: int) -> float:
     cls = METHODS[method]
@@ -106,8 +104,8 @@ def run_bench(
         "rounds": rounds if scenario == "recurring" else None,
         "device": device,
     }
-    for name, lr in lrs.items():  # a sweep file's or --lr's rate comes before a spec's own overrides
-        specs = {spec: (n, {"lr": lr, **extra} if n == name else extra) for spec, (n, extra) in specs.items()}
+    # a sweep file's or --lr's rate comes before a spec's own overrides
+    specs = {spec: (n, {"lr": lrs[n], **extra} if n in lrs else extra) for spec, (n, extra) in specs.items()}
     clean: list[torch.Tensor] = []  # slot 0's source images, loaded once, and only if a method retrieves
 
     def clean_source() -> torch.Tensor | None:
@@ -240,11 +238,11 @@ def gains_over_source(result: dict[str, Any]) -> dict[str, list[float]]:
     source = _source_key(result)
     if source is None:
         return {}
+    seeds = result["per_seed"]
     return {
-        name: [100 * (s["methods"][name]["mean_accuracy"] - s["methods"][source]["mean_accuracy"]) for s in runs]
+        name: [100 * (s["methods"][name]["mean_accuracy"] - s["methods"][source]["mean_accuracy"]) for s in seeds]
         for name in result["methods"]
         if name != source
-        for runs in [result["per_seed"]]
     }
 
 
@@ -285,7 +283,7 @@ def format_summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"\n{name}, over {len(result['per_seed'])} seed(s): {b['detections']} detections found "
                 f"{b['boundaries_detected']} of {b['boundaries']} domain boundaries; of the retrievals where a code of "
-                f"the incoming corruption was stored ({b.get('retrievals_with_own_code_stored', '?')}), "
+                f"the incoming corruption was stored ({b['retrievals_with_own_code_stored']}), "
                 f"{b['retrieved_same_corruption']} brought that code back; the others retrieved another "
                 f"corruption's code {b['retrieved_other_corruption']} times, the source's {b['retrieved_source']}."
             )

@@ -29,7 +29,6 @@ __all__ = [
 
 # backbone -> its validation sweep's JSON under assets/results
 SWEEPS: dict[str, str] = {BUILTIN: "sweep_builtin.json"}
-_BATCH_SCALED = ("tent", "sar")  # their lr scales with batch/64 (official): stored as base_lr at batch 64
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -65,7 +64,7 @@ def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
         return {}
     entry = sweep["methods"][method]
     settings = dict(entry.get("chosen") or {"lr": entry["lr"]})
-    if method in _BATCH_SCALED:
+    if "base_lr" in METHODS[method].defaults:  # TENT and SAR: lr = base_lr · batch/64, as the official code
         settings["base_lr"] = settings.pop("lr") * 64 / sweep["protocol"]["batch_size"]
     return settings
 
@@ -82,7 +81,6 @@ METHOD_CHOICES: dict[str, str] = {
     "TENT": "tent",
     "Source": "source",
 }
-SHIFT_THRESHOLD = 0.05  # τ, the official value
 
 
 @dataclass(frozen=True)
@@ -179,7 +177,7 @@ def lab_settings(preset: str = "default", backbone: str = BUILTIN) -> dict[str, 
         seed=0,
         imse_lr=float(imse["lr"]),
         lambda_dm=float(imse["lambda_dm"]),
-        tau=SHIFT_THRESHOLD,
+        tau=float(imse["shift_threshold"]),  # τ, the official value
         rounds=3,
         data=BUILTIN if backbone == BUILTIN else "imagenette",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypedDict
 
@@ -150,10 +151,7 @@ def top_class_share(predictions: list[int]) -> float:
     """The share of the most frequent prediction: 1/C for balanced answers, 1.0 when a model answers alike."""
     if not predictions:
         return 0.0
-    counts: dict[int, int] = {}
-    for p in predictions:
-        counts[p] = counts.get(p, 0) + 1
-    return max(counts.values()) / len(predictions)
+    return max(Counter(predictions).values()) / len(predictions)
 
 
 def bank_summary(records: list[dict[str, Any]], name: str) -> dict[str, Any] | None:

@@ -20,8 +20,9 @@ import math
 import statistics
 from typing import Any
 
-from .bench import ADAPTIVE, default_lr, run_bench, versions
+from .bench import default_lr, run_bench, versions
 from .models import BUILTIN
+from .runner import ADAPTIVE
 
 __all__ = ["CHECKS", "LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "run_sweep"]
 

@@ -83,7 +83,7 @@ def backbone_choices() -> list[tuple[str, str]]:
 def startup_backbone(timeout: float = 3.0) -> tuple[str, str]:
     """The backbone the Lab opens with, and the note shown under the title (``imse.defaults.default_backbone``):
     the hub is probed for at most ``timeout`` s, and not at all offline, so the page is up within seconds."""
-    reachable = not offline() and hub_reachable(timeout)
+    reachable = hub_reachable(timeout)  # False at once under HF_HUB_OFFLINE
     return default_backbone(reachable, serving.gpu_present())
 
 

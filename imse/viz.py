@@ -17,6 +17,8 @@ import math
 import plotly.graph_objects as go
 import torch
 
+from .lab import method_name
+
 __all__ = [
     "Figure",
     "accuracy_figure",
@@ -119,7 +121,7 @@ def _domain_marks(domains: list[dict], xref: str = "x", label: bool = True) -> t
 
 
 def _source_label(state) -> str | None:
-    return next((m for m in state.methods if m == "Source"), None)
+    return next((m for m in state.methods if method_name(m) == "source"), None)  # as the results table finds it
 
 
 def gains_over_source(state) -> dict[str, float]:
@@ -204,7 +206,7 @@ def shift_figure(state) -> Figure:
     # huge relative shifts and wash every other expert out to white
     magnitudes = sorted(abs(v) for row in state.shift_rel for v in row if math.isfinite(v))
     bound = max(1e-6, magnitudes[int(0.99 * (len(magnitudes) - 1))] if magnitudes else 0.0)
-    frozen = set(getattr(state, "frozen_layers", ()))
+    frozen = set(state.frozen_layers)
     rows = [_short(n) + (" · frozen" if n in frozen else "") for n in state.layer_names[: len(state.shift_rel)]]
     data = [
         dict(type="heatmap", z=[[_finite(v) for v in row] for row in state.shift_rel],
