@@ -161,7 +161,7 @@ def accuracy_figure(state) -> Figure:
         + (f"<br><sup>gain over Source so far (points): {so_far}</sup>" if so_far else ""),
         380,
         (40, 10, 110, 40),
-        legend=dict(orientation="h", y=-0.15),
+        legend=dict(orientation="h", y=-0.22),  # below the x-axis title, also when it wraps
         barmode="group",
         shapes=shapes,
         annotations=[*annotations, _subplot_title("per domain (%)", 0.86)],
