@@ -11,10 +11,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls 
 
 import gradio as gr  # noqa: E402
 
-from imse import serving, ui  # noqa: E402
+from imse.app import serving, ui  # noqa: E402
+from imse.app.teach import MAX_UPLOAD_BYTES  # noqa: E402
 from imse.data.corruptions import ALL_CORRUPTIONS  # noqa: E402
-from imse.lab import MAX_BATCH  # noqa: E402
-from imse.teach import MAX_UPLOAD_BYTES  # noqa: E402
+from imse.runs.lab import MAX_BATCH  # noqa: E402
 
 try:  # ZeroGPU Spaces: borrow a GPU for each run
     import spaces

@@ -8,7 +8,7 @@ import traceback
 
 
 def _perf(args: argparse.Namespace) -> int:
-    from .perf import ALL_BENCHMARKS, run_perf
+    from imse.perf import ALL_BENCHMARKS, run_perf
 
     only = ALL_BENCHMARKS if args.only is None else tuple(part.strip() for part in args.only.split(",") if part.strip())
     models = tuple(part.strip() for part in args.models.split(",") if part.strip())
@@ -25,7 +25,7 @@ def _perf(args: argparse.Namespace) -> int:
 
 
 def _train_builtin(args: argparse.Namespace) -> int:
-    from .builtin import train_builtin
+    from imse.runs.builtin import train_builtin
 
     summary = train_builtin(
         data_dir=args.data_dir,
@@ -50,7 +50,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def bench_settings(args: argparse.Namespace) -> dict:
     """``bench``'s stream and methods: the flags given, else the preset's (``--preset``, default: the Lab's
     default run, so ``python -m imse bench`` runs exactly what the app's Start runs, plus SAR)."""
-    from .defaults import lab_settings, run_methods
+    from imse.runs.defaults import lab_settings, run_methods
 
     preset = lab_settings(args.preset or "default", args.backbone)
     if args.methods:
@@ -76,7 +76,7 @@ def bench_settings(args: argparse.Namespace) -> dict:
 def _bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import format_summary, format_table, load_lrs, run_bench
+    from imse.runs.bench import format_summary, format_table, load_lrs, run_bench
 
     lrs = load_lrs(args.hparams)
     for item in args.lr or []:
@@ -110,7 +110,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from .sweep import run_sweep
+    from imse.runs.sweep import run_sweep
 
     result = run_sweep(
         backbone=args.backbone,
@@ -137,8 +137,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _soak(args: argparse.Namespace) -> int:
     import json
 
-    from .data.corruptions import CORRUPTIONS
-    from .soak import run_soak
+    from imse.data.corruptions import CORRUPTIONS
+    from imse.runs.soak import run_soak
 
     result = run_soak(
         per_domain=args.per_domain,
@@ -169,7 +169,7 @@ def _soak(args: argparse.Namespace) -> int:
 def _shifts(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import run_shift_detection
+    from imse.runs.bench import run_shift_detection
 
     result = run_shift_detection(
         backbone=args.backbone,
@@ -211,7 +211,7 @@ def _add_model_args(parser: argparse.ArgumentParser, severity: int | None = 5, b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .defaults import PRESETS
+    from imse.runs.defaults import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="python -m imse",
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if getattr(args, "only", None):
-        from .perf import ALL_BENCHMARKS
+        from imse.perf import ALL_BENCHMARKS
 
         unknown = {part.strip() for part in args.only.split(",") if part.strip()} - set(ALL_BENCHMARKS)
         if unknown:
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("repeats", "batch", "batch_size", "per_domain", "epochs"):
         if getattr(args, option, 1) is not None and getattr(args, option, 1) < 1:
             parser.error(f"--{option.replace('_', '-')} must be positive")
-    from .serving import keep_freed_memory
+    from imse.runs.memory import keep_freed_memory
 
     # only once a command is about to compute (not for --help or a usage error): glibc then keeps freed memory
     # in the process, so a step does not page-fault its activations in again (release_memory trims at the end)

@@ -37,7 +37,7 @@ def vit_base_injected():
     """ViT-B/16 (random init) with every target layer decomposed: ~15 s of float64 SVD, so built once."""
     import timm
 
-    from imse.spectral import inject
+    from imse.core.spectral import inject
 
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()

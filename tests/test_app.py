@@ -12,8 +12,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-from imse.defaults import lab_settings  # noqa: E402
-from imse.ui import START_INPUTS, START_OUTPUTS  # noqa: E402
+from imse.app.ui import START_INPUTS, START_OUTPUTS  # noqa: E402
+from imse.runs.defaults import lab_settings  # noqa: E402
 
 LAB = lab_settings()  # the app's own IMSE lr and λ_dm, so the CLI (same defaults) must give the same numbers
 SHORT = dict(
@@ -103,7 +103,7 @@ def client(url):
 
 
 def test_streamed_run_matches_the_cli(app_url):
-    from imse.bench import run_bench
+    from imse.runs.bench import run_bench
 
     job = client(app_url).submit(*start_args(), api_name="/start")
     updates = list(job)
@@ -176,8 +176,8 @@ def test_bad_input_is_a_readable_message_and_the_app_keeps_working(app_url, chan
 def test_a_preset_by_name_through_the_api_and_a_bad_one_is_a_readable_message(app_url):
     from gradio_client.exceptions import AppError
 
-    from imse.defaults import PRESETS
-    from imse.ui import SETTINGS
+    from imse.app.ui import SETTINGS
+    from imse.runs.defaults import PRESETS
 
     c = client(app_url)
     for name, preset in PRESETS.items():
@@ -196,8 +196,8 @@ def test_teach_helpers_on_a_real_image_and_bad_uploads(tmp_path):
     import gradio as gr
     from PIL import Image
 
-    from imse import teach, ui
-    from imse.spectral import spectral_layers
+    from imse.app import teach, ui
+    from imse.core.spectral import spectral_layers
 
     backbone = teach.spectral_backbone("builtin")
     layer = next(iter(spectral_layers(backbone)))
@@ -351,7 +351,7 @@ def test_stopped_and_abandoned_runs_leave_no_model_or_tensor_behind():
     import gc
     import types
 
-    from imse import ui
+    from imse.app import ui
 
     def live():
         gc.collect()
@@ -387,7 +387,7 @@ def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
     (allocator arenas), so the baseline is the larger of a finished and an abandoned warm run."""
     from playwright.sync_api import sync_playwright
 
-    from imse.serving import resident_bytes
+    from imse.runs.memory import resident_bytes
 
     process, url = app
     with sync_playwright() as p:  # a page visit loads the Teach tab's model and samples (cached once)

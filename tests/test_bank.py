@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from imse.bank import (
+from imse.core.bank import (
     BankMismatchError,
     Descriptor,
     DomainBank,
@@ -15,11 +15,11 @@ from imse.bank import (
     patch_tokens,
     symmetric_kl,
 )
+from imse.core.methods import create
+from imse.core.spectral import get_code
 from imse.data.fashion_mnist import BuiltinSource, load_shipped, to_rgb32
+from imse.data.models import create_backbone
 from imse.data.streams import Stream
-from imse.methods import create
-from imse.models import create_backbone
-from imse.spectral import get_code
 
 
 def loop_kl(mu_a, var_a, mu_b, var_b) -> float:
@@ -222,7 +222,7 @@ def test_retrieval_without_source_images_starts_empty_and_says_so(builtin):
 def test_observe_scores_decides_reseeds_and_folds_in_as_the_official_order():
     """One call per batch, checked against the four steps written out: KL to the current EMA descriptor, a shift
     above τ, a new domain started from the batch, the batch folded in (full batches only)."""
-    from imse.bank import Descriptor, ShiftDetector
+    from imse.core.bank import Descriptor, ShiftDetector
 
     generator = torch.Generator().manual_seed(0)
     batches = []

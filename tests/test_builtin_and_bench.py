@@ -13,8 +13,8 @@ from PIL import Image
 from imse.__main__ import main
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.fashion_mnist import CLASS_NAMES, BuiltinSource, load_idx_split, load_shipped, to_rgb32
+from imse.data.models import HUB_BACKBONES, BackboneUnavailable, create_backbone
 from imse.data.streams import GRADUAL_SEVERITIES, Stream, domain_sequence
-from imse.models import HUB_BACKBONES, BackboneUnavailable, create_backbone
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -33,7 +33,7 @@ def test_shipped_builtin_checkpoint_is_at_least_90_percent_on_the_full_test_spli
 
 
 def test_shipped_assets_are_small_and_consistent():
-    from imse.resources import asset_path
+    from imse.core.resources import asset_path
 
     assert asset_path("builtin", "model.safetensors").stat().st_size <= 5 * 2**20
     card = asset_path("builtin", "MODEL_CARD.md").read_text()
@@ -192,7 +192,7 @@ def test_bench_cli_runs_a_tiny_continual_stream_end_to_end(tmp_path, capsys):
 
 
 def test_sweep_tries_the_same_lr_grid_for_every_method_then_checks_the_margin_and_lambda(tmp_path):
-    from imse.sweep import LR_FACTORS
+    from imse.runs.sweep import LR_FACTORS
 
     out = tmp_path / "sweep.json"
     assert main(["sweep", "--methods", "tent,imse", "--per-domain", "16", "--batch-size", "16",
@@ -253,7 +253,7 @@ def test_bench_reports_bad_input_without_a_traceback(capsys):
 
 
 def test_method_specs_carry_overrides():
-    from imse.bench import parse_method
+    from imse.runs.bench import parse_method
 
     assert parse_method("imse") == ("imse", {})
     assert parse_method("imse@retrieval=top1:lr=0.003:shift_threshold=2e-2") == (

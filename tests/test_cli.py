@@ -30,7 +30,7 @@ def test_perf_rejects_unknown_measure(capsys):
 
 @pytest.mark.slow  # timing
 def test_perf_precision_times_bf16_and_measures_its_accuracy_cost(tmp_path, capsys):
-    from imse.bench import run_bench
+    from imse.runs.bench import run_bench
 
     out = tmp_path / "perf.json"
     argv = ["perf", "--only", "precision", "--models", "vit_tiny_patch16_224", "--batch", "2", "--repeats", "1"]
@@ -60,10 +60,10 @@ def test_perf_runs_every_benchmark_unless_told_otherwise(monkeypatch):
 
 
 def test_the_allocator_is_left_alone_until_a_command_computes(monkeypatch, capsys):
-    from imse import serving
+    from imse.runs import memory
 
     calls = []
-    monkeypatch.setattr(serving, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
     with pytest.raises(SystemExit):
         main(["--help"])
     with pytest.raises(SystemExit):

@@ -14,11 +14,11 @@ import torch
 from conftest import tiny_vit
 from PIL import Image
 
-from imse.collapse import CollapseMeter
-from imse.defaults import PAPER_BACKBONE, PRESETS, default_backbone, lab_settings, run_methods, tuned_settings
-from imse.lab import LabConfig, run_lab, validate
-from imse.models import BUILTIN
-from imse.resources import asset_path
+from imse.core.resources import asset_path
+from imse.data.models import BUILTIN
+from imse.runs.collapse import CollapseMeter
+from imse.runs.defaults import PAPER_BACKBONE, PRESETS, default_backbone, lab_settings, run_methods, tuned_settings
+from imse.runs.lab import LabConfig, run_lab, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def layer_inputs(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> d
 
 
 def test_the_collapse_meter_equals_an_independent_computation_on_plain_and_spectral_models():
-    from imse.spectral import inject, spectral_layers
+    from imse.core.spectral import inject, spectral_layers
 
     model = tiny_vit(seed=1)
     meter = CollapseMeter(model, blocks=2)
@@ -99,8 +99,8 @@ def test_the_labs_collapse_curves_equal_what_the_records_and_the_model_say():
             counts = np.bincount(predictions, minlength=10)
             assert state.top_share[label][b] == pytest.approx(counts.max() / len(predictions))
     # Source does not adapt: its first batch's value is the plain backbone's, computed from scratch
+    from imse.data.models import create_backbone
     from imse.data.streams import Stream
-    from imse.models import create_backbone
 
     backbone = create_backbone(BUILTIN)
     from imse.data.fashion_mnist import BuiltinSource
@@ -117,7 +117,7 @@ def test_the_labs_collapse_curves_equal_what_the_records_and_the_model_say():
 
 def test_one_place_holds_the_defaults_of_the_lab_the_cli_and_the_readme():
     from imse.__main__ import bench_settings, build_parser
-    from imse.ui import SETTINGS, settings_values
+    from imse.app.ui import SETTINGS, settings_values
 
     default = lab_settings()
     assert asdict(LabConfig()) == {**default, "device": "cpu"}
@@ -131,7 +131,7 @@ def test_one_place_holds_the_defaults_of_the_lab_the_cli_and_the_readme():
     imse = tuned_settings(BUILTIN, "imse")
     assert (default["imse_lr"], default["lambda_dm"]) == (imse["lr"], imse["lambda_dm"])
     # the README's default-run table is the shipped JSON of exactly these settings, printed by the CLI's formatter
-    from imse.bench import format_summary
+    from imse.runs.bench import format_summary
 
     result = json.loads(asset_path("results", "default_run.json").read_text())
     for key in ("scenario", "severity", "per_domain", "batch_size"):
@@ -142,9 +142,9 @@ def test_one_place_holds_the_defaults_of_the_lab_the_cli_and_the_readme():
 
 
 def test_tuned_settings_are_what_the_shipped_sweep_chose_and_scale_with_the_batch():
-    from imse.methods import create
-    from imse.models import create_backbone
-    from imse.runner import build_methods
+    from imse.core.methods import create
+    from imse.data.models import create_backbone
+    from imse.runs.runner import build_methods
 
     sweep = json.loads(asset_path("results", "sweep_builtin.json").read_text())
     assert sweep["protocol"]["corruptions"] == "validation"
@@ -165,7 +165,7 @@ def test_tuned_settings_are_what_the_shipped_sweep_chose_and_scale_with_the_batc
 
 @pytest.mark.parametrize("name", [name for name in PRESETS if name != "default"])
 def test_each_preset_loads_exactly_its_settings(name):
-    from imse.ui import SETTINGS, load_preset
+    from imse.app.ui import SETTINGS, load_preset
 
     preset = PRESETS[name]
     values = load_preset(name)
@@ -185,7 +185,7 @@ def test_each_preset_loads_exactly_its_settings(name):
 def test_bad_preset_names_are_readable_errors():
     import gradio as gr
 
-    from imse.ui import load_preset
+    from imse.app.ui import load_preset
 
     for bad in ("nope", None, 3, ["collapse"]):
         with pytest.raises(gr.Error, match="unknown preset"):
@@ -203,7 +203,7 @@ def test_the_default_backbone_follows_the_hub_and_the_gpu():
 
 
 def test_offline_the_lab_opens_on_the_builtin_within_seconds_with_a_note(monkeypatch):
-    from imse import ui
+    from imse.app import ui
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
@@ -255,7 +255,7 @@ def test_the_space_path_loads_the_paper_backbone_and_imagenette_from_local_mirro
     from safetensors.torch import load_file
 
     from imse.data.builders import build_source
-    from imse.models import create_backbone
+    from imse.data.models import create_backbone
 
     backbone_name, _ = default_backbone(hub_reachable=True, gpu=True)
     config = LabConfig.from_preset("default", backbone=backbone_name)

@@ -5,11 +5,11 @@ import zipfile
 
 import torch
 
-from imse.lab import LabConfig, run_lab
-from imse.lab_results import export_run
-from imse.methods import create
-from imse.models import BUILTIN, create_backbone
-from imse.spectral import load_code
+from imse.app.lab_results import export_run
+from imse.core.methods import create
+from imse.core.spectral import load_code
+from imse.data.models import BUILTIN, create_backbone
+from imse.runs.lab import LabConfig, run_lab
 
 
 def test_the_exported_code_and_bank_load_into_a_fresh_model_and_reproduce_the_final_predictions(tmp_path):

@@ -27,13 +27,13 @@ from conftest import tiny_vit
 from safetensors import safe_open
 from torch import nn
 
-from imse.bank import BankMismatchError, Descriptor, DomainBank
+from imse.core.bank import BankMismatchError, Descriptor, DomainBank
+from imse.core.methods import create
+from imse.core.spectral import CodeMismatchError, SpectralLinear, get_code, inject, load_code, save_code, set_code
+from imse.core.svd_cache import SVDCache, decompose
 from imse.data.fashion_mnist import load_idx_split
+from imse.data.models import BackboneUnavailable, create_backbone
 from imse.data.sources import ImageFolderSource, ImageNetCSource
-from imse.methods import create
-from imse.models import BackboneUnavailable, create_backbone
-from imse.spectral import CodeMismatchError, SpectralLinear, get_code, inject, load_code, save_code, set_code
-from imse.svd_cache import SVDCache, decompose
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -53,9 +53,9 @@ CHILD = r"""
 import json, os, sys, traceback
 import torch
 from torch import nn
-from imse import svd_cache
-from imse.bank import Descriptor, DomainBank
-from imse.spectral import SpectralLinear, save_code
+from imse.core import svd_cache
+from imse.core.bank import Descriptor, DomainBank
+from imse.core.spectral import SpectralLinear, save_code
 
 
 def bank_writer(path, arg):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from imse.methods import create
-from imse.models import BUILTIN, create_backbone
+from imse.core.methods import create
+from imse.data.models import BUILTIN, create_backbone
 
 
 def uint8_batch(n: int = 4, size: int = 32) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from imse.losses import (
+from imse.core.losses import (
     AlignmentProbe,
     alignment_std,
     diversity_loss,
@@ -16,7 +16,7 @@ from imse.losses import (
     reliable_mask,
     softmax_entropy,
 )
-from imse.spectral import inject, spectral_layers
+from imse.core.spectral import inject, spectral_layers
 
 
 def loop_alignment_std(x: torch.Tensor, Vh: torch.Tensor) -> list[float]:

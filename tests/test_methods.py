@@ -7,9 +7,9 @@ import torch
 from conftest import CUDA, relative_error, tiny_vit
 from torch import nn
 
-from imse.losses import alignment_std, softmax_entropy
-from imse.methods import METHODS, create
-from imse.spectral import inject, spectral_layers
+from imse.core.losses import alignment_std, softmax_entropy
+from imse.core.methods import METHODS, create
+from imse.core.spectral import inject, spectral_layers
 
 ALL = sorted(METHODS)
 

@@ -4,13 +4,13 @@ extreme severities in a row — no NaN, no crash, and every method recovers on t
 import pytest
 import torch
 
+from imse.core.methods import create
 from imse.data.builders import source_images
 from imse.data.corruptions import corrupt
 from imse.data.fashion_mnist import BuiltinSource
-from imse.lab import LabConfig
-from imse.methods import create
-from imse.models import create_backbone
-from imse.soak import non_finite_paths
+from imse.data.models import create_backbone
+from imse.runs.lab import LabConfig
+from imse.runs.soak import non_finite_paths
 
 # the app's settings for the built-in backbone (lab defaults): IMSE lr 7e-4, λ_dm 50, τ 0.05
 LAB = LabConfig()

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import imse.data.corruptions as engine
-from imse import ui
+from imse.app import ui
 from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
 from imse.data.corruptions.tables import TABLES
+from imse.data.models import BUILTIN
 from imse.data.streams import SCENARIOS
-from imse.lab import MAX_BATCH, MAX_IMAGES, METHOD_CHOICES, LabConfig
-from imse.models import BUILTIN
+from imse.runs.lab import MAX_BATCH, MAX_IMAGES, METHOD_CHOICES, LabConfig
 
 SETTINGS = {
     "deadline": None,
@@ -624,7 +624,7 @@ RAW_FIELDS = {
 @settings(max_examples=400, **SETTINGS)
 @given(st.fixed_dictionaries({}, optional=RAW_FIELDS), st.one_of(st.none(), st.integers(1, 10_000)))
 def test_validate_returns_the_config_or_raises_a_readable_value_error(fields, source_size):
-    from imse.lab import validate
+    from imse.runs.lab import validate
 
     config = LabConfig(**fields)
     try:

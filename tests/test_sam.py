@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imse.sam import SAM
+from imse.core.sam import SAM
 
 
 def quadratic_loss(params):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imse.core import resources
 from imse.data import sources
 from imse.data.sources import (
     IMAGENETTE_URL,
@@ -299,11 +300,11 @@ def test_imagenette_offline_fails_fast_with_instructions(tmp_path, monkeypatch, 
 def test_imagenette_default_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("IMSE_CACHE", str(tmp_path / "from-env"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert sources.default_cache_dir() == tmp_path / "from-env"
+    assert resources.default_cache_dir() == tmp_path / "from-env"
     with pytest.raises(RuntimeError, match="from-env"):
         imagenette_source()
     monkeypatch.delenv("IMSE_CACHE")
-    assert sources.default_cache_dir() == Path.home() / ".cache" / "imse"
+    assert resources.default_cache_dir() == Path.home() / ".cache" / "imse"
 
 
 def test_imagenette_download_populates_cache_once(tmp_path, monkeypatch, online):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import CUDA, relative_error, tiny_vit
 from torch import nn
 
-from imse.spectral import (
+from imse.core.spectral import (
     CodeMismatchError,
     SpectralLinear,
     get_code,
@@ -288,7 +288,7 @@ def test_code_for_another_model_is_refused(tmp_path):
 
 
 def test_svd_cache_hits_are_exact_and_corrupted_entries_are_rebuilt(tmp_path):
-    from imse.svd_cache import SVDCache, decompose
+    from imse.core.svd_cache import SVDCache, decompose
 
     cache = SVDCache(tmp_path)
     first, second = tiny_vit(), tiny_vit()
@@ -319,7 +319,7 @@ def test_a_code_saved_from_a_bare_vit_loads_into_the_wrapped_one_and_back(tmp_pa
     timm ViT exchange codes; a code written with the wrapper's prefix (before codes were portable) still loads."""
     import copy
 
-    from imse.models import BUILTIN, create_backbone
+    from imse.data.models import BUILTIN, create_backbone
 
     wrapped = create_backbone(BUILTIN)
     bare = copy.deepcopy(wrapped.model)

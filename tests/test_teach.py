@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from imse import teach
-from imse.spectral import spectral_layers
+from imse.app import teach
+from imse.core.spectral import spectral_layers
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from imse import viz
-from imse.lab import LabConfig, run_lab
-from imse.lab_results import summary_rows
+from imse.app import viz
+from imse.app.lab_results import summary_rows
+from imse.runs.lab import LabConfig, run_lab
 
 LIVE = (
     viz.accuracy_figure,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import BUILTIN
+from imse.data.models import BUILTIN
 
 __all__ = ["build_source", "source_images"]
 
@@ -15,7 +15,7 @@ __all__ = ["build_source", "source_images"]
 def build_source(data: str, backbone_name: str, size: int, progress=None):
     """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached; ``progress``
     follows the download), or a folder of class folders (ImageNet wnids map to IN-1k labels)."""
-    from .sources import ImageFolderSource, imagenette_source
+    from imse.data.sources import ImageFolderSource, imagenette_source
 
     if data == "builtin":
         if backbone_name != BUILTIN:
@@ -23,7 +23,7 @@ def build_source(data: str, backbone_name: str, size: int, progress=None):
                 "--data builtin is the Fashion-MNIST split of the built-in backbone; use --data "
                 "imagenette or an image folder for ImageNet backbones"
             )
-        from .fashion_mnist import BuiltinSource
+        from imse.data.fashion_mnist import BuiltinSource
 
         return BuiltinSource()
     if data == "imagenette":
@@ -35,7 +35,7 @@ def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> to
     """Clean source-domain images for the bank's slot 0: the built-in backbone's shipped training sample, else
     ``count`` clean images of the chosen data (float [0, 1])."""
     if backbone == BUILTIN:
-        from .fashion_mnist import load_shipped, to_rgb32
+        from imse.data.fashion_mnist import load_shipped, to_rgb32
 
         images, _ = load_shipped("train_sample")
         return to_rgb32(images[:count]).float() / 255

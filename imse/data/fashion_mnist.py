@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..resources import asset_path
-from .sources import Source
+from imse.core.resources import asset_path
+from imse.data.sources import Source
 
 __all__ = [
     "CLASS_NAMES",

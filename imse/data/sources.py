@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imse.core.resources import default_cache_dir
+
 __all__ = [
     "IMAGENETTE_URL",
     "IMAGE_EXTENSIONS",
     "ImageFolderSource",
     "ImageNetCSource",
     "Source",
-    "default_cache_dir",
     "imagenet_class_names",
     "imagenet_wnids",
     "imagenette_source",
@@ -269,12 +270,6 @@ class ImageNetCSource(ImageFolderSource):
 
 
 # --- Imagenette -----------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """Where downloaded data lives: ``$IMSE_CACHE``, else ``~/.cache/imse``."""
-    configured = os.environ.get("IMSE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "imse"
 
 
 def _offline() -> bool:

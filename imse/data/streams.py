@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
-from .sources import Source
+from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
+from imse.data.sources import Source
 
 __all__ = [
     "CLEAN",

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from .app import bench_lab, bench_startup
-from .data import bench_corruptions, bench_stream, bench_svd
-from .floors import step_floor
-from .memory import bench_memory
-from .steps import bench_merged_forward, bench_precision, bench_small_batch, bench_step
+from imse import __version__
+from imse.perf.app import bench_lab, bench_startup
+from imse.perf.data import bench_corruptions, bench_stream, bench_svd
+from imse.perf.floors import step_floor
+from imse.perf.memory import bench_memory
+from imse.perf.steps import bench_merged_forward, bench_precision, bench_small_batch, bench_step
 
 __all__ = ["ALL_BENCHMARKS", "STEP_MODELS", "format_table", "run_perf", "step_floor"]
 

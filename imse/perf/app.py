@@ -74,8 +74,8 @@ def bench_startup(timeout: float = 120.0) -> dict:
 def bench_lab(device: torch.device) -> dict:
     """What the app's Start does on the built-in backbone: time to the first panel update (warm: a first tiny
     run loads everything) and the whole default run (``LabConfig()``: the Lab's defaults), figures included."""
-    from .. import viz
-    from ..lab import LabConfig, run_lab
+    from imse.app import viz
+    from imse.runs.lab import LabConfig, run_lab
 
     warm = LabConfig(corruptions=("fog",), per_domain=64, device=str(device))
     for _ in run_lab(warm):

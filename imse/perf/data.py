@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from ..methods import create
-from ..spectral import inject
-from .timing import _sync, _time_interleaved, _vit
+from imse.core.methods import create
+from imse.core.spectral import inject
+from imse.perf.timing import _sync, _time_interleaved, _vit
 
 
 def bench_svd(device: torch.device, repeats: int, model_name: str) -> dict:
@@ -17,7 +17,7 @@ def bench_svd(device: torch.device, repeats: int, model_name: str) -> dict:
     (no cache: SVD, hashing and writing the cache) and warm (the factors read back from the disk cache)."""
     import tempfile
 
-    from ..svd_cache import SVDCache
+    from imse.core.svd_cache import SVDCache
 
     cold, warm = [], []
     for _ in range(repeats):
@@ -72,7 +72,7 @@ def _benchmark_images(count: int, size: int) -> torch.Tensor:
 def bench_corruptions(device: torch.device, repeats: int, batch: int = 64, size: int = 224, severity: int = 3) -> dict:
     """Batched ``corrupt`` of ``batch`` images vs corrupt-tta applied image by image on the CPU (the reference
     implementation, if installed), per test corruption, median seconds; speedup = reference / ours."""
-    from ..data.corruptions import CORRUPTIONS, corrupt
+    from imse.data.corruptions import CORRUPTIONS, corrupt
 
     images = _benchmark_images(batch, size)
     on_device = images.to(device)
@@ -116,8 +116,8 @@ def bench_corruptions(device: torch.device, repeats: int, batch: int = 64, size:
 def bench_stream(device: torch.device, repeats: int, batch: int = 64, severity: int = 5) -> dict:
     """Corrupting a batch vs the IMSE step that consumes it, per corruption, on the same device: the built-in
     backbone at 32 px on the CPU, ViT-B/16 (random init; timing only) at 224 px on a GPU."""
-    from ..data.corruptions import CORRUPTIONS, corrupt
-    from ..models import create_backbone
+    from imse.data.corruptions import CORRUPTIONS, corrupt
+    from imse.data.models import create_backbone
 
     if device.type == "cpu":
         backbone, size, label = create_backbone("builtin", device=device), 32, "builtin"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spectral import SpectralLinear, find_vit
+from imse.core.spectral import SpectralLinear, find_vit
 
 
 def _imse_layer_macs(out: int, inp: int, tokens: int, trained: bool, input_grad: bool) -> int:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..methods import create
-from ..spectral import inject, spectral_layers
-from .timing import _vit
+from imse.core.methods import create
+from imse.core.spectral import inject, spectral_layers
+from imse.perf.timing import _vit
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:
@@ -34,7 +34,7 @@ def _peak_step_bytes(method: str, model_name: str, batch: int, device: str) -> i
         return torch.cuda.max_memory_allocated(dev) - before
     import gc
 
-    from ..serving import resident_bytes
+    from imse.runs.memory import resident_bytes
 
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to the current one

@@ -6,10 +6,10 @@ import copy
 
 import torch
 
-from ..methods import create
-from ..spectral import SpectralLinear, get_code, inject, merge, set_code, spectral_layers
-from .floors import step_floor
-from .timing import _time_interleaved, _vit
+from imse.core.methods import create
+from imse.core.spectral import SpectralLinear, get_code, inject, merge, set_code, spectral_layers
+from imse.perf.floors import step_floor
+from imse.perf.timing import _time_interleaved, _vit
 
 
 def bench_merged_forward(device: torch.device, batch: int, repeats: int, model_name: str) -> dict:
@@ -76,7 +76,7 @@ def bench_precision(device: torch.device, batch: int, repeats: int, model_name: 
     Accuracy: ``python -m imse bench``'s built-in continual stream (15 test corruptions x ``per_domain``,
     severity 5, seed 0) through IMSE in float32 and in bf16, on the same corrupted batches.
     """
-    from ..bench import run_bench
+    from imse.runs.bench import run_bench
 
     steps = {
         "imse_bf16": create("imse", _vit(model_name, device), margin=1.0, precision="bf16"),
@@ -134,7 +134,7 @@ def _as_rebuild_every_forward(model: torch.nn.Module) -> torch.nn.Module:
 def bench_small_batch(device: torch.device, repeats: int, model_name: str, batch: int) -> dict:
     """Ours (per-call choice of merged weight / factored path) vs rebuilding ``U diag(S) Vh`` on every forward:
     one IMSE step, and inference with an adapted (unmerged) code, at ``batch``; speedup = reference / ours."""
-    from ..svd_cache import default_svd_cache
+    from imse.core.svd_cache import default_svd_cache
 
     plain = _vit(model_name, device)
     inject(plain, cache=default_svd_cache())

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from . import blur, digital, noise, weather
-from .ops import Draws
-from .tables import TABLES
+from imse.data.corruptions import blur, digital, noise, weather
+from imse.data.corruptions.ops import Draws
+from imse.data.corruptions.tables import TABLES
 
 __all__ = ["ALL_CORRUPTIONS", "CORRUPTIONS", "VALIDATION_CORRUPTIONS", "corrupt", "table_for_size"]
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ops import Draws, clipped_zoom, correlate2d, disk_kernel, gaussian_filter, imagemagick_motion_blur
+from imse.data.corruptions.ops import (
+    Draws,
+    clipped_zoom,
+    correlate2d,
+    disk_kernel,
+    gaussian_filter,
+    imagemagick_motion_blur,
+)
 
 __all__ = ["defocus_blur", "gaussian_blur", "glass_blur", "motion_blur", "zoom_blur"]
 

@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .ops import Draws, box_resize_matrix, gaussian_filter, hsv_to_rgb, rgb_to_hsv
+from imse.data.corruptions.ops import Draws, box_resize_matrix, gaussian_filter, hsv_to_rgb, rgb_to_hsv
 
 __all__ = ["brightness", "contrast", "elastic_transform", "jpeg_compression", "pixelate", "saturate"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import Draws
+from imse.data.corruptions.ops import Draws
 
 __all__ = ["gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise"]
 

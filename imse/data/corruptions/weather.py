@@ -8,8 +8,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ...resources import asset_path
-from .ops import (
+from imse.core.resources import asset_path
+from imse.data.corruptions.ops import (
     Draws,
     clipped_zoom,
     gaussian_filter,

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .files import save_safetensors_atomic
-from .spectral import find_vit
+from imse.core.files import save_safetensors_atomic
+from imse.core.spectral import find_vit
 
 __all__ = [
     "BankMismatchError",

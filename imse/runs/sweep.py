@@ -20,9 +20,9 @@ import math
 import statistics
 from typing import Any
 
-from .bench import default_lr, run_bench, versions
-from .models import BUILTIN
-from .runner import ADAPTIVE
+from imse.data.models import BUILTIN
+from imse.runs.bench import default_lr, run_bench, versions
+from imse.runs.runner import ADAPTIVE
 
 __all__ = ["CHECKS", "LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "run_sweep"]
 

@@ -1,7 +1,7 @@
 """Glue between Gradio events and the library: turn widget values into calls, results into panel values.
 
 Every failure a user can cause becomes a ``gr.Error`` with a readable message (never a traceback in the page);
-the logic stays in ``imse.lab``, ``imse.teach`` and ``imse.viz``.
+the logic stays in ``imse.runs.lab``, ``imse.app.teach`` and ``imse.app.viz``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import Any
 import gradio as gr
 import torch
 
-from . import serving, teach, viz
-from .data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
-from .defaults import PRESETS, default_backbone, lab_settings
-from .lab import METHOD_CHOICES, LabConfig, run_lab, validate
-from .lab_results import export_run, summary_rows
-from .models import BUILTIN, HUB_BACKBONES, BackboneUnavailable, hub_reachable
-from .spectral import spectral_layers
+from imse.app import serving, teach, viz
+from imse.app.lab_results import export_run, summary_rows
+from imse.core.spectral import spectral_layers
+from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
+from imse.data.models import BUILTIN, HUB_BACKBONES, BackboneUnavailable, hub_reachable
+from imse.runs.defaults import PRESETS, default_backbone, lab_settings
+from imse.runs.lab import METHOD_CHOICES, LabConfig, run_lab, validate
+from imse.runs.memory import release_memory
 
 __all__ = [
     "backbone_choices",
@@ -81,7 +82,7 @@ def backbone_choices() -> list[tuple[str, str]]:
 
 
 def startup_backbone(timeout: float = 3.0) -> tuple[str, str]:
-    """The backbone the Lab opens with, and the note shown under the title (``imse.defaults.default_backbone``):
+    """The backbone the Lab opens with, and the note shown under the title (``imse.runs.defaults.default_backbone``):
     the hub is probed for at most ``timeout`` s, and not at all offline, so the page is up within seconds."""
     reachable = hub_reachable(timeout)  # False at once under HF_HUB_OFFLINE
     return default_backbone(reachable, serving.gpu_present())
@@ -281,7 +282,7 @@ def start_lab(
     finally:
         RUNS.finish(session, flag)
         state = None  # the last update (its plain-data records) goes before the trim
-        serving.release_memory()
+        release_memory()
 
 
 def _session(request: gr.Request | None) -> str:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .spectral import SpectralLinear
+from imse.core.spectral import SpectralLinear
 
 __all__ = [
     "AlignmentProbe",

@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from .bank import ShiftDetector, batch_descriptor, patch_tokens
-from .collapse import CollapseMeter
-from .data.builders import build_source, source_images
-from .data.corruptions import ALL_CORRUPTIONS
-from .data.streams import SCENARIOS, Stream
-from .defaults import METHOD_CHOICES, lab_settings, parse_method, run_methods
-from .methods import METHODS
-from .methods.base import TTAMethod
-from .models import BUILTIN, HUB_BACKBONES, create_backbone
-from .runner import build_methods, run, summarise, top_class_share
-from .spectral import inject, spectral_layers
-from .svd_cache import default_svd_cache
+from imse.core.bank import ShiftDetector, batch_descriptor, patch_tokens
+from imse.core.methods import METHODS
+from imse.core.methods.base import TTAMethod
+from imse.core.spectral import inject, spectral_layers
+from imse.core.svd_cache import default_svd_cache
+from imse.data.builders import build_source, source_images
+from imse.data.corruptions import ALL_CORRUPTIONS
+from imse.data.models import BUILTIN, HUB_BACKBONES, create_backbone
+from imse.data.streams import SCENARIOS, Stream
+from imse.runs.collapse import CollapseMeter
+from imse.runs.defaults import METHOD_CHOICES, lab_settings, parse_method, run_methods
+from imse.runs.runner import build_methods, run, summarise, top_class_share
 
 __all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "method_name", "primary_label", "run_lab", "validate"]
 
@@ -378,7 +378,7 @@ def _count(state, record, method, retrieval, batch, detector, frozen) -> None:
 def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnails) -> None:
     """What only the panels of an update need, computed when an update goes out rather than every batch:
     pooled heatmaps, the frozen model's contrast heatmap and the current batch's thumbnails."""
-    from .losses import AlignmentProbe
+    from imse.core.losses import AlignmentProbe
 
     if alignment:
         state.alignment = [_pool(alignment[name]) for name in state.layer_names if name in alignment]

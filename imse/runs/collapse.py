@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .losses import alignment_std, layer_diversity
-from .spectral import DEFAULT_TARGETS, TARGET_PATHS, SpectralLinear, find_vit
-from .svd_cache import decompose
+from imse.core.losses import alignment_std, layer_diversity
+from imse.core.spectral import DEFAULT_TARGETS, TARGET_PATHS, SpectralLinear, find_vit
+from imse.core.svd_cache import decompose
 
 __all__ = ["CollapseMeter"]
 

@@ -1,5 +1,5 @@
-"""Serving the app to the public: server-side limits, which runs belong to which browser session, and giving
-memory back when a run ends.
+"""Serving the app to the public: server-side limits and which runs belong to which browser session (giving memory
+back when a run ends is ``imse.runs.memory``).
 
 The limits are the host's settings (environment variables), never something a visitor can change:
 
@@ -11,9 +11,6 @@ The limits are the host's settings (environment variables), never something a vi
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import os
 import shutil
 import threading
@@ -23,11 +20,8 @@ from pathlib import Path
 __all__ = [
     "SessionRuns",
     "gpu_present",
-    "keep_freed_memory",
     "limit",
     "prune_exports",
-    "release_memory",
-    "resident_bytes",
 ]
 
 _DEFAULTS = {
@@ -95,41 +89,6 @@ class SessionRuns:
     def active(self) -> int:
         with self._lock:
             return sum(len(flags) for flags in self._runs.values())
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory in the process instead of unmapping it: by default every large tensor is a
-    fresh ``mmap``, so each adaptation step page-faults all its activations in again — measured on ViT-B/16 at
-    batch 32 on 2 CPU cores, 18–22 % of an IMSE step (which allocates ~1.5× SAR's memory). ``release_memory``
-    still hands everything back at the end of a run. Called by the CLI; not by the app: a long-lived server's
-    resident size then wandered 916–988 MiB over identical runs (864–891 without; measured before the trim
-    threshold became -1, not since), and its steady level matters more there. Returns False off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt parameter numbers (malloc.h)
-        return bool(
-            libc.mallopt(m_mmap_max, 0)
-            and libc.mallopt(m_trim_threshold, -1)  # -1: never trim (a C int: 1 << 40 was masked to 0)
-            and libc.mallopt(m_top_pad, 256 << 20)
-        )
-    except (OSError, AttributeError):
-        return False
-
-
-def release_memory() -> None:
-    """Collect the finished run's objects and hand freed heap pages back to the OS (glibc keeps them
-    otherwise, and a long-lived server's resident size would only ever grow)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): the allocator decides
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def resident_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
-    """Resident set size of a process (Linux), in bytes; ``field="VmHWM"`` gives its peak instead."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} for process {pid}")
 
 
 def prune_exports(directory: str | Path, max_age: float) -> int:

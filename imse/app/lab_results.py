@@ -1,6 +1,6 @@
 """What a finished Lab run gives its visitor: the results table and the download (records, code, bank).
 
-Kept apart from the run loop (``imse.lab``): these read a finished ``LabState`` and write nothing back.
+Kept apart from the run loop (``imse.runs.lab``): these read a finished ``LabState`` and write nothing back.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .lab import LabState, method_name, primary_label
-from .spectral import save_code, spectral_layers
+from imse.core.spectral import save_code, spectral_layers
+from imse.runs.lab import LabState, method_name, primary_label
 
 __all__ = ["export_run", "summary_rows"]
 

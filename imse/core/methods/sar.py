@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sam import SAM
-from ..spectral import find_vit
-from .base import SAMEntropyMethod
-from .tent import layernorm_params
+from imse.core.methods.base import SAMEntropyMethod
+from imse.core.methods.tent import layernorm_params
+from imse.core.sam import SAM
+from imse.core.spectral import find_vit
 
 __all__ = ["SAR"]
 

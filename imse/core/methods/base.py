@@ -14,10 +14,10 @@ from typing import Any, ClassVar, TypedDict
 import torch
 from torch import nn
 
-from ..images import as_float_images
-from ..losses import AlignmentProbe, entropy_margin, masked_mean, softmax_entropy
-from ..sam import SAM
-from ..spectral import spectral_layers
+from imse.core.images import as_float_images
+from imse.core.losses import AlignmentProbe, entropy_margin, masked_mean, softmax_entropy
+from imse.core.sam import SAM
+from imse.core.spectral import spectral_layers
 
 __all__ = ["SAMEntropyMethod", "StepRecord", "TTAMethod"]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import create_backbone
-from .spectral import SpectralLinear, inject, spectral_layers
+from imse.core.spectral import SpectralLinear, inject, spectral_layers
+from imse.data.models import create_backbone
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
@@ -37,7 +37,7 @@ ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}
 @lru_cache(maxsize=2)
 def spectral_backbone(name: str = "builtin"):
     """A frozen backbone with every target layer decomposed (cached: the SVD runs once per backbone)."""
-    from .svd_cache import default_svd_cache
+    from imse.core.svd_cache import default_svd_cache
 
     backbone = create_backbone(name)
     inject(backbone, cache=default_svd_cache())
@@ -72,7 +72,7 @@ def _add_scaling_hooks(backbone: nn.Module) -> None:
 
 def sample_images(count: int = 6) -> list[tuple[torch.Tensor, str]]:
     """Bundled sample images for the built-in backbone: the first test image of each of ``count`` classes."""
-    from .data.fashion_mnist import CLASS_NAMES, load_shipped, to_rgb32
+    from imse.data.fashion_mnist import CLASS_NAMES, load_shipped, to_rgb32
 
     images, labels = load_shipped("test")
     picks, seen = [], set()
@@ -110,7 +110,7 @@ def load_user_image(path: str | Path, size: int) -> torch.Tensor:
             image.load()
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"the image could not be decoded: {error}") from error
-    from .data.sources import prepare_image
+    from imse.data.sources import prepare_image
 
     return prepare_image(image, size)
 

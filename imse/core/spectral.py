@@ -96,7 +96,7 @@ class SpectralLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, cache=None) -> SpectralLinear:
         """Decompose ``linear.weight`` (float64 SVD, thin; through ``cache``, an ``SVDCache``, when given) and
         keep its bias."""
-        from .svd_cache import decompose
+        from imse.core.svd_cache import decompose
 
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
@@ -348,7 +348,7 @@ def save_code(path: str | os.PathLike, model: nn.Module, extra: Mapping[str, str
 
     The header records the layer names, a fingerprint of the source weights (``S0``) and ``extra`` strings.
     """
-    from .files import save_safetensors_atomic
+    from imse.core.files import save_safetensors_atomic
 
     layers = code_layers(model)
     if not layers:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .images import as_float_images
-from .resources import asset_path
+from imse.core.images import as_float_images
+from imse.core.resources import asset_path
 
 __all__ = [
     "BUILTIN",
@@ -73,7 +73,7 @@ class Backbone(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for images in [0, 1] (float) or [0, 255] (uint8); see ``imse.images``."""
+        """Logits for images in [0, 1] (float) or [0, 255] (uint8); see ``imse.core.images``."""
         return self.model(self.normalize(as_float_images(x)))
 
     def extra_repr(self) -> str:

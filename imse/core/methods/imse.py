@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bank import Descriptor, DomainBank, ShiftDetector, batch_descriptor, patch_tokens
-from ..losses import diversity_loss
-from ..sam import SAM
-from ..spectral import SpectralLinear, find_vit, get_code, inject, set_code, spectral_layers
-from ..svd_cache import default_svd_cache
-from .base import SAMEntropyMethod
+from imse.core.bank import Descriptor, DomainBank, ShiftDetector, batch_descriptor, patch_tokens
+from imse.core.losses import diversity_loss
+from imse.core.methods.base import SAMEntropyMethod
+from imse.core.sam import SAM
+from imse.core.spectral import SpectralLinear, find_vit, get_code, inject, set_code, spectral_layers
+from imse.core.svd_cache import default_svd_cache
 
 __all__ = ["IMSE"]
 

@@ -16,12 +16,12 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from .collapse import CollapseMeter
-from .data.streams import Stream
-from .defaults import tuned_settings
-from .images import as_float_images
-from .methods import create
-from .methods.base import StepRecord, TTAMethod
+from imse.core.images import as_float_images
+from imse.core.methods import create
+from imse.core.methods.base import StepRecord, TTAMethod
+from imse.data.streams import Stream
+from imse.runs.collapse import CollapseMeter
+from imse.runs.defaults import tuned_settings
 
 __all__ = [
     "BatchRecord",

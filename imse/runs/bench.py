@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .collapse import CollapseMeter
-from .data.builders import build_source, source_images
-from .data.streams import Stream
-from .defaults import parse_method
-from .methods import METHODS
-from .models import BUILTIN, create_backbone
-from .runner import build_methods, method_settings, run, summarise
-from .svd_cache import default_svd_cache
+from imse import __version__
+from imse.core.methods import METHODS
+from imse.core.svd_cache import default_svd_cache
+from imse.data.builders import build_source, source_images
+from imse.data.models import BUILTIN, create_backbone
+from imse.data.streams import Stream
+from imse.runs.collapse import CollapseMeter
+from imse.runs.defaults import parse_method
+from imse.runs.runner import build_methods, method_settings, run, summarise
 
 __all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
 
@@ -81,7 +81,7 @@ def run_bench(
     lrs = dict(lrs or {})
     base = create_backbone(backbone, weights=weights, device=device)
     if imagenet_c:
-        from .data.sources import ImageNetCSource
+        from imse.data.sources import ImageNetCSource
 
         source = None
 
@@ -341,7 +341,7 @@ def run_shift_detection(
     descriptor comes from the untrained patch embedding). A detection within one batch of a true boundary is a
     hit (each boundary matched once); precision = hits / detections, recall = matched boundaries / boundaries.
     On a stream without any shift, every detection is false: reported per 1000 batches."""
-    from .bank import ShiftDetector, batch_descriptor, patch_tokens
+    from imse.core.bank import ShiftDetector, batch_descriptor, patch_tokens
 
     base = create_backbone(backbone, weights=weights, device=device)
     source = build_source(data, backbone, base.input_size)

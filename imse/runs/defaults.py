@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .methods import METHODS
-from .models import BUILTIN
-from .resources import asset_path
+from imse.core.methods import METHODS
+from imse.core.resources import asset_path
+from imse.data.models import BUILTIN
 
 __all__ = [
     "METHOD_CHOICES",

@@ -17,7 +17,7 @@ import math
 import plotly.graph_objects as go
 import torch
 
-from .lab import method_name
+from imse.runs.lab import method_name
 
 __all__ = [
     "Figure",

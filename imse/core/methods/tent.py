@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import softmax_entropy
-from .base import TTAMethod
+from imse.core.losses import softmax_entropy
+from imse.core.methods.base import TTAMethod
 
 __all__ = ["Tent", "layernorm_params"]
 

@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from .base import SAMEntropyMethod, TTAMethod
-from .imse import IMSE
-from .sar import SAR
-from .source import Source
-from .tent import Tent
+from imse.core.methods.base import SAMEntropyMethod, TTAMethod
+from imse.core.methods.imse import IMSE
+from imse.core.methods.sar import SAR
+from imse.core.methods.source import Source
+from imse.core.methods.tent import Tent
 
 __all__ = ["METHODS", "IMSE", "SAR", "SAMEntropyMethod", "Source", "TTAMethod", "Tent", "create"]
 

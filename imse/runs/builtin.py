@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.fashion_mnist import CLASS_NAMES, load_idx_split, to_rgb32
-from .models import build_builtin_vit
+from imse.data.fashion_mnist import CLASS_NAMES, load_idx_split, to_rgb32
+from imse.data.models import build_builtin_vit
 
 __all__ = ["ARCHITECTURE", "evaluate", "train_builtin"]
 

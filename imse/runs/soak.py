@@ -8,9 +8,9 @@ import math
 import time
 from typing import Any
 
-from .data.corruptions import CORRUPTIONS
-from .lab import LabConfig, run_lab
-from .serving import release_memory, resident_bytes
+from imse.data.corruptions import CORRUPTIONS
+from imse.runs.lab import LabConfig, run_lab
+from imse.runs.memory import release_memory, resident_bytes
 
 __all__ = ["non_finite_paths", "run_soak"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .files import save_safetensors_atomic
+from imse.core.files import save_safetensors_atomic
 
 __all__ = ["SVDCache", "decompose", "default_svd_cache"]
 
@@ -106,6 +106,6 @@ def default_svd_cache() -> SVDCache | None:
         return None
     if configured:
         return SVDCache(configured)
-    from .data.sources import default_cache_dir
+    from imse.core.resources import default_cache_dir
 
     return SVDCache(default_cache_dir() / "svd")
