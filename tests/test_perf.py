@@ -42,3 +42,23 @@ def test_step_floor_equals_a_hand_count(name, d, depth):
     # at batch 64 the square proj layers of the trained blocks take the dense route: the floor is below the
     # all-factored count
     assert floor["ratio"] < (imse + 2 * 9 * 197 * 64 * d * d) / sar
+
+
+def test_a_benchmark_result_carries_its_rows_and_the_table_is_rendered_from_them():
+    """The merged-forward benchmark on a tiny ViT: its result says what it was held to and whether it met it,
+    and the table shows exactly those rows (a target missed reads NO)."""
+    import torch
+
+    from imse.perf import checks_of, format_table
+    from imse.perf.steps import bench_merged_forward
+
+    result = bench_merged_forward(torch.device("cpu"), 2, 1, "vit_tiny_patch16_224")
+    (row,) = result["checks"]
+    assert row["target"] == f"<= {result['target']}" and row["ratio"] == f"{result['ratio']:.3f}"
+    assert row["met"] is (result["ratio"] <= result["target"])
+    results = {"device": "cpu", "device_name": "test", "threads": 1, "merged_forward": result}
+    assert checks_of(results) == [row]
+    missed = {**results, "merged_forward": {**result, "checks": [{**row, "met": False}]}}
+    lines = format_table(missed).splitlines()
+    assert len(lines) == 4 and row["measure"] in lines[3] and lines[3].rstrip(" |").endswith("NO")
+    assert [cell.strip() for cell in lines[1].split("|")[1:-1]] == ["measure", "median", "ratio", "target", "met"]

@@ -9,7 +9,7 @@ import torch
 
 from imse.core.methods import create
 from imse.core.spectral import inject, spectral_layers
-from imse.perf.timing import _vit
+from imse.perf.timing import _vit, check
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:
@@ -81,4 +81,20 @@ def bench_memory(device: torch.device, batch: int, model_name: str = "vit_base_p
         imse_step_peak_bytes=peaks["imse"],
         step_peak_ratio=peaks["imse"] / peaks["sar"],
     )
+    result["checks"] = [
+        check(
+            f"params+buffers: injected / original ({model_name}; floor {result['floor_ratio']:.3f})",
+            f"{injected_bytes / 2**20:.0f} / {original_bytes / 2**20:.0f} MiB",
+            f"{result['ratio']:.3f}",
+            f"<= {result['target']}",
+            result["ratio"] <= result["target"],
+        ),
+        check(
+            f"peak memory of a step: IMSE / SAR ({model_name}, b{batch})",
+            f"{peaks['imse'] / 2**20:.0f} / {peaks['sar'] / 2**20:.0f} MiB",
+            f"{result['step_peak_ratio']:.2f}",
+            "reported",
+            None,
+        ),
+    ]
     return result

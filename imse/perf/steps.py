@@ -9,7 +9,7 @@ import torch
 from imse.core.methods import create
 from imse.core.spectral import SpectralLinear, get_code, inject, merge, set_code, spectral_layers
 from imse.perf.floors import step_floor
-from imse.perf.timing import _time_interleaved, _vit
+from imse.perf.timing import _time_interleaved, _vit, check
 
 
 def bench_merged_forward(device: torch.device, batch: int, repeats: int, model_name: str) -> dict:
@@ -30,13 +30,22 @@ def bench_merged_forward(device: torch.device, batch: int, repeats: int, model_n
         return run
 
     t = _time_interleaved({"plain": forward(plain), "merged": forward(adapted)}, repeats, 3, device)
+    ratio, target = t["merged"] / t["plain"], 1.02
+    row = check(
+        f"merged IMSE fwd / timm fwd ({model_name}, b{batch})",
+        f"{t['merged'] * 1e3:.1f} / {t['plain'] * 1e3:.1f} ms",
+        f"{ratio:.3f}",
+        f"<= {target}",
+        ratio <= target,
+    )
     return {
         "model": model_name,
         "batch": batch,
         "plain_forward_s": t["plain"],
         "merged_forward_s": t["merged"],
-        "ratio": t["merged"] / t["plain"],
-        "target": 1.02,
+        "ratio": ratio,
+        "target": target,
+        "checks": [row],
     }
 
 
@@ -51,7 +60,7 @@ def bench_step(device: torch.device, batch: int, repeats: int, model_name: str) 
     floor = step_floor(sar.model, batch)
     x = torch.randn(batch, 3, 224, 224, device=device)
     t = _time_interleaved({"sar": lambda: sar(x), "imse": lambda: imse(x)}, repeats, 1, device)
-    return {
+    result = {
         "model": model_name,
         "batch": batch,
         "sar_step_s": t["sar"],
@@ -66,6 +75,16 @@ def bench_step(device: torch.device, batch: int, repeats: int, model_name: str) 
         "imse_trainable": imse.num_trainable(),
         "sar_trainable": sar.num_trainable(),
     }
+    result["checks"] = [
+        check(
+            f"IMSE step / SAR step ({model_name}, b{batch}; GEMM floor {floor['ratio']:.3f})",
+            f"{t['imse'] * 1e3:.0f} / {t['sar'] * 1e3:.0f} ms",
+            f"{result['ratio']:.3f}",
+            f"<= {result['target']:.3f} (floor x 1.1)",
+            result["ratio"] <= result["target"],
+        )
+    ]
+    return result
 
 
 def bench_precision(device: torch.device, batch: int, repeats: int, model_name: str, per_domain: int) -> dict:
@@ -92,7 +111,7 @@ def bench_precision(device: torch.device, batch: int, repeats: int, model_name: 
         methods=("imse", "imse@precision=bf16"), per_domain=per_domain, device=str(device), progress=False
     )["methods"]
     fp32, bf16 = accuracy["imse"]["mean_accuracy"], accuracy["imse@precision=bf16"]["mean_accuracy"]
-    return {
+    result = {
         "model": model_name,
         "batch": batch,
         "imse_bf16_step_s": t["imse_bf16"],
@@ -112,6 +131,31 @@ def bench_precision(device: torch.device, batch: int, repeats: int, model_name: 
             "target_points": 0.3,
         },
     }
+    a = result["accuracy"]
+    result["checks"] = [
+        check(
+            f"bf16 IMSE step / bf16 SAR step ({model_name}, b{batch}; GEMM floor {floor['ratio']:.3f})",
+            f"{t['imse_bf16'] * 1e3:.0f} / {t['sar_bf16'] * 1e3:.0f} ms",
+            f"{result['ratio']:.3f}",
+            "reported",
+            None,
+        ),
+        check(
+            f"bf16 IMSE images/s; fp32 / bf16 IMSE step ({model_name}, b{batch})",
+            f"{result['imse_bf16_images_per_s']:.1f} img/s; {t['imse_fp32'] * 1e3:.0f} ms fp32",
+            f"{result['bf16_speedup']:.2f}x",
+            "reported",
+            None,
+        ),
+        check(
+            f"IMSE accuracy bf16 - fp32 ({a['stream']})",
+            f"{100 * bf16:.2f} / {100 * fp32:.2f} %",
+            f"{a['difference_points']:+.2f} pt",
+            f"|diff| <= {a['target_points']} pt",
+            abs(a["difference_points"]) <= a["target_points"],
+        ),
+    ]
+    return result
 
 
 class RebuildEveryForward(SpectralLinear):
@@ -152,7 +196,7 @@ def bench_small_batch(device: torch.device, repeats: int, model_name: str, batch
         return run
 
     inference = _time_interleaved({"ours": infer(ours.model), "reference": infer(reference.model)}, repeats, 2, device)
-    return {
+    result = {
         "model": model_name,
         "batch": batch,
         "step_ours_s": step["ours"],
@@ -163,3 +207,15 @@ def bench_small_batch(device: torch.device, repeats: int, model_name: str, batch
         "inference_speedup": inference["reference"] / inference["ours"],
         "target": ">= 3 at batch 1, >= 1 at batch 64",
     }
+    least = 3.0 if batch == 1 else 1.0
+    result["checks"] = [
+        check(
+            f"{kind}: rebuild-every-forward / ours ({model_name}, b{batch})",
+            f"{result[f'{kind}_reference_s'] * 1e3:.0f} / {result[f'{kind}_ours_s'] * 1e3:.0f} ms",
+            f"{result[f'{kind}_speedup']:.2f}x",
+            f">= {least:.0f}x",
+            result[f"{kind}_speedup"] >= least,
+        )
+        for kind in ("step", "inference")
+    ]
+    return result

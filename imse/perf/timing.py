@@ -1,4 +1,5 @@
-"""Timing that survives a noisy shared machine: synchronised devices, interleaved repeats, medians."""
+"""Timing that survives a noisy shared machine (synchronised devices, interleaved repeats, medians), and the row
+every benchmark result carries: what it measured, against which target, and whether it met it."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def _vit(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False).to(device).eval()
+
+
+def check(measure: str, median: str, ratio: str, target: str, met: bool | None) -> dict:
+    """One row of the perf table, stored in the benchmark's own result (``result["checks"]``) so that the JSON
+    says what each number was held to; ``met`` is None for a number that is reported, not held to a target."""
+    return {"measure": measure, "median": median, "ratio": ratio, "target": target, "met": met}
