@@ -414,7 +414,7 @@ def _check_config(config: LabConfig, values: dict, from_app: bool = True) -> Non
 
 
 def _make(values: dict):
-    return ui.make_config(*(values[name] for name in ORDER))
+    return ui.make_config(**{name: values[name] for name in ORDER})
 
 
 @settings(max_examples=600, **SETTINGS)

@@ -164,6 +164,7 @@ def _check_backbone(backbone: Any) -> str:
 
 
 def make_config(
+    *,
     backbone,
     scenario,
     corruptions,
@@ -178,6 +179,8 @@ def make_config(
     rounds,
     device,
 ) -> LabConfig:
+    """The Lab's settings as the widgets give them (strings, floats, None), by name, into a validated LabConfig;
+    anything wrong is a readable ``gr.Error``."""
     backbone = BUILTIN if backbone in (None, "") else backbone  # validate() refuses anything not offered
     groups = {"test": CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
     chosen = _as_names(corruptions, "corruptions", groups)
@@ -233,25 +236,26 @@ def start_lab(
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
 ) -> Iterator[tuple]:
     """Stream a run: (status, 6 figures, results table, download) about once a second. A first run on
-    Imagenette downloads it once, with a progress bar.
+    Imagenette downloads it once, with a progress bar. Gradio passes the widgets positionally, in START_INPUTS'
+    order (app.py wires them by name); the settings go on to ``make_config`` by keyword.
 
     The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, and the
     memory it held is handed back when it ends, however it ends.
     """
     config = make_config(
-        backbone,
-        scenario,
-        corruptions,
-        severity,
-        methods,
-        batch_size,
-        per_domain,
-        seed,
-        imse_lr,
-        lambda_dm,
-        tau,
-        rounds,
-        device,
+        backbone=backbone,
+        scenario=scenario,
+        corruptions=corruptions,
+        severity=severity,
+        methods=methods,
+        batch_size=batch_size,
+        per_domain=per_domain,
+        seed=seed,
+        imse_lr=imse_lr,
+        lambda_dm=lambda_dm,
+        tau=tau,
+        rounds=rounds,
+        device=device,
     )
     session = _session(request)
     flag = RUNS.start(session)

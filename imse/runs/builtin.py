@@ -163,7 +163,20 @@ def train_builtin(
         state_path.with_suffix(".tmp").replace(state_path)
 
     accuracy = evaluate(model, x_test, y_test, mean, std, device)
-    summary = _export(model.cpu(), out, mean, std, accuracy, elapsed, epochs, batch_size, lr, device, seed, limit)
+    summary = _export(
+        model.cpu(),
+        out,
+        mean=mean,
+        std=std,
+        accuracy=accuracy,
+        elapsed=elapsed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        seed=seed,
+        limit=limit,
+    )
     rng = np.random.RandomState(seed)
     sample = rng.choice(len(train_labels), size=min(sample_size, len(train_labels)), replace=False)
     np.savez_compressed(out / "test.npz", images=test_images, labels=test_labels)
@@ -171,7 +184,7 @@ def train_builtin(
     return summary
 
 
-def _export(model, out: Path, mean, std, accuracy, elapsed, epochs, batch_size, lr, device, seed, limit) -> dict:
+def _export(model, out: Path, *, mean, std, accuracy, elapsed, epochs, batch_size, lr, device, seed, limit) -> dict:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

@@ -9,6 +9,7 @@ batch — from which ``imse.viz`` draws figures. It yields that state at most a 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import reprlib
 import time
@@ -277,10 +278,21 @@ def run_lab(
         # 150 KB per batch)
         current["alignment"] = record["methods"][primary]["step"].pop("alignment_std", None) or current["alignment"]
         state.records.append(record)
-        _count(state, record, wrapped[primary], retrieval, batch, detector, frozen)
+        _count(state, record, wrapped[primary], retrieval=retrieval, batch=batch, detector=detector, frozen=frozen)
         now = time.perf_counter()
+        snapshot = functools.partial(  # this batch's view, taken for an update or when time runs out
+            _snapshot,
+            state,
+            record,
+            wrapped[primary],
+            primary=primary,
+            batch=batch,
+            alignment=current["alignment"],
+            frozen=frozen,
+            thumbnails=thumbnails,
+        )
         if now - last_yield >= min_interval or state.batch == state.total_batches:
-            _snapshot(state, record, wrapped[primary], primary, batch, current["alignment"], frozen, thumbnails)
+            snapshot()
             state.seconds = now - started
             yield state
             last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
@@ -288,7 +300,7 @@ def run_lab(
             return
         if time_limit is not None and time.perf_counter() - started > time_limit and state.batch < state.total_batches:
             out_of_time = True
-            _snapshot(state, record, wrapped[primary], primary, batch, current["alignment"], frozen, thumbnails)
+            snapshot()
             break
     state.summary = summarise(state.records)
     for label, entry in state.summary.items():
@@ -334,7 +346,7 @@ def _pool(values: torch.Tensor, columns: int = 128, digits: int = 4) -> list[flo
 
 
 @torch.no_grad()
-def _count(state, record, method, retrieval, batch, detector, frozen) -> None:
+def _count(state, record, method, *, retrieval, batch, detector, frozen) -> None:
     """What every batch adds to the curves: accuracy, domains, singular-value drift, shift scores and events."""
     index = record["batch_index"]
     state.batch = index + 1
@@ -375,7 +387,7 @@ def _count(state, record, method, retrieval, batch, detector, frozen) -> None:
 
 
 @torch.no_grad()
-def _snapshot(state, record, method, primary, batch, alignment, frozen, thumbnails) -> None:
+def _snapshot(state, record, method, *, primary, batch, alignment, frozen, thumbnails) -> None:
     """What only the panels of an update need, computed when an update goes out rather than every batch:
     pooled heatmaps, the frozen model's contrast heatmap and the current batch's thumbnails."""
     from imse.core.losses import AlignmentProbe
