@@ -11,9 +11,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls 
 
 import gradio as gr  # noqa: E402
 
-from imse.app import serving, ui  # noqa: E402
-from imse.app.teach import MAX_UPLOAD_BYTES  # noqa: E402
-from imse.data.corruptions import ALL_CORRUPTIONS  # noqa: E402
+from imse.app import serving, teach, teach_data, ui  # noqa: E402
+from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
+from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
 from imse.runs.lab import MAX_BATCH  # noqa: E402
 
 try:  # ZeroGPU Spaces: borrow a GPU for each run
@@ -23,24 +23,38 @@ try:  # ZeroGPU Spaces: borrow a GPU for each run
 except ImportError:
     start_lab = ui.start_lab
 
-FORMULAS = r"""
-**A spectral expert.** Every linear layer is split by SVD:
-$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_i \sigma_i u_i v_i^\top$.
-Expert $i$ writes along $u_i$, scaled by $\sigma_i$, as much as the input points along $v_i$.
-The $u_i$ are orthonormal, so two experts' outputs are orthogonal for any input (the check on the right).
-IMSE adapts only the $\sigma_i$.
-
-**Alignment.** For input rows $x_n$ (all tokens of all images): $a_{n,i} = v_i^\top x_n / \lVert x_n \rVert_2$,
-and $\mathrm{Std}_i$ is its spread over the batch. Experts whose alignment no longer varies have stopped
-telling images apart.
-
-**Diversity loss.** $L_\ell$ = mean of $\mathrm{Std}_i$ over a layer's experts but the largest;
-$L_{dm} = \frac{1}{3}\sum_{\ell \in \text{last 3 blocks}} L_\ell$. IMSE minimises reliable-sample entropy
-$-\,\lambda_{dm} L_{dm}$ (λ = 50).
-
-**Domain shift.** Patch-token mean/variance per channel give a descriptor; a batch starts a new domain when
-$D = \mathrm{mean}_c\big[\tfrac{v_d + (\mu_d-\mu_b)^2}{2 v_b} + \tfrac{v_b + (\mu_d-\mu_b)^2}{2 v_d} - 1\big] > \tau$.
-"""
+# The Teach tab's path: each view's 2–4 sentences and the formula of what it draws
+TEACH_TEXT = {
+    "experts": r"""
+**1 · Spectral experts.** SVD splits every linear layer into rank-1 experts,
+$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_i \sigma_i\, u_i v_i^\top$: expert $i$ writes along $u_i$, scaled by
+$\sigma_i$, as much as the input points along $v_i$. Keeping only the $k$ largest gives the best rank-$k$ layer;
+slide $k$ down to see how few experts carry the model, and scale one $\sigma_i$ to see what it does. IMSE adapts
+only the $\sigma_i$ — a few thousand numbers.
+""",
+    "collapse": r"""
+**2 · Collapse, measured.** An expert's *alignment* with input row $x_n$ (every token of every image) is
+$a_{n,i} = v_i^\top x_n / \lVert x_n\rVert$, and $\mathrm{Std}_i$ its spread over the batch: an expert whose
+alignment no longer varies has stopped telling images apart. **Measure** compares clean images, the same images
+corrupted, and IMSE, IMSE without its diversity term ($\lambda_{dm}=0$) and TENT as they adapt on 768 corrupted
+images. Watch the spread and the predicted classes; the view says where corruption does *not* lower the spread.
+""",
+    "step": r"""
+**3 · One IMSE step, dissected.** Samples with entropy $H(x) < E_0 = 0.4 \ln C$ are kept; the loss is
+$\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in R} H(x) \;-\; \lambda_{dm} L_{dm}$ with
+$L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i>1}\,\mathrm{Std}_i^{(\ell)}$ over the last three blocks.
+SAM first moves $\sigma$ uphill by $\rho$, takes the gradient there, and steps from the original point with Adam,
+whose first steps move each $\sigma$ by about the learning rate (the sign says which way).
+**Step** adapts on the next batch; **Reset** returns to the source $\sigma$.
+""",
+    "domains": r"""
+**4 · Domains and retrieval.** A batch's descriptor is its patch tokens' per-channel mean and variance; two
+descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} +
+\tfrac{v_b + (\mu_a-\mu_b)^2}{2 v_a} - 1\big]$, and $D > \tau$ starts a new domain. IMSE keeps the $\sigma$ it
+adapted for each domain in a bank and, on a new domain, brings back the slot whose descriptor is nearest.
+""",
+}
+LATEX = [{"left": "$", "right": "$", "display": False}]
 
 DEFAULT_BACKBONE, BACKBONE_NOTE = ui.startup_backbone()  # probes the hub ≤ 3 s (not at all offline)
 START = dict(zip(ui.SETTINGS, ui.settings_values("default", DEFAULT_BACKBONE)))
@@ -120,37 +134,109 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         backbone.input(ui.backbone_defaults, backbone, [imse_lr, lambda_dm], api_name=False)
         gr.api(ui.load_preset, api_name="preset")  # a preset's settings by name (readable error for a bad name)
 
-    with gr.Tab("Teach: what is a spectral expert?"):
-        layers = ui.teach_layers()
-        samples = [label for _, label in ui.teach.sample_images()]
+    with gr.Tab("Teach: why IMSE works"):
+        ranks = teach.layer_ranks()
+        layers = list(ranks)
+        samples = [label for _, label in teach_data.sample_images()]
+        collapse_layers = teach.diversity_layers()
         with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                teach_backbone = gr.Dropdown(ui.backbone_choices(), value="builtin", label="Backbone")
-                layer = gr.Dropdown(layers, value=layers[0], label="Layer")
-                sample = gr.Radio(samples, value=samples[0], label="Sample image")
-                upload = gr.Image(type="filepath", label="…or upload one (PNG/JPEG/WebP, ≤ 10 MB)", height=160)
-                expert = gr.Slider(0, 127, value=0, step=1, label="Expert i")
-                scale = gr.Slider(0.0, 3.0, value=1.0, step=0.05, label="Scale σ_i by")
-                preview = gr.Image(label="The image the model sees", height=120, interactive=False)
-                gr.Markdown(FORMULAS, latex_delimiters=[{"left": "$", "right": "$", "display": False}])
-            with gr.Column(scale=2):
-                prediction = gr.Markdown()
-                with gr.Row():
-                    spectrum_plot = gr.Plot(label="Singular spectrum")
-                    orthogonality_plot = gr.Plot(label="Expert outputs are orthogonal")
-                with gr.Row():
-                    top5_base = gr.Plot(label="Top-5")
-                    top5_scaled = gr.Plot(label="Top-5, scaled expert")
-        teach_backbone.change(ui.teach_backbone, teach_backbone, [layer, expert], api_name=False)
-        layer_inputs = [teach_backbone, layer, sample, upload, expert]
-        predict_inputs = [*layer_inputs, scale]
-        predict_outputs = [prediction, top5_base, top5_scaled, preview]
-        for trigger in (layer.change, sample.change, upload.change, expert.release):
-            trigger(ui.teach_layer, layer_inputs, [spectrum_plot, orthogonality_plot], api_name=False)
-        for trigger in (layer.change, sample.change, upload.change, expert.release, scale.release):
-            trigger(ui.teach_predict, predict_inputs, predict_outputs, api_name=False)
-        demo.load(ui.teach_layer, layer_inputs, [spectrum_plot, orthogonality_plot], api_name=False)
-        demo.load(ui.teach_predict, predict_inputs, predict_outputs, api_name=False)
+            teach_backbone = gr.Dropdown(ui.backbone_choices(), value="builtin", label="Backbone", scale=2)
+            corruption = gr.Dropdown(list(CORRUPTIONS), value="contrast", label="Corruption (views 2–4)")
+            severity = gr.Slider(1, 5, value=3, step=1, label="Severity (views 2–4)")
+        with gr.Tab("1 · Spectral experts"):
+            gr.Markdown(TEACH_TEXT["experts"], latex_delimiters=LATEX)
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    layer = gr.Dropdown(layers, value=layers[0], label="Layer")
+                    scope = gr.Radio(list(teach.SCOPES), value=teach.SCOPES[0], label="Keep the k largest experts in")
+                    rank_k = gr.Slider(1, max(ranks.values()), value=ranks[layers[0]], step=1, label="k")
+                    expert = gr.Slider(0, ranks[layers[0]] - 1, value=0, step=1, label="Expert i")
+                    scale = gr.Slider(0.0, teach.MAX_SCALE, value=1.0, step=0.05, label="Scale σ_i by")
+                    sample = gr.Radio(samples, value=samples[0], label="Sample image")
+                    upload = gr.Image(type="filepath", label="…or upload one (PNG/JPEG/WebP, ≤ 10 MB)", height=140)
+                    preview = gr.Image(label="The image the model sees", height=110, interactive=False)
+                with gr.Column(scale=3):
+                    experts_text = gr.Markdown(elem_id="teach-experts-text")
+                    with gr.Row():
+                        spectrum_plot = gr.Plot(label="Spectrum")
+                        rank_plot = gr.Plot(label="Accuracy keeping k experts")
+                    with gr.Row():
+                        top5_base = gr.Plot(label="Top-5, all experts")
+                        top5_edited = gr.Plot(label="Top-5, edited")
+        with gr.Tab("2 · Collapse, measured"):
+            gr.Markdown(TEACH_TEXT["collapse"], latex_delimiters=LATEX)
+            with gr.Row():
+                collapse_layer = gr.Dropdown(collapse_layers, value=collapse_layers[-1], label="Layer", scale=2)
+                measure = gr.Button("Measure", variant="primary")
+            collapse_state = gr.State()
+            collapse_text = gr.Markdown(elem_id="teach-collapse-text")
+            with gr.Row():
+                collapse_experts_plot = gr.Plot(label="Per expert")
+                collapse_layers_plot = gr.Plot(label="Per layer")
+            with gr.Row():
+                collapse_history_plot = gr.Plot(label="While adapting")
+                predictions_plot = gr.Plot(label="Predicted classes")
+        with gr.Tab("3 · One IMSE step"):
+            gr.Markdown(TEACH_TEXT["step"], latex_delimiters=LATEX)
+            explorer = gr.State()
+            with gr.Row():
+                step_button = gr.Button("Step", variant="primary")
+                reset_button = gr.Button("Reset")
+            step_text = gr.Markdown(elem_id="teach-step-text")
+            with gr.Row():
+                entropy_plot = gr.Plot(label="Entropy filter")
+                loss_plot = gr.Plot(label="Objective")
+            with gr.Row():
+                moved_table = gr.Dataframe(
+                    headers=["layer", "expert", "Δσ", "σ before"], label="Experts whose σ moved most", interactive=False
+                )
+                step_predictions_plot = gr.Plot(label="Predictions")
+        with gr.Tab("4 · Domains and retrieval"):
+            gr.Markdown(TEACH_TEXT["domains"], latex_delimiters=LATEX)
+            with gr.Row():
+                stored = gr.Dropdown(
+                    list(CORRUPTIONS),
+                    value=["gaussian_noise", "defocus_blur", "snow", "contrast"],
+                    multiselect=True,
+                    label="Stored in the bank (slot 0 is always clean: the source code)",
+                    scale=3,
+                )
+                incoming = gr.Dropdown(list(CORRUPTIONS), value="snow", label="A new batch of")
+            domains_text = gr.Markdown(elem_id="teach-domains-text")
+            with gr.Row():
+                kl_plot = gr.Plot(label="KL between domains")
+                map_plot = gr.Plot(label="Domain map")
+            retrieval_plot = gr.Plot(label="Retrieval")
+
+        teach_backbone.change(
+            teach.on_backbone, teach_backbone, [layer, rank_k, expert, sample, collapse_layer], api_name=False
+        )
+        experts_inputs = [teach_backbone, layer, scope, rank_k, expert, scale, sample, upload]
+        experts_outputs = [experts_text, spectrum_plot, rank_plot, top5_base, top5_edited, preview]
+        for trigger in (layer.change, scope.change, sample.change, upload.change, rank_k.change, expert.change,
+                        scale.change, teach_backbone.change):  # fmt: skip
+            trigger(teach.experts_view, experts_inputs, experts_outputs, api_name=False, trigger_mode="always_last")
+        collapse_outputs = [collapse_state, collapse_text, collapse_experts_plot, collapse_layers_plot,
+                            collapse_history_plot, predictions_plot]  # fmt: skip
+        measure.click(
+            teach.collapse_view,
+            [teach_backbone, corruption, severity, collapse_layer],
+            collapse_outputs,
+            api_name=False,
+        )
+        collapse_layer.change(
+            teach.collapse_layer, [collapse_state, teach_backbone, collapse_layer], collapse_outputs, api_name=False
+        )
+        step_inputs = [explorer, teach_backbone, corruption, severity]
+        step_outputs = [explorer, step_text, entropy_plot, loss_plot, moved_table, step_predictions_plot]
+        step_button.click(teach.step_view, step_inputs, step_outputs, api_name=False)
+        reset_button.click(teach.step_reset, step_inputs, step_outputs, api_name=False)
+        domains_inputs = [teach_backbone, severity, stored, incoming]
+        domains_outputs = [domains_text, kl_plot, map_plot, retrieval_plot]
+        for trigger in (stored.change, incoming.change, severity.release, teach_backbone.change):
+            trigger(teach.domains_view, domains_inputs, domains_outputs, api_name=False)
+        demo.load(teach.experts_view, experts_inputs, experts_outputs, api_name=False)
+        demo.load(teach.domains_view, domains_inputs, domains_outputs, api_name=False)
 
     demo.unload(ui.end_session)  # a closed tab stops its session's run
 

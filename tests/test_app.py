@@ -192,36 +192,53 @@ def test_a_preset_by_name_through_the_api_and_a_bad_one_is_a_readable_message(ap
         assert "Traceback" not in str(raised.value)
 
 
-def test_teach_helpers_on_a_real_image_and_bad_uploads(tmp_path):
+def test_teach_views_answer_and_refuse_bad_input_readably(tmp_path):
+    """Each Teach handler on the built-in model: it answers with its text and figures, and anything a caller can
+    send wrong (uploads, layers, ranges, names) is a readable gr.Error."""
     import gradio as gr
     from PIL import Image
 
-    from imse.app import teach, ui
-    from imse.core.spectral import spectral_layers
+    from imse.app import teach, teach_data
 
-    backbone = teach.spectral_backbone("builtin")
-    layer = next(iter(spectral_layers(backbone)))
-    image, _ = teach.sample_images()[0]
-    cosines = torch.tensor(teach.expert_cosines(backbone, layer, image))
-    torch.testing.assert_close(cosines, torch.eye(len(cosines)), atol=1e-4, rtol=0)
-    base = teach.predict(backbone, image)
-    assert teach.predict(backbone, image, layer, 0, 1.0) == pytest.approx(base)
-    assert teach.predict(backbone, image, layer, 0, 3.0) != pytest.approx(base)
-    assert torch.equal(spectral_layers(backbone)[layer].S, spectral_layers(backbone)[layer].S0)  # restored
+    layer = next(iter(teach.layer_ranks()))
+    text, spectrum, rank, top5, edited, preview = teach.experts_view(
+        "builtin", layer, "every layer", 8, 0, 1.0, None, None
+    )
+    assert "keeping the 8 largest (every layer)" in text and preview.shape == (32, 32, 3)
+    assert "8 of 128 experts kept" in spectrum.layout.title.text
+    assert [round(x) for x in rank.data[0].x] == [1, 4, 8, 16, 64, 128]  # the grid and the k just tried
 
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")
     bomb = tmp_path / "bomb.png"
     Image.new("1", (6000, 6000)).save(bomb)  # tiny file, 36 million pixels
     big = tmp_path / "big.bmp"
-    big.write_bytes(b"BM" + b"\0" * (teach.MAX_UPLOAD_BYTES + 1))
+    big.write_bytes(b"BM" + b"\0" * (teach_data.MAX_UPLOAD_BYTES + 1))
     for path, message in ((text, "not an image"), (bomb, "pixels"), (big, "MB")):
         with pytest.raises(gr.Error, match=message):
-            ui.teach_predict("builtin", layer, None, str(path), 0, 1.0)
+            teach.experts_view("builtin", layer, "this layer", 4, 0, 1.0, None, str(path))
     good = tmp_path / "good.png"
     Image.new("RGB", (50, 40), (200, 10, 10)).save(good)
-    text_out, *_ = ui.teach_predict("builtin", layer, None, str(good), 0, 1.0)
-    assert "your image" in text_out
+    assert "your image" in teach.experts_view("builtin", layer, "this layer", 4, 0, 1.0, None, str(good))[0]
+    bad_calls = [
+        (teach.experts_view, ("builtin", "model.blocks.99.x", "this layer", 4, 0, 1.0, None, None), "unknown layer"),
+        (teach.experts_view, ("builtin", layer, "this layer", 0, 0, 1.0, None, None), "k must be"),
+        (teach.experts_view, ("builtin", layer, "this layer", 4, 0, float("nan"), None, None), "scale must be"),
+        (teach.experts_view, ("builtin", layer, "sideways", 4, 0, 1.0, None, None), "scope must be"),
+        (teach.experts_view, ("/etc/passwd", layer, "this layer", 4, 0, 1.0, None, None), "unknown backbone"),
+        (teach.domains_view, ("builtin", 3, ["fog"], "lava"), "unknown corruption"),
+        (teach.domains_view, ("builtin", 9, ["fog"], "snow"), "severity must be"),
+        (teach.domains_view, ("builtin", 3, ["../fog"], "snow"), "only corruptions"),
+        (teach.step_view, (None, "builtin", "snow", 0), "severity must be"),
+        (teach.collapse_layer, (None, "builtin", layer), "press Measure"),
+    ]
+    for handler, args, message in bad_calls:
+        with pytest.raises(gr.Error, match=message):
+            handler(*args)
+    with pytest.raises(gr.Error, match="unknown corruption"):
+        next(teach.collapse_view("builtin", "lava", 3, None))
+    text, *_ = teach.domains_view("builtin", 3, ["gaussian_noise", "snow"], "snow")
+    assert "brings back slot 2, **snow**" in text
 
 
 CHROMIUM = shutil.which("chromium")
@@ -264,6 +281,85 @@ def test_browser_start_panels_stop_and_no_outside_request(app_url, tmp_path):
     assert any("Singular-value shifts" in t for t in titles) and any("current batch" in t for t in titles)
     assert any("alignment" in t for t in titles)
     assert (tmp_path / "lab.png").stat().st_size > 10_000
+    assert outside == []
+
+
+@pytest.mark.slow  # browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_walks_the_four_teach_views_with_no_outside_request(app_url, tmp_path):
+    """Each Teach view in chromium: it draws its figures and says what it measured; a screenshot of each goes to
+    ``$IMSE_SCREENSHOTS`` (else the test's temporary folder)."""
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("IMSE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    outside = []
+
+    def titles(page) -> list[str]:
+        return page.eval_on_selector_all(".gtitle", "els => els.map(e => e.textContent)")
+
+    def settle(page) -> None:
+        """Every output drawn: no status tracker still shows an event in progress."""
+        page.wait_for_function("!document.querySelector('.wrap.pending, .wrap.generating')", timeout=60_000)
+        page.wait_for_timeout(500)
+
+    def wait_for_title(page, text: str, timeout: float = 60_000) -> None:
+        page.wait_for_function(
+            f"[...document.querySelectorAll('.gtitle')].some(t => t.textContent.includes({text!r}))", timeout=timeout
+        )
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1700})
+        page.on(
+            "request",
+            lambda r: outside.append(r.url) if not r.url.startswith((app_url, "data:", "blob:")) else None,
+        )
+        page.goto(app_url)
+        page.get_by_role("tab", name="Teach: why IMSE works").click()
+        wait_for_title(page, "experts kept")
+        page.get_by_label("every layer").check()
+        wait_for_title(page, "(every layer)")
+        settle(page)
+        k = page.get_by_label("number input for k", exact=True)
+        k.fill("16")
+        k.press("Enter")
+        wait_for_title(page, "16 of 128 experts kept")
+        settle(page)
+        page.screenshot(path=str(shots / "teach-1-experts.png"), full_page=True)
+        experts = page.locator("#teach-experts-text").inner_text()
+
+        page.get_by_role("tab", name="2 · Collapse, measured").click()
+        page.get_by_role("button", name="Measure").click()
+        page.wait_for_function(
+            "document.querySelector('#teach-collapse-text').textContent.includes('(done)')", timeout=180_000
+        )
+        settle(page)
+        page.screenshot(path=str(shots / "teach-2-collapse.png"), full_page=True)
+        collapse = page.locator("#teach-collapse-text").inner_text()
+
+        page.get_by_role("tab", name="3 · One IMSE step").click()
+        for batch in (1, 2):  # a click while the step runs is ignored (Gradio's trigger mode "once")
+            page.get_by_role("button", name="Step", exact=True).click()
+            page.wait_for_function(f"document.querySelector('#teach-step-text').textContent.includes('Batch {batch} ')")
+        settle(page)
+        page.screenshot(path=str(shots / "teach-3-step.png"), full_page=True)
+        step = page.locator("#teach-step-text").inner_text()
+
+        page.get_by_role("tab", name="4 · Domains and retrieval").click()
+        wait_for_title(page, "KL to each slot")
+        settle(page)
+        page.screenshot(path=str(shots / "teach-4-domains.png"), full_page=True)
+        domains = page.locator("#teach-domains-text").inner_text()
+        seen = titles(page)
+        browser.close()
+    assert "keeping the 16 largest (every layer)" in experts
+    assert "After 768 corrupted images" in collapse and "TENT" in collapse
+    assert "Batch 2 of contrast 3" in step and "E0 = 0.921" in step
+    assert "top-1 retrieval brings back slot 3, snow" in domains
+    assert any("Symmetric KL" in t for t in seen) and any("Domain map" in t for t in seen)
+    assert all((shots / f"teach-{n}.png").stat().st_size > 20_000 for n in
+               ("1-experts", "2-collapse", "3-step", "4-domains"))  # fmt: skip
     assert outside == []
 
 

@@ -6,8 +6,8 @@ import zipfile
 import torch
 
 from imse.app.lab_results import export_run
+from imse.core.codes import load_code
 from imse.core.methods import create
-from imse.core.spectral import load_code
 from imse.data.models import BUILTIN, create_backbone
 from imse.runs.lab import LabConfig, run_lab
 

@@ -28,8 +28,9 @@ from safetensors import safe_open
 from torch import nn
 
 from imse.core.bank import BankMismatchError, Descriptor, DomainBank
+from imse.core.codes import load_code, save_code
 from imse.core.methods import create
-from imse.core.spectral import CodeMismatchError, SpectralLinear, get_code, inject, load_code, save_code, set_code
+from imse.core.spectral import CodeMismatchError, SpectralLinear, get_code, inject, set_code
 from imse.core.svd_cache import SVDCache, decompose
 from imse.data.fashion_mnist import load_idx_split
 from imse.data.models import BackboneUnavailable, create_backbone
@@ -55,7 +56,8 @@ import torch
 from torch import nn
 from imse.core import svd_cache
 from imse.core.bank import Descriptor, DomainBank
-from imse.core.spectral import SpectralLinear, save_code
+from imse.core.codes import save_code
+from imse.core.spectral import SpectralLinear
 
 
 def bank_writer(path, arg):

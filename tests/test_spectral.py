@@ -7,15 +7,14 @@ import torch.nn.functional as F
 from conftest import CUDA, relative_error, tiny_vit
 from torch import nn
 
+from imse.core.codes import load_code, save_code
 from imse.core.spectral import (
     CodeMismatchError,
     SpectralLinear,
     get_code,
     inject,
-    load_code,
     merge,
     reset_code,
-    save_code,
     set_code,
     set_path,
     spectral_layers,

@@ -6,14 +6,14 @@ import threading
 import pytest
 import torch
 
-from imse.app import teach
+from imse.app import teach, teach_data
 from imse.core.spectral import spectral_layers
 
 
 @pytest.fixture(scope="module")
 def shared():
-    backbone = teach.spectral_backbone("builtin")
-    image, _ = teach.sample_images(2)[1]
+    backbone = teach_data.spectral_backbone("builtin")
+    image, _ = teach_data.sample_images("builtin", 2)[1]
     return backbone, image, "model.blocks.1.mlp.fc1"
 
 

@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from imse.core.spectral import save_code, spectral_layers
+from imse.core.codes import save_code
+from imse.core.spectral import spectral_layers
 from imse.runs.lab import LabState, method_name, primary_label
 
 __all__ = ["export_run", "summary_rows"]

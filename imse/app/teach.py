@@ -1,150 +1,357 @@
-"""The "What is a spectral expert?" tab, as plain functions (the app only wires them).
+"""The Teach tab: four views of why IMSE works, each a Gradio handler that checks its inputs, asks
+``imse.runs.explain`` for the numbers and ``teach_viz`` for the figures (no maths here).
 
-A spectral layer computes ``y = Σ_i σ_i u_i (v_iᵀ x)``: expert *i* writes along ``u_i``, scaled by ``σ_i``, as much
-as the input points along ``v_i``. Because the ``u_i`` are orthonormal, the outputs of two different experts are
-orthogonal for *any* input — which ``expert_cosines`` checks on a real image.
+Models are shared between visitors (one cached, decomposed backbone per name) and never written to: view 1 edits
+σ through a per-call context, views 2 and 3 adapt private copies.
 """
 
 from __future__ import annotations
 
-import io
-import threading
-from contextvars import ContextVar
 from functools import lru_cache
-from pathlib import Path
+from typing import Any
 
+import gradio as gr
 import torch
-from torch import nn
 
-from imse.core.spectral import SpectralLinear, inject, spectral_layers
-from imse.data.models import create_backbone
+from imse.app import teach_data, teach_viz
+from imse.app.ui import _as_int, _check_backbone
+from imse.core.spectral import spectral_layers
+from imse.data.corruptions import CORRUPTIONS
+from imse.data.models import BUILTIN, BackboneUnavailable
+from imse.runs.collapse import CollapseMeter
+from imse.runs.defaults import lab_settings, tuned_settings
+from imse.runs.explain import experts
+from imse.runs.explain.collapse import CollapseView, collapse_progress
+from imse.runs.explain.domains import domain_map, retrieve
+from imse.runs.explain.step import StepExplorer
 
 __all__ = [
-    "MAX_UPLOAD_BYTES",
-    "MAX_UPLOAD_PIXELS",
-    "expert_cosines",
-    "load_user_image",
+    "collapse_layer",
+    "collapse_view",
+    "domains_view",
+    "experts_view",
+    "on_backbone",
     "predict",
-    "sample_images",
-    "spectral_backbone",
+    "step_reset",
+    "step_view",
 ]
 
-MAX_UPLOAD_BYTES = 10 * 2**20
-MAX_UPLOAD_PIXELS = 16_000_000  # decompression bombs are refused before decoding
-ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}
+MAX_SCALE = 3.0  # the σ-scale slider's range
+DOMAIN_BATCH = 64  # view 4: one batch per domain, as the shift detector sees them
+# view 2: rounds × steps of batch 32 (768 images), measured on 128 images after each round (~2 s a round, 2 cores)
+COLLAPSE_ROUNDS, COLLAPSE_STEPS, COLLAPSE_BATCH, COLLAPSE_MEASURED = 12, 2, 32, 128
+SCOPES = ("this layer", experts.ALL_LAYERS)
 
 
-@lru_cache(maxsize=2)
-def spectral_backbone(name: str = "builtin"):
-    """A frozen backbone with every target layer decomposed (cached: the SVD runs once per backbone)."""
-    from imse.core.svd_cache import default_svd_cache
-
-    backbone = create_backbone(name)
-    inject(backbone, cache=default_svd_cache())
-    backbone.requires_grad_(False)
-    _add_scaling_hooks(backbone)
-    return backbone
-
-
-# The σ-scaling knob on a model that every visitor shares: nothing is written to the model. A forward hook on each
-# spectral layer adds (scale − 1)·σ_i·u_i(v_iᵀx) to the layer's output when the calling thread's context asks for
-# it, so two visitors scaling different experts at once each see only their own.
-_SCALED: ContextVar[tuple[nn.Module, int, float] | None] = ContextVar("imse_teach_scaled_expert", default=None)
-_HOOKS_LOCK = threading.Lock()
-
-
-def _scaling_hook(module: SpectralLinear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    scaled = _SCALED.get()
-    if scaled is None or scaled[0] is not module:
-        return None
-    _, i, scale = scaled
-    alignment = args[0] @ module.Vh[i]  # v_iᵀ x for every token
-    return output + ((scale - 1.0) * module.S[i] * alignment)[..., None] * module.U[:, i]
-
-
-def _add_scaling_hooks(backbone: nn.Module) -> None:
-    with _HOOKS_LOCK:
-        for module in spectral_layers(backbone).values():
-            if not getattr(module, "_teach_scaling_hook", False):
-                module.register_forward_hook(_scaling_hook)
-                module._teach_scaling_hook = True
-
-
-def sample_images(count: int = 6) -> list[tuple[torch.Tensor, str]]:
-    """Bundled sample images for the built-in backbone: the first test image of each of ``count`` classes."""
-    from imse.data.fashion_mnist import CLASS_NAMES, load_shipped, to_rgb32
-
-    images, labels = load_shipped("test")
-    picks, seen = [], set()
-    for image, label in zip(images, labels):
-        if int(label) not in seen:
-            seen.add(int(label))
-            picks.append((to_rgb32(image[None])[0], CLASS_NAMES[int(label)]))
-        if len(picks) == count:
-            break
-    return picks
-
-
-def load_user_image(path: str | Path, size: int) -> torch.Tensor:
-    """A user's upload as uint8 ``[3, size, size]``; ``ValueError`` with a readable reason for anything that is
-    not a modest image file (type, byte size, pixel count — checked from the header, before decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    size_bytes = path.stat().st_size
-    if size_bytes > MAX_UPLOAD_BYTES:
-        raise ValueError(f"the file is {size_bytes / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
-    data = path.read_bytes()
+def _backbone(name: Any):
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            kind, (width, height) = probe.format, probe.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError("that file is not an image (PNG, JPEG, WebP, BMP or GIF)") from error
-    if kind not in ALLOWED_FORMATS:
-        raise ValueError(f"{kind} images are not accepted; use PNG, JPEG, WebP, BMP or GIF")
-    if width * height > MAX_UPLOAD_PIXELS:
-        raise ValueError(f"the image has {width * height:,} pixels; the limit is {MAX_UPLOAD_PIXELS:,}")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            image.load()
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"the image could not be decoded: {error}") from error
-    from imse.data.sources import prepare_image
-
-    return prepare_image(image, size)
+        return teach_data.spectral_backbone(_check_backbone(name))
+    except (BackboneUnavailable, ValueError, RuntimeError) as error:
+        raise gr.Error(str(error)) from None
 
 
-@torch.no_grad()
-def expert_cosines(backbone, layer: str, image: torch.Tensor, experts: int = 16) -> list[list[float]]:
-    """Cosine similarity between the outputs of the ``experts`` largest experts of ``layer`` on ``image``
-    (over all tokens): the identity matrix, up to float error."""
-    module: SpectralLinear = spectral_layers(backbone)[layer]
-    captured = {}
-    handle = module.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
-    backbone(image[None].float() / 255)
-    handle.remove()
-    x = captured["x"][0]  # [tokens, in]
-    k = min(experts, module.rank)
-    projections = x @ module.Vh[:k].T  # [tokens, k]
-    outputs = [
-        (projections[:, i : i + 1] * module.S[i] * module.U[:, i][None]).flatten() for i in range(k)
-    ]  # expert i's contribution to every token's output
-    stacked = torch.stack(outputs)
-    normed = stacked / stacked.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (normed @ normed.T).tolist()
+def _image(backbone_name: str, sample: Any, upload: Any) -> tuple[torch.Tensor, str]:
+    backbone = teach_data.spectral_backbone(backbone_name)
+    if upload:
+        try:
+            return teach_data.load_user_image(str(upload), backbone.input_size), "your image"
+        except (ValueError, OSError) as error:  # OSError: a vanished or unreadable upload
+            message = str(error) if isinstance(error, ValueError) else "the uploaded file could not be read"
+            raise gr.Error(message) from None
+    samples = teach_data.sample_images(backbone_name)
+    labels = [label for _, label in samples]
+    return samples[labels.index(sample) if sample in labels else 0]
 
 
-@torch.no_grad()
 def predict(backbone, image: torch.Tensor, layer: str | None = None, expert: int = 0, scale: float = 1.0):
-    """Class probabilities with expert ``expert`` of ``layer`` scaled by ``scale``, computed without touching
-    the (shared) model: safe while other threads use it."""
-    if not layer:
-        return torch.softmax(backbone(image[None].float() / 255)[0], -1).tolist()
-    _add_scaling_hooks(backbone)
-    token = _SCALED.set((spectral_layers(backbone)[layer], int(expert), float(scale)))
+    """Class probabilities of one image with expert ``expert`` of ``layer`` scaled by ``scale`` (the shared
+    model untouched: safe while other threads use it)."""
+    sigmas = experts.scale_expert(backbone, layer, expert, scale) if layer else None
+    return experts.probabilities(backbone, image[None], sigmas)[0].tolist()
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+
+
+def _layer(backbone, layer: Any) -> str:
+    if not isinstance(layer, str) or layer not in spectral_layers(backbone):
+        raise gr.Error(f"unknown layer {str(layer)[:80]!r}")
+    return layer
+
+
+def _in_range(value: Any, name: str, low: float, high: float, cast=float):
     try:
-        logits = backbone(image[None].float() / 255)
-    finally:
-        _SCALED.reset(token)
-    return torch.softmax(logits[0], -1).tolist()
+        number = cast(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number") from None
+    if not low <= number <= high:  # also refuses NaN
+        raise gr.Error(f"{name} must be {low:g} to {high:g}")
+    return number
+
+
+def _corruption(name: Any, severity: Any) -> tuple[str, int]:
+    if name not in CORRUPTIONS:
+        raise gr.Error(f"unknown corruption {str(name)[:40]!r}")
+    severity = _as_int(severity, "severity")
+    if not 1 <= severity <= 5:
+        raise gr.Error("severity must be 1 to 5")
+    return name, severity
+
+
+def layer_ranks(backbone_name: str = BUILTIN) -> dict[str, int]:
+    """The backbone's spectral layers and how many experts each has."""
+    return {name: layer.rank for name, layer in spectral_layers(teach_data.spectral_backbone(backbone_name)).items()}
+
+
+def diversity_layers(backbone_name: str = BUILTIN) -> list[str]:
+    return CollapseMeter(teach_data.spectral_backbone(backbone_name)).layers
+
+
+def on_backbone(backbone_name: Any):
+    """Switching backbones: its layers, the experts' range, its sample images (hub models load here)."""
+    backbone = _backbone(backbone_name)
+    layers = spectral_layers(backbone)
+    first = next(iter(layers))
+    samples = [label for _, label in teach_data.sample_images(backbone_name)]
+    collapse_layers = diversity_layers(backbone_name)
+    return (
+        gr.update(choices=list(layers), value=first),
+        gr.update(maximum=layers[first].rank, value=layers[first].rank),
+        gr.update(maximum=layers[first].rank - 1, value=0),
+        gr.update(choices=samples, value=samples[0]),
+        gr.update(choices=collapse_layers, value=collapse_layers[-1]),
+    )
+
+
+# -- view 1: spectral experts ------------------------------------------------------------------------------------
+
+
+_ACCURACY: dict[tuple[str, str, int], float] = {}  # (backbone, scope, k) -> accuracy on the fixed set
+CURVE_KS = (1, 4, 16, 64)  # the curve's first points (plus the full rank), computed once per scope
+
+
+def _accuracy_keeping(backbone_name: str, scope_layer: str, k: int) -> float:
+    """Accuracy (or agreement) on the fixed set with the k largest experts kept, remembered: a slider that comes
+    back to a k, and the curve, cost nothing the second time."""
+    key = (backbone_name, scope_layer, k)
+    if key not in _ACCURACY:
+        backbone = teach_data.spectral_backbone(backbone_name)
+        images, labels, _ = teach_data.eval_set(backbone_name)
+        sigmas = experts.keep_largest(backbone, k, scope_layer) if k else None  # k = 0: every expert, unedited
+        if len(_ACCURACY) > 4096:
+            _ACCURACY.clear()
+        _ACCURACY[key] = experts.accuracy(backbone, images, labels, sigmas)
+    return _ACCURACY[key]
+
+
+def _curve(backbone_name: str, scope_layer: str, rank: int) -> list[tuple[int, float]]:
+    """The grid's points and every k tried so far in this scope, sorted by k."""
+    for k in (*CURVE_KS, rank):
+        if k <= rank:
+            _accuracy_keeping(backbone_name, scope_layer, k)
+    tried = {k: acc for (name, scope, k), acc in _ACCURACY.items() if (name, scope) == (backbone_name, scope_layer)}
+    return sorted((k, acc) for k, acc in tried.items() if 0 < k <= rank)
+
+
+def experts_view(backbone_name: Any, layer: Any, scope: Any, k: Any, expert: Any, scale: Any, sample, upload):
+    """View 1: the layer's spectrum, accuracy keeping the k largest experts, and one image's prediction with the
+    k largest kept and expert i's σ scaled (both edits together)."""
+    backbone = _backbone(backbone_name)
+    layer = _layer(backbone, layer)
+    module = spectral_layers(backbone)[layer]
+    if scope not in SCOPES:
+        raise gr.Error(f"scope must be one of {', '.join(SCOPES)}")
+    scope_layer = layer if scope == SCOPES[0] else experts.ALL_LAYERS
+    k = _in_range(k, "k", 1, max(m.rank for m in spectral_layers(backbone).values()), cast=int)
+    expert = _in_range(expert, "expert", 0, module.rank - 1, cast=int)
+    scale = _in_range(scale, "scale", 0.0, MAX_SCALE)
+    image, label = _image(backbone_name, sample, upload)
+
+    sigmas = experts.keep_largest(backbone, k, scope_layer)  # holds ``layer`` in either scope
+    sigmas[layer][expert] *= scale
+    fixed, _, measure = teach_data.eval_set(backbone_name)
+    rank = max(m.rank for m in spectral_layers(backbone).values()) if scope_layer == experts.ALL_LAYERS else module.rank
+    full = _accuracy_keeping(backbone_name, scope_layer, 0)
+    at_k = _accuracy_keeping(backbone_name, scope_layer, min(k, rank))
+    curve = _curve(backbone_name, scope_layer, rank)
+    images = len(fixed)
+    names = backbone.class_names
+    base = experts.probabilities(backbone, image[None])[0].tolist()
+    edited = experts.probabilities(backbone, image[None], sigmas)[0].tolist()
+    best_base, best_edit = max(range(len(base)), key=base.__getitem__), max(range(len(edited)), key=edited.__getitem__)
+    kept = set(torch.topk(module.S.detach(), min(k, module.rank)).indices.tolist())
+    energy = experts.energy(module.S)[min(k, module.rank) - 1]
+    text = (
+        f"**{label}** — all experts: **{names[best_base]}** ({100 * base[best_base]:.1f} %); keeping the {k} largest "
+        f"({scope}) with σ_{expert} × {scale:g}: **{names[best_edit]}** ({100 * edited[best_edit]:.1f} %). "
+        f"The {min(k, module.rank)} largest experts of `{layer}` hold {100 * float(energy):.1f} % of its Σσ²; "
+        f"{measure} on {images} images with k = {k}: {100 * at_k:.1f} % (all experts: {100 * full:.1f} %)."
+    )
+    return (
+        text,
+        teach_viz.spectrum_figure(module.S.tolist(), experts.energy(module.S).tolist(), layer, kept, expert),
+        teach_viz.rank_figure(curve, full, min(k, rank), at_k, scope, images),
+        teach_viz.top5_figure(base, names, "top-5, all experts"),
+        teach_viz.top5_figure(edited, names, f"top-5, k = {k}, σ_{expert} × {scale:g}"),
+        image.permute(1, 2, 0).numpy(),
+    )
+
+
+# -- view 2: collapse, measured ----------------------------------------------------------------------------------
+
+
+def _method_settings(backbone_name: str) -> dict[str, dict]:
+    return {name: tuned_settings(backbone_name, name) for name in ("imse", "tent")}
+
+
+_COLLAPSE_DONE: dict[tuple, CollapseView] = {}  # finished views by (backbone, corruption, severity); a few at most
+
+
+def _collapse_outputs(view: CollapseView, layer: Any, names: list[str]) -> tuple:
+    if layer not in view.layers:
+        layer = view.layers[-1]
+    lower = len(view.lower_when_corrupted)
+    verdict = f"Under this corruption the mean std drops on {lower} of {len(view.layers)} layers" + (
+        "." if lower == len(view.layers) else f"; on the other {len(view.layers) - lower} it does not drop."
+    )
+    rows = "\n".join(
+        f"| {c} | {view.mean_std(c):.4f} | {100 * view.accuracy[c]:.1f} % | {100 * view.top_share(c):.0f} % |"
+        for c in view.conditions
+    )
+    progress = "done" if view.finished else "adapting…"
+    text = (
+        f"{verdict} After **{view.images_adapted}** corrupted images of adaptation ({progress}), measured on "
+        f"{sum(view.class_counts['clean'])} images:\n\n"
+        "| | mean std | accuracy | top class share |\n|---|---|---|---|\n" + rows
+    )
+    return (
+        view,
+        text,
+        teach_viz.collapse_experts_figure(view, layer),
+        teach_viz.collapse_layers_figure(view),
+        teach_viz.collapse_history_figure(view),
+        teach_viz.predictions_figure(view, names),
+    )
+
+
+def collapse_view(backbone_name: Any, corruption: Any, severity: Any, layer: Any):
+    """View 2, streamed: clean vs corrupted first (≤ 2 s), then the three methods adapting a few batches at a
+    time, each update re-measured; a finished view is kept, so coming back to it is instant."""
+    backbone = _backbone(backbone_name)
+    corruption, severity = _corruption(corruption, severity)
+    key = (backbone_name, corruption, severity)
+    if key in _COLLAPSE_DONE:
+        yield _collapse_outputs(_COLLAPSE_DONE[key], layer, backbone.class_names)
+        return
+    images, labels = teach_data.view_images(backbone_name)
+    views = collapse_progress(
+        backbone,
+        images,
+        labels,
+        corruption,
+        severity,
+        rounds=COLLAPSE_ROUNDS,
+        steps_per_round=COLLAPSE_STEPS,
+        batch_size=COLLAPSE_BATCH,
+        measured=COLLAPSE_MEASURED,
+        settings=_method_settings(backbone_name),
+    )
+    for view in views:
+        if view.finished:
+            while len(_COLLAPSE_DONE) >= 8:
+                _COLLAPSE_DONE.pop(next(iter(_COLLAPSE_DONE)))
+            _COLLAPSE_DONE[key] = view
+        yield _collapse_outputs(view, layer, backbone.class_names)
+
+
+def collapse_layer(view: Any, backbone_name: Any, layer: Any):
+    """Another layer of the view on screen (nothing recomputed)."""
+    if not isinstance(view, CollapseView):
+        raise gr.Error("press Measure first")
+    return _collapse_outputs(view, layer, _backbone(backbone_name).class_names)
+
+
+# -- view 3: one IMSE step, dissected ----------------------------------------------------------------------------
+
+
+def step_view(explorer: Any, backbone_name: Any, corruption: Any, severity: Any, reset: bool = False):
+    """View 3: one more IMSE step on the next corrupted batch (``reset``: back to the source code first). The
+    explorer (a private IMSE copy) lives in the visitor's session state and is rebuilt when the settings change."""
+    _backbone(backbone_name)
+    corruption, severity = _corruption(corruption, severity)
+    key = (backbone_name, corruption, severity)
+    if not isinstance(explorer, tuple) or explorer[0] != key:
+        images, labels = teach_data.view_images(backbone_name)
+        settings = _method_settings(backbone_name)["imse"]
+        explorer = (
+            key,
+            StepExplorer(teach_data.spectral_backbone(backbone_name), images, labels, corruption, severity, **settings),
+        )
+    elif reset:
+        explorer[1].reset()
+    report = explorer[1].step()
+    names = teach_data.spectral_backbone(backbone_name).class_names
+    moved = [[layer, index, f"{delta:+.2e}", f"{before:.4f}"] for layer, index, delta, before in report.moved]
+    status = "updated" if report.updated else f"**no update** ({report.skip_reason})"
+    loss = "—" if report.loss is None else f"{report.loss:.4f}"
+    perturbed = "—" if report.loss_perturbed is None else f"{report.loss_perturbed:.4f}"
+    text = (
+        f"Batch {report.batch} of {corruption.replace('_', ' ')} {severity}: {sum(report.reliable)} of "
+        f"{len(report.reliable)} samples under E0 = {report.margin:.3f}; loss {loss} at the current code, "
+        f"{perturbed} at SAM's perturbed code (SAM steps from the worse point); {status}."
+    )
+    return (
+        explorer,
+        text,
+        teach_viz.sample_entropy_figure(report),
+        teach_viz.loss_figure(report),
+        moved,
+        teach_viz.step_predictions_figure(report, names),
+    )
+
+
+def step_reset(explorer: Any, backbone_name: Any, corruption: Any, severity: Any):
+    return step_view(explorer, backbone_name, corruption, severity, reset=True)
+
+
+# -- view 4: domains and retrieval -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _domains(backbone_name: str, severity: int):
+    images, _ = teach_data.view_images(backbone_name)
+    tau = lab_settings(backbone=backbone_name)["tau"]
+    return domain_map(
+        teach_data.spectral_backbone(backbone_name), images[:DOMAIN_BATCH], list(CORRUPTIONS), severity, tau=tau
+    )
+
+
+def domains_view(backbone_name: Any, severity: Any, stored: Any, incoming: Any):
+    """View 4: descriptors' KL matrix and map, and which slot a bank holding ``stored`` gives a new batch."""
+    backbone = _backbone(backbone_name)
+    incoming, severity = _corruption(incoming, severity)
+    stored = list(stored or [])
+    if any(name not in CORRUPTIONS for name in stored):
+        raise gr.Error("the bank can hold only corruptions from the list")
+    domains = _domains(backbone_name, severity)
+    images, _ = teach_data.view_images(backbone_name)
+    result = retrieve(backbone, domains, stored, incoming, images[DOMAIN_BATCH : 2 * DOMAIN_BATCH], severity)
+    nearest = result.stored[result.slot].replace("_", " ")
+    right = incoming in stored and result.stored[result.slot] == incoming
+    verdict = (
+        "the code stored for the same corruption"
+        if right
+        else ("another domain's code: this corruption is not in the bank" if incoming not in stored else "another code")
+    )
+    novelty = "a new domain" if result.shift_from_clean else "not a new domain"
+    text = (
+        f"A new batch of **{incoming.replace('_', ' ')} {severity}** is {novelty} seen from clean data "
+        f"(τ = {domains.tau:g}); "
+        f"top-1 retrieval brings back slot {result.slot}, **{nearest}** — {verdict}."
+    )
+    return (
+        text,
+        teach_viz.kl_figure(domains),
+        teach_viz.domain_map_figure(domains, result),
+        teach_viz.retrieval_figure(result, domains.tau),
+    )

@@ -1,7 +1,7 @@
 """Glue between Gradio events and the library: turn widget values into calls, results into panel values.
 
 Every failure a user can cause becomes a ``gr.Error`` with a readable message (never a traceback in the page);
-the logic stays in ``imse.runs.lab``, ``imse.app.teach`` and ``imse.app.viz``.
+the logic stays in ``imse.runs.lab`` and ``imse.app.viz`` (the Teach tab has its own glue, ``imse.app.teach``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from typing import Any
 import gradio as gr
 import torch
 
-from imse.app import serving, teach, viz
+from imse.app import serving, viz
 from imse.app.lab_results import export_run, summary_rows
-from imse.core.spectral import spectral_layers
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES, BackboneUnavailable, hub_reachable
 from imse.runs.defaults import PRESETS, default_backbone, lab_settings
@@ -31,8 +30,6 @@ __all__ = [
     "start_lab",
     "startup_backbone",
     "stop_lab",
-    "teach_layer",
-    "teach_predict",
 ]
 
 PANEL_TITLES = (
@@ -63,7 +60,6 @@ START_INPUTS = (*SETTINGS, "device", "show_source")
 START_OUTPUTS = ("status", "accuracy", "collapse", "alignment", "shifts", "bank", "batch", "results", "download")
 _EXPORT_DIR = tempfile.mkdtemp(prefix="imse-lab-")
 RUNS = serving.SessionRuns()
-MAX_SCALE = 3.0  # the Teach tab's σ-scale slider range
 
 
 def offline() -> bool:
@@ -303,94 +299,6 @@ def stop_lab(request: gr.Request = None) -> str:
 def end_session(request: gr.Request = None) -> None:
     """A closed tab: stop whatever that session still had running."""
     RUNS.stop(_session(request))
-
-
-# -- Teach tab ---------------------------------------------------------------------------------------------------
-
-
-def teach_layers(backbone: str = BUILTIN) -> list[str]:
-    return list(spectral_layers(teach.spectral_backbone(backbone)))
-
-
-def _teach_backbone(backbone_name: Any):
-    try:
-        return teach.spectral_backbone(_check_backbone(backbone_name))
-    except (BackboneUnavailable, ValueError, RuntimeError) as error:
-        raise gr.Error(str(error)) from None
-
-
-def _teach_inputs(backbone_name: Any, layer: Any, expert: Any):
-    """The Teach tab's widget values checked server-side (API callers can send anything)."""
-    backbone = _teach_backbone(backbone_name)
-    layers = spectral_layers(backbone)
-    if not isinstance(layer, str) or layer not in layers:
-        raise gr.Error(f"unknown layer {str(layer)[:80]!r}")
-    expert = _as_int(expert, "expert")
-    if not 0 <= expert < layers[layer].rank:
-        raise gr.Error(f"expert must be 0 to {layers[layer].rank - 1}")
-    return backbone, layers[layer], expert
-
-
-def teach_backbone(backbone_name: str):
-    """Switching backbones: its layers and its experts' range (hub models load their weights here)."""
-    layers = spectral_layers(_teach_backbone(backbone_name))
-    first = next(iter(layers))
-    return gr.update(choices=list(layers), value=first), gr.update(maximum=layers[first].rank - 1, value=0)
-
-
-def _image(backbone, sample: Any, upload: Any) -> tuple[torch.Tensor, str]:
-    if upload:
-        try:
-            return teach.load_user_image(str(upload), backbone.input_size), "your image"
-        except (ValueError, OSError) as error:  # OSError: a vanished or unreadable upload
-            message = str(error) if isinstance(error, ValueError) else "the uploaded file could not be read"
-            raise gr.Error(message) from None
-    samples = teach.sample_images()
-    labels = [label for _, label in samples]
-    image, label = samples[labels.index(sample) if sample in labels else 0]
-    if image.shape[-1] != backbone.input_size:  # bundled 32 px samples shown to a 224 px backbone
-        resized = torch.nn.functional.interpolate(image[None].float(), size=backbone.input_size, mode="bilinear")
-        image = resized[0].round().clamp(0, 255).to(torch.uint8)
-    return image, label
-
-
-def teach_layer(backbone_name: str, layer: str, sample: str | None, upload: str | None, expert: float):
-    """Spectrum and orthogonality check for a layer, on the chosen image."""
-    backbone, spectral, expert = _teach_inputs(backbone_name, layer, expert)
-    image, _ = _image(backbone, sample, upload)
-    spectrum = spectral.S.detach().tolist()
-    cosines = teach.expert_cosines(backbone, layer, image)
-    return viz.spectrum_figure(spectrum, layer, expert), viz.orthogonality_figure(cosines, layer)
-
-
-def teach_predict(backbone_name: str, layer: str, sample: str | None, upload: str | None, expert: float, scale: float):
-    """Top-5 with and without scaling one expert's σ."""
-    backbone, _, expert = _teach_inputs(backbone_name, layer, expert)
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise gr.Error("scale must be a number") from None
-    if not 0.0 <= scale <= MAX_SCALE:  # also refuses NaN
-        raise gr.Error(f"scale must be 0 to {MAX_SCALE:g}")
-    image, label = _image(backbone, sample, upload)
-    names = backbone.class_names
-    base = teach.predict(backbone, image)
-    scaled = teach.predict(backbone, image, layer, expert, scale)
-    best_base, best_scaled = (
-        max(range(len(base)), key=base.__getitem__),
-        max(range(len(scaled)), key=scaled.__getitem__),
-    )
-    text = (
-        f"**{label}** — unchanged model: **{names[best_base]}** ({100 * base[best_base]:.1f} %); "
-        f"with σ_{expert} of `{layer}` × {scale:g}: **{names[best_scaled]}** ({100 * scaled[best_scaled]:.1f} %)"
-    )
-    preview = image.permute(1, 2, 0).numpy()
-    return (
-        text,
-        viz.top5_figure(base, names, "top-5, unchanged"),
-        viz.top5_figure(scaled, names, f"top-5, σ_{expert} × {scale:g}"),
-        preview,
-    )
 
 
 def method_labels() -> list[str]:

@@ -28,8 +28,6 @@ __all__ = [
     "collapse_figure",
     "empty_figure",
     "shift_figure",
-    "spectrum_figure",
-    "top5_figure",
 ]
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -388,46 +386,3 @@ def batch_figure(state) -> Figure:
         yaxis=dict(visible=False, autorange="reversed", scaleanchor="x"),
     )
     return Figure(data=data, layout=layout)
-
-
-def spectrum_figure(singular_values: list[float], layer: str, highlight: int | None = None) -> go.Figure:
-    colours = ["#d62728" if i == highlight else "#1f77b4" for i in range(len(singular_values))]
-    fig = go.Figure(
-        go.Bar(y=singular_values, marker_color=colours, hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>")
-    )
-    fig.update_layout(
-        title=f"Singular spectrum of {layer}",
-        xaxis_title="expert i (σ sorted)",
-        yaxis_title="σ_i",
-        height=320,
-        margin=dict(l=50, r=10, t=40, b=40),
-    )
-    return fig
-
-
-def orthogonality_figure(cosines: list[list[float]], layer: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=cosines, zmin=-1, zmax=1, colorscale="RdBu", zmid=0))
-    fig.update_layout(
-        title=f"cos(expert i output, expert j output) on the image — {layer}",
-        xaxis_title="expert j",
-        yaxis_title="expert i",
-        height=320,
-        margin=dict(l=50, r=10, t=40, b=40),
-    )
-    return fig
-
-
-def top5_figure(probabilities: list[float], class_names: list[str], title: str) -> go.Figure:
-    order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:5]
-    fig = go.Figure(
-        go.Bar(
-            x=[probabilities[i] for i in order][::-1],
-            y=[class_names[i][:30] for i in order][::-1],
-            orientation="h",
-            marker_color="#1f77b4",
-        )
-    )
-    fig.update_layout(
-        title=title, xaxis=dict(range=[0, 1], title="probability"), height=280, margin=dict(l=140, r=10, t=40, b=40)
-    )
-    return fig

@@ -2,15 +2,15 @@
 
 ``W = U diag(S) Vh``; the rank-1 term ``S_i u_i v_iᵀ`` is expert *i*. ``U`` and ``Vh`` are frozen buffers,
 ``S`` is the single Parameter and ``S0`` remembers where it started. The set of all ``S`` vectors of a model is
-its *spectral code*: small (tens of thousands of numbers for ViT-B), saved as safetensors and restored exactly.
+its *spectral code*: small (tens of thousands of numbers for ViT-B), saved as safetensors and restored exactly
+(``imse.core.codes``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,15 @@ __all__ = [
     "TARGET_PATHS",
     "CodeMismatchError",
     "SpectralLinear",
+    "check_code",
     "code_layers",
+    "evaluated_with",
     "find_vit",
     "get_code",
     "inject",
-    "load_code",
     "merge",
+    "relative_code",
     "reset_code",
-    "save_code",
     "set_code",
     "set_path",
     "spectral_layers",
@@ -43,7 +44,9 @@ TARGET_PATHS: dict[str, str] = {
 }
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 
-_CODE_FORMAT = "imse-spectral-code/1"
+# Weights that replace layers' own in the forward passes of one context (``evaluated_with``): another σ tried on a
+# model that other threads share, without writing to it.
+_OVERRIDES: ContextVar[dict[nn.Module, torch.Tensor] | None] = ContextVar("imse_weight_overrides", default=None)
 
 
 class CodeMismatchError(ValueError):
@@ -149,6 +152,9 @@ class SpectralLinear(nn.Module):
         return factored < dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        overrides = _OVERRIDES.get()
+        if overrides is not None and self in overrides:
+            return F.linear(x, overrides[self].to(x.dtype), self.bias)
         if not torch.is_grad_enabled() and self.projection_hook is None and self.path == "auto":
             weight = self._inference_weight()
             if weight is not None:
@@ -281,7 +287,7 @@ def code_layers(model: nn.Module) -> dict[str, SpectralLinear]:
     return {name.removeprefix(cut): layer for name, layer in layers.items()}
 
 
-def _relative(model: nn.Module, code: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def relative_code(model: nn.Module, code: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``code`` keyed relative to the ViT: codes and banks written before codes were portable carry the
     wrapper's prefix."""
     try:
@@ -298,7 +304,7 @@ def get_code(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.S.detach().clone() for name, layer in code_layers(model).items()}
 
 
-def _check_code(layers: Mapping[str, SpectralLinear], code: Mapping[str, torch.Tensor]) -> None:
+def check_code(layers: Mapping[str, SpectralLinear], code: Mapping[str, torch.Tensor]) -> None:
     missing = [name for name in layers if name not in code]
     unexpected = [name for name in code if name not in layers]
     wrong_shape = [
@@ -323,9 +329,9 @@ def set_code(model: nn.Module, code: Mapping[str, torch.Tensor]) -> None:
     if they do not)."""
     layers = code_layers(model)
     if not layers:
-        raise CodeMismatchError("model has no spectral layers; call imse.spectral.inject(model) first")
-    code = _relative(model, code)
-    _check_code(layers, code)
+        raise CodeMismatchError("model has no spectral layers; call imse.core.spectral.inject(model) first")
+    code = relative_code(model, code)
+    check_code(layers, code)
     for name, layer in layers.items():
         layer.S.copy_(code[name].to(device=layer.S.device, dtype=layer.S.dtype))
 
@@ -335,87 +341,6 @@ def reset_code(model: nn.Module) -> None:
     """Put every ``S`` back to ``S0``."""
     for layer in spectral_layers(model).values():
         layer.reset()
-
-
-def _source_fingerprint(layers: Mapping[str, SpectralLinear]) -> dict[str, list[float]]:
-    # Sum and maximum of S0 identify the decomposed weights well enough to refuse a code made for other weights
-    # with the same architecture, and survive a change of dtype (compared with a tolerance).
-    return {name: [float(layer.S0.double().sum()), float(layer.S0.double().max())] for name, layer in layers.items()}
-
-
-def save_code(path: str | os.PathLike, model: nn.Module, extra: Mapping[str, str] | None = None) -> Path:
-    """Save the model's spectral code as safetensors (atomically: temp file, then rename).
-
-    The header records the layer names, a fingerprint of the source weights (``S0``) and ``extra`` strings.
-    """
-    from imse.core.files import save_safetensors_atomic
-
-    layers = code_layers(model)
-    if not layers:
-        raise CodeMismatchError("model has no spectral layers to save")
-    path = Path(path)
-    metadata = {
-        "format": _CODE_FORMAT,
-        "layers": json.dumps(list(layers)),
-        "source_fingerprint": json.dumps(_source_fingerprint(layers)),
-    }
-    for key, value in (extra or {}).items():
-        if key in metadata:
-            raise ValueError(f"metadata key {key!r} is reserved")
-        metadata[key] = str(value)
-    tensors = {name: layer.S.detach().to("cpu").contiguous() for name, layer in layers.items()}
-    return save_safetensors_atomic(tensors, path, metadata)
-
-
-def load_code(
-    path: str | os.PathLike, model: nn.Module | None = None, *, check_source: bool = True
-) -> dict[str, torch.Tensor]:
-    """Read a spectral code; with ``model``, check it fits and apply it (the model is untouched on failure).
-
-    ``check_source`` also refuses a code whose fingerprint says it was adapted from other source weights.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        code = load_file(str(path))
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # safetensors raises its own error types for truncated/garbled files
-        raise CodeMismatchError(f"{path} is not a readable safetensors spectral code: {error}") from error
-    if metadata.get("format") != _CODE_FORMAT:
-        raise CodeMismatchError(f"{path} is not an IMSE spectral code (format {metadata.get('format')!r})")
-    order = json.loads(metadata.get("layers", "[]"))
-    if sorted(order) == sorted(code):
-        code = {name: code[name] for name in order}  # safetensors sorts keys; keep the model's layer order
-    if model is None:
-        return code
-    layers = code_layers(model)
-    if not layers:
-        raise CodeMismatchError("model has no spectral layers; call imse.spectral.inject(model) first")
-    code = _relative(model, code)
-    _check_code(layers, code)
-    if check_source and "source_fingerprint" in metadata:
-        saved = _relative(model, json.loads(metadata["source_fingerprint"]))
-        current = _source_fingerprint(layers)
-        differing = [
-            name
-            for name, (total, peak) in current.items()
-            if name in saved
-            and not (
-                abs(saved[name][0] - total) <= 1e-3 * abs(total) and abs(saved[name][1] - peak) <= 1e-3 * abs(peak)
-            )
-        ]
-        if differing:
-            raise CodeMismatchError(
-                f"{path} was adapted from other source weights ({len(differing)} layer(s) differ, "
-                f"e.g. {differing[:3]}); pass check_source=False to apply it anyway"
-            )
-    set_code(model, code)
-    return code
 
 
 @torch.no_grad()
@@ -431,3 +356,24 @@ def merge(model: nn.Module) -> list[str]:
         setattr(parent, attr, layer.to_linear())
         merged.append(name)
     return merged
+
+
+@contextmanager
+def evaluated_with(model: nn.Module, sigmas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, this thread's forward passes of ``model`` use ``sigmas[name]`` in place of the named
+    spectral layers' ``S`` (names as ``spectral_layers`` gives them). For evaluation: no gradient reaches ``S``;
+    other threads, and the model's parameters, see no change."""
+    layers = spectral_layers(model)
+    unknown = set(sigmas) - set(layers)
+    if unknown:
+        raise KeyError(f"not spectral layers of this model: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        weights = {
+            layers[name]: (layers[name].U * sigma.to(layers[name].U)) @ layers[name].Vh
+            for name, sigma in sigmas.items()
+        }
+    token = _OVERRIDES.set(weights)
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)

@@ -22,11 +22,12 @@ from imse.perf.data import bench_corruptions, bench_stream, bench_svd
 from imse.perf.floors import step_floor
 from imse.perf.memory import bench_memory
 from imse.perf.steps import bench_merged_forward, bench_precision, bench_small_batch, bench_step
+from imse.perf.teach import bench_teach
 
 __all__ = ["ALL_BENCHMARKS", "STEP_MODELS", "checks_of", "format_table", "run_perf", "step_floor"]
 
 ALL_BENCHMARKS = (
-    "merged", "step", "small", "precision", "svd", "memory", "stream", "corruptions", "lab", "startup"
+    "merged", "step", "small", "precision", "svd", "memory", "stream", "corruptions", "lab", "startup", "teach"
 )  # fmt: skip
 STEP_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 
@@ -79,6 +80,8 @@ def run_perf(
         results["lab"] = bench_lab(dev)
     if "startup" in only:
         results["startup"] = bench_startup()
+    if "teach" in only:
+        results["teach"] = bench_teach(repeats=max(1, min(repeats, 5)))
     print(format_table(results))
     if out:
         Path(out).write_text(json.dumps(results, indent=2))

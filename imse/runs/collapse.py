@@ -78,3 +78,29 @@ class CollapseMeter:
                 handle.remove()
         if len(found) == len(self.bases):
             values.extend(torch.stack([found[name].float() for name in self.bases]).tolist())
+
+    @torch.no_grad()
+    def expert_stds(self, model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every expert's alignment std (not only the layer mean) of ``model`` on the batch ``x``, per layer
+        (``layers`` order), and the model's output on it: what the Teach tab's collapse view draws. One forward
+        pass, no adaptation."""
+        found: dict[str, torch.Tensor] = {}
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                inputs = args[0].detach()
+                found[name] = alignment_std(inputs, self.bases[name].to(inputs.device)).float().cpu()
+
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in self.bases]
+        try:
+            output = model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: found[name] for name in self.bases}, output
+
+    def layer_means(self, stds: dict[str, torch.Tensor]) -> list[float]:
+        """The per-layer numbers ``measure`` reports, from per-expert stds (all experts but the largest)."""
+        return [float(layer_diversity(stds[name], self.ratio)) for name in self.bases]

@@ -1,0 +1,141 @@
+"""The Teach tab's models and images: one shared, decomposed backbone per name; sample images that fit it;
+labelled images for the views; uploads checked before they are decoded."""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from imse.core.resources import asset_path
+from imse.core.spectral import inject
+from imse.data.models import BUILTIN, create_backbone
+from imse.runs.explain import experts
+
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "MAX_UPLOAD_PIXELS",
+    "eval_set",
+    "load_user_image",
+    "sample_images",
+    "spectral_backbone",
+    "view_images",
+]
+
+MAX_UPLOAD_BYTES = 10 * 2**20
+MAX_UPLOAD_PIXELS = 16_000_000  # decompression bombs are refused before decoding
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}
+EVAL_IMAGES = 128  # view 1's fixed labelled set (built-in backbone): one pass ~0.25 s on 2 cores
+VIEW_IMAGES = 256  # views 2–4: clean images to corrupt, step through and describe
+
+
+@lru_cache(maxsize=2)
+def spectral_backbone(name: str = BUILTIN):
+    """A frozen backbone with every target layer decomposed (cached: the SVD runs once per backbone)."""
+    from imse.core.svd_cache import default_svd_cache
+
+    backbone = create_backbone(name)
+    inject(backbone, cache=default_svd_cache())
+    backbone.requires_grad_(False)
+    return backbone
+
+
+@lru_cache(maxsize=1)
+def fashion_test() -> tuple[torch.Tensor, torch.Tensor]:
+    from imse.data.fashion_mnist import load_shipped, to_rgb32
+
+    images, labels = load_shipped("test")
+    return to_rgb32(images[: EVAL_IMAGES + VIEW_IMAGES]), torch.as_tensor(labels[: EVAL_IMAGES + VIEW_IMAGES]).long()
+
+
+def photos(size: int) -> list[tuple[torch.Tensor, str]]:
+    """The bundled photos (assets/samples, CC0 / public domain: see its NOTICE.md) at ``size`` px."""
+    from PIL import Image
+
+    from imse.data.sources import prepare_image
+
+    entries = json.loads(asset_path("samples", "samples.json").read_text())
+    photos = []
+    for entry in entries:
+        with Image.open(asset_path("samples", entry["file"])) as image:
+            photos.append((prepare_image(image.convert("RGB"), size), entry["label"]))
+    return photos
+
+
+def sample_images(backbone_name: str = BUILTIN, count: int = 6) -> list[tuple[torch.Tensor, str]]:
+    """Sample images that fit the backbone: the first test image of ``count`` Fashion-MNIST classes for the
+    built-in one, the bundled photos at the model's input size for ImageNet backbones."""
+    if backbone_name != BUILTIN:
+        return photos(spectral_backbone(backbone_name).input_size)
+    from imse.data.fashion_mnist import CLASS_NAMES
+
+    images, labels = fashion_test()
+    picks, seen = [], set()
+    for image, label in zip(images, labels.tolist()):
+        if label not in seen:
+            seen.add(label)
+            picks.append((image, CLASS_NAMES[label]))
+        if len(picks) == count:
+            break
+    return picks
+
+
+def view_images(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled clean images for views 2–4: Fashion-MNIST test images for the built-in backbone, Imagenette's
+    validation images for ImageNet ones (only if already downloaded: the Lab's first run downloads it)."""
+    if backbone_name == BUILTIN:
+        images, labels = fashion_test()
+        return images[EVAL_IMAGES:], labels[EVAL_IMAGES:]
+    from imse.data.sources import imagenette_source
+
+    try:
+        source = imagenette_source(size=spectral_backbone(backbone_name).input_size)
+    except RuntimeError as error:
+        raise gr.Error(f"views 2–4 need Imagenette for ImageNet backbones: {error}") from None
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:VIEW_IMAGES]
+    return source.load(order.tolist())
+
+
+def load_user_image(path: str | Path, size: int) -> torch.Tensor:
+    """A user's upload as uint8 ``[3, size, size]``; ``ValueError`` with a readable reason for anything that is
+    not a modest image file (type, byte size, pixel count — checked from the header, before decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    size_bytes = path.stat().st_size
+    if size_bytes > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the file is {size_bytes / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            kind, (width, height) = probe.format, probe.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError("that file is not an image (PNG, JPEG, WebP, BMP or GIF)") from error
+    if kind not in ALLOWED_FORMATS:
+        raise ValueError(f"{kind} images are not accepted; use PNG, JPEG, WebP, BMP or GIF")
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise ValueError(f"the image has {width * height:,} pixels; the limit is {MAX_UPLOAD_PIXELS:,}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.load()
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"the image could not be decoded: {error}") from error
+    from imse.data.sources import prepare_image
+
+    return prepare_image(image, size)
+
+
+def eval_set(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """View 1's fixed set: labelled Fashion-MNIST test images for the built-in backbone; for ImageNet backbones
+    the bundled photos, scored by agreement with the unedited model (they have no ImageNet labels)."""
+    if backbone_name == BUILTIN:
+        images, labels = fashion_test()
+        return images[:EVAL_IMAGES], labels[:EVAL_IMAGES], "accuracy"
+    backbone = spectral_backbone(backbone_name)
+    images = torch.stack([image for image, _ in photos(backbone.input_size)])
+    return images, experts.probabilities(backbone, images).argmax(-1), "agreement with all experts"

@@ -1,0 +1,92 @@
+"""The Teach tab's views on the built-in backbone: how long each takes to answer, as a visitor meets them.
+
+Each view is timed from a cold view cache (the backbone itself loaded: the page load does that), several times,
+median reported. The collapse view streams: its first answer (clean vs corrupted) and the gap between its
+updates are timed. The step view's answer is compared with one IMSE step on the same batch size, which it
+necessarily contains.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from imse.perf.timing import check
+
+TARGET_S = 2.0
+
+
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def bench_teach(repeats: int = 3) -> dict:
+    from imse.app import teach, teach_data
+    from imse.core.methods import create
+    from imse.data.corruptions import corrupt
+
+    teach_data.spectral_backbone()  # loaded with the page, not by a view
+    teach_data.view_images("builtin")
+    layers = list(teach.layer_ranks())
+    samples = [label for _, label in teach_data.sample_images()]
+    times: dict[str, list[float]] = {name: [] for name in ("experts", "experts_all", "slider", "domains", "retrieve")}
+    times.update(collapse_first=[], collapse_update=[], step_first=[], step_next=[], imse_step=[])
+    for repeat in range(repeats):
+        teach._ACCURACY.clear()
+        layer = layers[(5 * repeat) % len(layers)]
+        view = teach.experts_view
+        times["experts"].append(_seconds(view, "builtin", layer, "this layer", 16, 0, 1.0, samples[0], None))
+        times["experts_all"].append(_seconds(view, "builtin", layer, "every layer", 16, 0, 1.0, samples[0], None))
+        times["slider"].append(_seconds(view, "builtin", layer, "every layer", 24 + repeat, 3, 2.0, samples[1], None))
+        teach._domains.cache_clear()
+        times["domains"].append(_seconds(teach.domains_view, "builtin", 3, ["fog", "snow"], "snow"))
+        times["retrieve"].append(_seconds(teach.domains_view, "builtin", 3, ["fog", "snow"], "contrast"))
+
+        teach._COLLAPSE_DONE.clear()
+        stream = teach.collapse_view("builtin", "contrast", 3, None)
+        start = time.perf_counter()
+        next(stream)
+        times["collapse_first"].append(time.perf_counter() - start)
+        for _ in range(2):
+            start = time.perf_counter()
+            next(stream)
+            times["collapse_update"].append(time.perf_counter() - start)
+        stream.close()
+
+        start = time.perf_counter()
+        explorer, *_ = teach.step_view(None, "builtin", "contrast", 3)
+        times["step_first"].append(time.perf_counter() - start)
+        times["step_next"].append(_seconds(teach.step_view, explorer, "builtin", "contrast", 3))
+        images, _ = teach_data.view_images("builtin")
+        batch = corrupt(images[:64], "contrast", 3, generator=torch.Generator().manual_seed(0))
+        method = create(
+            "imse", copy.deepcopy(teach_data.spectral_backbone()), **teach._method_settings("builtin")["imse"]
+        )
+        method(batch)  # the view's own step is its second call too
+        times["imse_step"].append(_seconds(lambda m=method, b=batch: m(b)))
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    step_budget = TARGET_S + medians["imse_step"]
+    rows = [
+        ("1 spectral experts, first answer for a layer (curve computed)", "experts", TARGET_S),
+        ("1 spectral experts, first answer for every layer", "experts_all", TARGET_S),
+        ("1 spectral experts, a slider move", "slider", TARGET_S),
+        ("2 collapse, first answer (clean vs corrupted)", "collapse_first", TARGET_S),
+        ("2 collapse, each streamed update (3 methods x 2 steps + measure)", "collapse_update", TARGET_S),
+        ("3 one IMSE step, first (copy + step)", "step_first", step_budget),
+        ("3 one IMSE step, next", "step_next", step_budget),
+        ("4 domains, first answer at a severity (16 descriptors)", "domains", TARGET_S),
+        ("4 domains, another new batch", "retrieve", TARGET_S),
+    ]
+    checks = [
+        check(f"teach {label}", f"{medians[key]:.2f} s", "-", f"<= {target:.2f} s", medians[key] <= target)
+        for label, key, target in rows
+    ]
+    checks.append(check("teach: one IMSE step alone (b64, built-in)", f"{medians['imse_step']:.2f} s", "-",
+                        "reported", None))  # fmt: skip
+    return {"repeats": repeats, "median_s": medians, "samples_s": times, "target_s": TARGET_S, "checks": checks}

@@ -1,0 +1,209 @@
+"""The Teach tab's numbers (imse.runs.explain) against independent computations, on the built-in model."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from imse.app import teach_data
+from imse.core.losses import entropy_margin
+from imse.core.methods import create
+from imse.core.spectral import get_code, spectral_layers
+from imse.data.corruptions import corrupt
+from imse.runs.collapse import CollapseMeter
+from imse.runs.explain import experts
+from imse.runs.explain.collapse import ADAPTED, collapse_progress
+from imse.runs.explain.domains import CLEAN, classical_mds, domain_map, retrieve
+from imse.runs.explain.step import StepExplorer
+
+LAYER = "model.blocks.2.mlp.fc1"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return teach_data.spectral_backbone("builtin")
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, labels = teach_data.fashion_test()
+    return images[:96], labels[:96]
+
+
+def _replace_layer(model, name: str, weight: torch.Tensor):
+    """A copy of ``model`` whose layer ``name`` is a plain nn.Linear with ``weight`` (and the layer's bias)."""
+    twin = copy.deepcopy(model)
+    layer = twin.get_submodule(name)
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    parent, _, child = name.rpartition(".")
+    setattr(twin.get_submodule(parent), child, linear)
+    return twin
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_keeping_k_experts_equals_the_truncated_svd_product(model, data, k):
+    """Rank-k through ``evaluated_with`` equals a layer whose weight is U_k diag(σ_k) V_kᵀ from an SVD of the
+    layer's weight computed here in float64 (numpy), and the shared model is not written."""
+    images, _ = data
+    layer = spectral_layers(model)[LAYER]
+    before = layer.S.detach().clone()
+    U, S, Vt = np.linalg.svd(layer.weight().detach().double().numpy(), full_matrices=False)
+    truncated = torch.from_numpy((U[:, :k] * S[:k]) @ Vt[:k]).float()
+    expected = torch.softmax(_replace_layer(model, LAYER, truncated)(images[:16]), -1)
+    got = experts.probabilities(model, images[:16], experts.keep_largest(model, k, LAYER))
+    assert torch.allclose(got, expected, atol=2e-5)
+    assert torch.equal(layer.S, before)
+
+
+def test_keeping_every_expert_changes_nothing_and_every_layer_scope_edits_all(model, data):
+    images, labels = data
+    rank = max(layer.rank for layer in spectral_layers(model).values())
+    unedited = experts.probabilities(model, images[:16])
+    assert torch.allclose(
+        experts.probabilities(model, images[:16], experts.keep_largest(model, rank)), unedited, atol=1e-5
+    )
+    sigmas = experts.keep_largest(model, 3)
+    assert set(sigmas) == set(spectral_layers(model)) and all(int((s != 0).sum()) == 3 for s in sigmas.values())
+    predicted = model(images).argmax(-1)
+    assert experts.accuracy(model, images, labels) == pytest.approx(float((predicted == labels).float().mean()))
+
+
+def test_scaling_one_expert_equals_a_copy_whose_sigma_was_scaled(model, data):
+    images, _ = data
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        spectral_layers(twin)[LAYER].S[5] *= 2.5
+    expected = torch.softmax(twin(images[:8]), -1)
+    scaled = experts.probabilities(model, images[:8], experts.scale_expert(model, LAYER, 5, 2.5))
+    assert torch.allclose(scaled, expected, atol=2e-5)
+
+
+def test_energy_is_the_cumulative_share_of_the_squared_singular_values():
+    S = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    squares = np.array([9.0, 4.0, 1.0, 0.25])
+    assert experts.energy(S).tolist() == pytest.approx((np.cumsum(squares) / squares.sum()).tolist())
+
+
+def test_expert_stds_equal_a_numpy_restatement_and_average_to_what_the_meter_reports(model, data):
+    images, _ = data
+    meter = CollapseMeter(model)
+    captured = {}
+    handle = model.get_submodule(LAYER.replace("2", "5")).register_forward_pre_hook(
+        lambda module, args: captured.setdefault("x", args[0].detach())
+    )
+    stds, logits = meter.expert_stds(model, images[:32])
+    assert torch.equal(logits, model(images[:32]))
+    handle.remove()
+    name = LAYER.replace("2", "5")
+    x = captured["x"].reshape(-1, captured["x"].shape[-1]).double().numpy()
+    Vh = spectral_layers(model)[name].Vh.double().numpy()
+    alignment = (x @ Vh.T) / np.linalg.norm(x, axis=1, keepdims=True)
+    assert stds[name].numpy() == pytest.approx(alignment.std(axis=0, ddof=1), rel=1e-4)
+    with meter.measure(model) as reported:
+        model(images[:32])
+    assert meter.layer_means(stds) == pytest.approx(reported, rel=1e-5)
+
+
+def test_the_collapse_view_measures_each_method_as_an_independent_run_would(model, data):
+    images, labels = data
+    settings = {"imse": {"lr": 7e-4}, "tent": {"base_lr": 1e-3}}
+    views = list(
+        collapse_progress(
+            model,
+            images,
+            labels,
+            "contrast",
+            3,
+            rounds=2,
+            steps_per_round=1,
+            batch_size=32,
+            measured=64,
+            settings=settings,
+        )  # fmt: skip
+    )
+    assert [v.images_adapted for v in views] == [0, 32, 64] and views[-1].finished and not views[0].finished
+    assert views[0].conditions == ["clean", "corrupted"] and views[-1].conditions == ["clean", "corrupted", *ADAPTED]
+    last = views[-1]
+    corrupted = corrupt(images, "contrast", 3, generator=torch.Generator().manual_seed(0))
+    meter = CollapseMeter(model)
+    for label, (name, overrides) in ADAPTED.items():
+        method = create(name, copy.deepcopy(model), **{**settings[name], **overrides})
+        method(corrupted[:32])
+        method(corrupted[32:64])
+        stds, _ = meter.expert_stds(method.model, corrupted[:64])
+        assert last.expert_std[label][LAYER.replace("2", "5")] == pytest.approx(stds[LAYER.replace("2", "5")].tolist())
+        assert last.history[label][-1] == (64, pytest.approx(sum(meter.layer_means(stds)) / len(meter.layers)))
+        predicted = method.model(corrupted[:64]).argmax(-1)
+        assert last.class_counts[label] == torch.bincount(predicted, minlength=10).tolist()
+    clean_means, shifted_means = last.layer_mean["clean"], last.layer_mean["corrupted"]
+    assert last.lower_when_corrupted == [n for n, a, b in zip(last.layers, clean_means, shifted_means) if b < a]
+    assert sum(last.class_counts["clean"]) == 64
+
+
+def test_one_step_dissected_is_the_methods_own_update(model, data):
+    images, labels = data
+    explorer = StepExplorer(model, images, labels, "gaussian_noise", 5, batch_size=32, top=5, lr=7e-4)
+    report = explorer.step()
+    x = corrupt(images, "gaussian_noise", 5, generator=torch.Generator().manual_seed(0))[:32]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        probabilities = torch.softmax(twin(x).double(), -1)
+    entropy = -(probabilities * probabilities.log()).sum(-1)
+    assert report.entropy == pytest.approx(entropy.tolist(), abs=1e-5)
+    assert report.margin == pytest.approx(0.4 * math.log(10)) == pytest.approx(entropy_margin(10))
+    assert report.reliable == (entropy < report.margin).tolist()
+    assert report.before == probabilities.argmax(-1).tolist() and report.labels == labels[:32].tolist()
+    reference = create("imse", twin, lr=7e-4)
+    start = get_code(twin)
+    reference(x)
+    deltas = {name: s - start[name] for name, s in get_code(twin).items()}
+    for layer, index, delta, before in report.moved:
+        assert delta == pytest.approx(float(deltas[layer][index]), abs=1e-7) and before == float(start[layer][index])
+    largest = sorted((abs(float(v)) for d in deltas.values() for v in d), reverse=True)[:5]
+    assert [abs(d) for _, _, d, _ in report.moved] == pytest.approx(largest, abs=1e-7)
+    assert report.weighted_sum == pytest.approx(report.loss, abs=1e-5)
+    assert report.weighted_sum == pytest.approx(report.entropy_term - report.lambda_dm * report.diversity, abs=1e-9)
+    assert report.after == reference.model(x).argmax(-1).tolist()
+    second = explorer.step()
+    assert second.batch == 2 and second.labels == labels[32:64].tolist()
+    explorer.reset()
+    assert explorer.done == 0
+    assert all(torch.equal(s, start[name]) for name, s in get_code(explorer.method.model).items())
+
+
+def test_classical_mds_recovers_a_planar_configuration():
+    points = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 1.0], [-2.0, 0.5]])
+    distances = torch.cdist(points, points)
+    layout = classical_mds(distances)
+    assert torch.allclose(torch.cdist(layout, layout), distances, atol=1e-4)
+
+
+def test_domain_map_and_retrieval_follow_the_symmetric_kl_of_the_descriptors(model, data):
+    images, _ = data
+    corruptions = ["gaussian_noise", "fog", "contrast"]
+    domains = domain_map(model, images[:48], corruptions, 3, tau=0.05)
+    assert domains.names == [CLEAN, *corruptions]
+    kl = np.array(domains.kl)
+    assert np.allclose(kl, kl.T) and np.allclose(np.diag(kl), 0, atol=1e-6)
+    a, b = domains.descriptors[CLEAN], domains.descriptors["fog"]
+    ma, va, mb, vb = (t.double().numpy() for t in (a.mean, a.var, b.mean, b.var))
+    by_hand = np.mean((va + (ma - mb) ** 2) / (2 * vb) + (vb + (ma - mb) ** 2) / (2 * va) - 1)
+    assert kl[0, 2] == pytest.approx(by_hand, rel=1e-4)
+    result = retrieve(model, domains, ["gaussian_noise", "contrast"], "contrast", images[48:96], 3)
+    assert result.stored == [CLEAN, "gaussian_noise", "contrast"]
+    assert result.slot == int(np.argmin(result.distances))
+    incoming = _descriptor_of(model, corrupt(images[48:96], "contrast", 3, generator=torch.Generator().manual_seed(1)))
+    slots = [domains.descriptors[name] for name in result.stored]
+    assert result.distances == pytest.approx([incoming.distance(slot) for slot in slots])
+
+
+def _descriptor_of(model, images):
+    from imse.core.bank import batch_descriptor, patch_tokens
+
+    return batch_descriptor(patch_tokens(model, images.float() / 255))
