@@ -195,7 +195,7 @@ def test_sweep_tries_the_same_lr_grid_for_every_method_then_checks_the_margin_an
     from imse.runs.sweep import LR_FACTORS
 
     out = tmp_path / "sweep.json"
-    assert main(["sweep", "--methods", "tent,imse", "--per-domain", "16", "--batch-size", "16",
+    assert main(["sweep", "--methods", "tent,imse", "--per-domain", "8", "--batch-size", "8",
                  "--severities", "2,5", "--out", str(out)]) == 0  # fmt: skip
     sweep = json.loads(out.read_text())
     assert sweep["protocol"]["corruptions"] == "validation" and sweep["protocol"]["severities"] == [2, 5]
