@@ -125,23 +125,27 @@ def collapse_experts_figure(view: CollapseView, layer: str):
     return fig
 
 
-def collapse_layers_figure(view: CollapseView):
-    """The layer mean (all experts but the largest, as in L_dm) per layer and condition."""
+def _grouped_bars(x: list[str], bars: dict[str, tuple[str, list]], title: str, yaxis: str):
+    """One bar per condition at each x, in the conditions' colours; ``bars``: condition -> (legend name, ys)."""
     fig = go.Figure()
-    names = [_short(layer) for layer in view.layers]
-    for condition in view.conditions:
-        fig.add_trace(
-            go.Bar(x=names, y=view.layer_mean[condition], name=condition, marker_color=CONDITION_COLOURS.get(condition))
-        )
+    for condition, (name, ys) in bars.items():
+        fig.add_trace(go.Bar(x=x, y=ys, name=name, marker_color=CONDITION_COLOURS.get(condition)))
     fig.update_layout(
-        title="Layer mean std (all experts but the largest)",
-        yaxis_title="mean std",
+        title=title,
+        yaxis_title=yaxis,
         barmode="group",
         height=340,
         margin=_MARGIN,
         legend=dict(orientation="h", y=-0.3),
     )
     return fig
+
+
+def collapse_layers_figure(view: CollapseView):
+    """The layer mean (all experts but the largest, as in L_dm) per layer and condition."""
+    bars = {condition: (condition, view.layer_mean[condition]) for condition in view.conditions}
+    names = [_short(layer) for layer in view.layers]
+    return _grouped_bars(names, bars, "Layer mean std (all experts but the largest)", "mean std")
 
 
 def collapse_history_figure(view: CollapseView):
@@ -174,25 +178,11 @@ def collapse_history_figure(view: CollapseView):
 
 def predictions_figure(view: CollapseView, class_names: list[str]):
     """How many images each class was predicted for, per condition: collapse shows as one tall bar."""
-    fig = go.Figure()
-    for condition in view.conditions:
-        fig.add_trace(
-            go.Bar(
-                x=[name[:14] for name in class_names],
-                y=view.class_counts[condition],
-                name=f"{condition} ({100 * view.accuracy[condition]:.0f} %)",
-                marker_color=CONDITION_COLOURS.get(condition),
-            )
-        )
-    fig.update_layout(
-        title="Predicted classes (accuracy in the legend)",
-        yaxis_title="images",
-        barmode="group",
-        height=340,
-        margin=_MARGIN,
-        legend=dict(orientation="h", y=-0.3),
-    )
-    return fig
+    bars = {
+        c: (f"{c} ({100 * view.accuracy[c]:.0f} %)", view.class_counts[c]) for c in view.conditions
+    }  # fmt: skip
+    names = [name[:14] for name in class_names]
+    return _grouped_bars(names, bars, "Predicted classes (accuracy in the legend)", "images")
 
 
 def sample_entropy_figure(report: StepReport):
