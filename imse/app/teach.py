@@ -14,7 +14,7 @@ import gradio as gr
 import torch
 
 from imse.app import teach_data, teach_viz
-from imse.app.ui import _as_int, _check_backbone
+from imse.app.ui import as_int, check_backbone
 from imse.core.spectral import spectral_layers
 from imse.data.corruptions import CORRUPTIONS
 from imse.data.models import BUILTIN, BackboneUnavailable
@@ -45,7 +45,7 @@ SCOPES = ("this layer", experts.ALL_LAYERS)
 
 def _backbone(name: Any):
     try:
-        return teach_data.spectral_backbone(_check_backbone(name))
+        return teach_data.spectral_backbone(check_backbone(name))
     except (BackboneUnavailable, ValueError, RuntimeError) as error:
         raise gr.Error(str(error)) from None
 
@@ -92,7 +92,7 @@ def _in_range(value: Any, name: str, low: float, high: float, cast=float):
 def _corruption(name: Any, severity: Any) -> tuple[str, int]:
     if name not in CORRUPTIONS:
         raise gr.Error(f"unknown corruption {str(name)[:40]!r}")
-    severity = _as_int(severity, "severity")
+    severity = as_int(severity, "severity")
     if not 1 <= severity <= 5:
         raise gr.Error("severity must be 1 to 5")
     return name, severity

@@ -95,14 +95,14 @@ def load_preset(name: Any, backbone: Any = BUILTIN) -> tuple:
     that is not a preset)."""
     if not isinstance(name, str) or name not in PRESETS:
         raise gr.Error(f"unknown preset {str(name)[:40]!r}; choose one of: {', '.join(PRESETS)}")
-    backbone = _check_backbone(backbone)
+    backbone = check_backbone(backbone)
     preset = PRESETS[name]
     return (*settings_values(name, backbone), f"**{preset.title}.** {preset.watch}")
 
 
 def backbone_defaults(backbone: Any) -> tuple:
     """A newly chosen backbone's tuned IMSE lr and λ_dm for the number fields."""
-    settings = lab_settings("default", _check_backbone(backbone))
+    settings = lab_settings("default", check_backbone(backbone))
     return settings["imse_lr"], settings["lambda_dm"]
 
 
@@ -114,7 +114,8 @@ def empty_panels() -> tuple:
     return tuple(viz.empty_figure(title) for title in PANEL_TITLES)
 
 
-def _as_int(value: Any, name: str) -> int:
+def as_int(value: Any, name: str) -> int:
+    """A widget's whole number (the Lab's and the Teach tab's), or a readable gr.Error."""
     if isinstance(value, bool):  # float(True) is 1.0: a checkbox value is not a number
         raise gr.Error(f"{name} must be a whole number")
     if isinstance(value, int):  # exact, however large (float() would round 2**53 + 1)
@@ -149,7 +150,7 @@ def _as_names(value: Any, name: str, groups: dict | None = None) -> tuple:
     raise gr.Error(f"{name} must be a list of names, got {type(value).__name__}")
 
 
-def _check_backbone(backbone: Any) -> str:
+def check_backbone(backbone: Any) -> str:
     """Only the offered backbones: a public app never turns free text into a model name or a path."""
     allowed = [value for _, value in backbone_choices()]
     if backbone in (None, ""):
@@ -185,15 +186,15 @@ def make_config(
             backbone=backbone,
             scenario=scenario,
             corruptions=chosen,
-            severity=_as_int(severity, "severity"),
+            severity=as_int(severity, "severity"),
             methods=_as_names(methods, "methods"),
-            batch_size=_as_int(batch_size, "batch size"),
-            per_domain=_as_int(per_domain, "images per domain"),
-            seed=_as_int(seed, "seed"),
+            batch_size=as_int(batch_size, "batch size"),
+            per_domain=as_int(per_domain, "images per domain"),
+            seed=as_int(seed, "seed"),
             imse_lr=_as_float(imse_lr, "IMSE lr"),
             lambda_dm=_as_float(lambda_dm, "λ_dm"),
             tau=_as_float(tau, "τ"),
-            rounds=_as_int(rounds, "rounds"),
+            rounds=as_int(rounds, "rounds"),
             device=device,
             data=BUILTIN if backbone == BUILTIN else "imagenette",
         )
