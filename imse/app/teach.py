@@ -26,6 +26,7 @@ from imse.runs.explain.domains import domain_map, retrieve
 from imse.runs.explain.step import StepExplorer
 
 __all__ = [
+    "clear_caches",
     "collapse_layer",
     "collapse_view",
     "domains_view",
@@ -123,6 +124,13 @@ def on_backbone(backbone_name: Any):
     )
 
 
+def clear_caches() -> None:
+    """Forget every view's remembered answers (the backbones stay loaded): what a fresh server would compute."""
+    _ACCURACY.clear()
+    _COLLAPSE_DONE.clear()
+    _domains.cache_clear()
+
+
 # -- view 1: spectral experts ------------------------------------------------------------------------------------
 
 
@@ -200,7 +208,8 @@ def experts_view(backbone_name: Any, layer: Any, scope: Any, k: Any, expert: Any
 # -- view 2: collapse, measured ----------------------------------------------------------------------------------
 
 
-def _method_settings(backbone_name: str) -> dict[str, dict]:
+def method_settings(backbone_name: str) -> dict[str, dict]:
+    """The Lab's tuned settings for the methods the views adapt with (one place: imse.runs.defaults)."""
     return {name: tuned_settings(backbone_name, name) for name in ("imse", "tent")}
 
 
@@ -254,7 +263,7 @@ def collapse_view(backbone_name: Any, corruption: Any, severity: Any, layer: Any
         steps_per_round=COLLAPSE_STEPS,
         batch_size=COLLAPSE_BATCH,
         measured=COLLAPSE_MEASURED,
-        settings=_method_settings(backbone_name),
+        settings=method_settings(backbone_name),
     )
     for view in views:
         if view.finished:
@@ -282,7 +291,7 @@ def step_view(explorer: Any, backbone_name: Any, corruption: Any, severity: Any,
     key = (backbone_name, corruption, severity)
     if not isinstance(explorer, tuple) or explorer[0] != key:
         images, labels = teach_data.view_images(backbone_name)
-        settings = _method_settings(backbone_name)["imse"]
+        settings = method_settings(backbone_name)["imse"]
         explorer = (
             key,
             StepExplorer(teach_data.spectral_backbone(backbone_name), images, labels, corruption, severity, **settings),

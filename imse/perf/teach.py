@@ -37,17 +37,15 @@ def bench_teach(repeats: int = 3) -> dict:
     times: dict[str, list[float]] = {name: [] for name in ("experts", "experts_all", "slider", "domains", "retrieve")}
     times.update(collapse_first=[], collapse_update=[], step_first=[], step_next=[], imse_step=[])
     for repeat in range(repeats):
-        teach._ACCURACY.clear()
+        teach.clear_caches()
         layer = layers[(5 * repeat) % len(layers)]
         view = teach.experts_view
         times["experts"].append(_seconds(view, "builtin", layer, "this layer", 16, 0, 1.0, samples[0], None))
         times["experts_all"].append(_seconds(view, "builtin", layer, "every layer", 16, 0, 1.0, samples[0], None))
         times["slider"].append(_seconds(view, "builtin", layer, "every layer", 24 + repeat, 3, 2.0, samples[1], None))
-        teach._domains.cache_clear()
         times["domains"].append(_seconds(teach.domains_view, "builtin", 3, ["fog", "snow"], "snow"))
         times["retrieve"].append(_seconds(teach.domains_view, "builtin", 3, ["fog", "snow"], "contrast"))
 
-        teach._COLLAPSE_DONE.clear()
         stream = teach.collapse_view("builtin", "contrast", 3, None)
         start = time.perf_counter()
         next(stream)
@@ -65,7 +63,7 @@ def bench_teach(repeats: int = 3) -> dict:
         images, _ = teach_data.view_images("builtin")
         batch = corrupt(images[:64], "contrast", 3, generator=torch.Generator().manual_seed(0))
         method = create(
-            "imse", copy.deepcopy(teach_data.spectral_backbone()), **teach._method_settings("builtin")["imse"]
+            "imse", copy.deepcopy(teach_data.spectral_backbone()), **teach.method_settings("builtin")["imse"]
         )
         method(batch)  # the view's own step is its second call too
         times["imse_step"].append(_seconds(lambda m=method, b=batch: m(b)))
