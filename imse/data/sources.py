@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imse.core.resources import default_cache_dir
+from imse.core.resources import asset_path, default_cache_dir
 
 __all__ = [
     "IMAGENETTE_URL",
     "IMAGE_EXTENSIONS",
+    "PROTOCOLS",
     "ImageFolderSource",
     "ImageNetCSource",
     "Source",
@@ -40,6 +41,7 @@ __all__ = [
     "imagenet_wnids",
     "imagenette_source",
     "imagenette_url",
+    "paper_image_list",
     "prepare_image",
 ]
 
@@ -237,12 +239,40 @@ class ImageFolderSource(Source):
         return images, labels
 
 
+PROTOCOLS = ("lab", "paper")
+
+
+def paper_image_list() -> list[str]:
+    """RobustBench's 5,000 ImageNet-C images (``wnid/file``, in order), shipped in assets/protocols."""
+    return asset_path("protocols", "imagenet_c_5000.txt").read_text().split()
+
+
 class ImageNetCSource(ImageFolderSource):
     """Pre-generated ImageNet-C, ``root/<corruption>/<severity>/<wnid>/*.JPEG``, labelled with ImageNet-1k
-    indices. Its images were resized and cropped to 224 px before being corrupted, so they are only resized
-    (shorter side to ``size``, centre crop) when ``size`` differs: cropping them again would zoom in twice."""
+    indices.
 
-    def __init__(self, root: str | os.PathLike, corruption: str, severity: int, size: int = 224):
+    ``protocol="lab"``: every image of the folder; they were resized and cropped to 224 px before being corrupted,
+    so they are only resized (shorter side to ``size``, centre crop) when ``size`` differs — cropping them again
+    would zoom in twice. ``protocol="paper"``: as the official code (its ``robustbench/data.py``
+    ``load_imagenetc``): the 5,000 images of RobustBench's list in the list's order (``images="all"``: every
+    image, for the recurring protocol's disjoint splits), each resized to 256 and centre-cropped to 224 again.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        corruption: str,
+        severity: int,
+        size: int = 224,
+        *,
+        protocol: str = "lab",
+        images: str = "list",
+        image_list: Sequence[str] | None = None,
+    ):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if images not in ("list", "all"):
+            raise ValueError(f"images must be 'list' or 'all', got {images!r}")
         if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
             raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
         if not corruption or "/" in corruption or "\\" in corruption or corruption in (".", ".."):
@@ -266,7 +296,23 @@ class ImageNetCSource(ImageFolderSource):
             )
         self.corruption = corruption
         self.severity = severity
-        self._scale = False
+        self.protocol = protocol
+        self._scale = protocol == "paper"  # the official Resize(256) + CenterCrop(224) on the 224 px files
+        if protocol == "paper" and images == "list":
+            self._keep_listed(folder, image_list)
+
+    def _keep_listed(self, folder: Path, image_list: Sequence[str] | None) -> None:
+        """Only the listed images (``wnid/file`` relative to the severity folder), in the list's order."""
+        listed = list(image_list) if image_list is not None else paper_image_list()
+        by_name = {path.relative_to(folder).as_posix(): (path, label) for path, label in self.samples}
+        missing = [name for name in listed if name not in by_name]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} lacks {len(missing)} of the {len(listed):,} images the paper protocol evaluates (e.g. "
+                f"{folder / missing[0]}); it needs the full ImageNet-C severity folder (50,000 images)"
+            )
+        self.samples = [by_name[name] for name in listed]
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
 
 # --- Imagenette -----------------------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""The paper protocol's data: RobustBench's ImageNet-C list, the official re-zoom, and the 200-class subsets."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from imse.data.class_subsets import RestrictedLogits, SubsetLabels, subset_indices
+from imse.data.sources import ImageFolderSource, ImageNetCSource, imagenet_wnids, paper_image_list
+
+WNIDS = ["n01440764", "n01443537"]  # ImageNet-1k classes 0 and 1
+
+
+def make_imagenet_c(root, files_per_class: int = 3, size: int = 224):
+    """root/fog/5/<wnid>/ILSVRC2012_val_000000NN.JPEG: a smooth, different picture per file."""
+    rng = np.random.default_rng(0)
+    names = []
+    for wnid in WNIDS:
+        folder = root / "fog" / "5" / wnid
+        folder.mkdir(parents=True)
+        for k in range(files_per_class):
+            y, x = np.mgrid[0:size, 0:size]
+            base = rng.uniform(0, 1, 3)
+            array = np.stack([(base[c] * 255 + x * (c + 1) + y * (k + 1)) % 256 for c in range(3)], -1)
+            name = f"{wnid}/ILSVRC2012_val_{len(names) + 1:08d}.JPEG"
+            Image.fromarray(array.astype(np.uint8)).save(root / "fog" / "5" / name, quality=95)
+            names.append(name)
+    return names
+
+
+def test_the_shipped_imagenet_c_list_is_robustbenchs_five_thousand():
+    listed = paper_image_list()
+    assert len(listed) == 5000 and len(set(listed)) == 5000
+    assert {name.split("/")[0] for name in listed} <= set(imagenet_wnids())
+    assert hashlib.md5("\n".join(listed).encode()).hexdigest() == "8de8bbba2cf05cb54190e49247375985"
+    assert listed[:2] == ["n09468604/ILSVRC2012_val_00015253.JPEG", "n02823750/ILSVRC2012_val_00020685.JPEG"]
+
+
+def test_paper_protocol_keeps_the_listed_images_in_the_lists_order(tmp_path):
+    names = make_imagenet_c(tmp_path)
+    chosen = [names[4], names[0], names[2]]
+    source = ImageNetCSource(tmp_path, "fog", 5, protocol="paper", image_list=chosen)
+    assert [path.relative_to(tmp_path / "fog" / "5").as_posix() for path, _ in source.samples] == chosen
+    assert source.load([0, 1, 2])[1].tolist() == [1, 0, 0]
+    everything = ImageNetCSource(tmp_path, "fog", 5, protocol="paper", images="all")
+    lab = ImageNetCSource(tmp_path, "fog", 5)
+    assert len(everything) == len(lab) == 6
+
+
+def test_a_listed_image_missing_is_one_readable_error_naming_it(tmp_path):
+    names = make_imagenet_c(tmp_path)
+    missing = "n01443537/ILSVRC2012_val_00099999.JPEG"
+    with pytest.raises(FileNotFoundError, match="lacks 1 of the 2 images.*ILSVRC2012_val_00099999"):
+        ImageNetCSource(tmp_path, "fog", 5, protocol="paper", image_list=[names[0], missing])
+    with pytest.raises(ValueError, match="protocol must be one of lab, paper"):
+        ImageNetCSource(tmp_path, "fog", 5, protocol="official")
+
+
+def test_paper_protocol_zooms_again_as_resize_256_centre_crop_224_lab_protocol_does_not(tmp_path):
+    names = make_imagenet_c(tmp_path, files_per_class=1)
+    path = tmp_path / "fog" / "5" / names[0]
+    with Image.open(path) as image:
+        raw = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+        official = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])(
+            image.convert("RGB")
+        )
+    paper = ImageNetCSource(tmp_path, "fog", 5, protocol="paper", image_list=[names[0]]).load([0])[0][0]
+    lab = ImageNetCSource(tmp_path, "fog", 5).load([0])[0][0]
+    assert torch.equal(lab, raw)
+    assert (paper.int() - official.int()).abs().max() <= 1  # PIL's bilinear, as torchvision's on PIL images
+    assert not torch.equal(paper, raw)
+
+
+def test_the_200_class_subsets_are_hendrycks_indices():
+    """Checked against the indices written out in hendrycks/imagenet-r's and natural-adv-examples' eval.py."""
+    r, a = subset_indices("imagenet-r"), subset_indices("imagenet-a")
+    assert len(r) == len(a) == 200 and list(r) == sorted(set(r)) and list(a) == sorted(set(a))
+    assert r[:12] == (1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29) and r[-3:] == (981, 983, 988)
+    assert a[:12] == (6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42) and a[-3:] == (986, 987, 988)
+    with pytest.raises(ValueError, match="unknown class subset"):
+        subset_indices("imagenet-b")
+
+
+def test_restricted_logits_and_labels_score_a_thousand_way_model_on_200_classes(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 1000)
+    indices = subset_indices("imagenet-r")
+    restricted = RestrictedLogits(model, indices)
+    x = torch.randn(5, 12)
+    assert torch.equal(restricted(x), model(x)[:, list(indices)])
+    make_imagenet_c(tmp_path)  # classes 0 and 1: 1 is in ImageNet-R, 0 is not
+    folder = ImageFolderSource(tmp_path / "fog" / "5", 224)
+    relabelled = SubsetLabels(folder, indices)
+    assert relabelled.num_classes == 200 and relabelled.load([3])[1].tolist() == [indices.index(1)]
+    with pytest.raises(ValueError, match=r"classes \[0\] are outside its 200"):
+        relabelled.load([0])
