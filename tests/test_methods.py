@@ -178,6 +178,38 @@ def test_sar_recovers_when_loss_ema_collapses():
     assert not normal.last_record["recovered"] and normal.last_record["loss_ema"] == normal.last_record["loss_second"]
 
 
+def test_sar_official_recovery_puts_the_low_ema_back_so_resets_repeat():
+    """The official SAR (mr-eggplant/SAR sar.py): reset() clears the EMA, forward then restores it."""
+    method = create("sar", tiny_vit(head_scale=20.0), reset_threshold=100.0, official_recovery=True)
+    method(batch(8))
+    first = method.last_record
+    assert first["recovered"] and first["loss_ema"] == first["loss_second"]
+    method(batch(8, seed=1))
+    second = method.last_record
+    assert second["recovered"] and second["loss_ema"] == pytest.approx(
+        0.9 * first["loss_ema"] + 0.1 * second["loss_second"]
+    )
+
+
+def test_sar_official_empty_filter_takes_a_momentum_only_step_ours_moves_nothing():
+    for official in (True, False):
+        method = create("sar", tiny_vit(head_scale=20.0), official_recovery=official)
+        method(batch(8))
+        assert method.last_record["updated"]
+        base = method.optimizer.base_optimizer
+        lr, momentum = base.param_groups[0]["lr"], base.param_groups[0]["momentum"]
+        before = trainable_snapshot(method)
+        buffers = {k: base.state[p]["momentum_buffer"].clone() for k, p in method.trainable.items()}
+        method.hparams["margin"] = 1e-9  # E0 ≈ 0: no sample is reliable
+        method(batch(8, seed=2))
+        assert method.last_record["skip_reason"] == "no reliable samples"
+        after = trainable_snapshot(method)
+        for name, value in after.items():
+            expected = before[name] - lr * momentum * buffers[name] if official else before[name]
+            assert torch.allclose(value, expected, atol=1e-7), name
+        assert method.last_record.get("momentum_only", False) is official
+
+
 def test_defaults_and_overrides():
     imse = create("IMSE", tiny_vit())
     base = imse.optimizer.base_optimizer

@@ -198,6 +198,10 @@ class SAMEntropyMethod(TTAMethod):
     def after_update(self, record: dict[str, Any]) -> None:
         """Called after every step with its record (SAR's model recovery lives here)."""
 
+    def on_empty_filter(self, record: dict[str, Any]) -> None:
+        """Called when no sample passes the filter (step 1, or step 2 after SAM's weights were restored): by
+        default nothing moves (the update is skipped and counted)."""
+
     @torch.enable_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         sam: SAM = self.optimizer
@@ -226,6 +230,7 @@ class SAMEntropyMethod(TTAMethod):
 
         if loss is None:
             record["skip_reason"] = "no reliable samples"
+            self.on_empty_filter(record)
             return self._finish(logits, record)
         record["loss"] = float(loss.detach())
         if not _finite(loss.detach()):
@@ -247,6 +252,7 @@ class SAMEntropyMethod(TTAMethod):
         if loss2 is None:
             sam.restore()
             record["skip_reason"] = "no reliable samples (step 2)"
+            self.on_empty_filter(record)
             return self._finish(logits, record)
         record["loss_second"] = float(loss2.detach())
         if not _finite(loss2.detach()):

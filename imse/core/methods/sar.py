@@ -18,7 +18,13 @@ __all__ = ["SAR"]
 class SAR(SAMEntropyMethod):
     """LayerNorm affine of blocks ``0 .. depth-1-frozen_blocks`` (not the final norm); SAM over SGD (momentum
     0.9) at ``lr = base_lr · batch_size / 64``; the model is reset to its initial state when the EMA (0.9) of
-    the step-2 loss falls below ``reset_threshold`` (a sign of collapse to confident, wrong predictions)."""
+    the step-2 loss falls below ``reset_threshold`` (a sign of collapse to confident, wrong predictions).
+
+    ``official_recovery=True`` (the paper protocol) does what the official code does (github mr-eggplant/SAR,
+    ``sar.py``): after a reset the low EMA is put back (its ``reset()`` clears it, ``forward`` then restores it),
+    so resets repeat until the loss rises; and a batch with no reliable sample still takes the optimizer step,
+    with zero gradients: SGD's momentum alone moves the weights. Ours (the default) clears the EMA after a reset
+    and moves nothing on an empty filter."""
 
     name = "sar"
     defaults = {
@@ -32,6 +38,7 @@ class SAR(SAMEntropyMethod):
         "frozen_blocks": 3,
         "reset_threshold": 0.2,
         "ema_momentum": 0.9,
+        "official_recovery": False,
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -60,11 +67,22 @@ class SAR(SAMEntropyMethod):
             loss = record["loss_second"]
             self.ema = loss if self.ema is None else m * self.ema + (1 - m) * loss
             if self.ema < self.hparams["reset_threshold"]:
+                kept = self.ema
                 self.restore_initial()
-                self.ema = None
+                self.ema = kept if self.hparams["official_recovery"] else None
                 recovered = True
         record["loss_ema"] = self.ema
         record["recovered"] = recovered
+
+    def on_empty_filter(self, record: dict[str, Any]) -> None:
+        if not self.hparams["official_recovery"]:
+            return
+        base = self.optimizer.base_optimizer
+        for group in base.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        base.step()  # zero gradients: only the momentum buffers move the weights
+        record["momentum_only"] = True
 
     def reset_state(self) -> None:
         self.ema = None
