@@ -251,3 +251,24 @@ def test_observe_scores_decides_reseeds_and_folds_in_as_the_official_order():
             shifts.append(index)
         assert torch.equal(detector.current.mean, current.mean) and torch.equal(detector.current.var, current.var)
     assert shifts == [3, 5]  # into domain 3 and back
+
+
+def test_the_official_source_descriptor_is_the_detectors_ema_over_full_batches():
+    """source_descriptor='ema' (paper protocol): 0.8·old + 0.2·new over batches of 64 in order, the short last
+    batch skipped — restated here from the batches' own statistics."""
+    from imse.core.bank import batch_descriptor, patch_tokens
+
+    torch.manual_seed(0)
+    images = torch.rand(64 * 3 + 10, 3, 32, 32)
+    method = create("imse", tiny_vit(), retrieval="top1", source_images=images, source_descriptor="ema")
+    expected = None
+    for start in (0, 64, 128):
+        d = batch_descriptor(patch_tokens(method.model, images[start : start + 64]))
+        expected = (d.mean, d.var) if expected is None else (
+            0.8 * expected[0] + 0.2 * d.mean, 0.8 * expected[1] + 0.2 * d.var)  # fmt: skip
+    slot0 = method.bank.entries[0].descriptor
+    assert torch.allclose(slot0.mean, expected[0], atol=1e-6) and torch.allclose(slot0.var, expected[1], atol=1e-6)
+    pooled = create("imse", tiny_vit(), retrieval="top1", source_images=images).bank.entries[0].descriptor
+    assert not torch.allclose(pooled.mean, slot0.mean, atol=1e-6)
+    with pytest.raises(ValueError, match="source_descriptor must be"):
+        create("imse", tiny_vit(), source_descriptor="mean")

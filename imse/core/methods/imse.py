@@ -44,6 +44,7 @@ class IMSE(SAMEntropyMethod):
         "bank_capacity": 32,
         "mix_temperature": 1.0,
         "source_images": None,  # float [N, 3, H, W] in [0, 1]: clean source images for slot 0's descriptor
+        "source_descriptor": "pooled",  # "pooled" (every image once) or "ema" (the official: batches of 64, EMA)
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -75,6 +76,8 @@ class IMSE(SAMEntropyMethod):
         retrieval = self.hparams["retrieval"]
         if retrieval not in (None, "top1", "mix"):
             raise ValueError(f"retrieval must be None, 'top1' or 'mix', got {retrieval!r}")
+        if self.hparams["source_descriptor"] not in ("pooled", "ema"):
+            raise ValueError(f"source_descriptor must be 'pooled' or 'ema', got {self.hparams['source_descriptor']!r}")
         layers = spectral_layers(self.model)
         self.source_code = {name: layer.S0.detach().clone() for name, layer in layers.items()}
         self.source_descriptor: Descriptor | None = None
@@ -91,8 +94,19 @@ class IMSE(SAMEntropyMethod):
 
     def _descriptor_of(self, images: torch.Tensor, chunk: int = 256) -> Descriptor:
         """Pooled per-channel mean/variance of the patch tokens of all source images (every image counts
-        once, unlike an EMA over batches that would favour the last ones)."""
+        once, unlike an EMA over batches that would favour the last ones); ``source_descriptor="ema"`` does what
+        the official code does instead: the shift detector's EMA over batches of ``batch_size``, in order, short
+        batches skipped."""
         device = next(self.model.parameters()).device
+        if self.hparams["source_descriptor"] == "ema":
+            size = self.hparams["batch_size"]
+            detector = ShiftDetector(momentum=self.hparams["descriptor_momentum"], full_batch=size)
+            for start in range(0, len(images), size):
+                batch = images[start : start + size].to(device)
+                detector.update(batch_descriptor(patch_tokens(self.model, batch)), len(batch))
+            if detector.current is None:
+                raise ValueError(f"source_descriptor='ema' needs at least {size} source images")
+            return detector.current
         total, squares, count = None, None, 0
         for start in range(0, len(images), chunk):
             tokens = patch_tokens(self.model, images[start : start + chunk].to(device)).float()
