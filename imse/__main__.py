@@ -93,6 +93,8 @@ def _bench(args: argparse.Namespace) -> int:
         device=args.device,
         lrs=lrs,
         imagenet_c=imagenet_c,
+        imagenet_val=args.imagenet_val,
+        protocol=args.protocol,
         **bench_settings(args),
     )
     if args.preset:
@@ -287,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     bench.add_argument("--corruptions", help="'test' (the 15), 'validation' (the 4) or comma-separated names")
     bench.add_argument("--rounds", type=int, help="rounds of the recurring scenario")
+    bench.add_argument(
+        "--protocol",
+        choices=("paper", "lab"),
+        help="evaluation rules: 'paper' = the official code's (RobustBench's 5,000 images re-zoomed, retrieval, "
+        "E0 = 0.4 ln 1000, ...; the default on imagenet-c), 'lab' = ours (the default otherwise); docs/protocol.md",
+    )
+    bench.add_argument("--imagenet-val", metavar="ROOT", help="ImageNet val (wnid folders) for the bank's slot 0")
     bench.add_argument("--hparams", help="sweep JSON whose chosen learning rates to use")
     bench.add_argument("--lr", action="append", metavar="METHOD=LR", help="override one method's lr")
     bench.add_argument("--out", help="write the full result as JSON")

@@ -97,3 +97,70 @@ def test_restricted_logits_and_labels_score_a_thousand_way_model_on_200_classes(
     assert relabelled.num_classes == 200 and relabelled.load([3])[1].tolist() == [indices.index(1)]
     with pytest.raises(ValueError, match=r"classes \[0\] are outside its 200"):
         relabelled.load([0])
+
+
+def test_listed_order_takes_the_first_images_and_recurring_rounds_take_disjoint_slices():
+    from imse.data.streams import Stream
+
+    class Numbers:  # a source whose label is the image's index
+        name, num_classes, class_names, size = "numbers", 10, [str(i) for i in range(10)], 4
+
+        def __len__(self):
+            return 10
+
+        def load(self, indices):
+            return torch.zeros(len(indices), 3, 4, 4, dtype=torch.uint8), torch.tensor(list(indices))
+
+    def seen(stream):
+        return [(b.domain_index, b.labels.tolist()) for b in stream]
+
+    listed = Stream(Numbers(), "continual", ["fog", "snow"], per_domain=4, batch_size=3, order="listed")
+    assert [labels for _, labels in seen(listed)] == [[0, 1, 2], [3], [0, 1, 2], [3]]
+    recurring = Stream(Numbers(), "recurring", ["fog"], per_domain=3, batch_size=3, rounds=3, order="listed", seed=5)
+    rounds = [labels for _, labels in seen(recurring)]
+    permutation = torch.randperm(10, generator=torch.Generator().manual_seed(5)).tolist()
+    assert rounds == [permutation[0:3], permutation[3:6], permutation[6:9]]
+    too_many = Stream(Numbers(), "recurring", ["fog"], per_domain=4, rounds=3, order="listed")
+    with pytest.raises(ValueError, match="3 disjoint rounds of 4 images need 12 images per domain"):
+        seen(too_many)
+
+
+def test_bench_on_a_synthetic_imagenet_c_runs_the_paper_protocol_end_to_end(tmp_path, monkeypatch):
+    """The built-in model on a tiny ImageNet-C tree: the paper protocol's data rules and method settings reach
+    the run, and the lab protocol's do not."""
+    import shutil
+
+    from imse.data import sources
+    from imse.runs.bench import run_bench
+
+    root = tmp_path / "imagenet-c"
+    names = make_imagenet_c(root, files_per_class=4, size=48)
+    shutil.copytree(root / "fog", root / "contrast")
+    monkeypatch.setattr(sources, "paper_image_list", lambda: names[::-1][:6])
+    val = tmp_path / "val"
+    shutil.copytree(root / "fog" / "5", val)
+    common = dict(backbone="builtin", methods=("sar", "imse"), corruptions=("fog", "contrast"), per_domain=6,
+                  batch_size=3, progress=False, collapse=False, imagenet_c=str(root),
+                  imagenet_val=str(val))  # fmt: skip
+    paper = run_bench(**common)
+    assert paper["config"]["protocol"] == "paper"
+    settings = paper["config"]["settings"]
+    assert settings["imse"]["retrieval"] == "top1" and settings["imse"]["margin_classes"] == 1000
+    assert settings["imse"]["source_descriptor"] == "ema" and settings["sar"]["official_recovery"] is True
+    assert [d["n"] for d in paper["methods"]["imse"]["domains"]] == [6, 6]
+    lab = run_bench(**common, protocol="lab")
+    assert lab["config"]["protocol"] == "lab" and lab["config"]["settings"]["imse"]["retrieval"] is None
+    assert [d["n"] for d in lab["methods"]["imse"]["domains"]] == [6, 6]
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        run_bench(**common, protocol="official")
+
+
+def test_docs_protocol_shows_every_rule_of_the_code():
+    from pathlib import Path
+
+    from imse.runs.protocol import RULES, resolve
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    for rule in RULES:
+        assert f"| {rule.item} | {rule.paper} | {rule.lab} | {rule.official} |" in page
+    assert resolve(None, imagenet_data=True) == "paper" and resolve(None, imagenet_data=False) == "lab"

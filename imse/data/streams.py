@@ -91,6 +91,10 @@ class Stream:
     Each domain shows the same ``per_domain`` images of the source (a seeded subset, so domain accuracies are
     comparable), in a seeded order of its own. ``pregenerated`` replaces on-the-fly corruption by a source of
     already corrupted images per domain (e.g. ImageNet-C on disk).
+
+    ``order="listed"`` (the paper protocol, as the official code's unshuffled loader): the first ``per_domain``
+    images in the source's own order; for ``recurring``, round *r* takes instead the disjoint slice
+    ``r·per_domain … (r+1)·per_domain`` of one seeded permutation of the whole source (the official split).
     """
 
     def __init__(
@@ -107,9 +111,12 @@ class Stream:
         rounds: int = 3,
         keep_clean: bool = False,
         pregenerated: Callable[[Domain], Source] | None = None,
+        order: str = "seeded",
     ) -> None:
         if batch_size < 1 or per_domain < 1:
             raise ValueError("batch_size and per_domain must be positive")
+        if order not in ("seeded", "listed"):
+            raise ValueError(f"order must be 'seeded' or 'listed', got {order!r}")
         if source is None and pregenerated is None:
             raise ValueError("a stream needs a source of clean images or a pregenerated one per domain")
         self.source = source
@@ -121,8 +128,12 @@ class Stream:
         self.device = torch.device(device)
         self.keep_clean = keep_clean
         self.pregenerated = pregenerated
+        self.order = order
+        self._per_round = len(self.domains) // rounds if scenario == "recurring" else len(self.domains)
 
     def _indices(self, available: int, domain_index: int) -> list[int]:
+        if self.order == "listed":
+            return self._listed(available, domain_index)
         if self.per_domain > available:
             raise ValueError(f"per_domain={self.per_domain} but the source has only {available} images")
         subset = torch.randperm(available, generator=torch.Generator().manual_seed(self.seed))[: self.per_domain]
@@ -130,6 +141,21 @@ class Stream:
             self.per_domain, generator=torch.Generator().manual_seed(self.seed * 1000 + domain_index + 1)
         )
         return subset[order].tolist()
+
+    def _listed(self, available: int, domain_index: int) -> list[int]:
+        if self.scenario != "recurring":
+            if self.per_domain > available:
+                raise ValueError(f"per_domain={self.per_domain} but the source has only {available} images")
+            return list(range(self.per_domain))
+        round_ = domain_index // self._per_round
+        end = (round_ + 1) * self.per_domain
+        if end > available:
+            raise ValueError(
+                f"{len(self.domains) // self._per_round} disjoint rounds of {self.per_domain} images need {end:,} "
+                f"images per domain; the source has {available:,}"
+            )
+        permutation = torch.randperm(available, generator=torch.Generator().manual_seed(self.seed))
+        return permutation[round_ * self.per_domain : end].tolist()
 
     def batches_per_domain(self) -> int:
         return -(-self.per_domain // self.batch_size)

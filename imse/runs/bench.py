@@ -26,6 +26,7 @@ from imse.data.models import BUILTIN, create_backbone
 from imse.data.streams import Stream
 from imse.runs.collapse import CollapseMeter
 from imse.runs.defaults import parse_method
+from imse.runs.protocol import imagenet_c_domains, method_overrides, official_source_images, resolve
 from imse.runs.runner import build_methods, method_settings, run, summarise
 
 __all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
@@ -65,6 +66,8 @@ def run_bench(
     rounds: int = 3,
     lrs: dict[str, float] | None = None,
     imagenet_c: str | None = None,
+    imagenet_val: str | None = None,
+    protocol: str | None = None,
     progress: bool = True,
     tuned: bool = True,
     collapse: bool = True,
@@ -80,16 +83,11 @@ def run_bench(
         specs = {spec: parse_method(spec) for spec in methods}
     lrs = dict(lrs or {})
     base = create_backbone(backbone, weights=weights, device=device)
+    protocol = resolve(protocol, imagenet_data=bool(imagenet_c))  # the paper's rules: imse.runs.protocol
     if imagenet_c:
-        from imse.data.sources import ImageNetCSource
-
-        source = None
-
-        def pregenerated(domain):
-            return ImageNetCSource(imagenet_c, domain.corruption, domain.severity, size=base.input_size)
+        source, pregenerated = None, imagenet_c_domains(imagenet_c, protocol, scenario, base.input_size)
     else:
-        source = build_source(data, backbone, base.input_size)
-        pregenerated = None
+        source, pregenerated = build_source(data, backbone, base.input_size), None
     config = {
         "backbone": backbone,
         "weights": str(weights) if weights else None,
@@ -103,14 +101,17 @@ def run_bench(
         "corruptions": corruptions if isinstance(corruptions, str) else list(corruptions),
         "rounds": rounds if scenario == "recurring" else None,
         "device": device,
+        "protocol": protocol,
     }
-    # a sweep file's or --lr's rate comes before a spec's own overrides
+    # the protocol's rules, then a sweep file's or --lr's rate, then a spec's own overrides
+    specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
     specs = {spec: (n, {"lr": lrs[n], **extra} if n in lrs else extra) for spec, (n, extra) in specs.items()}
     clean: list[torch.Tensor] = []  # slot 0's source images, loaded once, and only if a method retrieves
 
     def clean_source() -> torch.Tensor | None:
-        if not clean and source is not None:
-            clean.append(source_images(backbone, source))
+        if not clean and (imagenet_val or source is not None):
+            clean.append(official_source_images(imagenet_val, base.input_size) if imagenet_val else source_images(
+                backbone, source))  # fmt: skip
         return clean[0] if clean else None
 
     meter = None
@@ -135,6 +136,7 @@ def run_bench(
             device=device,
             rounds=rounds,
             pregenerated=pregenerated,
+            order="listed" if protocol == "paper" else "seeded",
         )
         summary = summarise(list(run(wrapped, stream, progress=progress, meter=meter)))
         for name, entry in summary.items():
