@@ -112,6 +112,24 @@ def test_local_weights_file_loads_without_pickle(tmp_path):
         create_backbone("vit_tiny_patch16_224", weights=tmp_path / "missing.pth")
 
 
+def test_an_mae_style_fine_tuned_checkpoint_loads_with_its_pooling_and_normalisation(tmp_path):
+    """MAE's fine-tuned ViTs (facebookresearch/mae) classify the mean patch token through ``fc_norm``: such a
+    state dict, under timm's MAE tag, loads into an average-pooled ViT with ImageNet's mean/std and gives the
+    original model's logits."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, global_pool="avg").eval()
+    assert "fc_norm.weight" in reference.state_dict()
+    save_file(reference.state_dict(), str(tmp_path / "mae.safetensors"))
+    backbone = create_backbone("vit_tiny_patch16_224", weights=tmp_path / "mae.safetensors")
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(backbone(x), reference(backbone.normalize(x)), atol=1e-5)
+    mae = timm.models.get_pretrained_cfg("vit_base_patch16_224.mae")
+    assert tuple(mae.mean) == (0.485, 0.456, 0.406)  # what create_backbone folds in for MAE weights
+
+
 def test_domain_sequences():
     assert [d.corruption for d in domain_sequence("continual")] == list(CORRUPTIONS)
     assert {d.severity for d in domain_sequence("single", severity=3)} == {3}

@@ -189,7 +189,10 @@ def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = Non
     if weights is not None:
         state = load_state_dict_file(weights)
         head = state.get("head.weight")
-        model = timm.create_model(name, pretrained=False, num_classes=head.shape[0] if head is not None else 1000)
+        # MAE's fine-tuned ViTs classify the average patch token through fc_norm (its global_pool=True)
+        pool = {"global_pool": "avg"} if "fc_norm.weight" in state else {}
+        classes = head.shape[0] if head is not None else 1000
+        model = timm.create_model(name, pretrained=False, num_classes=classes, **pool)
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         with contextlib.suppress(Exception):  # converts original (e.g. MAE/DeiT) layouts; timm's own pass through
