@@ -164,3 +164,35 @@ def test_docs_protocol_shows_every_rule_of_the_code():
     for rule in RULES:
         assert f"| {rule.item} | {rule.paper} | {rule.lab} | {rule.official} |" in page
     assert resolve(None, imagenet_data=True) == "paper" and resolve(None, imagenet_data=False) == "lab"
+
+
+def test_bench_on_imagenet_r_scores_200_classes_with_the_paper_protocol(tmp_path):
+    """A 1000-class ViT (random, local weights) on an ImageNet-R-like folder: labels become positions among the
+    200 classes, the model answers with those 200 logits, and the paper protocol is the default."""
+    import timm
+    from safetensors.torch import save_file
+
+    from imse.runs.bench import run_bench
+
+    rng = np.random.default_rng(0)
+    for wnid in ("n01443537", "n01484850"):  # ImageNet-1k classes 1 and 2, both in ImageNet-R
+        (tmp_path / "r" / wnid).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "r" / wnid / f"{k}.jpg")
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), str(tmp_path / "w.safetensors"))
+    result = run_bench(backbone="vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"),
+                       data=f"imagenet-r:{tmp_path / 'r'}", methods=("source", "imse"), scenario="single",
+                       corruptions=("clean",), per_domain=4, batch_size=2, progress=False, collapse=False)  # fmt: skip
+    assert result["config"]["protocol"] == "paper"
+    assert result["config"]["settings"]["imse"]["margin_classes"] == 1000
+    domain = result["methods"]["source"]["domains"][0]
+    from imse.data.models import create_backbone
+
+    backbone = create_backbone("vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"))
+    images, labels = ImageFolderSource(tmp_path / "r", 224).load(range(4))  # ImageNet-1k labels 1, 1, 2, 2
+    with torch.no_grad():
+        logits = backbone(images.float() / 255)
+    r = list(subset_indices("imagenet-r"))
+    expected = (logits[:, r].argmax(-1) == torch.tensor([r.index(int(y)) for y in labels])).float().mean()
+    assert domain["n"] == 4 and domain["accuracy"] == pytest.approx(float(expected))

@@ -9,13 +9,21 @@ import torch
 
 from imse.data.models import BUILTIN
 
-__all__ = ["build_source", "source_images"]
+__all__ = ["build_source", "class_subset", "for_data", "source_images"]
 
 
 def build_source(data: str, backbone_name: str, size: int, progress=None):
     """``builtin`` (the shipped Fashion-MNIST test split), ``imagenette`` (downloaded once, cached; ``progress``
-    follows the download), or a folder of class folders (ImageNet wnids map to IN-1k labels)."""
+    follows the download), ``imagenet-r:<root>`` / ``imagenet-a:<root>`` (their 200 classes, labelled 0–199 as
+    ``RestrictedLogits`` answers), or a folder of class folders (ImageNet wnids map to IN-1k labels)."""
     from imse.data.sources import ImageFolderSource, imagenette_source
+
+    subset = class_subset(data)
+    if subset:
+        name, root = subset
+        from imse.data.class_subsets import SubsetLabels, subset_indices
+
+        return SubsetLabels(ImageFolderSource(root, size=size, name=name), subset_indices(name), name=name)
 
     if data == "builtin":
         if backbone_name != BUILTIN:
@@ -29,6 +37,24 @@ def build_source(data: str, backbone_name: str, size: int, progress=None):
     if data == "imagenette":
         return imagenette_source(size=size, progress=progress)
     return ImageFolderSource(data, size=size)
+
+
+def class_subset(data: str) -> tuple[str, str] | None:
+    """``("imagenet-r", root)`` for ``imagenet-r:<root>`` (likewise ImageNet-A), else None."""
+    for name in ("imagenet-r", "imagenet-a"):
+        if data.startswith(name + ":"):
+            return name, data.removeprefix(name + ":")
+    return None
+
+
+def for_data(model, data: str):
+    """The backbone as the data needs it: ImageNet-R/A score only their 200 classes' logits."""
+    subset = class_subset(data)
+    if subset is None:
+        return model
+    from imse.data.class_subsets import RestrictedLogits, subset_indices
+
+    return RestrictedLogits(model, subset_indices(subset[0]))
 
 
 def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> torch.Tensor:

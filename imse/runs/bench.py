@@ -21,7 +21,7 @@ import torch
 from imse import __version__
 from imse.core.methods import METHODS
 from imse.core.svd_cache import default_svd_cache
-from imse.data.builders import build_source, source_images
+from imse.data.builders import build_source, class_subset, for_data, source_images
 from imse.data.models import BUILTIN, create_backbone
 from imse.data.streams import Stream
 from imse.runs.collapse import CollapseMeter
@@ -82,8 +82,8 @@ def run_bench(
     else:
         specs = {spec: parse_method(spec) for spec in methods}
     lrs = dict(lrs or {})
-    base = create_backbone(backbone, weights=weights, device=device)
-    protocol = resolve(protocol, imagenet_data=bool(imagenet_c))  # the paper's rules: imse.runs.protocol
+    base = for_data(create_backbone(backbone, weights=weights, device=device), data)  # IN-R/A: 200 logits
+    protocol = resolve(protocol, imagenet_data=bool(imagenet_c or class_subset(data)))  # imse.runs.protocol
     if imagenet_c:
         source, pregenerated = None, imagenet_c_domains(imagenet_c, protocol, scenario, base.input_size)
     else:
