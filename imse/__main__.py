@@ -136,6 +136,29 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from imse.runs.reproduce import format_reproduction, reproduce
+
+    roots = {name: root for name, root in (("imagenet-c", args.imagenet_c), ("imagenet-r", args.imagenet_r),
+                                           ("imagenet-a", args.imagenet_a)) if root}  # fmt: skip
+    weights = dict(item.split("=", 1) for item in args.weights or [])
+    result = reproduce(
+        roots=roots,
+        out=args.out,
+        backbones=_csv(args.backbones),
+        methods=_csv(args.methods),
+        seeds=tuple(int(s) for s in _csv(args.seeds)),
+        weights=weights,
+        imagenet_val=args.imagenet_val,
+        device=args.device,
+        per_domain=args.per_domain,
+        batch_size=args.batch_size,
+    )
+    print(format_reproduction(result))
+    print(f"wrote {args.out} (rerun the same command to resume; finished runs are not redone)")
+    return 0
+
+
 def _soak(args: argparse.Namespace) -> int:
     import json
 
@@ -327,6 +350,26 @@ def build_parser() -> argparse.ArgumentParser:
     shifts.add_argument("--stationary-batches", type=int, default=1000)
     shifts.add_argument("--out")
     shifts.set_defaults(handler=_shifts)
+
+    repro = commands.add_parser(
+        "reproduce",
+        help="the paper's rows under its protocol (ImageNet-C/R/A), our table beside its numbers; resumable",
+        description="Runs backbone x dataset x scenario x method x seed with --protocol paper (docs/protocol.md) "
+        "and writes each finished run to --out at once: rerunning the same command skips finished runs.",
+    )
+    repro.add_argument("--imagenet-c", required=True, metavar="ROOT", help="<corruption>/<severity>/<wnid>/*.JPEG")
+    repro.add_argument("--imagenet-val", metavar="ROOT", help="ImageNet val (wnid folders): the bank's slot 0")
+    repro.add_argument("--imagenet-r", metavar="ROOT", help="ImageNet-R (wnid folders)")
+    repro.add_argument("--imagenet-a", metavar="ROOT", help="ImageNet-A (wnid folders)")
+    repro.add_argument("--backbones", default="supervised", help="comma-separated: supervised, clip, mae")
+    repro.add_argument("--weights", action="append", metavar="BACKBONE=FILE", help="a local checkpoint (mae needs one)")
+    repro.add_argument("--methods", default="source,tent,sar,imse", help="comma-separated methods")
+    repro.add_argument("--seeds", default="0", help="comma-separated seeds")
+    repro.add_argument("--per-domain", type=int, default=5000, help="ImageNet-C images per domain (paper: 5000)")
+    repro.add_argument("--batch-size", type=int, default=64)
+    repro.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    repro.add_argument("--out", default="reproduce.json", help="results JSON (also what a rerun resumes from)")
+    repro.set_defaults(handler=_reproduce)
 
     soak = commands.add_parser(
         "soak",

@@ -256,9 +256,11 @@ def test_bench_on_pregenerated_imagenet_c_folder_with_local_weights(tmp_path):
             for i in range(3):
                 Image.fromarray(rng.randint(0, 256, (224, 224, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
     out = tmp_path / "r.json"
-    assert main(["bench", "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "w.safetensors"),
-                 "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation",
-                 "--severity", "5", "--per-domain", "6", "--batch-size", "3", "--out", str(out)]) == 0  # fmt: skip
+    command = ["bench", "--backbone", "vit_tiny_patch16_224", "--weights", str(tmp_path / "w.safetensors"),
+               "--data", f"imagenet-c:{tmp_path / 'inc'}", "--methods", "source", "--corruptions", "validation",
+               "--severity", "5", "--per-domain", "6", "--batch-size", "3", "--out", str(out)]  # fmt: skip
+    assert main(command) == 2  # the paper protocol (the default on ImageNet-C) needs RobustBench's 5,000 images
+    assert main([*command, "--protocol", "lab"]) == 0  # every image of the folder
     result = json.loads(out.read_text())
     validate_bench_json(result, ["source"], domains=4)
     assert all(d["n"] == 6 for d in result["methods"]["source"]["domains"])

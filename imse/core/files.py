@@ -9,19 +9,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_safetensors_atomic"]
+__all__ = ["save_safetensors_atomic", "write_atomic"]
 
 
-def save_safetensors_atomic(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
-) -> Path:
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temporary file next to ``path`` (``.<name>.<pid>.<thread>.tmp``), flush it to the disk, then
     rename it over ``path``: the rename is atomic, so readers (and a process killed mid-save) see the old file or
     the new one, never a partial one; the temporary file is removed if anything fails."""
-    from safetensors.torch import save
-
     path = Path(path)
-    data = save(tensors, metadata=metadata)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -38,3 +33,12 @@ def save_safetensors_atomic(
         finally:
             os.close(fd)
     return path
+
+
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> Path:
+    """Safetensors written with ``write_atomic``."""
+    from safetensors.torch import save
+
+    return write_atomic(path, save(tensors, metadata=metadata))
