@@ -153,6 +153,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         device=args.device,
         per_domain=args.per_domain,
         batch_size=args.batch_size,
+        engine=args.engine,
+        address=args.address,
     )
     print(format_reproduction(result))
     print(f"wrote {args.out} (rerun the same command to resume; finished runs are not redone)")
@@ -369,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--batch-size", type=int, default=64)
     repro.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     repro.add_argument("--out", default="reproduce.json", help="results JSON (also what a rerun resumes from)")
+    repro.add_argument("--engine", choices=("local", "ray"), default="local", help="ray: one task per run")
+    repro.add_argument("--address", help="a Ray cluster's address (default: start a local one)")
     repro.set_defaults(handler=_reproduce)
 
     soak = commands.add_parser(

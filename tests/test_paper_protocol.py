@@ -228,20 +228,20 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
                     imagenet_val=str(root / "fog" / "5"))  # fmt: skip
     calls = []
 
-    def interrupted(job, *args, **kwargs):
+    def interrupted(job, **kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(job.key)
-        return repro._run_job(job, *args, **kwargs)
+        return repro._run_job(job, **kwargs)
 
     with pytest.raises(KeyboardInterrupt):
         repro.reproduce(**settings, run_job=interrupted)
     assert sorted(json.loads(out.read_text())["runs"]) == sorted(calls)
     resumed = []
 
-    def counted(job, *args, **kwargs):
+    def counted(job, **kwargs):
         resumed.append(job.key)
-        return repro._run_job(job, *args, **kwargs)
+        return repro._run_job(job, **kwargs)
 
     result = repro.reproduce(**settings, run_job=counted)
     planned = [job.key for job in repro.plan(["imagenet-c"], ["supervised"], ["source", "imse"], [0])]

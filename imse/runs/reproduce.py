@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imse.core.files import write_atomic
+from imse.runs.engines import ENGINES, run_in_process, run_on_ray
 
 __all__ = ["BACKBONES", "PAPER", "Job", "format_reproduction", "plan", "reproduce"]
 
@@ -62,7 +63,7 @@ def plan(datasets: Sequence[str], backbones: Sequence[str], methods: Sequence[st
     return jobs
 
 
-def _run_job(job: Job, roots: Mapping[str, str], *, architecture: str, weights: str | None, imagenet_val: str | None,
+def _run_job(job: Job, *, roots: Mapping[str, str], architecture: str, weights: str | None, imagenet_val: str | None,
              device: str, per_domain: int, batch_size: int) -> dict[str, Any]:  # fmt: skip
     from imse.runs.bench import run_bench
 
@@ -95,11 +96,16 @@ def reproduce(
     per_domain: int = 5000,
     batch_size: int = 64,
     run_job: Callable[..., dict[str, Any]] = _run_job,
+    engine: str = "local",
+    address: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every job not yet in ``out`` and return all results. ``roots``: dataset name -> folder (those given
     decide the datasets); ``architectures`` / ``weights`` name a backbone's timm model and local checkpoint (MAE
-    needs ``weights["mae"]``)."""
+    needs ``weights["mae"]``). ``engine="ray"`` runs the jobs as tasks on a Ray cluster (``address``, else a
+    local one; one GPU per task when ``device`` is CUDA) and gathers the same JSON."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     architectures = {**BACKBONES, **(architectures or {})}
     weights = dict(weights or {})
     unknown = [name for name in backbones if name not in architectures]
@@ -121,10 +127,18 @@ def reproduce(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="reproduce", unit="run")
-    for job in todo:
-        done[job.key] = run_job(job, roots, architecture=architectures[job.backbone], weights=weights.get(job.backbone),
-                                imagenet_val=imagenet_val, device=device, per_domain=per_domain,
-                                batch_size=batch_size)  # fmt: skip
+
+    def kwargs(job: Job) -> dict[str, Any]:
+        return dict(roots=dict(roots), architecture=architectures[job.backbone], weights=weights.get(job.backbone),
+                    imagenet_val=imagenet_val, device=device, per_domain=per_domain, batch_size=batch_size)  # fmt: skip
+
+    if engine == "ray":
+        gpus = 1.0 if str(device).startswith("cuda") else 0.0
+        finished = run_on_ray(todo, run_job, kwargs, address=address, gpus_per_job=gpus)
+    else:
+        finished = run_in_process(todo, run_job, kwargs)
+    for job, result in finished:
+        done[job.key] = result
         write_atomic(path, json.dumps({"runs": done}, indent=1).encode())
         if bar is not None:
             bar.update(1)
