@@ -148,6 +148,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         backbones=_csv(args.backbones),
         methods=_csv(args.methods),
         seeds=tuple(int(s) for s in _csv(args.seeds)),
+        scenarios=_csv(args.scenarios) if args.scenarios else None,
+        corruptions=args.corruptions if args.corruptions == "test" else _csv(args.corruptions),
         weights=weights,
         imagenet_val=args.imagenet_val,
         device=args.device,
@@ -366,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--backbones", default="supervised", help="comma-separated: supervised, clip, mae")
     repro.add_argument("--weights", action="append", metavar="BACKBONE=FILE", help="a local checkpoint (mae needs one)")
     repro.add_argument("--methods", default="source,tent,sar,imse", help="comma-separated methods")
+    repro.add_argument("--scenarios", help="only these rows, e.g. single,continual (default: all)")
+    repro.add_argument("--corruptions", default="test", help="ImageNet-C: 'test' (the 15) or comma-separated names")
     repro.add_argument("--seeds", default="0", help="comma-separated seeds")
     repro.add_argument("--per-domain", type=int, default=5000, help="ImageNet-C images per domain (paper: 5000)")
     repro.add_argument("--batch-size", type=int, default=64)

@@ -1,6 +1,7 @@
 """The paper protocol's data: RobustBench's ImageNet-C list, the official re-zoom, and the 200-class subsets."""
 
 import hashlib
+import importlib.util
 
 import numpy as np
 import pytest
@@ -216,13 +217,12 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
     for corruption in ("gaussian_noise", "shot_noise"):
         shutil.copytree(root / "fog", root / corruption)
     monkeypatch.setattr(sources, "paper_image_list", lambda: names)
-    monkeypatch.setattr(repro, "SCENARIOS", {"imagenet-c": ("single", "continual"), "imagenet-r": ("single",)})
-    monkeypatch.setattr("imse.data.streams.CORRUPTIONS", ("gaussian_noise", "shot_noise"))
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
     save_file(vit.state_dict(), str(tmp_path / "tiny.safetensors"))
     out = tmp_path / "reproduce.json"
     settings = dict(roots={"imagenet-c": str(root)}, out=out, methods=("source", "imse"), seeds=(0,),
+                    scenarios=("single", "continual"), corruptions=("gaussian_noise", "shot_noise"),
                     architectures={"supervised": "vit_tiny_patch16_224"}, per_domain=4, batch_size=2,
                     weights={"supervised": str(tmp_path / "tiny.safetensors")}, progress=False,
                     imagenet_val=str(root / "fog" / "5"))  # fmt: skip
@@ -244,7 +244,8 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
         return repro._run_job(job, **kwargs)
 
     result = repro.reproduce(**settings, run_job=counted)
-    planned = [job.key for job in repro.plan(["imagenet-c"], ["supervised"], ["source", "imse"], [0])]
+    planned = [job.key for job in repro.plan(["imagenet-c"], ["supervised"], ["source", "imse"], [0],
+                                             ["single", "continual"])]  # fmt: skip
     assert len(planned) == 4 and sorted(resumed) == sorted(set(planned) - set(calls))
     assert list(result["runs"]) == planned
     run = result["runs"]["supervised/imagenet-c/continual/imse/0"]
@@ -257,3 +258,35 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
         repro.reproduce(**{**settings, "roots": {"imagenet-r": str(tmp_path / "missing")}})
     with pytest.raises(ValueError, match="MAE backbone needs"):
         repro.reproduce(**{**settings, "backbones": ("mae",)})
+
+
+@pytest.mark.slow  # starts a Ray cluster
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='needs Ray: pip install "imse-lab[ray]"')
+def test_the_ray_engine_gathers_what_the_process_computes(tmp_path):
+    """A local Ray on CPU runs each job as a task; the gathered JSON equals the in-process one. Workers see no
+    test's monkeypatching, so the tree holds RobustBench's 5,000 listed files (tiny ones) for real."""
+    import timm
+    from safetensors.torch import save_file
+
+    from imse.runs import reproduce as repro
+
+    folder = tmp_path / "imagenet-c" / "fog" / "5"
+    rng = np.random.default_rng(0)
+    for name in paper_image_list():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / name)
+    (tmp_path / "imagenet-c" / "snow").mkdir()
+    (tmp_path / "imagenet-c" / "snow" / "5").symlink_to(folder, target_is_directory=True)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
+    save_file(vit.state_dict(), str(tmp_path / "tiny.safetensors"))
+    settings = dict(roots={"imagenet-c": str(tmp_path / "imagenet-c")}, methods=("source", "imse"), seeds=(0,),
+                    scenarios=("single", "continual"), corruptions=("fog", "snow"), per_domain=4, batch_size=2,
+                    architectures={"supervised": "vit_tiny_patch16_224"}, progress=False,
+                    weights={"supervised": str(tmp_path / "tiny.safetensors")})  # fmt: skip
+    local = repro.reproduce(**settings, out=tmp_path / "local.json")
+    on_ray = repro.reproduce(**settings, out=tmp_path / "ray.json", engine="ray")
+    assert list(on_ray["runs"]) == list(local["runs"]) and len(local["runs"]) == 4
+    for key, run in local["runs"].items():
+        assert on_ray["runs"][key]["mean_accuracy"] == run["mean_accuracy"]
+        assert on_ray["runs"][key]["domains"] == run["domains"]

@@ -51,24 +51,41 @@ class Job:
         return f"{self.backbone}/{self.dataset}/{self.scenario}/{self.method}/{self.seed}"
 
 
-def plan(datasets: Sequence[str], backbones: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+def plan(
+    datasets: Sequence[str],
+    backbones: Sequence[str],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    scenarios: Sequence[str] | None = None,
+) -> list[Job]:
     """Every job, in a fixed order (backbone, dataset, scenario, method, seed); only the supervised backbone runs
-    the continual, gradual and recurring rows (as in the paper)."""
+    the continual, gradual and recurring rows (as in the paper); ``scenarios`` keeps only those rows."""
     jobs = []
     for backbone in backbones:
         for dataset in datasets:
-            scenarios = SCENARIOS[dataset] if backbone == "supervised" else ("single",)
-            for scenario in scenarios:
+            rows = SCENARIOS[dataset] if backbone == "supervised" else ("single",)
+            for scenario in (s for s in rows if scenarios is None or s in scenarios):
                 jobs += [Job(backbone, dataset, scenario, m, s) for m in methods for s in seeds]
     return jobs
 
 
-def _run_job(job: Job, *, roots: Mapping[str, str], architecture: str, weights: str | None, imagenet_val: str | None,
-             device: str, per_domain: int, batch_size: int) -> dict[str, Any]:  # fmt: skip
+def _run_job(
+    job: Job,
+    *,
+    roots: Mapping[str, str],
+    architecture: str,
+    weights: str | None,
+    imagenet_val: str | None,
+    device: str,
+    per_domain: int,
+    batch_size: int,
+    corruptions: str | tuple = "test",
+) -> dict[str, Any]:
+    """One run through ``run_bench`` under the paper protocol; what the table and a resume need from it."""
     from imse.runs.bench import run_bench
 
     if job.dataset == "imagenet-c":
-        data = {"imagenet_c": roots["imagenet-c"], "corruptions": "test", "per_domain": per_domain}
+        data = {"imagenet_c": roots["imagenet-c"], "corruptions": corruptions, "per_domain": per_domain}
     else:
         from imse.data.sources import ImageFolderSource
 
@@ -89,6 +106,8 @@ def reproduce(
     backbones: Sequence[str] = ("supervised",),
     methods: Sequence[str] = ("source", "tent", "sar", "imse"),
     seeds: Sequence[int] = (0,),
+    scenarios: Sequence[str] | None = None,
+    corruptions: str | Sequence[str] = "test",
     architectures: Mapping[str, str] | None = None,
     weights: Mapping[str, str] | None = None,
     imagenet_val: str | None = None,
@@ -120,7 +139,7 @@ def reproduce(
             raise FileNotFoundError(f"no {name} folder at {root}")
     path = Path(out)
     done: dict[str, Any] = json.loads(path.read_text())["runs"] if path.exists() else {}
-    jobs = plan(list(roots), backbones, methods, seeds)
+    jobs = plan(list(roots), backbones, methods, seeds, scenarios)
     todo = [job for job in jobs if job.key not in done]
     bar = None
     if progress:
@@ -130,7 +149,8 @@ def reproduce(
 
     def kwargs(job: Job) -> dict[str, Any]:
         return dict(roots=dict(roots), architecture=architectures[job.backbone], weights=weights.get(job.backbone),
-                    imagenet_val=imagenet_val, device=device, per_domain=per_domain, batch_size=batch_size)  # fmt: skip
+                    imagenet_val=imagenet_val, device=device, per_domain=per_domain, batch_size=batch_size,
+                    corruptions=corruptions if isinstance(corruptions, str) else tuple(corruptions))  # fmt: skip
 
     if engine == "ray":
         gpus = 1.0 if str(device).startswith("cuda") else 0.0
