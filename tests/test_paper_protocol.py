@@ -254,6 +254,11 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
     assert repro.reproduce(**settings, run_job=lambda *a, **k: pytest.fail("a finished run was redone")) == result
     table = repro.format_reproduction(result)
     assert "| supervised | imagenet-c | single |" in table and "| 69.0 |" in table
+    single = {
+        m: 100 * result["runs"][f"supervised/imagenet-c/single/{m}/0"]["mean_accuracy"] for m in ("source", "imse")
+    }
+    row = next(line for line in table.splitlines() if "| single |" in line).split("|")
+    assert row[4].strip() == f"{single['source']:.1f}" and row[6].strip() == f"{single['imse'] - single['source']:+.1f}"
     with pytest.raises(FileNotFoundError, match="no imagenet-r folder"):
         repro.reproduce(**{**settings, "roots": {"imagenet-r": str(tmp_path / "missing")}})
     with pytest.raises(ValueError, match="MAE backbone needs"):
@@ -290,3 +295,19 @@ def test_the_ray_engine_gathers_what_the_process_computes(tmp_path):
     for key, run in local["runs"].items():
         assert on_ray["runs"][key]["mean_accuracy"] == run["mean_accuracy"]
         assert on_ray["runs"][key]["domains"] == run["domains"]
+
+
+def test_slot_zeros_images_are_the_official_pick_of_clean_validation_images(tmp_path):
+    """random.seed(1), a shuffle of the sorted file list, the first ``count`` — re-zoomed like every ImageNet
+    image (Resize 256, CentreCrop 224 at 224 px)."""
+    import random
+
+    from imse.runs.protocol import official_source_images
+
+    make_imagenet_c(tmp_path, files_per_class=3, size=40)
+    folder = tmp_path / "fog" / "5"
+    images = official_source_images(str(folder), 32, count=4)
+    order = list(range(6))
+    random.Random(1).shuffle(order)
+    expected, _ = ImageFolderSource(folder, 32).load(order[:4])
+    assert images.shape == (4, 3, 32, 32) and torch.equal(images, expected.float() / 255)

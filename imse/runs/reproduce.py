@@ -177,14 +177,16 @@ def format_reproduction(result: Mapping[str, Any]) -> str:
         row.setdefault(job["method"], []).append(100 * run["mean_accuracy"])
     known = ["source", "tent", "sar", "imse"]
     methods = sorted({m for row in cells.values() for m in row}, key=lambda m: (known + [m]).index(m))
-    lines = ["| backbone | data | scenario | " + " | ".join(methods) + " | paper (IMSE) |"]
-    lines.append("|" + "---|" * (len(methods) + 4))
+    lines = ["| backbone | data | scenario | " + " | ".join(methods) + " | IMSE − best other | paper (IMSE) |"]
+    lines.append("|" + "---|" * (len(methods) + 5))
     for (backbone, dataset, scenario), row in cells.items():
         values = []
         for method in methods:
             accs = row.get(method, [])
             spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
             values.append(f"{statistics.fmean(accs):.1f}{spread}" if accs else "–")
+        others = [statistics.fmean(accs) for method, accs in row.items() if method != "imse"]
+        gain = f"{statistics.fmean(row['imse']) - max(others):+.1f}" if "imse" in row and others else "–"
         paper = PAPER.get((backbone, dataset, scenario))
-        lines.append(f"| {backbone} | {dataset} | {scenario} | " + " | ".join(values) + f" | {paper or '–'} |")
+        lines.append(f"| {backbone} | {dataset} | {scenario} | " + " | ".join(values) + f" | {gain} | {paper or '–'} |")
     return "\n".join(lines)
