@@ -237,6 +237,12 @@ def test_teach_views_answer_and_refuse_bad_input_readably(tmp_path):
             handler(*args)
     with pytest.raises(gr.Error, match="unknown corruption"):
         next(teach.collapse_view("builtin", "lava", 3, None))
+    explorer, first, *_ = teach.step_view(None, "builtin", "snow", 2)
+    explorer, second, *_ = teach.step_view(explorer, "builtin", "snow", 2)
+    assert first.startswith("Batch 1 of snow 2") and second.startswith("Batch 2 of snow 2")
+    explorer, reset, *panels = teach.step_reset(explorer, "builtin", "snow", 2)
+    assert "Back to the source" in reset and panels == [None, None, [], None]
+    assert teach.step_view(explorer, "builtin", "snow", 2)[1] == first  # the same first step again, exactly
     text, *_ = teach.domains_view("builtin", 3, ["gaussian_noise", "snow"], "snow")
     assert "brings back slot 2, **snow**" in text
 

@@ -283,21 +283,23 @@ def collapse_layer(view: Any, backbone_name: Any, layer: Any):
 # -- view 3: one IMSE step, dissected ----------------------------------------------------------------------------
 
 
-def step_view(explorer: Any, backbone_name: Any, corruption: Any, severity: Any, reset: bool = False):
-    """View 3: one more IMSE step on the next corrupted batch (``reset``: back to the source code first). The
-    explorer (a private IMSE copy) lives in the visitor's session state and is rebuilt when the settings change."""
+def _explorer(explorer: Any, backbone_name: Any, corruption: Any, severity: Any) -> tuple:
+    """The session's explorer (a private IMSE copy), rebuilt when the backbone, corruption or severity changed."""
     _backbone(backbone_name)
     corruption, severity = _corruption(corruption, severity)
     key = (backbone_name, corruption, severity)
-    if not isinstance(explorer, tuple) or explorer[0] != key:
-        images, labels = teach_data.view_images(backbone_name)
-        settings = method_settings(backbone_name)["imse"]
-        explorer = (
-            key,
-            StepExplorer(teach_data.spectral_backbone(backbone_name), images, labels, corruption, severity, **settings),
-        )
-    elif reset:
-        explorer[1].reset()
+    if isinstance(explorer, tuple) and explorer[0] == key:
+        return explorer
+    images, labels = teach_data.view_images(backbone_name)
+    settings = method_settings(backbone_name)["imse"]
+    model = teach_data.spectral_backbone(backbone_name)
+    return key, StepExplorer(model, images, labels, corruption, severity, **settings)
+
+
+def step_view(explorer: Any, backbone_name: Any, corruption: Any, severity: Any):
+    """View 3: one more IMSE step on the next corrupted batch."""
+    explorer = _explorer(explorer, backbone_name, corruption, severity)
+    _, corruption, severity = explorer[0]  # as checked by _explorer
     report = explorer[1].step()
     names = teach_data.spectral_backbone(backbone_name).class_names
     moved = [[layer, index, f"{delta:+.2e}", f"{before:.4f}"] for layer, index, delta, before in report.moved]
@@ -320,7 +322,11 @@ def step_view(explorer: Any, backbone_name: Any, corruption: Any, severity: Any,
 
 
 def step_reset(explorer: Any, backbone_name: Any, corruption: Any, severity: Any):
-    return step_view(explorer, backbone_name, corruption, severity, reset=True)
+    """Back to the source σ (S0) and the first batch; the panels clear until the next Step."""
+    explorer = _explorer(explorer, backbone_name, corruption, severity)
+    explorer[1].reset()
+    text = "Back to the source σ (S0), nothing adapted: **Step** adapts on the first batch again."
+    return explorer, text, None, None, [], None
 
 
 # -- view 4: domains and retrieval -------------------------------------------------------------------------------
