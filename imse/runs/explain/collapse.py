@@ -83,7 +83,8 @@ def collapse_progress(
     meter = CollapseMeter(model)
     corrupted = corrupt(images, corruption, severity, generator=torch.Generator().manual_seed(seed))
     probe, probe_labels = corrupted[:measured], labels[:measured]
-    classes = int(model(images[:1]).shape[-1])
+    with torch.no_grad():
+        classes = int(model(images[:1]).shape[-1])
     results = {
         "clean": _measure(meter, model, images[:measured], probe_labels, classes),
         "corrupted": _measure(meter, model, probe, probe_labels, classes),
