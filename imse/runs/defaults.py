@@ -79,6 +79,7 @@ METHOD_CHOICES: dict[str, str] = {
     "IMSE + retrieval (mix)": "imse@retrieval=mix",
     "SAR": "sar",
     "TENT": "tent",
+    "ViDA": "vida",
     "Source": "source",
 }
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from imse.core.images import as_float_images
-from imse.core.methods import create
+from imse.core.methods import METHODS, create
 from imse.core.methods.base import StepRecord, TTAMethod
 from imse.data.streams import Stream
 from imse.runs.collapse import CollapseMeter
@@ -53,7 +53,7 @@ def build_methods(
     methods = {}
     for label, (name, extra) in specs.items():
         overrides: dict[str, Any] = dict(tuned_settings(backbone, name)) if tuned else {}
-        if name in ADAPTIVE:
+        if "batch_size" in METHODS[name.lower()].defaults:  # TENT, SAR (lr scaling), IMSE (a full batch)
             overrides["batch_size"] = batch_size
         if "lr" in extra:  # an explicit rate replaces the tuned one, whichever form that took
             overrides.pop("base_lr", None)

@@ -11,10 +11,11 @@ from imse.core.methods.imse import IMSE
 from imse.core.methods.sar import SAR
 from imse.core.methods.source import Source
 from imse.core.methods.tent import Tent
+from imse.core.methods.vida import ViDA
 
-__all__ = ["METHODS", "IMSE", "SAR", "SAMEntropyMethod", "Source", "TTAMethod", "Tent", "create"]
+__all__ = ["METHODS", "IMSE", "SAR", "SAMEntropyMethod", "Source", "TTAMethod", "Tent", "ViDA", "create"]
 
-METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Source, Tent, SAR, IMSE)}
+METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Source, Tent, SAR, IMSE, ViDA)}
 
 
 def create(name: str, model: nn.Module, **overrides: Any) -> TTAMethod:

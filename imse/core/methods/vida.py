@@ -1,0 +1,206 @@
+"""ViDA (Liu et al., ICLR 2024): continual TTA with visual domain adapters and a mean teacher.
+
+Follows github Yangsenqiao/vida (``imagenet/vida.py``, ``inject_vida.py``, ``cfgs/vit/vida.yaml`` at c26b0db):
+every attention ``qkv`` and ``proj`` of every block gets a low-rank (rank 1) and a "high-rank" (rank 128)
+bottleneck adapter beside it; the teacher (an EMA of the student: 0.999, 0.8 for adapters) predicts on 10 CoTTA
+augmentations of the batch, ``0.1 ×`` the mean variance of those logits is the uncertainty, which sets the
+adapters' scales (≥ 0.2: low = 1 − u, high = 1 + u; else the reverse); the student minimises the symmetric
+cross-entropy to the teacher's prediction with SGD (Nesterov, momentum 0.9) at lr 5e-7 for the ViT's own weights
+and 2e-7 for the adapters — every weight trains. The prediction is the teacher's, before the update.
+
+Deviations, on purpose: none in the rule. Two facts of the official code are kept and named: its ``set_scale``
+sets only the low-rank scale (``if hasattr(m, 'scale1') … elif hasattr(m, 'scale2')`` never reaches the
+``elif``), so the high-rank scale stays 1 (``scale_high_follows=False``; ``True`` sets both, as the paper
+describes); and its augmentations' random draws come from Python/torch global state — here from the method's own
+generator (``seed``), so that a run is reproducible and ``reset`` is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from imse.core.methods.base import TTAMethod
+from imse.core.spectral import find_vit
+
+__all__ = ["DomainAdapters", "ViDA", "cotta_augment", "inject_adapters", "symmetric_cross_entropy"]
+
+
+class DomainAdapters(nn.Module):
+    """A linear layer with two bottleneck adapters beside it:
+    ``y = W x + b + scale_low · up_low(down_low(x)) + scale_high · up_high(down_high(x))``."""
+
+    def __init__(self, linear: nn.Module, low_rank: int = 1, high_rank: int = 128) -> None:
+        super().__init__()
+        self.linear = linear
+        inputs, outputs = linear.in_features, linear.out_features
+        self.down_low = nn.Linear(inputs, low_rank, bias=False)
+        self.up_low = nn.Linear(low_rank, outputs, bias=False)
+        self.down_high = nn.Linear(inputs, high_rank, bias=False)
+        self.up_high = nn.Linear(high_rank, outputs, bias=False)
+        with torch.no_grad():  # the official initialisation: down ~ N(0, 1/r²), up = 0 (the adapters start at 0)
+            self.down_low.weight.normal_(0.0, 1.0 / low_rank**2)
+            self.down_high.weight.normal_(0.0, 1.0 / high_rank**2)
+            self.up_low.weight.zero_()
+            self.up_high.weight.zero_()
+        self.scale_low = 1.0
+        self.scale_high = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.up_low(self.down_low(x)) * self.scale_low
+        return self.linear(x) + low + self.up_high(self.down_high(x)) * self.scale_high
+
+
+def inject_adapters(model: nn.Module, low_rank: int = 1, high_rank: int = 128) -> list[str]:
+    """Put ``DomainAdapters`` around every block's ``attn.qkv`` and ``attn.proj`` (not the MLP, as the official
+    code); returns the wrapped layers' names."""
+    prefix, vit = find_vit(model)
+    names = []
+    for index, block in enumerate(vit.blocks):
+        for attribute in ("qkv", "proj"):
+            layer = getattr(block.attn, attribute)
+            if not isinstance(layer, DomainAdapters):
+                setattr(block.attn, attribute, DomainAdapters(layer, low_rank, high_rank))
+            names.append(f"{prefix}.blocks.{index}.attn.{attribute}".lstrip("."))
+    return names
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand((), generator=generator))
+
+
+def cotta_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """CoTTA's augmentation (the official ``get_tta_transforms``), one random draw for the whole batch, on float
+    images in [0, 1]: colour jitter with gamma in random order, edge padding, a random affine, Gaussian blur,
+    centre crop, horizontal flip, Gaussian noise (std 0.005), clip."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    size = x.shape[-1]
+    x = x.clamp(0, 1)
+    jitters = [
+        lambda t: TF.adjust_brightness(t, _uniform(generator, 0.6, 1.4)),
+        lambda t: TF.adjust_contrast(t, _uniform(generator, 0.7, 1.3)),
+        lambda t: TF.adjust_saturation(t, _uniform(generator, 0.5, 1.5)),
+        lambda t: TF.adjust_hue(t, _uniform(generator, -0.06, 0.06)),
+        lambda t: TF.adjust_gamma(t.clamp(0, 1), _uniform(generator, 0.7, 1.3)),
+    ]
+    for index in torch.randperm(len(jitters), generator=generator).tolist():
+        x = jitters[index](x)
+    pad = size // 2
+    x = TF.pad(x, [pad, pad, pad, pad], padding_mode="edge")
+    shift = x.shape[-1] / 16
+    angle = _uniform(generator, -15, 15)
+    translate = [round(_uniform(generator, -shift, shift)), round(_uniform(generator, -shift, shift))]
+    scale = _uniform(generator, 0.9, 1.1)
+    x = TF.affine(x, angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],
+                  interpolation=InterpolationMode.BILINEAR)  # fmt: skip
+    sigma = _uniform(generator, 0.001, 0.5)
+    x = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
+    x = TF.center_crop(x, [size, size])
+    if float(torch.rand((), generator=generator)) < 0.5:
+        x = TF.horizontal_flip(x)
+    x = x + 0.005 * torch.randn(x.shape, generator=generator).to(x.device)
+    return x.clamp(0, 1)
+
+
+def symmetric_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per sample: ``−½ Σ softmax(t)·log_softmax(s) − ½ Σ softmax(s)·log_softmax(t)``."""
+    return -0.5 * (teacher.softmax(-1) * student.log_softmax(-1)).sum(-1) - 0.5 * (
+        student.softmax(-1) * teacher.log_softmax(-1)
+    ).sum(-1)
+
+
+class ViDA(TTAMethod):
+    name = "vida"
+    defaults = {
+        "lr": 5e-7,  # the ViT's own weights
+        "adapter_lr": 2e-7,
+        "momentum": 0.9,
+        "ema": 0.999,
+        "adapter_ema": 0.8,
+        "augmentations": 10,
+        "uncertainty_threshold": 0.2,
+        "low_rank": 1,
+        "high_rank": 128,
+        "scale_high_follows": False,  # the official set_scale never sets the high-rank scale
+        "seed": 0,
+    }
+
+    def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        inject_adapters(model, self.hparams["low_rank"], self.hparams["high_rank"])
+        model.requires_grad_(True)
+        self.adapters = [m for m in model.modules() if isinstance(m, DomainAdapters)]
+        self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        self._teacher_initial = copy.deepcopy(self.teacher.state_dict())
+        self.generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
+        return dict(model.named_parameters())
+
+    @staticmethod
+    def is_adapter(name: str) -> bool:
+        return any(f".{part}." in f".{name}" for part in ("down_low", "up_low", "down_high", "up_high"))
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        names = {id(p): name for name, p in self.trainable.items()}
+        adapters = [p for p in params if self.is_adapter(names[id(p)])]
+        others = [p for p in params if not self.is_adapter(names[id(p)])]
+        groups = [{"params": others, "lr": self.hparams["lr"]}, {"params": adapters, "lr": self.hparams["adapter_lr"]}]
+        return torch.optim.SGD(groups, lr=self.hparams["lr"], momentum=self.hparams["momentum"], nesterov=True)
+
+    def num_adapter_values(self) -> int:
+        """The adapters' own values (what ViDA adds to the ViT; the ViT's weights train too)."""
+        return sum(p.numel() for name, p in self.trainable.items() if self.is_adapter(name))
+
+    def _set_scales(self, uncertainty: float) -> tuple[float, float]:
+        high, low = (1 + uncertainty, 1 - uncertainty)
+        if uncertainty < self.hparams["uncertainty_threshold"]:
+            high, low = low, high
+        for model in (self.model, self.teacher):
+            for module in model.modules():
+                if isinstance(module, DomainAdapters):
+                    module.scale_low = low
+                    if self.hparams["scale_high_follows"]:
+                        module.scale_high = high
+        return low, high
+
+    @torch.enable_grad()
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        with torch.no_grad():
+            views = [self.teacher(cotta_augment(x, self.generator)) for _ in range(self.hparams["augmentations"])]
+            uncertainty = float(torch.stack(views).var(dim=0).mean()) * 0.1
+            low, high = self._set_scales(uncertainty)
+            teacher = self.teacher(x)
+        student = self.run_model(x)
+        loss = symmetric_cross_entropy(student, teacher).mean()
+        record: dict[str, Any] = {"entropy": float(-(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1).mean()),
+                                  "loss": float(loss.detach()), "uncertainty": uncertainty, "scale_low": low,
+                                  "scale_high": 1.0 if not self.hparams["scale_high_follows"] else high,
+                                  "updated": False, "skip_reason": None}  # fmt: skip
+        if not math.isfinite(record["loss"]):
+            record["skip_reason"] = "non-finite loss"
+            return teacher, record
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_teacher()
+        record["updated"] = True
+        return teacher, record
+
+    @torch.no_grad()
+    def _update_teacher(self) -> None:
+        student = dict(self.model.named_parameters())
+        for name, parameter in self.teacher.named_parameters():
+            alpha = self.hparams["adapter_ema"] if self.is_adapter(name) else self.hparams["ema"]
+            parameter.mul_(alpha).add_(student[name], alpha=1 - alpha)
+
+    def reset_state(self) -> None:
+        self.teacher.load_state_dict(self._teacher_initial)
+        self.generator.manual_seed(int(self.hparams["seed"]))
+        for model in (self.model, self.teacher):
+            for module in model.modules():
+                if isinstance(module, DomainAdapters):
+                    module.scale_low = module.scale_high = 1.0

@@ -1,0 +1,73 @@
+"""ViDA against its official update rule, restated here (github Yangsenqiao/vida, imagenet/vida.py)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+from imse.core.methods import create
+from imse.core.methods.vida import DomainAdapters, cotta_augment
+
+
+def test_one_step_is_the_official_rule_restated():
+    """Teacher on 10 augmentations → u = 0.1·mean var; scales by the 0.2 threshold (only the low-rank one moves,
+    as the official set_scale); symmetric CE to the teacher; SGD Nesterov 0.9 with one lr per group; EMA teacher
+    (0.8 adapters, 0.999 the rest); the teacher's pre-update logits returned."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    method = create("vida", tiny_vit(head_scale=5.0), lr=1e-2, adapter_lr=5e-3, seed=3)
+    with torch.no_grad():  # give the adapters something to do (the official ones start at zero output)
+        for module in method.model.modules():
+            if isinstance(module, DomainAdapters):
+                module.up_low.weight.normal_(0, 0.05)
+        method.teacher.load_state_dict(method.model.state_dict())
+    student, teacher = copy.deepcopy(method.model), copy.deepcopy(method.teacher)
+
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        views = torch.stack([teacher(cotta_augment(x, generator)) for _ in range(10)])
+    u = 0.1 * float(views.var(dim=0).mean())
+    low = 1 - u if u >= 0.2 else 1 + u
+    for model in (student, teacher):
+        for module in model.modules():
+            if isinstance(module, DomainAdapters):
+                module.scale_low = low
+    with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    loss = (-0.5 * (t.softmax(1) * s.log_softmax(1)).sum(1) - 0.5 * (s.softmax(1) * t.log_softmax(1)).sum(1)).mean()
+    grads = dict(zip([n for n, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
+
+    logits = method(x)
+    assert torch.allclose(logits, t, atol=1e-6)
+    assert method.last_record["uncertainty"] == pytest.approx(u, rel=1e-5) and method.last_record["scale_low"] == low
+    adapter = ("down_low", "up_low", "down_high", "up_high")
+    for name, before in student.named_parameters():
+        lr = 5e-3 if any(part in name for part in adapter) else 1e-2
+        expected = before.detach() - lr * (1 + 0.9) * grads[name]  # Nesterov's first step: g + 0.9·(buf = g)
+        assert torch.allclose(dict(method.model.named_parameters())[name], expected, atol=1e-6), name
+        alpha = 0.8 if any(part in name for part in adapter) else 0.999
+        mixed = alpha * dict(teacher.named_parameters())[name].detach() + (1 - alpha) * expected
+        assert torch.allclose(dict(method.teacher.named_parameters())[name], mixed, atol=1e-6), name
+    assert all(m.scale_high == 1.0 for m in method.model.modules() if isinstance(m, DomainAdapters))
+
+
+def test_reset_is_exact_including_the_teacher_and_the_augmentations():
+    x = torch.rand(8, 3, 32, 32)
+    method = create("vida", tiny_vit(), lr=1e-2, adapter_lr=5e-3)
+    first = method(x)
+    record = dict(method.last_record)
+    method(x)
+    method.reset()
+    assert torch.equal(method(x), first) and method.last_record["uncertainty"] == record["uncertainty"]
+
+
+def test_the_adapter_count_is_the_hand_count_from_the_shapes():
+    """qkv (d→3d) and proj (d→d) of every block, each with a rank-1 and a rank-128 bottleneck, no bias."""
+    method = create("vida", tiny_vit())  # d = 64, 6 blocks
+    d, depth = 64, 6
+    per_block = (d * 1 + 1 * 3 * d) + (d * 128 + 128 * 3 * d) + (d * 1 + 1 * d) + (d * 128 + 128 * d)
+    assert method.num_adapter_values() == depth * per_block == 297_216
+    vit_params = sum(p.numel() for n, p in method.model.named_parameters() if not method.is_adapter(n))
+    assert method.num_trainable() == vit_params + 297_216  # every weight of the ViT trains too (official)
