@@ -209,6 +209,7 @@ def test_bench_cli_runs_a_tiny_continual_stream_end_to_end(tmp_path, capsys):
     assert again["per_seed"][0]["methods"]["source"]["domains"] == result["per_seed"][0]["methods"]["source"]["domains"]
 
 
+@pytest.mark.slow  # 24 runs of the sweep's protocol end to end (15 s): the CI runs it with the slow set
 def test_sweep_tries_the_same_lr_grid_for_every_method_then_checks_the_margin_and_lambda(tmp_path):
     from imse.runs.sweep import LR_FACTORS
 

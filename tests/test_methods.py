@@ -12,6 +12,9 @@ from imse.core.methods import METHODS, create
 from imse.core.spectral import inject, spectral_layers
 
 ALL = sorted(METHODS)
+# DPAL's recovery (as the official code: the EMA survives a reset) fires on every step of a model this confident,
+# leaving nothing adapted to compare; these contract tests switch it off
+NO_RECOVERY = {"dpal": {"reset_threshold": 0.0}}
 
 
 def batch(n=16, seed=0, device="cpu"):
@@ -63,7 +66,7 @@ def test_imse_lowers_entropy_of_a_fixed_batch():
 
 @pytest.mark.parametrize("name", ALL)
 def test_reset_restores_bit_identical_outputs(name):
-    method = create(name, tiny_vit(head_scale=20.0))
+    method = create(name, tiny_vit(head_scale=20.0), **NO_RECOVERY.get(name, {}))
     x, other = batch(8, seed=0), batch(8, seed=1)
     first = method(x)
     first_record = dict(method.last_record)
@@ -244,7 +247,7 @@ def test_bf16_precision_adapts_in_float32_and_tracks_the_fp32_step(name):
     runs = {}
     for precision in ("fp32", "bf16"):
         margin = {"margin": 1.0} if "margin" in METHODS[name].defaults else {}  # every sample reliable
-        method = create(name, tiny_vit(head_scale=20.0), precision=precision, **margin)
+        method = create(name, tiny_vit(head_scale=20.0), precision=precision, **margin, **NO_RECOVERY.get(name, {}))
         logits = method(x)
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
         runs[precision] = (logits, {k: p.detach().clone() for k, p in method.trainable.items()}, method)

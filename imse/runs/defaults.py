@@ -80,6 +80,7 @@ METHOD_CHOICES: dict[str, str] = {
     "SAR": "sar",
     "TENT": "tent",
     "ViDA": "vida",
+    "DPAL": "dpal",
     "Source": "source",
 }
 

@@ -47,6 +47,8 @@ RULES = (
     Rule("recurring", "a disjoint slice of one permutation of all 50,000 images per round; IMSE lr 3e-3",
          "the same images every round; the default lr", "main.py 58-66, 97-103; bash/3_imse_recurring.sh 2-3"),
     Rule("entropy margin E0", "0.4·ln 1000 for every model (SAR and IMSE)", "0.4·ln C", "method/svd.py 47, 152"),
+    Rule("DPAL", "E0 = 0.4·ln 1000; the prediction is the second pass's (perturbed prompts, after the predictors' "
+         "step)", "0.4·ln C; the first pass's (pre-update)", "yushuntang/DPAL dpal.py 99-140; main.py 200, 418"),
     Rule("SAR recovery", "after a reset the low loss EMA is put back (resets repeat); an empty filter still "
          "steps (momentum only)", "EMA cleared after a reset; an empty filter skips the update",
          "mr-eggplant/SAR sar.py 52, 61, 92-104"),
@@ -75,6 +77,8 @@ def method_overrides(protocol: str, method: str, scenario: str) -> dict[str, Any
         return settings
     if method == "sar":
         return {"margin_classes": 1000, "official_recovery": True}
+    if method == "dpal":
+        return {"margin_classes": 1000, "predict_from": "second"}
     return {}
 
 

@@ -7,15 +7,16 @@ from typing import Any
 from torch import nn
 
 from imse.core.methods.base import SAMEntropyMethod, TTAMethod
+from imse.core.methods.dpal import DPAL
 from imse.core.methods.imse import IMSE
 from imse.core.methods.sar import SAR
 from imse.core.methods.source import Source
 from imse.core.methods.tent import Tent
 from imse.core.methods.vida import ViDA
 
-__all__ = ["METHODS", "IMSE", "SAR", "SAMEntropyMethod", "Source", "TTAMethod", "Tent", "ViDA", "create"]
+__all__ = ["DPAL", "METHODS", "IMSE", "SAR", "SAMEntropyMethod", "Source", "TTAMethod", "Tent", "ViDA", "create"]
 
-METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Source, Tent, SAR, IMSE, ViDA)}
+METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Source, Tent, SAR, IMSE, ViDA, DPAL)}
 
 
 def create(name: str, model: nn.Module, **overrides: Any) -> TTAMethod:

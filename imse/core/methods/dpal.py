@@ -1,0 +1,194 @@
+"""DPAL (Tang et al.): domain prompts plus per-sample predictors, adapted with SAR's sharpness-aware update.
+
+Follows github yushuntang/DPAL (``dpal.py``, ``models/dpal_transformer.py`` at 0f7b8ff): a learnable prompt token
+goes in front of the CLS token after the position embedding and, before each later block, a "deep" prompt of
+its own replaces it; after every block a predictor MLP (zero-initialised) reads the prompt token's output and its
+output is subtracted from the CLS token. The loss is the reliable samples' entropy (``E0 = margin · ln C``) plus
+``(reliable / batch) ·`` the negated mean cosine similarity between the samples' predictor outputs, averaged over
+blocks. The predictors take a plain SGD step on the first pass's gradient; the prompts and the LayerNorms of the
+first ``depth − frozen_blocks`` blocks take SAM's two passes over SGD (second pass: entropy of the samples still
+reliable); SAR's recovery (EMA 0.9 of the second loss below 0.2 → back to the initial state, the EMA kept, as the
+official ``forward`` restores it). Every lr 0.01, momentum 0.9, ρ 0.05.
+
+Deviations, on purpose: the prediction is the first pass's (pre-update, as every method here);
+``predict_from="second"`` returns the official code's, made at the perturbed prompts after the predictors'
+step. An empty reliable set skips the update and is counted (the official loss is then NaN).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imse.core.losses import entropy_margin, softmax_entropy
+from imse.core.methods.base import TTAMethod
+from imse.core.methods.tent import layernorm_params
+from imse.core.sam import SAM
+from imse.core.spectral import find_vit
+
+__all__ = ["DPAL", "PromptedViT", "prompt_similarity_loss"]
+
+
+class PromptedViT(nn.Module):
+    """A backbone (or bare timm ViT) with DPAL's prompt tokens and predictors; ``forward`` returns the logits and
+    keeps the predictors' outputs of that pass in ``noises`` (one ``[B, d]`` tensor per block)."""
+
+    def __init__(self, model: nn.Module, num_prompts: int = 1) -> None:
+        super().__init__()
+        self.model = model
+        _, vit = find_vit(model)
+        self.vit = vit
+        dim, depth = vit.embed_dim, len(vit.blocks)
+        patch = math.prod(vit.patch_embed.patch_size)
+        bound = math.sqrt(6.0 / (3 * patch + dim))  # the official initialisation (VPT's)
+        self.num_prompts = num_prompts
+        self.prompt = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))
+        self.deep_prompts = nn.Parameter(torch.empty(depth - 1, num_prompts, dim).uniform_(-bound, bound))
+        self.predictors = nn.ModuleList(
+            nn.Sequential(nn.Linear(num_prompts * dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU())
+            for _ in range(depth)
+        )
+        with torch.no_grad():
+            for parameter in self.predictors.parameters():
+                parameter.zero_()
+        self.noises: list[torch.Tensor] = []
+        for attribute in ("name", "class_names", "input_size"):
+            if hasattr(model, attribute):
+                setattr(self, attribute, getattr(model, attribute))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.normalize(x) if hasattr(self.model, "normalize") else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from imse.core.images import as_float_images
+
+        vit, count = self.vit, self.num_prompts
+        tokens = vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))
+        batch = tokens.shape[0]
+        tokens = torch.cat((self.prompt.expand(batch, -1, -1), tokens), dim=1)  # [prompt, CLS, patches]
+        noises = []
+        for index, block in enumerate(vit.blocks):
+            if index > 0:
+                tokens = torch.cat((self.deep_prompts[index - 1].expand(batch, -1, -1), tokens[:, count:]), dim=1)
+            tokens = block(tokens)
+            noise = self.predictors[index](tokens[:, :count].reshape(batch, -1))
+            noises.append(noise)
+            cls = tokens[:, count] - noise
+            tokens = torch.cat((tokens[:, :count], cls[:, None], tokens[:, count + 1 :]), dim=1)
+        self.noises = noises
+        return vit.head(vit.fc_norm(vit.norm(tokens)[:, count]))
+
+
+def prompt_similarity_loss(noises: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of ``−mean_ij cos(n_i, n_j)`` over every pair of samples (the diagonal included)."""
+    return torch.stack([-F.cosine_similarity(n[:, None], n[None], dim=2).mean() for n in noises]).mean()
+
+
+class DPAL(TTAMethod):
+    name = "dpal"
+    defaults = {
+        "lr": 0.01,  # prompts and LayerNorms (SAM over SGD)
+        "predictor_lr": 0.01,
+        "momentum": 0.9,
+        "rho": 0.05,
+        "margin": 0.4,
+        "margin_classes": None,  # C in E0 = margin · ln C; the official code: 1000
+        "num_prompts": 1,
+        "frozen_blocks": 3,  # LayerNorms of blocks 0 .. depth-1-frozen_blocks adapt
+        "reset_threshold": 0.2,
+        "ema_momentum": 0.9,
+        "predict_from": "first",  # "second": the official code's prediction
+    }
+
+    def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        if self.hparams["predict_from"] not in ("first", "second"):
+            raise ValueError(f"predict_from must be 'first' or 'second', got {self.hparams['predict_from']!r}")
+        self.prompted = PromptedViT(model, self.hparams["num_prompts"])
+        vit = self.prompted.vit
+        params = {"prompt": self.prompted.prompt, "deep_prompts": self.prompted.deep_prompts}
+        for index in range(len(vit.blocks) - self.hparams["frozen_blocks"]):
+            params.update(layernorm_params(vit.blocks[index], prefix=f"blocks.{index}"))
+        self.sam_names = list(params)
+        params.update({f"predictors.{name}": p for name, p in self.prompted.predictors.named_parameters()})
+        self.ema: float | None = None
+        return params
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> SAM:
+        sam_params = [self.trainable[name] for name in self.sam_names]
+        predictors = [p for name, p in self.trainable.items() if name.startswith("predictors.")]
+        momentum = self.hparams["momentum"]
+        self.predictor_optimizer = torch.optim.SGD(predictors, lr=self.hparams["predictor_lr"], momentum=momentum)
+        self._initial_predictor_optimizer = copy.deepcopy(self.predictor_optimizer.state_dict())
+        return SAM(torch.optim.SGD(sam_params, lr=self.hparams["lr"], momentum=momentum), rho=self.hparams["rho"])
+
+    def run_model(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams["precision"] == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.prompted(x).float()
+        return self.prompted(x)
+
+    @torch.enable_grad()
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        sam: SAM = self.optimizer
+        sam.zero_grad()
+        self.predictor_optimizer.zero_grad(set_to_none=True)
+        logits = self.run_model(x)
+        margin = entropy_margin(self.hparams["margin_classes"] or logits.shape[-1], self.hparams["margin"])
+        entropy = softmax_entropy(logits)
+        keep = entropy.detach() < margin
+        similarity = prompt_similarity_loss(self.prompted.noises)
+        record: dict[str, Any] = {"entropy": float(entropy.detach().mean()), "num_reliable": int(keep.sum()),
+                                  "similarity": float(similarity.detach()), "loss": None, "loss_second": None,
+                                  "updated": False, "skip_reason": None}  # fmt: skip
+        first = logits.detach()
+        if not bool(keep.any()):
+            record["skip_reason"] = "no reliable samples"
+            return first, self._finish(record)
+        loss = entropy[keep].mean() + (int(keep.sum()) / x.shape[0]) * similarity
+        record["loss"] = float(loss.detach())
+        if not math.isfinite(record["loss"]):
+            record["skip_reason"] = "non-finite loss (step 1)"
+            return first, self._finish(record)
+        loss.backward()
+        self.predictor_optimizer.step()
+        sam.first_step(zero_grad=True)
+        second = self.run_model(x)
+        entropy2 = softmax_entropy(second)[keep]
+        reliable2 = entropy2.detach() < margin
+        if not bool(reliable2.any()):
+            sam.restore()
+            record["skip_reason"] = "no reliable samples (step 2)"
+            return first, self._finish(record)
+        loss2 = entropy2[reliable2].mean()
+        record["loss_second"] = float(loss2.detach())
+        loss2.backward()
+        sam.second_step(zero_grad=True)
+        record["updated"] = True
+        prediction = second.detach() if self.hparams["predict_from"] == "second" else first
+        return prediction, self._finish(record)
+
+    def _finish(self, record: dict[str, Any]) -> dict[str, Any]:
+        """SAR's recovery as the official code runs it: the EMA is kept across a reset."""
+        self.optimizer.zero_grad()
+        self.predictor_optimizer.zero_grad(set_to_none=True)
+        recovered = False
+        if record["loss_second"] is not None:
+            m = self.hparams["ema_momentum"]
+            self.ema = record["loss_second"] if self.ema is None else m * self.ema + (1 - m) * record["loss_second"]
+        if self.ema is not None and self.ema < self.hparams["reset_threshold"]:
+            self.restore_initial()
+            recovered = True
+        record.update(loss_ema=self.ema, recovered=recovered)
+        return record
+
+    def restore_initial(self) -> None:
+        super().restore_initial()
+        self.predictor_optimizer.load_state_dict(copy.deepcopy(self._initial_predictor_optimizer))
+
+    def reset_state(self) -> None:
+        self.ema = None
