@@ -32,7 +32,6 @@ __all__ = [
     "domains_view",
     "experts_view",
     "on_backbone",
-    "predict",
     "step_reset",
     "step_view",
 ]
@@ -62,13 +61,6 @@ def _image(backbone_name: str, sample: Any, upload: Any) -> tuple[torch.Tensor, 
     samples = teach_data.sample_images(backbone_name)
     labels = [label for _, label in samples]
     return samples[labels.index(sample) if sample in labels else 0]
-
-
-def predict(backbone, image: torch.Tensor, layer: str | None = None, expert: int = 0, scale: float = 1.0):
-    """Class probabilities of one image with expert ``expert`` of ``layer`` scaled by ``scale`` (the shared
-    model untouched: safe while other threads use it)."""
-    sigmas = experts.scale_expert(backbone, layer, expert, scale) if layer else None
-    return experts.probabilities(backbone, image[None], sigmas)[0].tolist()
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
@@ -170,7 +162,8 @@ def experts_view(backbone_name: Any, layer: Any, scope: Any, k: Any, expert: Any
     if scope not in SCOPES:
         raise gr.Error(f"scope must be one of {', '.join(SCOPES)}")
     scope_layer = layer if scope == SCOPES[0] else experts.ALL_LAYERS
-    k = _in_range(k, "k", 1, max(m.rank for m in spectral_layers(backbone).values()), cast=int)
+    largest_rank = max(m.rank for m in spectral_layers(backbone).values())
+    k = _in_range(k, "k", 1, largest_rank, cast=int)
     expert = _in_range(expert, "expert", 0, module.rank - 1, cast=int)
     scale = _in_range(scale, "scale", 0.0, MAX_SCALE)
     image, label = _image(backbone_name, sample, upload)
@@ -178,7 +171,7 @@ def experts_view(backbone_name: Any, layer: Any, scope: Any, k: Any, expert: Any
     sigmas = experts.keep_largest(backbone, k, scope_layer)  # holds ``layer`` in either scope
     sigmas[layer][expert] *= scale
     fixed, _, measure = teach_data.eval_set(backbone_name)
-    rank = max(m.rank for m in spectral_layers(backbone).values()) if scope_layer == experts.ALL_LAYERS else module.rank
+    rank = largest_rank if scope_layer == experts.ALL_LAYERS else module.rank
     full = _accuracy_keeping(backbone_name, scope_layer, 0)
     at_k = _accuracy_keeping(backbone_name, scope_layer, min(k, rank))
     curve = _curve(backbone_name, scope_layer, rank)
@@ -188,16 +181,17 @@ def experts_view(backbone_name: Any, layer: Any, scope: Any, k: Any, expert: Any
     edited = experts.probabilities(backbone, image[None], sigmas)[0].tolist()
     best_base, best_edit = max(range(len(base)), key=base.__getitem__), max(range(len(edited)), key=edited.__getitem__)
     kept = set(torch.topk(module.S.detach(), min(k, module.rank)).indices.tolist())
-    energy = experts.energy(module.S)[min(k, module.rank) - 1]
+    energy = experts.energy(module.S)
+    held = float(energy[min(k, module.rank) - 1])
     text = (
         f"**{label}** — all experts: **{names[best_base]}** ({100 * base[best_base]:.1f} %); keeping the {k} largest "
         f"({scope}) with σ_{expert} × {scale:g}: **{names[best_edit]}** ({100 * edited[best_edit]:.1f} %). "
-        f"The {min(k, module.rank)} largest experts of `{layer}` hold {100 * float(energy):.1f} % of its Σσ²; "
+        f"The {min(k, module.rank)} largest experts of `{layer}` hold {100 * held:.1f} % of its Σσ²; "
         f"{measure} on {images} images with k = {k}: {100 * at_k:.1f} % (all experts: {100 * full:.1f} %)."
     )
     return (
         text,
-        teach_viz.spectrum_figure(module.S.tolist(), experts.energy(module.S).tolist(), layer, kept, expert),
+        teach_viz.spectrum_figure(module.S.tolist(), energy.tolist(), layer, kept, expert),
         teach_viz.rank_figure(curve, full, min(k, rank), at_k, scope, images),
         teach_viz.top5_figure(base, names, "top-5, all experts"),
         teach_viz.top5_figure(edited, names, f"top-5, k = {k}, σ_{expert} × {scale:g}"),

@@ -52,8 +52,9 @@ def fashion_test() -> tuple[torch.Tensor, torch.Tensor]:
     return to_rgb32(images[: EVAL_IMAGES + VIEW_IMAGES]), torch.as_tensor(labels[: EVAL_IMAGES + VIEW_IMAGES]).long()
 
 
+@lru_cache(maxsize=2)
 def photos(size: int) -> list[tuple[torch.Tensor, str]]:
-    """The bundled photos (assets/samples, CC0 / public domain: see its NOTICE.md) at ``size`` px."""
+    """The bundled photos (assets/samples, CC0 / public domain: see its NOTICE.md) at ``size`` px (read once)."""
     from PIL import Image
 
     from imse.data.sources import prepare_image
@@ -130,6 +131,7 @@ def load_user_image(path: str | Path, size: int) -> torch.Tensor:
     return prepare_image(image, size)
 
 
+@lru_cache(maxsize=2)
 def eval_set(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """View 1's fixed set: labelled Fashion-MNIST test images for the built-in backbone; for ImageNet backbones
     the bundled photos, scored by agreement with the unedited model (they have no ImageNet labels)."""

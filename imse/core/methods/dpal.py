@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imse.core.images import as_float_images
 from imse.core.losses import entropy_margin, softmax_entropy
 from imse.core.methods.base import TTAMethod
 from imse.core.methods.tent import layernorm_params
@@ -65,8 +66,6 @@ class PromptedViT(nn.Module):
         return self.model.normalize(x) if hasattr(self.model, "normalize") else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from imse.core.images import as_float_images
-
         vit, count = self.vit, self.num_prompts
         tokens = vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))
         batch = tokens.shape[0]

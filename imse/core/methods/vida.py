@@ -156,15 +156,16 @@ class ViDA(TTAMethod):
         return sum(p.numel() for name, p in self.trainable.items() if self.is_adapter(name))
 
     def _set_scales(self, uncertainty: float) -> tuple[float, float]:
+        """The adapters' scales from the uncertainty, on student and teacher; returns those applied (low, high)."""
         high, low = (1 + uncertainty, 1 - uncertainty)
         if uncertainty < self.hparams["uncertainty_threshold"]:
             high, low = low, high
+        if not self.hparams["scale_high_follows"]:
+            high = 1.0  # the official set_scale never reaches it
         for model in (self.model, self.teacher):
             for module in model.modules():
                 if isinstance(module, DomainAdapters):
-                    module.scale_low = low
-                    if self.hparams["scale_high_follows"]:
-                        module.scale_high = high
+                    module.scale_low, module.scale_high = low, high
         return low, high
 
     @torch.enable_grad()
@@ -178,7 +179,7 @@ class ViDA(TTAMethod):
         loss = symmetric_cross_entropy(student, teacher).mean()
         record: dict[str, Any] = {"entropy": float(-(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1).mean()),
                                   "loss": float(loss.detach()), "uncertainty": uncertainty, "scale_low": low,
-                                  "scale_high": 1.0 if not self.hparams["scale_high_follows"] else high,
+                                  "scale_high": high,
                                   "updated": False, "skip_reason": None}  # fmt: skip
         if not math.isfinite(record["loss"]):
             record["skip_reason"] = "non-finite loss"

@@ -65,7 +65,8 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy on labelled images with ``sigmas`` edited in (in chunks: any number of images)."""
     correct = 0
-    for start in range(0, len(images), 256):
-        chunk = probabilities(model, images[start : start + 256], sigmas)
-        correct += int((chunk.argmax(-1).cpu() == labels[start : start + 256]).sum())
+    with evaluated_with(model, sigmas or {}):  # the edited weights are merged once, not once per chunk
+        for start in range(0, len(images), 256):
+            predicted = model(images[start : start + 256]).argmax(-1).cpu()
+            correct += int((predicted == labels[start : start + 256]).sum())
     return correct / max(len(images), 1)
