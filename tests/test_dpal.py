@@ -83,3 +83,11 @@ def test_the_official_prediction_is_the_second_pass_and_the_ema_survives_a_reset
     ours = create("dpal", tiny_vit(head_scale=20.0))
     assert not torch.equal(official(x), ours(x)) and official.last_record["updated"]
     assert official.last_record["recovered"] and official.ema == official.last_record["loss_second"]
+
+
+def test_prompts_and_predictors_are_made_beside_the_vit():
+    """Prompts and predictors follow the ViT's dtype and device (a CUDA model once got them on the CPU)."""
+    dpal = create("dpal", tiny_vit().double(), margin=1.0)
+    assert {p.dtype for p in dpal.prompted.parameters()} == {torch.float64}
+    logits = dpal(torch.rand(4, 3, 32, 32, dtype=torch.float64))
+    assert logits.dtype == torch.float64 and dpal.last_record["updated"]

@@ -71,3 +71,17 @@ def test_the_adapter_count_is_the_hand_count_from_the_shapes():
     assert method.num_adapter_values() == depth * per_block == 297_216
     vit_params = sum(p.numel() for n, p in method.model.named_parameters() if not method.is_adapter(n))
     assert method.num_trainable() == vit_params + 297_216  # every weight of the ViT trains too (official)
+
+
+def test_the_adapters_are_made_beside_the_layer_they_adapt():
+    """Adapters follow their layer's dtype and device (they were once left on the CPU under a CUDA model: the
+    first GPU run failed); the draws stay the CPU generator's, so a float64 model gets the same adapters."""
+    wide = create("vida", tiny_vit().double())
+    plain = create("vida", tiny_vit())
+    assert {p.dtype for p in wide.model.parameters()} == {torch.float64}
+    logits = wide(torch.rand(4, 3, 32, 32, dtype=torch.float64))
+    assert logits.dtype == torch.float64 and wide.last_record["updated"]
+    wide = create("vida", tiny_vit().double())  # fresh: compare the draws before any update
+    downs = [(a, b) for (name, a), (_, b) in zip(wide.model.named_parameters(), plain.model.named_parameters())
+             if "down_" in name]  # fmt: skip
+    assert len(downs) == 4 * 6 and all(torch.equal(a.float(), b) for a, b in downs)

@@ -57,6 +57,11 @@ class PromptedViT(nn.Module):
         with torch.no_grad():
             for parameter in self.predictors.parameters():
                 parameter.zero_()
+        # drawn on the CPU (the same draws on every device), then kept beside the ViT they prompt
+        weight = vit.patch_embed.proj.weight
+        self.prompt.data = self.prompt.data.to(weight.device, weight.dtype)
+        self.deep_prompts.data = self.deep_prompts.data.to(weight.device, weight.dtype)
+        self.predictors.to(weight.device, weight.dtype)
         self.noises: list[torch.Tensor] = []
         for attribute in ("name", "class_names", "input_size"):
             if hasattr(model, attribute):

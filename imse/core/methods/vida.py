@@ -47,6 +47,8 @@ class DomainAdapters(nn.Module):
             self.down_high.weight.normal_(0.0, 1.0 / high_rank**2)
             self.up_low.weight.zero_()
             self.up_high.weight.zero_()
+        # drawn on the CPU (the same draws on every device), then kept beside the layer they adapt
+        self.to(device=linear.weight.device, dtype=linear.weight.dtype)
         self.scale_low = 1.0
         self.scale_high = 1.0
 
