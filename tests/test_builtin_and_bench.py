@@ -283,3 +283,39 @@ def test_method_specs_carry_overrides():
     )
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("cotta@lr=1")
+
+
+def test_one_learning_rate_sets_every_rate_of_a_method_at_the_official_ratio():
+    from imse.core.methods import METHODS
+    from imse.runs.bench import run_bench
+    from imse.runs.defaults import method_rates
+    from imse.runs.runner import ADAPTIVE
+    from imse.runs.sweep import CHECKS
+
+    assert method_rates("vida", 1e-6) == {"lr": 1e-6, "adapter_lr": pytest.approx(1e-6 * 2e-7 / 5e-7)}
+    assert method_rates("dpal", 3e-3) == {"lr": 3e-3, "predictor_lr": 3e-3}
+    assert method_rates("imse", 1e-4) == {"lr": 1e-4}
+    assert set(ADAPTIVE) == set(METHODS) - {"source"} == set(CHECKS)  # the sweep tunes every adaptive method
+    # a rate given to bench (as --lr or a sweep file's) reaches the coupled one
+    result = run_bench(methods=("vida",), lrs={"vida": 1e-6}, per_domain=8, batch_size=8,
+                       corruptions=("fog",), progress=False)  # fmt: skip
+    settings = result["config"]["settings"]["vida"]
+    assert settings["lr"] == 1e-6 and settings["adapter_lr"] == pytest.approx(4e-7)
+
+
+def test_a_later_sweep_adds_its_methods_only_under_the_same_protocol():
+    from imse.runs.sweep import merge_sweeps
+
+    protocol = {"scenario": "continual", "per_domain": 2000, "severities": [3, 5], "checks": {"tent": []}}
+    earlier = {"protocol": protocol, "versions": {"torch": "a"}, "methods": {"tent": {"lr": 1e-3}}}
+    later = {
+        "protocol": {**protocol, "device": "cuda", "checks": {"vida": []}},
+        "versions": {"torch": "b"},
+        "methods": {"vida": {"lr": 5e-7}},
+    }
+    merged = merge_sweeps(earlier, later)
+    assert merged["methods"]["tent"] == {"run": {"device": "not recorded", "versions": {"torch": "a"}}, "lr": 1e-3}
+    assert merged["methods"]["vida"] == {"run": {"device": "cuda", "versions": {"torch": "b"}}, "lr": 5e-7}
+    assert merged["protocol"]["checks"] == {"tent": [], "vida": []} and "device" not in merged["protocol"]
+    with pytest.raises(ValueError, match="per_domain"):
+        merge_sweeps(earlier, {**later, "protocol": {**later["protocol"], "per_domain": 500}})

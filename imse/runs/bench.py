@@ -25,7 +25,7 @@ from imse.data.builders import build_source, class_subset, for_data, source_imag
 from imse.data.models import BUILTIN, create_backbone
 from imse.data.streams import Stream
 from imse.runs.collapse import CollapseMeter
-from imse.runs.defaults import parse_method
+from imse.runs.defaults import method_rates, parse_method
 from imse.runs.protocol import imagenet_c_domains, method_overrides, official_source_images, resolve
 from imse.runs.runner import build_methods, method_settings, run, summarise
 
@@ -105,7 +105,7 @@ def run_bench(
     }
     # the protocol's rules, then a sweep file's or --lr's rate, then a spec's own overrides
     specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
-    specs = {spec: (n, {"lr": lrs[n], **extra} if n in lrs else extra) for spec, (n, extra) in specs.items()}
+    specs = {s: (n, {**method_rates(n, lrs[n]), **extra} if n in lrs else extra) for s, (n, extra) in specs.items()}
     clean: list[torch.Tensor] = []  # slot 0's source images, loaded once, and only if a method retrieves
 
     def clean_source() -> torch.Tensor | None:

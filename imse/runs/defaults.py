@@ -22,7 +22,9 @@ __all__ = [
     "PRESETS",
     "SWEEPS",
     "Preset",
+    "COUPLED_RATES",
     "lab_settings",
+    "method_rates",
     "run_methods",
     "tuned_settings",
 ]
@@ -67,6 +69,20 @@ def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
     if "base_lr" in METHODS[method].defaults:  # TENT and SAR: lr = base_lr · batch/64, as the official code
         settings["base_lr"] = settings.pop("lr") * 64 / sweep["protocol"]["batch_size"]
     return settings
+
+
+# A method's other learning rates that move with its ``lr`` (the official ratio kept): a sweep's rate or ``--lr``
+# scales them too, so that one number sets every rate of the method, as it does for TENT, SAR and IMSE.
+COUPLED_RATES: dict[str, tuple[str, ...]] = {"vida": ("adapter_lr",), "dpal": ("predictor_lr",)}
+
+
+def method_rates(method: str, lr: float) -> dict[str, float]:
+    """``{"lr": lr}`` plus the method's coupled rates at the official ratio to ``lr`` (ViDA's adapters 2/5 of it)."""
+    defaults = METHODS[method].defaults
+    rates = {"lr": lr}
+    for key in COUPLED_RATES.get(method, ()):
+        rates[key] = float(f"{lr * defaults[key] / defaults['lr']:.6g}")
+    return rates
 
 
 # -- the Lab's runs: the method menu, the default run and the story presets -------------------------------------

@@ -34,7 +34,7 @@ __all__ = [
     "top_class_share",
 ]
 
-ADAPTIVE = ("tent", "sar", "imse")
+ADAPTIVE = ("tent", "sar", "imse", "vida", "dpal")
 
 
 def build_methods(

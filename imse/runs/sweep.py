@@ -6,7 +6,8 @@ Why this protocol: at 500 images per domain and one severity every learning rate
 severities (default 3 and 5), and is scored by its mean accuracy over those streams. All candidates of a stage
 run side by side on the *same* batches (paired), and every method gets the same learning-rate grid.
 
-Stage 1: the learning rate, ``default × LR_FACTORS`` (the same grid size for every method). Stage 2, one
+Stage 1: the learning rate, ``default × LR_FACTORS`` (the same grid size for every method; a method's coupled
+rates, ViDA's adapters' and DPAL's predictors', move with it at the official ratio). Stage 2, one
 setting at a time at the chosen lr (``CHECKS``): the entropy margin's class count for the methods that filter
 (``None`` = ours, 0.4·ln C; ``1000`` = the official code's 0.4·ln 1000, which keeps every sample of a 10-class
 model), and IMSE's λ_dm. A setting leaves its default only when validation shows a significant gain: among the
@@ -22,9 +23,10 @@ from typing import Any
 
 from imse.data.models import BUILTIN
 from imse.runs.bench import default_lr, run_bench, versions
+from imse.runs.defaults import method_rates
 from imse.runs.runner import ADAPTIVE
 
-__all__ = ["CHECKS", "LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "run_sweep"]
+__all__ = ["CHECKS", "LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "merge_sweeps", "run_sweep"]
 
 LR_FACTORS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SWEEP_SEVERITIES = (3, 5)
@@ -34,6 +36,8 @@ CHECKS: dict[str, tuple[tuple[str, tuple, Any], ...]] = {
     "tent": (),
     "sar": (("margin_classes", (None, 1000), None),),
     "imse": (("lambda_dm", (0.0, 10.0, 50.0, 200.0), 50.0), ("margin_classes", (None, 1000), None)),
+    "vida": (),
+    "dpal": (("margin_classes", (None, 1000), None),),
 }
 
 
@@ -136,6 +140,7 @@ def run_sweep(
             "rule": "among candidates within 2 paired standard errors of the best score, the closest to the default",
             "backbone": backbone,
             "data": data,
+            "device": device,
         },
         "versions": versions(),
         "methods": {},
@@ -145,9 +150,9 @@ def run_sweep(
             raise ValueError(f"only adaptive methods have settings to tune: {ADAPTIVE}")
         base = default_lr(method, batch_size)
         lrs = [float(f"{base * factor:.3g}") for factor in factors]
-        stage = _stage({lr: _spec(method, {"lr": lr}) for lr in lrs}, severities, common, progress)
+        stage = _stage({lr: _spec(method, method_rates(method, lr)) for lr in lrs}, severities, common, progress)
         label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))
-        chosen: dict[str, Any] = {"lr": float(label)}
+        chosen: dict[str, Any] = method_rates(method, float(label))
         stages = [{"setting": "lr", **stage, "chosen": chosen["lr"]}]
         for key, values, default in checks.get(method, ()):
             candidates = {value: _spec(method, {**chosen, key: value}) for value in values}
@@ -165,3 +170,26 @@ def run_sweep(
             "runs": sum(len(s["grid"]) for s in stages),
         }
     return results
+
+
+# what two sweeps must share for their choices to be comparable (the device and versions may differ: noted per method)
+SAME_PROTOCOL = ("scenario", "corruptions", "severities", "per_domain", "batch_size", "seed", "factors", "backbone",
+                 "data", "score", "rule")  # fmt: skip
+
+
+def merge_sweeps(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``earlier`` with ``later``'s methods added (or replaced): a method added to the library is swept with the
+    same protocol and grid as the others without re-running theirs. Refused when the protocols differ; each method
+    keeps the device and versions it ran with (``run``). The images are the same only on the same kind of device:
+    a stream draws its corruption noise there (CPU and CUDA generators differ; same seed, same distributions)."""
+    differ = [key for key in SAME_PROTOCOL if earlier["protocol"].get(key) != later["protocol"].get(key)]
+    if differ:
+        raise ValueError(f"the sweeps' protocols differ in {', '.join(differ)}: their choices are not comparable")
+    merged = {**earlier, "protocol": dict(earlier["protocol"]), "methods": {}}
+    for sweep in (earlier, later):
+        run = {"device": sweep["protocol"].get("device", "not recorded"), "versions": sweep["versions"]}
+        for method, entry in sweep["methods"].items():
+            merged["methods"][method] = {"run": run, **entry}
+    merged["protocol"]["checks"] = {**earlier["protocol"]["checks"], **later["protocol"]["checks"]}
+    merged["protocol"].pop("device", None)  # per method now, in ``run``
+    return merged
