@@ -112,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from imse.runs.sweep import run_sweep
+    from imse.runs.sweep import merge_sweeps, run_sweep
 
     result = run_sweep(
         backbone=args.backbone,
@@ -130,6 +130,9 @@ def _sweep(args: argparse.Namespace) -> int:
         for stage in entry["stages"]:
             grid = ", ".join(f"{value}: {100 * acc:.2f}" for value, acc in stage["grid"].items())
             print(f"  {stage['setting']}: {grid}")
+    if args.update:
+        with open(args.update) as handle:
+            result = merge_sweeps(json.load(handle), result)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
     print(f"wrote {args.out}; use it with: python -m imse bench --hparams {args.out}")
@@ -264,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument(
         "--only",
         help="comma-separated subset of: merged, step, small, precision, svd, memory, stream, corruptions, lab, "
-        "startup (default: all; on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
+        "startup, teach, methods (every method's step vs IMSE's; --models builtin works for it) (default: all; "
+        "on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
     )
     perf.add_argument(
         "--models",
@@ -332,11 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="tune each method on the validation corruptions (same lr grid and images for all)",
         description="Each adaptive method runs at its default lr x (0.03, 0.1, 0.3, 1, 3, 10), then (at the chosen "
-        "lr) the entropy margin's class count (SAR, IMSE) and IMSE's lambda_dm, on continual streams of the four "
+        "lr) the entropy margin's class count (SAR, IMSE, DPAL) and IMSE's lambda_dm, on continual streams of the four "
         "validation corruptions at each severity; the best mean accuracy wins. Writes every grid as JSON.",
     )
     _add_model_args(sweep)
-    sweep.add_argument("--methods", default="tent,sar,imse")
+    sweep.add_argument("--methods", default="tent,sar,imse,vida,dpal")
+    sweep.add_argument("--update", metavar="SWEEP_JSON", help="add these methods to an earlier sweep of the same "
+                       "protocol (refused if it differs); --out gets the merged file")  # fmt: skip
     sweep.add_argument("--severities", default="3,5", help="comma-separated (default: %(default)s)")
     sweep.add_argument("--per-domain", type=int, default=2000, help="images per corruption (default: %(default)s)")
     sweep.add_argument("--seed", type=int, default=0)

@@ -62,3 +62,25 @@ def test_a_benchmark_result_carries_its_rows_and_the_table_is_rendered_from_them
     lines = format_table(missed).splitlines()
     assert len(lines) == 4 and row["measure"] in lines[3] and lines[3].rstrip(" |").endswith("NO")
     assert [cell.strip() for cell in lines[1].split("|")[1:-1]] == ["measure", "median", "ratio", "target", "met"]
+
+
+def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_each_adapts():
+    """On the built-in model at batch 4: every method took full updates, each ratio is its step over IMSE's,
+    and the counts equal hand counts from the model's shapes (IMSE: S of blocks 0 … depth-4; ViDA's adapters:
+    rank 1 + rank 128 bottlenecks beside every qkv and proj)."""
+    import torch
+
+    from imse.perf.methods import STEP_METHODS, bench_methods
+
+    result = bench_methods(torch.device("cpu"), 4, 1, "builtin")
+    assert all(result["updated"].values()) and set(result["step_s"]) == set(STEP_METHODS)
+    for name in STEP_METHODS:
+        assert result["step_ratio_to_imse"][name] == result["step_s"][name] / result["step_s"]["imse"]
+    from imse.data.models import BUILTIN, create_backbone
+
+    vit = create_backbone(BUILTIN).model
+    d, depth = vit.embed_dim, len(vit.blocks)
+    assert result["trainable"]["imse"] == (depth - 3) * 4 * d  # qkv, proj, fc1, fc2: min(out, in) = d each
+    qkv, proj = (1 + 128) * (d + 3 * d), (1 + 128) * (d + d)
+    assert result["vida_adapter_values"] == depth * (qkv + proj)
+    assert [row["measure"].split(" ")[0] for row in result["checks"][:4]] == ["tent", "sar", "vida", "dpal"]

@@ -21,13 +21,15 @@ from imse.perf.app import bench_lab, bench_startup
 from imse.perf.data import bench_corruptions, bench_stream, bench_svd
 from imse.perf.floors import step_floor
 from imse.perf.memory import bench_memory
+from imse.perf.methods import bench_methods
 from imse.perf.steps import bench_merged_forward, bench_precision, bench_small_batch, bench_step
 from imse.perf.teach import bench_teach
 
 __all__ = ["ALL_BENCHMARKS", "STEP_MODELS", "checks_of", "format_table", "run_perf", "step_floor"]
 
 ALL_BENCHMARKS = (
-    "merged", "step", "small", "precision", "svd", "memory", "stream", "corruptions", "lab", "startup", "teach"
+    "merged", "step", "small", "precision", "svd", "memory", "stream", "corruptions", "lab", "startup", "teach",
+    "methods",
 )  # fmt: skip
 STEP_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 
@@ -44,9 +46,10 @@ def run_perf(
 ) -> dict:
     """Run the selected benchmarks, print a table, optionally write JSON; returns the results.
 
-    ``batch`` is the adaptation batch of the step, memory and stream benchmarks; ``models`` the ViTs of the
-    step benchmark (the small-batch one runs the first at batch 1 and ``batch``, the others at batch 1; the
-    bf16 one the last at ``batch``, and ``per_domain`` images per corruption for its accuracy comparison).
+    ``batch`` is the adaptation batch of the step, methods, memory and stream benchmarks; ``models`` the ViTs of
+    the step and methods benchmarks (``builtin`` too for the methods one; the small-batch one runs the first at
+    batch 1 and ``batch``, the others at batch 1; the bf16 one the last at ``batch``, and ``per_domain`` images
+    per corruption for its accuracy comparison).
     """
     unknown = set(only) - set(ALL_BENCHMARKS)
     if unknown:
@@ -82,6 +85,8 @@ def run_perf(
         results["startup"] = bench_startup()
     if "teach" in only:
         results["teach"] = bench_teach(repeats=max(1, min(repeats, 5)))
+    if "methods" in only:
+        results["method_steps"] = [bench_methods(dev, batch, repeats, name) for name in models]
     print(format_table(results))
     if out:
         Path(out).write_text(json.dumps(results, indent=2))

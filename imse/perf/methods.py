@@ -1,0 +1,74 @@
+"""Every method's adaptation step against IMSE's, on the same batch: what a baseline costs per step and how many
+values it adapts (issue 18: ViDA's and DPAL's cost beside IMSE's; the paper's "1/385 of ViDA's parameters")."""
+
+from __future__ import annotations
+
+import torch
+
+from imse.core.methods import METHODS, create
+from imse.data.models import BUILTIN, create_backbone
+from imse.perf.timing import _time_interleaved, _vit, check
+
+STEP_METHODS = ("tent", "sar", "imse", "vida", "dpal")
+
+
+def _model(name: str, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The built-in backbone (its shipped weights) or a random-init timm ViT, and its input side."""
+    if name == BUILTIN:
+        backbone = create_backbone(BUILTIN).to(device)
+        return backbone, backbone.input_size
+    return _vit(name, device), 224
+
+
+def bench_methods(device: torch.device, batch: int, repeats: int, model_name: str) -> dict:
+    """Seconds per step of each method, timed interleaved with IMSE's on one batch, and trainable values.
+
+    ``margin = 1.0`` (``E0 = ln C``) for the methods that filter by entropy: a random-init ViT predicts
+    near-uniformly and would otherwise skip every update. ViDA's trainable values are every ViT weight plus its
+    adapters (the official code trains both); its adapters alone are reported beside them.
+    """
+    methods = {}
+    for name in STEP_METHODS:
+        model, side = _model(model_name, device)
+        settings = {"margin": 1.0} if "margin" in METHODS[name].defaults else {}
+        if "batch_size" in METHODS[name].defaults:
+            settings["batch_size"] = batch
+        methods[name] = create(name, model, **settings)
+    x = torch.rand(batch, 3, side, side, device=device)
+    seconds = _time_interleaved({name: lambda m=method: m(x) for name, method in methods.items()}, repeats, 1, device)
+    trainable = {name: method.num_trainable() for name, method in methods.items()}
+    adapters = methods["vida"].num_adapter_values()
+    label = f"{model_name}, b{batch}"
+    rows = [
+        check(
+            f"{name} step / IMSE step ({label})",
+            f"{seconds[name] * 1e3:.0f} / {seconds['imse'] * 1e3:.0f} ms",
+            f"{seconds[name] / seconds['imse']:.2f}",
+            "reported",
+            None,
+        )  # fmt: skip
+        for name in STEP_METHODS
+        if name != "imse"
+    ]
+    rows += [
+        check(
+            f"{name} trainable / IMSE's ({label})",
+            f"{trainable[name]:,} / {trainable['imse']:,}",
+            f"{trainable[name] / trainable['imse']:.0f}",
+            "reported",
+            None,
+        )  # fmt: skip
+        for name in ("vida", "dpal")
+    ]
+    rows.append(check(f"ViDA adapters / IMSE's ({label})", f"{adapters:,} / {trainable['imse']:,}",
+                      f"{adapters / trainable['imse']:.0f}", "paper: 385", None))  # fmt: skip
+    return {
+        "model": model_name,
+        "batch": batch,
+        "step_s": seconds,
+        "step_ratio_to_imse": {name: seconds[name] / seconds["imse"] for name in STEP_METHODS},
+        "trainable": trainable,
+        "vida_adapter_values": adapters,
+        "updated": {name: bool(method.last_record.get("updated", True)) for name, method in methods.items()},
+        "checks": rows,
+    }
