@@ -113,7 +113,7 @@ def test_streamed_run_matches_the_cli(app_url):
     table = output(final, "results")
     headers, rows = table["headers"], table["data"]
     assert headers[:5] == ["method", "fog-5", "gaussian_noise-5", "contrast-5", "mean"]
-    assert headers[5:] == ["vs Source (pts)", "expert std", "top-class share (%)"]
+    assert headers[5:] == ["vs Source (pts)", "expert std", "top-class share (%)", "trainable values", "× IMSE's"]
     download = output(final, "download")
     assert Path(download).suffix == ".zip" and Path(download).stat().st_size > 0
     cli = run_bench(

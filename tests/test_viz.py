@@ -51,7 +51,9 @@ def test_accuracy_bars_are_the_per_domain_accuracies_of_the_results_table(finish
     bars = [trace for trace in viz.accuracy_figure(finished_state)["data"] if trace["type"] == "bar"]
     assert [bar["name"] for bar in bars] == [row[0] for row in rows]
     domains = len(finished_state.domains)
-    assert headers[1 + domains :] == ["mean", "vs Source (pts)", "expert std", "top-class share (%)"]
+    assert headers[1 + domains :] == [
+        "mean", "vs Source (pts)", "expert std", "top-class share (%)", "trainable values", "× IMSE's"
+    ]  # fmt: skip
     for bar, row in zip(bars, rows):
         assert bar["x"] == [d["name"] for d in finished_state.domains]
         assert [round(v, 1) for v in bar["y"]] == row[1 : 1 + domains]
@@ -111,3 +113,16 @@ def test_a_recurring_run_draws_one_bar_per_domain_visit():
     assert bar["x"] == ["fog-2", "contrast-2", "fog-2 (2)", "contrast-2 (2)"]
     _, (row,) = summary_rows(state)
     assert [round(v, 1) for v in bar["y"]] == row[1:5]
+
+
+def test_the_results_table_counts_each_methods_adapted_values_against_imses():
+    """Each row's trainable values are its method's own count (ViDA's every weight and adapter, DPAL's prompts,
+    predictors and LayerNorms), and the ratio column divides by IMSE's count."""
+    config = LabConfig(corruptions=("fog",), per_domain=64, methods=("IMSE", "ViDA", "DPAL", "Source"))
+    *_, state = run_lab(config, min_interval=0.0)
+    headers, rows = summary_rows(state)
+    counts = {label: method.num_trainable() for label, method in state.final_methods.items()}
+    assert counts["Source"] == 0 and counts["ViDA"] > counts["DPAL"] > counts["IMSE"] > 0
+    for row in rows:
+        assert row[headers.index("trainable values")] == counts[row[0]]
+        assert row[headers.index("× IMSE's")] == round(counts[row[0]] / counts["IMSE"], 1)

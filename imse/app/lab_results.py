@@ -61,13 +61,16 @@ def export_run(state: LabState, directory: str | Path) -> Path:
 
 def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
     """The results table: one row per method, per-domain accuracy (%), the mean, the gain over Source (points),
-    and the collapse readouts: mean expert-alignment std in the last blocks, share of the most-predicted class."""
+    the collapse readouts (mean expert-alignment std in the last blocks, share of the most-predicted class) and
+    the values each method adapts, with their ratio to IMSE's when IMSE ran (ViDA trains every ViT weight)."""
     if not state.summary:
         return ["method"], []
     first = next(iter(state.summary.values()))
     headers = ["method"] + [f"{d['name']}-{d['severity']}" for d in first["domains"]] + ["mean"]
     source = next((label for label in state.summary if method_name(label) == "source"), None)
-    headers += (["vs Source (pts)"] if source else []) + ["expert std", "top-class share (%)"]
+    imse = next((label for label in state.summary if method_name(label) == "imse"), None)
+    headers += (["vs Source (pts)"] if source else []) + ["expert std", "top-class share (%)", "trainable values"]
+    headers += ["× IMSE's"] if imse else []
     rows = []
     for label, entry in state.summary.items():
         row = [label] + [round(100 * d["accuracy"], 1) for d in entry["domains"]]
@@ -76,5 +79,10 @@ def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
             row.append(round(100 * (entry["mean_accuracy"] - state.summary[source]["mean_accuracy"]), 2))
         std = entry.get("mean_expert_std")
         row += [None if std is None else round(std, 4), round(100 * entry["mean_top_class_share"], 1)]
+        trainable = entry.get("num_trainable")
+        row.append(trainable)
+        if imse:
+            reference = state.summary[imse].get("num_trainable")
+            row.append(round(trainable / reference, 1) if trainable is not None and reference else None)
         rows.append(row)
     return headers, rows

@@ -2,7 +2,8 @@
 
 A stream takes clean labelled images from a source, corrupts each batch on the stream's device (seeded per
 batch, so a run is reproducible and batches do not depend on each other), and tags every batch with its domain
-and severity — for metrics only: methods never see them, nor the labels.
+and severity — for metrics only: methods never see them, nor the labels. The draws come from that device's
+generator: with the same seed a GPU run sees other draws of the same corruptions than a CPU run.
 """
 
 from __future__ import annotations

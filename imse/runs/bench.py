@@ -251,7 +251,7 @@ def gains_over_source(result: dict[str, Any]) -> dict[str, list[float]]:
 def format_summary(result: dict[str, Any]) -> str:
     """Markdown, one row per method: mean accuracy, gain over Source (points, mean ± std of the per-seed paired
     differences), and the collapse readouts — mean expert-alignment std of the last blocks and the share of the
-    most-predicted class (mean over domains) — each ± std over seeds."""
+    most-predicted class (mean over domains) — each ± std over seeds — and the values the method adapts."""
     several = len(result["per_seed"]) > 1
 
     def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
@@ -259,8 +259,8 @@ def format_summary(result: dict[str, Any]) -> str:
 
     gains = gains_over_source(result)
     lines = [
-        "| method | accuracy (%) | vs Source (points) | expert-alignment std | most-predicted class (%) |",
-        "|---|---|---|---|---|",
+        "| method | accuracy (%) | vs Source (points) | expert-alignment std | most-predicted class (%) | trainable |",
+        "|---|---|---|---|---|---|",
     ]
     for name, entry in result["methods"].items():
         gain = "–"
@@ -276,9 +276,9 @@ def format_summary(result: dict[str, Any]) -> str:
             if "mean_top_class_share" in entry
             else "–"
         )
-        lines.append(
-            f"| {name} | {pm(entry['mean_accuracy'], entry['mean_accuracy_std'])} | {gain} | {std} | {share} |"
-        )
+        trainable = f"{entry['num_trainable']:,}" if "num_trainable" in entry else "–"
+        accuracy = pm(entry["mean_accuracy"], entry["mean_accuracy_std"])
+        lines.append(f"| {name} | {accuracy} | {gain} | {std} | {share} | {trainable} |")
     for name, entry in result["methods"].items():
         if "bank" in entry:
             b = entry["bank"]
