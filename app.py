@@ -113,7 +113,13 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                 with gr.Row():
                     bank_plot = gr.Plot(empty[4], label="Domain bank")
                     batch_plot = gr.Plot(empty[5], label="Current batch")
-                results = gr.Dataframe(label="Results (%, mean over the run)", interactive=False, visible=False)
+                results = gr.Dataframe(  # headers wrap and the method stays pinned: every column fits the page
+                    label="Results (%, mean over the run)",
+                    interactive=False,
+                    visible=False,
+                    wrap=True,
+                    pinned_columns=1,
+                )
                 download = gr.File(label="Download the run (records JSON, spectral code, bank)", visible=False)
         # wired by name, in the orders ui.start_lab and its API callers use (ui.START_INPUTS / START_OUTPUTS)
         widgets = dict(backbone=backbone, scenario=scenario, corruptions=corruptions, severity=severity)
