@@ -118,7 +118,7 @@ def test_a_recurring_run_draws_one_bar_per_domain_visit():
 def test_the_results_table_counts_each_methods_adapted_values_against_imses():
     """Each row's trainable values are its method's own count (ViDA's every weight and adapter, DPAL's prompts,
     predictors and LayerNorms), and the ratio column divides by IMSE's count."""
-    config = LabConfig(corruptions=("fog",), per_domain=64, methods=("IMSE", "ViDA", "DPAL", "Source"))
+    config = LabConfig(corruptions=("fog",), per_domain=16, batch_size=16, methods=("IMSE", "ViDA", "DPAL", "Source"))
     *_, state = run_lab(config, min_interval=0.0)
     headers, rows = summary_rows(state)
     counts = {label: method.num_trainable() for label, method in state.final_methods.items()}

@@ -69,6 +69,6 @@ def bench_methods(device: torch.device, batch: int, repeats: int, model_name: st
         "step_ratio_to_imse": {name: seconds[name] / seconds["imse"] for name in STEP_METHODS},
         "trainable": trainable,
         "vida_adapter_values": adapters,
-        "updated": {name: bool(method.last_record.get("updated", True)) for name, method in methods.items()},
+        "updated": {name: bool(method.last_record["updated"]) for name, method in methods.items()},
         "checks": rows,
     }
