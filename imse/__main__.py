@@ -112,8 +112,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import json
 
-    from imse.runs.sweep import merge_sweeps, run_sweep
+    from imse.runs.sweep import run_sweep
 
+    earlier = None
+    if args.update:  # read and checked before hours of runs, not after
+        with open(args.update) as handle:
+            earlier = json.load(handle)
+        if not isinstance(earlier, dict) or not {"protocol", "methods", "versions"} <= earlier.keys():
+            raise ValueError(f"{args.update} is not a sweep's JSON (python -m imse sweep --out)")
     result = run_sweep(
         backbone=args.backbone,
         weights=args.weights,
@@ -124,15 +130,14 @@ def _sweep(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
+        earlier=earlier,
     )
-    for method, entry in result["methods"].items():
+    for method in _csv(args.methods):
+        entry = result["methods"][method]
         print(f"{method}: chose {entry['chosen']} in {entry['runs']} runs")
         for stage in entry["stages"]:
             grid = ", ".join(f"{value}: {100 * acc:.2f}" for value, acc in stage["grid"].items())
             print(f"  {stage['setting']}: {grid}")
-    if args.update:
-        with open(args.update) as handle:
-            result = merge_sweeps(json.load(handle), result)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
     print(f"wrote {args.out}; use it with: python -m imse bench --hparams {args.out}")

@@ -319,3 +319,17 @@ def test_a_later_sweep_adds_its_methods_only_under_the_same_protocol():
     assert merged["protocol"]["checks"] == {"tent": [], "vida": []} and "device" not in merged["protocol"]
     with pytest.raises(ValueError, match="per_domain"):
         merge_sweeps(earlier, {**later, "protocol": {**later["protocol"], "per_domain": 500}})
+
+
+def test_sweep_update_refuses_another_protocol_before_running_anything(tmp_path, capsys):
+    from imse.core.resources import asset_path
+
+    shipped = asset_path("results", "sweep_builtin.json")  # 2,000 images per domain, not 8
+    out = tmp_path / "sweep.json"
+    started = time.perf_counter()
+    assert main(["sweep", "--methods", "tent", "--per-domain", "8", "--update", str(shipped), "--out", str(out)]) == 2
+    assert "protocols differ in per_domain" in capsys.readouterr().err and not out.exists()
+    assert time.perf_counter() - started < 5  # refused up front: no run of the grid
+    (tmp_path / "other.json").write_text('{"runs": {}}')
+    assert main(["sweep", "--methods", "tent", "--update", str(tmp_path / "other.json"), "--out", str(out)]) == 2
+    assert "is not a sweep's JSON" in capsys.readouterr().err and not out.exists()

@@ -311,3 +311,13 @@ def test_slot_zeros_images_are_the_official_pick_of_clean_validation_images(tmp_
     random.Random(1).shuffle(order)
     expected, _ = ImageFolderSource(folder, 32).load(order[:4])
     assert images.shape == (4, 3, 32, 32) and torch.equal(images, expected.float() / 255)
+
+
+def test_the_reproduction_table_orders_methods_as_the_library_does_whatever_order_they_finished_in():
+    from imse.runs import reproduce as repro
+
+    finished = ["dpal", "imse@lr=0.001", "vida", "imse", "source"]  # as a cluster might return them
+    runs = {m: {"job": {"backbone": "supervised", "dataset": "imagenet-r", "scenario": "single", "method": m},
+                "mean_accuracy": 0.5 + 0.01 * i} for i, m in enumerate(finished)}  # fmt: skip
+    header = repro.format_reproduction({"runs": runs}).splitlines()[0]
+    assert header.split(" | ")[3:8] == ["source", "imse", "vida", "dpal", "imse@lr=0.001"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imse.core.files import write_atomic
+from imse.core.methods import METHODS
 from imse.runs.engines import ENGINES, run_in_process, run_on_ray
 
 __all__ = ["BACKBONES", "PAPER", "Job", "format_reproduction", "plan", "reproduce"]
@@ -175,8 +176,9 @@ def format_reproduction(result: Mapping[str, Any]) -> str:
         job = run["job"]
         row = cells.setdefault((job["backbone"], job["dataset"], job["scenario"]), {})
         row.setdefault(job["method"], []).append(100 * run["mean_accuracy"])
-    known = ["source", "tent", "sar", "imse"]
-    methods = sorted({m for row in cells.values() for m in row}, key=lambda m: (known + [m]).index(m))
+    known = list(METHODS)  # the library's order; a spec outside it (e.g. ``imse@lr=0.001``) after, by name
+    methods = sorted({m for row in cells.values() for m in row}, key=lambda m: (known.index(m) if m in known else
+                                                                                 len(known), m))  # fmt: skip
     lines = ["| backbone | data | scenario | " + " | ".join(methods) + " | IMSE − best other | paper (IMSE) |"]
     lines.append("|" + "---|" * (len(methods) + 5))
     for (backbone, dataset, scenario), row in cells.items():

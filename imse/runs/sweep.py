@@ -112,8 +112,10 @@ def run_sweep(
     factors: tuple[float, ...] = LR_FACTORS,
     checks: dict[str, tuple] | None = None,
     progress: bool = True,
+    earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sweep's JSON: per method the chosen settings (``chosen``, ``lr``), every stage's grid, run count."""
+    """The sweep's JSON: per method the chosen settings (``chosen``, ``lr``), every stage's grid, run count.
+    ``earlier``: a sweep to add these methods to (``merge_sweeps``), its protocol checked before anything runs."""
     checks = CHECKS if checks is None else checks
     common = dict(
         backbone=backbone,
@@ -145,6 +147,8 @@ def run_sweep(
         "versions": versions(),
         "methods": {},
     }
+    if earlier is not None:
+        _check_comparable(earlier["protocol"], results["protocol"])
     for method in methods:
         if method not in ADAPTIVE:
             raise ValueError(f"only adaptive methods have settings to tune: {ADAPTIVE}")
@@ -169,7 +173,7 @@ def run_sweep(
             "stages": stages,
             "runs": sum(len(s["grid"]) for s in stages),
         }
-    return results
+    return results if earlier is None else merge_sweeps(earlier, results)
 
 
 # what two sweeps must share for their choices to be comparable (the device and versions may differ: noted per method)
@@ -182,9 +186,7 @@ def merge_sweeps(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, An
     same protocol and grid as the others without re-running theirs. Refused when the protocols differ; each method
     keeps the device and versions it ran with (``run``). The images are the same only on the same kind of device:
     a stream draws its corruption noise there (CPU and CUDA generators differ; same seed, same distributions)."""
-    differ = [key for key in SAME_PROTOCOL if earlier["protocol"].get(key) != later["protocol"].get(key)]
-    if differ:
-        raise ValueError(f"the sweeps' protocols differ in {', '.join(differ)}: their choices are not comparable")
+    _check_comparable(earlier["protocol"], later["protocol"])
     merged = {**earlier, "protocol": dict(earlier["protocol"]), "methods": {}}
     for sweep in (earlier, later):
         run = {"device": sweep["protocol"].get("device", "not recorded"), "versions": sweep["versions"]}
@@ -193,3 +195,9 @@ def merge_sweeps(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, An
     merged["protocol"]["checks"] = {**earlier["protocol"]["checks"], **later["protocol"]["checks"]}
     merged["protocol"].pop("device", None)  # per method now, in ``run``
     return merged
+
+
+def _check_comparable(earlier: dict[str, Any], later: dict[str, Any]) -> None:
+    differ = [key for key in SAME_PROTOCOL if earlier.get(key) != later.get(key)]
+    if differ:
+        raise ValueError(f"the sweeps' protocols differ in {', '.join(differ)}: their choices are not comparable")

@@ -136,10 +136,14 @@ class ViDA(TTAMethod):
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
         inject_adapters(model, self.hparams["low_rank"], self.hparams["high_rank"])
         model.requires_grad_(True)
-        self.adapters = [m for m in model.modules() if isinstance(m, DomainAdapters)]
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
         self._teacher_initial = copy.deepcopy(self.teacher.state_dict())
         self.generator = torch.Generator().manual_seed(int(self.hparams["seed"]))
+        # student and teacher adapters share the scales; each teacher weight follows its student's at its EMA rate
+        self._adapters = [m for net in (model, self.teacher) for m in net.modules() if isinstance(m, DomainAdapters)]
+        teacher = dict(self.teacher.named_parameters())
+        rate = {True: self.hparams["adapter_ema"], False: self.hparams["ema"]}
+        self._ema_pairs = [(teacher[name], p, rate[self.is_adapter(name)]) for name, p in model.named_parameters()]
         return dict(model.named_parameters())
 
     @staticmethod
@@ -164,10 +168,8 @@ class ViDA(TTAMethod):
             high, low = low, high
         if not self.hparams["scale_high_follows"]:
             high = 1.0  # the official set_scale never reaches it
-        for model in (self.model, self.teacher):
-            for module in model.modules():
-                if isinstance(module, DomainAdapters):
-                    module.scale_low, module.scale_high = low, high
+        for module in self._adapters:
+            module.scale_low, module.scale_high = low, high
         return low, high
 
     @torch.enable_grad()
@@ -195,15 +197,11 @@ class ViDA(TTAMethod):
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
-        student = dict(self.model.named_parameters())
-        for name, parameter in self.teacher.named_parameters():
-            alpha = self.hparams["adapter_ema"] if self.is_adapter(name) else self.hparams["ema"]
-            parameter.mul_(alpha).add_(student[name], alpha=1 - alpha)
+        for teacher, student, alpha in self._ema_pairs:
+            teacher.mul_(alpha).add_(student, alpha=1 - alpha)
 
     def reset_state(self) -> None:
         self.teacher.load_state_dict(self._teacher_initial)
         self.generator.manual_seed(int(self.hparams["seed"]))
-        for model in (self.model, self.teacher):
-            for module in model.modules():
-                if isinstance(module, DomainAdapters):
-                    module.scale_low = module.scale_high = 1.0
+        for module in self._adapters:
+            module.scale_low = module.scale_high = 1.0
