@@ -6,20 +6,27 @@ The limits are the host's settings (environment variables), never something a vi
 - ``IMSE_MAX_RUN_SECONDS`` (600): a run stops after this long, with the results so far;
 - ``IMSE_MAX_CONCURRENT_RUNS`` (2): runs computing at once; more wait in the queue;
 - ``IMSE_MAX_QUEUE`` (16): requests waiting at most; the next one is refused with "queue full";
-- ``IMSE_EXPORT_MAX_AGE`` (3600): seconds a run's download is kept on disk.
+- ``IMSE_EXPORT_MAX_AGE`` (3600): seconds a run's download is kept on disk;
+- ``IMSE_ZEROGPU_MAX_SECONDS`` (120): the longest GPU call a ZeroGPU run may request (the daily allowance of a
+  visitor who is not signed in); a larger run is refused before it starts (``imse.app.zerogpu``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 __all__ = [
     "SessionRuns",
+    "StopToken",
+    "export_dir",
     "gpu_present",
+    "zero_gpu",
     "limit",
     "prune_exports",
 ]
@@ -29,16 +36,20 @@ _DEFAULTS = {
     "IMSE_MAX_CONCURRENT_RUNS": 2,
     "IMSE_MAX_QUEUE": 16,
     "IMSE_EXPORT_MAX_AGE": 3600.0,
+    "IMSE_ZEROGPU_MAX_SECONDS": 120.0,
 }
 
 
+def zero_gpu() -> bool:
+    """A ZeroGPU Space (the Space sets ``SPACES_ZERO_GPU``): its GPU exists only inside ``@spaces.GPU`` calls."""
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true", "yes")
+
+
 def gpu_present() -> bool:
-    """A CUDA device now, or a ZeroGPU Space (its GPU is attached only inside ``@spaces.GPU`` calls, so CUDA is
-    not visible at start-up; the Space sets ``SPACES_ZERO_GPU``)."""
+    """A CUDA device now, or a ZeroGPU Space (CUDA is not really there outside its GPU calls)."""
     import torch
 
-    zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "true", "yes")
-    return zero_gpu or torch.cuda.is_available()
+    return zero_gpu() or torch.cuda.is_available()
 
 
 def limit(name: str) -> float | int:
@@ -57,38 +68,82 @@ def limit(name: str) -> float | int:
     return value
 
 
+@functools.cache
+def _scratch(kind: str) -> str:
+    """A folder of this server process's, made when first needed (not at import): stop marks, downloads."""
+    return tempfile.mkdtemp(prefix=f"imse-lab-{kind}-")
+
+
+def export_dir() -> str:
+    """Where finished runs' downloads go (pruned by ``prune_exports``)."""
+    return _scratch("exports")
+
+
+class StopToken:
+    """A run's Stop flag that crosses processes: a file that exists once the run is asked to stop.
+
+    On a ZeroGPU Space a run computes in a forked worker, which sees nothing the server process changes in
+    memory after the fork; both see the same disk. The token pickles as its path, and a check is one ``stat``
+    per batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def set(self) -> None:
+        Path(self.path).touch()
+
+    def is_set(self) -> bool:
+        return os.path.exists(self.path)
+
+    def clear(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+    def __eq__(self, other: object) -> bool:  # the same run's token, whichever process unpickled it
+        return isinstance(other, StopToken) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def __repr__(self) -> str:
+        return f"StopToken({self.path!r}, set={self.is_set()})"
+
+
 class SessionRuns:
-    """Stop flags of the runs each browser session has going: a closed tab or a Stop click sets them, and the
-    run ends at its next batch (Gradio's own cancellation only stops *asking* a generator for more)."""
+    """Stop tokens of the runs each browser session has going: a closed tab or a Stop click sets them, and the
+    run ends at its next batch, in this process or in a GPU worker (Gradio's own cancellation only stops
+    *asking* a generator for more)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runs: dict[str, set[threading.Event]] = {}
+        self._runs: dict[str, set[StopToken]] = {}
+        self._count = 0
 
-    def start(self, session: str) -> threading.Event:
-        flag = threading.Event()
+    def start(self, session: str) -> StopToken:
         with self._lock:
-            self._runs.setdefault(session, set()).add(flag)
-        return flag
+            self._count += 1
+            token = StopToken(os.path.join(_scratch("stops"), f"run-{os.getpid()}-{self._count}"))
+            self._runs.setdefault(session, set()).add(token)
+        return token
 
-    def finish(self, session: str, flag: threading.Event) -> None:
+    def finish(self, session: str, token: StopToken) -> None:
         with self._lock:
-            flags = self._runs.get(session, set())
-            flags.discard(flag)
-            if not flags:
+            tokens = self._runs.get(session, set())
+            tokens.discard(token)
+            if not tokens:
                 self._runs.pop(session, None)
+        token.clear()
 
     def stop(self, session: str) -> int:
         """Ask every run of ``session`` to stop; returns how many there were."""
         with self._lock:
-            flags = list(self._runs.get(session, ()))
-        for flag in flags:
-            flag.set()
-        return len(flags)
+            tokens = list(self._runs.get(session, ()))
+        for token in tokens:
+            token.set()
+        return len(tokens)
 
     def active(self) -> int:
         with self._lock:
-            return sum(len(flags) for flags in self._runs.values())
+            return sum(len(tokens) for tokens in self._runs.values())
 
 
 def prune_exports(directory: str | Path, max_age: float) -> int:

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 import torch
 
-from imse.app import serving, viz
-from imse.app.lab_results import export_run, summary_rows
+from imse.app import serving, viz, zerogpu
+from imse.app.lab_stream import OUTPUTS, PANEL_TITLES, lab_updates
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
-from imse.data.models import BUILTIN, HUB_BACKBONES, BackboneUnavailable, hub_reachable
+from imse.data.models import BUILTIN, HUB_BACKBONES, hub_reachable
 from imse.runs.defaults import PRESETS, default_backbone, lab_settings
-from imse.runs.lab import METHOD_CHOICES, LabConfig, run_lab, validate
-from imse.runs.memory import release_memory
+from imse.runs.lab import METHOD_CHOICES, LabConfig, validate
 
 __all__ = [
     "backbone_choices",
@@ -32,14 +30,6 @@ __all__ = [
     "stop_lab",
 ]
 
-PANEL_TITLES = (
-    "Online accuracy",
-    "Collapse: expert-alignment std and the most-predicted class",
-    "Expert alignment std",
-    "Singular-value shifts",
-    "Domain bank",
-    "The current batch",
-)
 # the Lab's settings widgets, in the order of start_lab's parameters (and of load_preset's outputs)
 SETTINGS = (
     "backbone",
@@ -57,8 +47,7 @@ SETTINGS = (
 )
 # what /start takes and gives, by name (app.py wires its widgets in these orders; tests address them by name)
 START_INPUTS = (*SETTINGS, "device", "show_source")
-START_OUTPUTS = ("status", "accuracy", "collapse", "alignment", "shifts", "bank", "batch", "results", "download")
-_EXPORT_DIR = tempfile.mkdtemp(prefix="imse-lab-")
+START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
 
 
@@ -203,17 +192,6 @@ def make_config(
         raise gr.Error(str(error)) from None
 
 
-def panels(state, show_source: bool) -> tuple:
-    return (
-        viz.accuracy_figure(state),
-        viz.collapse_figure(state),
-        viz.alignment_figure(state, show_source),
-        viz.shift_figure(state),
-        viz.bank_figure(state),
-        viz.batch_figure(state),
-    )
-
-
 def start_lab(
     backbone,
     scenario,
@@ -236,8 +214,9 @@ def start_lab(
     Imagenette downloads it once, with a progress bar. Gradio passes the widgets positionally, in START_INPUTS'
     order (app.py wires them by name); the settings go on to ``make_config`` by keyword.
 
-    The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, and the
-    memory it held is handed back when it ends, however it ends.
+    The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, wherever it
+    computes (here, or in a ZeroGPU worker: a ``cuda`` run on a ZeroGPU Space is one GPU call,
+    ``imse.app.zerogpu``), and the memory it held is handed back when it ends, however it ends.
     """
     config = make_config(
         backbone=backbone,
@@ -254,36 +233,20 @@ def start_lab(
         rounds=rounds,
         device=device,
     )
+    show_source = bool(show_source)
     session = _session(request)
-    flag = RUNS.start(session)
-    table = gr.update(visible=False)  # results and download appear when the run has finished
-    state = None
+    stop = RUNS.start(session)
+
+    def downloading(done: int, total: int | None) -> None:
+        progress((done, total) if total else None, desc="Downloading Imagenette (once; then cached)", unit="B")
+
     try:
-        time_limit = serving.limit("IMSE_MAX_RUN_SECONDS")
-
-        def downloading(done: int, total: int | None) -> None:
-            progress((done, total) if total else None, desc="Downloading Imagenette (once; then cached)", unit="B")
-
-        runs = run_lab(config, time_limit=time_limit, should_stop=flag.is_set, on_download=downloading)
-        for state in runs:
-            status = (
-                f"**{state.message or 'running'}** — batch {state.batch}/{state.total_batches}, "
-                f"{state.images:,} images, {state.seconds:.1f} s"
-            )
-            if state.finished:
-                headers, rows = summary_rows(state)
-                table = gr.update(value=rows, headers=headers, visible=True)
-                serving.prune_exports(_EXPORT_DIR, serving.limit("IMSE_EXPORT_MAX_AGE"))
-                archive = export_run(state, _EXPORT_DIR)
-                yield (status, *panels(state, show_source), table, gr.update(value=str(archive), visible=True))
-            else:
-                yield (status, *panels(state, show_source), table, gr.update(value=None, visible=False))
-    except (ValueError, BackboneUnavailable, RuntimeError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
+        if serving.zero_gpu() and config.device == "cuda":
+            yield from zerogpu.gpu_lab_updates(config, show_source, stop, serving.export_dir(), downloading)
+        else:
+            yield from lab_updates(config, show_source, stop, serving.export_dir(), on_download=downloading)
     finally:
-        RUNS.finish(session, flag)
-        state = None  # the last update (its plain-data records) goes before the trim
-        release_memory()
+        RUNS.finish(session, stop)
 
 
 def _session(request: gr.Request | None) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 from imse.core.bank import Descriptor, DomainBank, ShiftDetector, batch_descriptor, patch_tokens
 from imse.core.losses import diversity_loss
 from imse.core.methods.base import SAMEntropyMethod
+from imse.core.optim import Adam
 from imse.core.sam import SAM
 from imse.core.spectral import SpectralLinear, find_vit, get_code, inject, set_code, spectral_layers
 from imse.core.svd_cache import default_svd_cache
@@ -197,7 +198,7 @@ class IMSE(SAMEntropyMethod):
         )
 
     def build_optimizer(self, params: list[nn.Parameter]) -> SAM:
-        base = torch.optim.Adam(
+        base = Adam(  # torch's Adam (imse.core.optim: no CUDA query for CPU parameters)
             params, lr=self.hparams["lr"], betas=tuple(self.hparams["betas"]), weight_decay=self.hparams["weight_decay"]
         )
         return self.wrap_optimizer(base)
