@@ -14,6 +14,8 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -259,3 +261,67 @@ def test_an_imse_step_on_the_cpu_works_where_cuda_is_reported_but_absent(monkeyp
     plain.param_groups[0]["params"][0].grad = torch.ones(2)
     with pytest.raises(RuntimeError):  # what the method's own optimizer avoids
         plain.step()
+
+
+def _idle(pid: int, timeout: float) -> bool:
+    """True once the process uses under 10 % of a core over a 1 s window."""
+
+    def cpu(pid):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        before = cpu(pid)
+        time.sleep(1)
+        if cpu(pid) - before < 0.1:
+            return True
+    return False
+
+
+@pytest.mark.slow  # browser, a served app and a forked worker
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_in_the_browser_refusals_are_messages_and_a_closed_tab_ends_the_gpu_run(space, tmp_path):
+    """What a ZeroGPU visitor sees: the run's device is cuda by default; a run too large for one call and a spent
+    quota each give a readable message (screenshots: $IMSE_SCREENSHOTS, else the test's folder); closing the tab
+    mid-run ends the run in the worker."""
+    from playwright.sync_api import sync_playwright
+
+    process, url, api = space
+    shots = Path(os.environ.get("IMSE_SCREENSHOTS", tmp_path))
+
+    def press_start(page, per_domain: int) -> None:
+        number = page.get_by_label("Images per domain")
+        number.fill(str(per_domain))
+        number.press("Tab")
+        page.get_by_role("button", name="Start").click()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        assert page.get_by_label("Device").input_value() == "cuda"
+        press_start(page, 20_000)
+        toast = page.locator(".toast-body").filter(has_text="GPU")
+        toast.first.wait_for(timeout=30_000)
+        assert "images per domain" in toast.first.inner_text()
+        page.wait_for_timeout(1000)  # the toast slides in
+        page.screenshot(path=shots / "zerogpu-too-large.png")
+        left, api.quota = api.quota, 5
+        try:
+            page.reload()
+            press_start(page, 128)
+            toast = page.locator(".toast-body").filter(has_text="ZeroGPU did not start this run")
+            toast.first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=shots / "zerogpu-quota-refused.png")
+        finally:
+            api.quota = left
+        page.reload()
+        press_start(page, 3000)
+        page.get_by_text(re.compile(r"batch \d+/\d+")).first.wait_for(timeout=90_000)  # the status line of a run
+        worker = _worker_pid(api)
+        assert not _idle(worker, 2), "the worker was not computing"
+        page.close()
+        browser.close()
+    assert _idle(worker, 30), "the worker kept computing after the tab closed"

@@ -126,8 +126,8 @@ REFUSED = ("ZeroGPU illegal duration", "ZeroGPU quota exceeded", "ZeroGPU queue 
 def refusal(error: gr.Error, config: LabConfig) -> gr.Error:
     """The scheduler's refusal (its own message kept), with what the run asked for and what the visitor can do."""
     return gr.Error(
-        f"ZeroGPU did not start this run, which asked for {request_seconds(config)} s of GPU: {error.message} "
-        "A smaller run asks for less; Device: cpu runs without GPU time.",
+        f"ZeroGPU did not start this run, which asked for {request_seconds(config)} s of GPU: "
+        f"{str(error.message).rstrip('. ')}. A smaller run asks for less; Device: cpu runs without GPU time.",
         title=error.title,
         print_exception=False,
     )
