@@ -14,8 +14,9 @@ from typing import Any
 import gradio as gr
 import torch
 
-from imse.app import serving, viz, zerogpu
+from imse.app import run_cost, serving, viz, zerogpu
 from imse.app.lab_stream import OUTPUTS, PANEL_TITLES, lab_updates
+from imse.app.run_queue import QueueFull, RunQueue
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES, hub_reachable
 from imse.runs.defaults import PRESETS, default_backbone, lab_settings
@@ -49,6 +50,7 @@ SETTINGS = (
 START_INPUTS = (*SETTINGS, "device", "show_source")
 START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
+_QUEUE: list[RunQueue] = []
 
 
 def offline() -> bool:
@@ -241,12 +243,50 @@ def start_lab(
         progress((done, total) if total else None, desc="Downloading Imagenette (once; then cached)", unit="B")
 
     try:
-        if serving.zero_gpu() and config.device == "cuda":
+        if serving.zero_gpu() and config.device == "cuda":  # computes in a GPU worker, queued by ZeroGPU
             yield from zerogpu.gpu_lab_updates(config, show_source, stop, serving.export_dir(), downloading)
         else:
-            yield from lab_updates(config, show_source, stop, serving.export_dir(), on_download=downloading)
+            yield from _queued_updates(config, show_source, stop, downloading)
     finally:
         RUNS.finish(session, stop)
+
+
+def runs_at_once() -> int:
+    """How many Start events Gradio lets in at once: every computing run and every waiting place of the queue."""
+    return serving.limit("IMSE_MAX_CONCURRENT_RUNS") + serving.limit("IMSE_MAX_QUEUE")
+
+
+def _run_queue() -> RunQueue:
+    """The server's queue of runs computing here (made on first use, with the host's limits)."""
+    if not _QUEUE:
+        slots, places = serving.limit("IMSE_MAX_CONCURRENT_RUNS"), serving.limit("IMSE_MAX_QUEUE")
+        _QUEUE.append(RunQueue(slots, places, seconds_per_work=1.0))  # work: the CPU-measured run seconds
+    return _QUEUE[0]
+
+
+def _queued_updates(config: LabConfig, show_source: bool, stop: serving.StopToken, downloading) -> Iterator[tuple]:
+    """Wait for a slot, telling the visitor its place and the expected wait every second, then run."""
+    queue = _run_queue()
+    try:
+        ticket = queue.join(run_cost.run_seconds(config, config.device))
+    except QueueFull as full:
+        raise gr.Error(str(full)) from None
+    completed = False
+    try:
+        for place, seconds in queue.waiting(ticket):
+            if stop.is_set():
+                return
+            unchanged = [gr.skip()] * (len(OUTPUTS) - 1)
+            yield (f"**Waiting for a free slot**: {_ordinal(place)} in line, about {seconds:.0f} s", *unchanged)
+        yield from lab_updates(config, show_source, stop, serving.export_dir(), on_download=downloading)
+        completed = not stop.is_set()
+    finally:
+        queue.leave(ticket, completed=completed)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _session(request: gr.Request | None) -> str:

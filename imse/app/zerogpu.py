@@ -7,7 +7,7 @@ account, 25 with PRO) and refuses a larger request ("ZeroGPU illegal duration" /
 
 So a run here
 - requests what it needs: ``STARTUP_SECONDS`` plus images × the methods' measured GPU cost per image on the
-  backbone, times ``MARGIN`` (``request_seconds``);
+  backbone (``imse.app.run_cost``, an H200's, doubled for half of one), times ``MARGIN`` (``request_seconds``);
 - is refused before it starts, with the size that fits, when that is above the host's
   ``IMSE_ZEROGPU_MAX_SECONDS`` (``check_fits``);
 - downloads its data and warms the SVD cache in the server process first (``prepare``), not on GPU time;
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import json
 import math
 from collections.abc import Iterator
 
 import gradio as gr
 
-from imse.app import serving
+from imse.app import run_cost, serving
 from imse.app.lab_stream import lab_updates
-from imse.core.resources import asset_path
-from imse.runs.lab import LabConfig, method_name
+from imse.runs.lab import LabConfig
 
 __all__ = [
     "GPU_DEVICE",
@@ -39,13 +36,12 @@ __all__ = [
     "prepare",
     "refusal",
     "request_seconds",
-    "seconds_per_image",
 ]
 
 # The device a GPU call computes on. (A test on a machine without CUDA drives the real worker and points this at
 # the CPU: the GPU is the one piece nothing else can stand in for.)
 GPU_DEVICE = "cuda"
-# A ZeroGPU call gets half an H200 by default (a 3g MIG slice: 60 of 132 SMs); the costs below are a full H200's.
+# A ZeroGPU call gets half an H200 by default (a 3g MIG slice: 60 of 132 SMs); run_cost's are a full H200's.
 HALF_H200 = 2.0
 # Starting a call: the worker's CUDA start, the backbone built on the GPU (weights and SVDs from the disk caches
 # ``prepare`` filled), the methods, the first kernels. A stated allowance, not measured on ZeroGPU.
@@ -53,48 +49,11 @@ STARTUP_SECONDS = 10.0
 # On top of the estimate: the Lab's own per-batch work (corruption on the GPU, the collapse meter's forward,
 # the shift readout) and a scheduler that ends a call at its requested duration.
 MARGIN = 1.5
-# Which measured architecture each backbone costs as (``perf --only methods --device cuda`` on an H200 measured
-# the built-in model, ViT-S/16 and ViT-B/16; the others have the same shapes as one of them, or fewer FLOPs).
-COST_AS = {
-    "builtin": "builtin",
-    "vit_tiny_patch16_224.augreg_in21k_ft_in1k": "vit_small_patch16_224",
-    "vit_small_patch16_224.augreg_in21k_ft_in1k": "vit_small_patch16_224",
-    "deit_small_patch16_224.fb_in1k": "vit_small_patch16_224",
-    "vit_base_patch16_224.augreg_in21k_ft_in1k": "vit_base_patch16_224",
-    "deit_base_patch16_224.fb_in1k": "vit_base_patch16_224",
-    "vit_base_patch16_clip_224.openai_ft_in1k": "vit_base_patch16_224",
-}
-
-
-@functools.cache
-def _measured() -> dict[str, dict[str, float]]:
-    """Seconds per batch-of-64 step by architecture and method, fp32 on an H200 (assets/results)."""
-    data = json.loads(asset_path("results", "perf_methods_h200.json").read_text())
-    return {entry["model"]: entry["step_s"] for entry in data["method_steps"] if entry["batch"] == 64}
-
-
-def seconds_per_image(backbone: str, method: str) -> float:
-    """One method's GPU seconds per image on ``backbone`` (half an H200). Source costs one forward: a third of
-    TENT's step (a forward and its backward)."""
-    steps = _measured()[COST_AS[backbone]]
-    step = steps["tent"] / 3 if method == "source" else steps[method]
-    return step / 64 * HALF_H200
-
-
-def _images(config: LabConfig) -> int:
-    domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
-    return domains * (config.rounds if config.scenario == "recurring" else 1) * config.per_domain
-
-
-def _per_image(config: LabConfig) -> float:
-    """GPU seconds per image of the whole run: every method, and one more forward for the Lab's readouts."""
-    methods = [method_name(label) for label in config.methods]
-    return sum(seconds_per_image(config.backbone, m) for m in methods) + seconds_per_image(config.backbone, "source")
 
 
 def request_seconds(config: LabConfig, *_args) -> int:
     """The duration a run's GPU call requests (``spaces.GPU(duration=...)`` calls this with the call's arguments)."""
-    return math.ceil(MARGIN * (STARTUP_SECONDS + _images(config) * _per_image(config)))
+    return math.ceil(MARGIN * (STARTUP_SECONDS + HALF_H200 * run_cost.run_seconds(config, "cuda")))
 
 
 def check_fits(config: LabConfig) -> None:
@@ -104,8 +63,8 @@ def check_fits(config: LabConfig) -> None:
     needed = request_seconds(config)
     if needed <= largest:
         return
-    domains = _images(config) // config.per_domain
-    fits = math.floor((largest / MARGIN - STARTUP_SECONDS) / (_per_image(config) * domains))
+    domains = run_cost.images(config) // config.per_domain
+    fits = math.floor((largest / MARGIN - STARTUP_SECONDS) / (HALF_H200 * run_cost.per_image(config, "cuda") * domains))
     advice = (
         f"at most {fits:,} images per domain with these methods and corruptions"
         if fits >= 1

@@ -1,0 +1,113 @@
+"""Who computes now and who waits, for the runs this server process computes, with each waiting visitor's place
+and an estimated wait.
+
+Gradio's own queue shows a waiting visitor its rank but estimates the wait from the time to a generator's *first*
+update, which for a streamed run is a second, not the run: the last of a dozen visitors saw nothing for 37 s. So
+runs enter their event at once and wait here instead, in order, told every second where they stand
+(``RunQueue.waiting``). At most ``slots`` compute at once; a run's cost is estimated from its size (images ×
+methods) at the rate finished runs measured, and the wait is when that many slots will have come free.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["QueueFull", "RunQueue", "Ticket", "expected_start"]
+
+
+class QueueFull(RuntimeError):
+    """Every waiting place is taken."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One run's place: its size (image × method passes) and, once admitted, when it started."""
+
+    work: float
+    number: int
+    started: float | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+def expected_start(remaining: list[float], ahead: list[float], slots: int) -> float:
+    """Seconds until a run can start: ``remaining`` are the running runs' seconds left, ``ahead`` the waiting runs'
+    durations in order; each run takes the first slot that comes free."""
+    free = sorted(remaining)[:slots] + [0.0] * max(slots - len(remaining), 0)
+    heapq.heapify(free)
+    for duration in ahead:
+        heapq.heappush(free, heapq.heappop(free) + duration)
+    return free[0]
+
+
+class RunQueue:
+    """First come, first served admission of at most ``slots`` runs at once, ``places`` waiting at most."""
+
+    def __init__(self, slots: int, places: int, seconds_per_work: float, clock: Callable[[], float] = time.monotonic):
+        self.slots, self.places = slots, places
+        self.seconds_per_work = seconds_per_work  # the prior; each finished run updates it
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._running: list[Ticket] = []
+        self._waiting: list[Ticket] = []
+        self._numbers = itertools.count()
+
+    def estimate(self, ticket: Ticket) -> float:
+        return ticket.work * self.seconds_per_work
+
+    def join(self, work: float) -> Ticket:
+        with self._lock:
+            if len(self._waiting) >= self.places and len(self._running) >= self.slots:
+                raise QueueFull(f"the queue is full ({self.places} runs waiting); try again in a minute")
+            ticket = Ticket(work=work, number=next(self._numbers))
+            self._waiting.append(ticket)
+            self._admit()
+            return ticket
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.slots:
+            ticket = self._waiting.pop(0)
+            ticket.started = self._clock()
+            self._running.append(ticket)
+        self._lock.notify_all()
+
+    def place(self, ticket: Ticket) -> tuple[int, float] | None:
+        """``(place in line from 1, seconds until it starts)`` while it waits; None once admitted or gone."""
+        with self._lock:
+            if ticket not in self._waiting:
+                return None
+            now = self._clock()
+            remaining = [max(self.estimate(t) - (now - t.started), 1.0) for t in self._running]
+            index = self._waiting.index(ticket)
+            ahead = [self.estimate(t) for t in self._waiting[:index]]
+            return index + 1, expected_start(remaining, ahead, self.slots)
+
+    def waiting(self, ticket: Ticket, poll: float = 1.0) -> Iterator[tuple[int, float]]:
+        """Yield the ticket's place at once and then about every ``poll`` seconds, until it is admitted."""
+        while (where := self.place(ticket)) is not None:
+            yield where
+            with self._lock:
+                if ticket in self._waiting:
+                    self._lock.wait(poll)
+
+    def leave(self, ticket: Ticket, completed: bool = False) -> None:
+        """Give the place or slot back; a completed run's time teaches the rate (an average over runs)."""
+        with self._lock:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            elif ticket in self._running:
+                self._running.remove(ticket)
+                if completed and ticket.work > 0 and ticket.started is not None:
+                    measured = (self._clock() - ticket.started) / ticket.work
+                    self.seconds_per_work = 0.5 * self.seconds_per_work + 0.5 * measured
+            ticket.finished.set()
+            self._admit()
+
+    def counts(self) -> tuple[int, int]:
+        """(computing, waiting)."""
+        with self._lock:
+            return len(self._running), len(self._waiting)

@@ -1,0 +1,142 @@
+"""A crowd on the free tier: a dozen visitors press Start within a second on 2 cores (gradio_client threads on
+127.0.0.1, a bounded loop, short runs). Each either computes or is told its place and wait; two leave mid-way;
+the finished runs equal the same runs done alone, and the whole takes about what the runs take back to back.
+Prints its numbers (docs/hosting.md quotes them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from test_app import client, launch_app, output, start_args, stop_app
+
+from imse.runs.memory import resident_bytes
+
+VISITORS = 12
+LEAVE_WAITING, LEAVE_RUNNING = 9, 1  # who disconnects: one still waiting, one while computing
+WAITING = re.compile(r"Waiting for a free slot\*\*: (\d+)\w\w in line, about (\d+) s")
+
+
+def short_run(visitor: int) -> list:
+    """About 6 s alone on 2 cores: 10 batches of IMSE and Source."""
+    return start_args(corruptions=["fog", "contrast"], per_domain=320, seed=visitor)
+
+
+def summary_of(outputs) -> dict:
+    with zipfile.ZipFile(output(outputs, "download")) as archive:
+        summary = json.loads(archive.read("records.json"))["summary"]
+    return {label: {k: v for k, v in e.items() if k not in ("seconds", "images_per_s")} for label, e in summary.items()}
+
+
+def visit(url: str, visitor: int, go: threading.Event, seen: dict) -> None:
+    """One visitor: press Start with the others, read every update; the two leavers close their connection."""
+    c = client(url)
+    go.wait()
+    seen["pressed"] = time.perf_counter()
+    job = c.submit(*short_run(visitor), api_name="/start")
+    seen["places"], seen["errors"] = [], []
+    try:
+        for update in job:
+            now = time.perf_counter()
+            seen.setdefault("first", now)
+            status = output(update, "status") or ""
+            if match := WAITING.search(status):
+                seen["places"].append((now, int(match[1]), int(match[2])))
+            else:
+                seen.setdefault("computing", now)
+            leaving = visitor == LEAVE_WAITING and seen["places"] or visitor == LEAVE_RUNNING and "computing" in seen
+            if leaving:
+                seen["left"] = time.perf_counter()
+                job.cancel()
+                c.close()
+                return
+        seen["summary"] = summary_of(job.outputs()[-1])
+        seen["done"] = time.perf_counter()
+    except Exception as error:  # a visitor must never get one
+        seen["errors"].append(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.slow  # load and timing: a dozen runs at once, then one by one
+def test_a_dozen_visitors_at_once_on_two_cores(tmp_path):
+    process, url = launch_app()
+    try:
+        client(url).predict(*short_run(99), api_name="/start")  # warm: imports, kernels, corruption caches
+        alone, started = {}, time.perf_counter()
+        for visitor in range(VISITORS):
+            if visitor in (LEAVE_WAITING, LEAVE_RUNNING):
+                continue
+            alone[visitor] = summary_of(client(url).predict(*short_run(visitor), api_name="/start"))
+        back_to_back = time.perf_counter() - started
+
+        go, seen = threading.Event(), {visitor: {} for visitor in range(VISITORS)}
+        threads = [threading.Thread(target=visit, args=(url, v, go, seen[v])) for v in range(VISITORS)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2)  # every client connected
+        started = time.perf_counter()
+        go.set()
+        for thread in threads:
+            thread.join(timeout=600)
+        crowd = max(s.get("done", s.get("left", 0)) for s in seen.values()) - started
+        peak = resident_bytes(process.pid, "VmHWM")
+        screenshot = waiting_in_the_browser(url, tmp_path) if shutil.which("chromium") else None
+    finally:
+        stop_app(process)
+
+    assert all(not s["errors"] for s in seen.values()), {v: s["errors"] for v, s in seen.items() if s["errors"]}
+    first = max(s["first"] - s["pressed"] for s in seen.values())
+    waited = [v for v, s in seen.items() if s["places"]]
+    report = {
+        "back_to_back_s": round(back_to_back, 1),
+        "crowd_s": round(crowd, 1),
+        "ratio": round(crowd / back_to_back, 3),
+        "slowest_first_update_s": round(first, 2),
+        "visitors_told_their_place": len(waited),
+        "peak_rss_mib": round(peak / 2**20),
+        "screenshot": str(screenshot),
+    }
+    for v in waited:  # the first place and wait each was told, and when it really started computing
+        told, place, wait = seen[v]["places"][0]
+        if "computing" in seen[v]:
+            after = seen[v]["computing"] - told
+            report[f"visitor {v}"] = f"told {place} in line, ~{wait} s; computed after {after:.0f} s"
+    print(json.dumps(report, indent=1))
+    assert first <= 3.0, "every visitor hears from the server at once"
+    assert len(waited) >= VISITORS - 2 - 1  # all but the two computing at once were told their place
+    for v, s in seen.items():  # the places only ever move up
+        places = [place for _, place, _ in s["places"]]
+        assert places == sorted(places, reverse=True), (v, places)
+    for visitor, summary in alone.items():
+        assert seen[visitor].get("summary") == summary, f"visitor {visitor}'s run differs from the same run alone"
+    assert crowd <= 1.15 * back_to_back, report
+
+
+def waiting_in_the_browser(url: str, folder: Path) -> Path:
+    """A visitor in the browser behind two runs: what the page says while it waits (screenshot)."""
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("IMSE_SCREENSHOTS", folder))
+    others = [client(url).submit(*short_run(50 + i), api_name="/start") for i in range(3)]
+    try:
+        with sync_playwright() as p:
+            chromium = shutil.which("chromium")
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.get_by_role("button", name="Start").click()
+            page.get_by_text(re.compile("Waiting for a free slot")).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)
+            path = shots / "crowd-waiting.png"
+            page.screenshot(path=path)
+            browser.close()
+    finally:
+        for job in others:
+            job.cancel()
+    return path
