@@ -1,4 +1,5 @@
-"""What a finished Lab run gives its visitor: the results table and the download (records, code, bank).
+"""What a finished Lab run gives its visitor: the results table, the download (records, code, bank) and one
+sentence saying what happened.
 
 Kept apart from the run loop (``imse.runs.lab``): these read a finished ``LabState`` and write nothing back.
 """
@@ -15,7 +16,7 @@ from imse.core.codes import save_code
 from imse.core.spectral import spectral_layers
 from imse.runs.lab import LabState, method_name, primary_label
 
-__all__ = ["export_run", "summary_rows"]
+__all__ = ["export_run", "summary_rows", "verdict"]
 
 
 def export_run(state: LabState, directory: str | Path) -> Path:
@@ -86,3 +87,76 @@ def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
             row.append(round(trainable / reference, 1) if trainable is not None and reference else None)
         rows.append(row)
     return headers, rows
+
+
+def _versus(gain: float, other: str) -> str:
+    """'3.1 points above Source', '1.2 points below TENT', 'level with Source' (gain in points, one decimal)."""
+    if round(gain, 1) == 0:
+        return f"level with {other}"
+    return f"{abs(gain):.1f} points {'above' if gain > 0 else 'below'} {other}"
+
+
+def _join(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _comparison(state: LabState) -> str:
+    """The best method against Source (or, without Source, against the best of the rest), by the results
+    table's means rounded to one decimal; methods level at the top are named together."""
+    means = {label: round(100 * entry["mean_accuracy"], 1) for label, entry in state.summary.items()}
+    if len(means) == 1:
+        ((label, mean),) = means.items()
+        return f"{label} reached {mean:.1f} %"
+    source = next((label for label in means if method_name(label) == "source"), None)
+    rivals = [label for label in means if label != source]
+    top = max(means[label] for label in rivals)
+    tied = [label for label in rivals if means[label] == top]  # in the table's order
+    if source is None:
+        rest = [label for label in rivals if means[label] < top]
+        if not rest:
+            return f"{_join(tied)} tied at {top:.1f} %"
+        against, kind = max(rest, key=means.__getitem__), "methods"
+    else:
+        against, kind = source, "adapting methods"
+    if len(rivals) == 1:
+        lead = f"{tied[0]} ended"
+    else:
+        lead = f"{_join(tied)} {'tied for' if len(tied) > 1 else 'did'} best of {len(rivals)} {kind},"
+    scores = f"{top:.1f} % each" if top == means[against] else f"{top:.1f} % vs {means[against]:.1f} %"
+    return f"{lead} {_versus(top - means[against], against)} ({scores})"
+
+
+def _bank(state: LabState) -> str:
+    """What the bank did, from the first retrieving method's records (``runner.bank_summary``), or nothing."""
+    banks = [(label, entry["bank"]) for label, entry in state.summary.items() if entry.get("bank")]
+    if not banks:
+        return ""
+    label, bank = banks[0]
+    owner = "the bank" if len(banks) == 1 else f"{label}'s bank"
+    stored = bank["detections"]  # every detected shift stores the domain that ended
+    text = f"{owner} stored {stored} domain{'' if stored == 1 else 's'}"
+    if bank["boundaries"]:
+        changes = bank["boundaries"]
+        text += f" (it caught {bank['boundaries_detected']} of {changes} change{'' if changes == 1 else 's'})"
+    if bank["retrievals_with_own_code_stored"]:
+        could = bank["retrievals_with_own_code_stored"]
+        text += f" and brought back the same corruption's code {bank['retrieved_same_corruption']} of {could} times"
+    return "; " + text
+
+
+def verdict(state: LabState) -> str:
+    """One plain sentence on a finished run for its visitor: the best method against Source (or the runner-up
+    without Source), in points and per cent, over how many images; what the bank did; and, when the time limit
+    cut the run short, where. Accuracies are the results table's means, rounded to one decimal, and the gain is
+    their difference, so that the sentence adds up as read."""
+    if not state.finished or not state.summary:
+        raise ValueError("the run has not finished")
+    text = _comparison(state)
+    if state.batch < state.total_batches:
+        text = (
+            f"Cut short by the time limit after {state.batch} of {state.total_batches} batches "
+            f"({state.images:,} images): {text}"
+        )
+    else:
+        text += f" over {state.images:,} images"
+    return text + _bank(state) + "."
