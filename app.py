@@ -13,6 +13,7 @@ import gradio as gr  # noqa: E402
 
 from imse.app import serving, teach, teach_data, ui  # noqa: E402
 from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
+from imse.app.theme import PAGE_CSS  # noqa: E402
 from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
 from imse.runs.lab import MAX_BATCH  # noqa: E402
 
@@ -261,6 +262,7 @@ if __name__ == "__main__":
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         theme=theme,
+        css=PAGE_CSS,  # the figures follow the visitor's light or dark theme (imse.app.theme)
         show_error=False,
         max_file_size=MAX_UPLOAD_BYTES,  # refused by the server before the upload reaches any code of ours
     )

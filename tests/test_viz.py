@@ -7,8 +7,8 @@ import json
 import pytest
 
 from imse.app import viz
-from imse.app.lab_results import summary_rows
-from imse.runs.lab import LabConfig, run_lab
+from imse.app.lab_results import summary_rows, verdict
+from imse.runs.lab import LabConfig, LabState, run_lab
 
 LIVE = (
     viz.accuracy_figure,
@@ -48,7 +48,7 @@ def test_live_panels_are_valid_plotly_figures_and_small(finished_state):
 
 def test_accuracy_bars_are_the_per_domain_accuracies_of_the_results_table(finished_state):
     headers, rows = summary_rows(finished_state)
-    bars = [trace for trace in viz.accuracy_figure(finished_state)["data"] if trace["type"] == "bar"]
+    bars = [trace for trace in viz.accuracy_figure(finished_state)["data"] if trace["xaxis"] == "x2"]
     assert [bar["name"] for bar in bars] == [row[0] for row in rows]
     domains = len(finished_state.domains)
     assert headers[1 + domains :] == [
@@ -63,9 +63,9 @@ def test_the_accuracy_panel_states_each_methods_gain_over_source_so_far(finished
     state = finished_state
     label = "IMSE + retrieval (top-1)"
     gain = 100 * (state.correct[label][-1] - state.correct["Source"][-1]) / state.images
-    lines = [trace for trace in viz.accuracy_figure(state)["data"] if trace["type"] == "scatter"]
+    lines = [trace for trace in viz.accuracy_figure(state)["data"] if trace["xaxis"] == "x"]
     assert lines[0]["name"] == f"{label}: {gain:+.1f} pts vs Source" and lines[1]["name"] == "Source"
-    assert f"IMSE + retrieval {gain:+.1f}" in viz.accuracy_figure(state).title
+    assert f"IMSE + retrieval {gain:+.1f}" in viz.accuracy_figure(state).subtitle
     headers, rows = summary_rows(state)
     assert rows[0][headers.index("vs Source (pts)")] == round(gain, 2)
 
@@ -109,7 +109,7 @@ def test_a_recurring_run_draws_one_bar_per_domain_visit():
         scenario="recurring", rounds=2, corruptions=("fog", "contrast"), per_domain=64, methods=("Source",)
     )
     *_, state = run_lab(config, min_interval=0.0)
-    (bar,) = [trace for trace in viz.accuracy_figure(state)["data"] if trace["type"] == "bar"]
+    (bar,) = [trace for trace in viz.accuracy_figure(state)["data"] if trace["type"] == "bar"]  # no gain row
     assert bar["x"] == ["fog-2", "contrast-2", "fog-2 (2)", "contrast-2 (2)"]
     _, (row,) = summary_rows(state)
     assert [round(v, 1) for v in bar["y"]] == row[1:5]
@@ -126,3 +126,71 @@ def test_the_results_table_counts_each_methods_adapted_values_against_imses():
     for row in rows:
         assert row[headers.index("trainable values")] == counts[row[0]]
         assert row[headers.index("× IMSE's")] == round(counts[row[0]] / counts["IMSE"], 1)
+
+
+def hand_made(methods=("IMSE", "TENT", "Source")) -> LabState:
+    """Four batches of 50 images over two domains, with counts chosen by hand."""
+    counts = {"IMSE": [40, 82, 120, 160], "TENT": [38, 77, 112, 150], "Source": [37, 75, 110, 148]}
+    domains = [dict(name="fog-2", index=0, start=0, end=1), dict(name="snow-2", index=1, start=2, end=3)]
+    return LabState(config={}, methods=list(methods), class_names=[str(c) for c in range(10)], batch=4,
+                    total_batches=4, images=200, correct={m: counts[m] for m in methods}, seen=[50, 100, 150, 200],
+                    domains=domains)  # fmt: skip
+
+
+def traces(figure, axis: str) -> dict:
+    return {trace["name"]: trace for trace in figure["data"] if trace["xaxis"] == axis}
+
+
+def test_the_gain_row_draws_each_methods_points_over_source_on_an_axis_fitted_to_them():
+    figure = viz.accuracy_figure(hand_made())
+    figure.to_plotly()
+    # by hand: IMSE − Source = 3, 7, 10, 12 images of 50, 100, 150, 200; TENT − Source = 1, 2, 2, 2
+    running = traces(figure, "x3")
+    assert list(running) == ["IMSE", "TENT"]  # Source is the zero line, not a trace
+    assert running["IMSE"]["y"] == pytest.approx([6.0, 7.0, 20 / 3, 6.0])
+    assert running["TENT"]["y"] == pytest.approx([2.0, 2.0, 4 / 3, 1.0])
+    # per domain: IMSE 82 % and 78 %, TENT 77 % and 73 %, Source 75 % and 73 %
+    accuracy, gains = traces(figure, "x2"), traces(figure, "x4")
+    assert [v for m in ("IMSE", "TENT", "Source") for v in accuracy[m]["y"]] == pytest.approx([82, 78, 77, 73, 75, 73])
+    assert gains["IMSE"]["y"] == pytest.approx([7.0, 5.0]) and gains["IMSE"]["text"] == ["+7.0", "+5.0"]
+    assert gains["TENT"]["y"] == pytest.approx([2.0, 0.0]) and gains["TENT"]["text"] == ["+2.0", "+0.0"]
+    layout = figure["layout"]
+    low, high = layout["yaxis3"]["range"]
+    assert low < 0 < 7.0 < high and (7.0 - 0) / (high - low) > 0.7  # the largest gain fills most of the axis
+    assert layout["yaxis4"]["range"] == pytest.approx([-1.05, 8.05])
+    zero = [s for s in layout["shapes"] if s.get("yref") in ("y3", "y4")]
+    assert [(s["yref"], s["y0"], s["y1"], s["line"]["dash"]) for s in zero] == [(f"y{a}", 0, 0, "dash") for a in "34"]
+    assert [t["name"] for t in traces(figure, "x").values()] == [
+        "IMSE: +6.0 pts vs Source", "TENT: +1.0 pts vs Source", "Source"
+    ]  # fmt: skip
+    assert figure.subtitle == "gain over Source so far (points): IMSE +6.0; TENT +1.0"
+
+
+def test_a_three_point_gain_fills_most_of_its_axis_where_accuracy_shows_it_as_a_sliver():
+    low, high = viz.fitted_range([0.4, 3.0, 2.2])
+    assert (low, high) == pytest.approx((-0.45, 3.45))
+    assert 3.0 / (high - low) > 0.75 and 3.0 / 100 < 0.05  # vs the accuracy axis, 0–100
+    assert viz.fitted_range([-2.0, -0.5]) == pytest.approx([-2.3, 0.3])  # below Source: zero stays in view
+    assert viz.fitted_range([0.1]) == pytest.approx([-0.6, 0.7])  # at least a point tall: noise is not magnified
+
+
+def test_without_source_or_alone_there_is_no_gain_row():
+    for methods in (("IMSE", "TENT"), ("Source",)):
+        figure = viz.accuracy_figure(hand_made(methods))
+        assert {trace["xaxis"] for trace in figure["data"]} == {"x", "x2"}
+        assert "yaxis3" not in figure["layout"] and figure.subtitle == ""
+    empty = dataclasses.replace(hand_made(), seen=[], correct={m: [] for m in ("IMSE", "TENT", "Source")}, domains=[])
+    assert {trace["xaxis"] for trace in viz.accuracy_figure(empty)["data"]} == {"x", "x2"}
+
+
+def test_the_verdict_of_a_real_run_states_the_results_tables_numbers(finished_state):
+    headers, rows = summary_rows(finished_state)
+    (imse, source) = [row[headers.index("mean")] for row in rows]
+    gain = round(imse, 1) - round(source, 1)
+    words = "above" if gain > 0 else "below"
+    expected = f"IMSE + retrieval (top-1) ended {abs(gain):.1f} points {words} Source ({imse:.1f} % vs {source:.1f} %)"
+    if round(gain, 1) == 0:
+        expected = f"IMSE + retrieval (top-1) ended level with Source ({imse:.1f} % each)"
+    sentence = verdict(finished_state)
+    assert sentence.startswith(expected + " over 384 images; the bank stored ")
+    assert sentence.endswith(" of 2 changes).")  # fog → gaussian noise → contrast

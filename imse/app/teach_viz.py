@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from imse.app.theme import MUTED, NEUTRAL, themed
 from imse.runs.explain.collapse import CollapseView
 from imse.runs.explain.domains import DomainMap, Retrieval
 from imse.runs.explain.step import StepReport
@@ -38,13 +40,24 @@ CONDITION_COLOURS = {
 _MARGIN = dict(l=55, r=15, t=50, b=45)
 
 
+def _themed(build):
+    """Every Teach figure follows the page's light or dark theme (``imse.app.theme``)."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        return themed(build(*args, **kwargs))
+
+    return wrapper
+
+
 def _short(layer: str) -> str:
     return layer.removeprefix("model.").replace("blocks.", "b")
 
 
+@_themed
 def spectrum_figure(singular_values: list[float], energy: list[float], layer: str, kept: set[int], scaled: int | None):
     """σ of every expert (kept ones coloured, the scaled one red) with the cumulative energy share on the right."""
-    colours = ["#d62728" if i == scaled else "#1f77b4" if i in kept else "#c7c7c7" for i in range(len(singular_values))]
+    colours = ["#d62728" if i == scaled else "#1f77b4" if i in kept else MUTED for i in range(len(singular_values))]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(
         go.Bar(
@@ -71,6 +84,7 @@ def spectrum_figure(singular_values: list[float], energy: list[float], layer: st
     return fig
 
 
+@_themed
 def rank_figure(curve: list[tuple[int, float]], full: float, k: int, at_k: float, scope: str, images: int):
     """Accuracy on a fixed labelled set when only the k largest experts are kept, against k (log axis)."""
     fig = go.Figure()
@@ -88,6 +102,7 @@ def rank_figure(curve: list[tuple[int, float]], full: float, k: int, at_k: float
     return fig
 
 
+@_themed
 def top5_figure(probabilities: list[float], class_names: list[str], title: str):
     order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:5]
     fig = go.Figure(
@@ -104,6 +119,7 @@ def top5_figure(probabilities: list[float], class_names: list[str], title: str):
     return fig
 
 
+@_themed
 def collapse_experts_figure(view: CollapseView, layer: str):
     """Every expert's alignment std in one layer, one line per condition."""
     fig = go.Figure()
@@ -141,6 +157,7 @@ def _grouped_bars(x: list[str], bars: dict[str, tuple[str, list]], title: str, y
     return fig
 
 
+@_themed
 def collapse_layers_figure(view: CollapseView):
     """The layer mean (all experts but the largest, as in L_dm) per layer and condition."""
     bars = {condition: (condition, view.layer_mean[condition]) for condition in view.conditions}
@@ -148,6 +165,7 @@ def collapse_layers_figure(view: CollapseView):
     return _grouped_bars(names, bars, "Layer mean std (all experts but the largest)", "mean std")
 
 
+@_themed
 def collapse_history_figure(view: CollapseView):
     """The mean std (over the layers) of each adapting method against the images it has adapted on."""
     fig = go.Figure()
@@ -176,6 +194,7 @@ def collapse_history_figure(view: CollapseView):
     return fig
 
 
+@_themed
 def predictions_figure(view: CollapseView, class_names: list[str]):
     """How many images each class was predicted for, per condition: collapse shows as one tall bar."""
     bars = {
@@ -185,10 +204,11 @@ def predictions_figure(view: CollapseView, class_names: list[str]):
     return _grouped_bars(names, bars, "Predicted classes (accuracy in the legend)", "images")
 
 
+@_themed
 def sample_entropy_figure(report: StepReport):
     """Each sample's entropy before the update, reliable ones (under E0) in colour, with the E0 line."""
     order = sorted(range(len(report.entropy)), key=report.entropy.__getitem__)
-    colours = ["#2ca02c" if report.reliable[i] else "#c7c7c7" for i in order]
+    colours = ["#2ca02c" if report.reliable[i] else MUTED for i in order]
     fig = go.Figure(
         go.Bar(
             y=[report.entropy[i] for i in order],
@@ -209,6 +229,7 @@ def sample_entropy_figure(report: StepReport):
     return fig
 
 
+@_themed
 def loss_figure(report: StepReport):
     """The objective's two terms, their weighted sum, and the loss again at SAM's perturbed code."""
     names, values, colours = [], [], []
@@ -239,6 +260,7 @@ def loss_figure(report: StepReport):
     return fig
 
 
+@_themed
 def step_predictions_figure(report: StepReport, class_names: list[str]):
     """Predicted classes before and after the step, with the accuracy of each."""
     count = len(class_names)
@@ -262,6 +284,7 @@ def step_predictions_figure(report: StepReport, class_names: list[str]):
     return fig
 
 
+@_themed
 def kl_figure(domains: DomainMap):
     """Pairwise symmetric KL between the domains' descriptors; cells over τ (a new domain) marked ●."""
     labels = [name.replace("_", " ") for name in domains.names]
@@ -279,8 +302,9 @@ def kl_figure(domains: DomainMap):
             colorbar=dict(title="log10 KL"),
         )
     )
+    note = f"● over τ = {domains.tau:g}: a new domain"
     fig.update_layout(
-        title=f"Symmetric KL between descriptors (● over τ = {domains.tau:g}: a new domain)",
+        title=dict(text="Symmetric KL between descriptors", subtitle=dict(text=note)),
         height=470,
         margin=dict(l=110, r=15, t=50, b=100),
         yaxis=dict(autorange="reversed"),
@@ -288,6 +312,7 @@ def kl_figure(domains: DomainMap):
     return fig
 
 
+@_themed
 def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None):
     """The domains on a 2-D map (distances ≈ √KL) with the circle √τ around the clean data: inside it, a batch
     would not start a new domain (approximately: the map is a projection)."""
@@ -306,7 +331,11 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None):
             ],
             hovertext=[name.replace("_", " ") for name in domains.names],
             textposition="top center",
-            marker=dict(size=11, color=colours, line=dict(width=[3 if n == incoming else 0 for n in domains.names])),
+            marker=dict(
+                size=11,
+                color=colours,
+                line=dict(color=NEUTRAL, width=[3 if n == incoming else 0 for n in domains.names]),
+            ),
             hoverinfo="text",
         )
     )
@@ -314,7 +343,7 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None):
     cx, cy = domains.xy[0]
     fig.add_shape(type="circle", x0=cx - radius, x1=cx + radius, y0=cy - radius, y1=cy + radius, line_color="#2ca02c")
     fig.update_layout(
-        title="Domain map (distance ≈ √KL): red stored, ringed the new batch",
+        title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text="red: stored; ringed: the new batch")),
         height=470,
         margin=_MARGIN,
         xaxis=dict(zeroline=False, title=""),
@@ -324,6 +353,7 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None):
     return fig
 
 
+@_themed
 def retrieval_figure(retrieval: Retrieval, tau: float):
     """KL from the new batch to every slot of the bank; the slot top-1 retrieval brings back in red."""
     colours = ["#d62728" if i == retrieval.slot else "#1f77b4" for i in range(len(retrieval.stored))]

@@ -9,7 +9,6 @@ building them cost more than the adaptation itself.
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import json
 import math
@@ -17,6 +16,7 @@ import math
 import plotly.graph_objects as go
 import torch
 
+from imse.app.theme import DIVERGING, NEUTRAL, TEMPLATE
 from imse.runs.lab import method_name
 
 __all__ = [
@@ -43,27 +43,29 @@ class Figure(dict):
     """
 
     def to_json(self) -> str:
-        layout = {"template": _template(), **self["layout"]}
+        layout = {"template": TEMPLATE, **self["layout"]}  # the page-following look (imse.app.theme)
         return json.dumps({"data": self["data"], "layout": layout}, separators=(",", ":"), allow_nan=False)
 
     def to_plotly(self) -> go.Figure:
-        return go.Figure(self["data"], self["layout"])
+        return go.Figure(self["data"], {"template": TEMPLATE, **self["layout"]})
 
     @property
     def title(self) -> str:
         return self["layout"].get("title", {}).get("text", "")
 
-
-@functools.cache
-def _template() -> dict:
-    import plotly.io as pio
-
-    return pio.templates["plotly"].to_plotly_json()  # the look go.Figure would give, read once
+    @property
+    def subtitle(self) -> str:
+        return self["layout"].get("title", {}).get("subtitle", {}).get("text", "")
 
 
-def _layout(title: str, height: int, margin: tuple[int, int, int, int], **extra) -> dict:
+def _layout(title: str, height: int, margin: tuple[int, int, int, int], subtitle: str = "", **extra) -> dict:
+    """The title pinned to the top, under the app's label badge (32 px), and what a panel draws above its plot
+    area (domain names) below it. Gradio's plot makes the top margin at least 100 px: the margins say so."""
     left, right, top, bottom = margin
-    return {"title": {"text": title}, "height": height, "margin": dict(l=left, r=right, t=top, b=bottom), **extra}
+    title = {"text": title, "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 32}}
+    if subtitle:
+        title["subtitle"] = {"text": subtitle}
+    return {"title": title, "height": height, "margin": dict(l=left, r=right, t=top, b=bottom), **extra}
 
 
 def _domain_labels(domains: list[dict]) -> list[str]:
@@ -77,14 +79,14 @@ def _domain_labels(domains: list[dict]) -> list[str]:
     return labels
 
 
-def _subplot_title(text: str, x: float, anchor: str = "center") -> dict:
-    return dict(text=text, x=x, y=1.0, xref="paper", yref="paper", xanchor=anchor, yanchor="bottom",
+def _subplot_title(text: str, x: float, anchor: str = "center", y: float = 1.0) -> dict:
+    return dict(text=text, x=x, y=y, xref="paper", yref="paper", xanchor=anchor, yanchor="bottom",
                 showarrow=False, font=dict(size=14))  # fmt: skip
 
 
 def empty_figure(title: str, note: str = "press Start") -> Figure:
     annotation = dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    layout = _layout(title, 300, (40, 10, 40, 30), annotations=[annotation])
+    layout = _layout(title, 300, (40, 10, 100, 30), annotations=[annotation])
     layout.update(xaxis=dict(visible=False), yaxis=dict(visible=False))
     return Figure(data=[], layout=layout)
 
@@ -105,7 +107,7 @@ def _domain_marks(domains: list[dict], xref: str = "x", label: bool = True) -> t
     """Alternate domains shaded, names on top (shapes, annotations)."""
     shapes = [
         dict(type="rect", xref=xref, yref="paper", x0=d["start"] - 0.5, x1=d["end"] + 0.5, y0=0, y1=1,
-             fillcolor="grey", opacity=0.08, line_width=0)
+             fillcolor="grey", opacity=0.12, line_width=0)
         for i, d in enumerate(domains) if i % 2
     ]  # fmt: skip
     annotations = []
@@ -131,34 +133,63 @@ def gains_over_source(state) -> dict[str, float]:
     return {m: 100 * (state.correct[m][-1] - base) / state.seen[-1] for m in state.methods if m != source}
 
 
+def _per_domain(state, method: str) -> list[float]:
+    """The method's accuracy (%) on each domain visit, from the cumulative counts (a visit has ≥ 1 image)."""
+    correct, seen = [0, *state.correct[method]], [0, *state.seen]
+    return [100 * (correct[d["end"] + 1] - correct[d["start"]]) / (seen[d["end"] + 1] - seen[d["start"]])
+            for d in state.domains]  # fmt: skip
+
+
+def fitted_range(values: list[float], floor: float = 1.0) -> list[float]:
+    """An axis fitted to the gains, zero always in view and at least ``floor`` points tall, with a margin: a
+    3-point gain fills most of it (on the 0–100 accuracy axis it is a hair's breadth)."""
+    lo, hi = min([0.0, *values]), max([0.0, *values])
+    if hi - lo < floor:
+        middle = (lo + hi) / 2
+        lo, hi = min(lo, middle - floor / 2), max(hi, middle + floor / 2)
+    pad = 0.15 * (hi - lo)
+    return [lo - pad, hi + pad]
+
+
 def accuracy_figure(state) -> Figure:
-    """Running online accuracy per method over batches, domains shaded and labelled, and per-domain bars; each
-    method's gain over Source so far, in points, in its legend entry and the title."""
+    """Running online accuracy per method over batches (domains shaded and labelled) and per-domain bars. With
+    Source in the run, a second row draws each method's gain over Source in points, running and per domain,
+    on an axis fitted to the gains, Source being its zero line; the legend and the title say the gain so far."""
     keep = _decimate(len(state.seen))
     gains = gains_over_source(state)
-    data = []
+    source = _source_label(state) if gains else None
+    labels = _domain_labels(state.domains)
+    data, running, per_domain = [], [], []
+    baseline = _per_domain(state, source) if source else []
     for i, method in enumerate(state.methods):
         colour = COLOURS[i % len(COLOURS)]
         accuracy = state.accuracy(method)
         name = f"{method}: {gains[method]:+.1f} pts vs Source" if method in gains else method
         data.append(dict(type="scatter", x=keep, y=[100 * accuracy[j] for j in keep], name=name, mode="lines",
-                         line=dict(color=colour), xaxis="x", yaxis="y"))  # fmt: skip
-        per_domain = []
-        for domain in state.domains:
-            s, e = domain["start"], domain["end"]
-            before_c = state.correct[method][s - 1] if s else 0
-            before_n = state.seen[s - 1] if s else 0
-            n = state.seen[e] - before_n
-            per_domain.append(100 * (state.correct[method][e] - before_c) / n if n else 0.0)
-        data.append(dict(type="bar", x=_domain_labels(state.domains), y=per_domain, name=method,
-                         marker=dict(color=colour), showlegend=False, xaxis="x2", yaxis="y2"))  # fmt: skip
+                         line=dict(color=colour), legendgroup=method, xaxis="x", yaxis="y"))  # fmt: skip
+        bars = _per_domain(state, method)
+        data.append(dict(type="bar", x=labels, y=bars, name=method, marker=dict(color=colour), showlegend=False,
+                         legendgroup=method, xaxis="x2", yaxis="y2"))  # fmt: skip
+        if method not in gains:
+            continue
+        gain = [100 * (state.correct[method][j] - state.correct[source][j]) / state.seen[j] for j in keep]
+        domain_gain = [b - s for b, s in zip(bars, baseline)]
+        running += gain
+        per_domain += domain_gain
+        data.append(dict(type="scatter", x=keep, y=gain, name=method, mode="lines", line=dict(color=colour),
+                         showlegend=False, legendgroup=method, xaxis="x3", yaxis="y3",
+                         hovertemplate=f"{method}<br>batch %{{x}}<br>%{{y:.2f}} pts<extra></extra>"))  # fmt: skip
+        data.append(dict(type="bar", x=labels, y=domain_gain, name=method, marker=dict(color=colour),
+                         showlegend=False, legendgroup=method, xaxis="x4", yaxis="y4", textposition="outside",
+                         text=[f"{g:+.1f}" for g in domain_gain], cliponaxis=False, textfont=dict(size=9)))  # fmt: skip
     shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
     so_far = "; ".join(f"{m.split(' (')[0]} {g:+.1f}" for m, g in gains.items())
+    title = f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images"
     layout = _layout(
-        f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images"
-        + (f"<br><sup>gain over Source so far (points): {so_far}</sup>" if so_far else ""),
+        title,
         380,
-        (40, 10, 110, 40),
+        (50, 10, 140, 40),
+        f"gain over Source so far (points): {so_far}" if so_far else "",
         legend=dict(orientation="h", y=-0.22),  # below the x-axis title, also when it wraps
         barmode="group",
         shapes=shapes,
@@ -168,7 +199,34 @@ def accuracy_figure(state) -> Figure:
         xaxis2=dict(domain=[0.72, 1], anchor="y2", tickangle=-60, tickfont=dict(size=8)),
         yaxis2=dict(domain=[0, 1], anchor="x2"),
     )
+    if gains:
+        _gain_row(layout, source, COLOURS[state.methods.index(source) % len(COLOURS)], running, per_domain)
     return Figure(data=data, layout=layout)
+
+
+def _gain_row(layout: dict, source: str, colour: str, running: list[float], per_domain: list[float]) -> None:
+    """Put the gains under the accuracy: each gain axis fitted to its own values, Source its dashed zero line;
+    the batch axis is shared, the domain names are written once, under the per-domain gains."""
+    # the gains' labels are hidden where the bars are too narrow for them (a phone): the axis still reads
+    layout.update(height=560, legend=dict(orientation="h", y=-0.16), uniformtext=dict(minsize=8, mode="hide"))
+    layout["yaxis"]["domain"] = layout["yaxis2"]["domain"] = [0.5, 1]
+    layout["xaxis"].update(showticklabels=False, title=None)
+    layout["xaxis2"].update(showticklabels=False)
+    layout.update(
+        xaxis3=dict(domain=[0, 0.64], anchor="y3", matches="x", title=dict(text="batch")),
+        yaxis3=dict(domain=[0, 0.4], anchor="x3", range=fitted_range(running), zeroline=False,
+                    title=dict(text="gain over Source (pts)")),
+        xaxis4=dict(domain=[0.72, 1], anchor="y4", matches="x2", tickangle=-60, tickfont=dict(size=8)),
+        yaxis4=dict(domain=[0, 0.4], anchor="x4", range=fitted_range(per_domain), zeroline=False),
+    )  # fmt: skip
+    for axis in ("3", "4"):
+        layout["shapes"].append(dict(type="line", xref=f"x{axis} domain", yref=f"y{axis}", x0=0, x1=1, y0=0, y1=0,
+                                     line=dict(color=colour, dash="dash", width=1.5)))  # fmt: skip
+    layout["annotations"] += [
+        dict(text=source, xref="x3 domain", yref="y3", x=1, y=0, xanchor="right", yanchor="bottom", showarrow=False,
+             font=dict(size=9)),
+        _subplot_title("vs Source (pts)", 0.86, y=0.4),
+    ]  # fmt: skip
 
 
 def _short(name: str) -> str:
@@ -191,7 +249,7 @@ def alignment_figure(state, show_source: bool = False) -> Figure:
         colorbar=dict(title=dict(text="std")),
         hovertemplate="layer %{y}<br>expert group %{x}<br>std %{z:.3f}<extra></extra>",
     )
-    layout = _layout(title, 420, (80, 10, 40, 40), xaxis=dict(title=dict(text="experts (largest σ first, pooled)")))
+    layout = _layout(title, 420, (80, 10, 100, 40), xaxis=dict(title=dict(text="experts (largest σ first, pooled)")))
     return Figure(data=[heatmap], layout=layout)
 
 
@@ -201,14 +259,14 @@ def shift_figure(state) -> Figure:
     if not state.shift_rel:
         return empty_figure(title, "the shown method adapts no singular values" if state.batch else "press Start")
     # colour range from the 99th percentile: a few near-zero σ of rank-deficient layers would otherwise have
-    # huge relative shifts and wash every other expert out to white
+    # huge relative shifts and wash every other expert out to the middle colour
     magnitudes = sorted(abs(v) for row in state.shift_rel for v in row if math.isfinite(v))
     bound = max(1e-6, magnitudes[int(0.99 * (len(magnitudes) - 1))] if magnitudes else 0.0)
     frozen = set(state.frozen_layers)
     rows = [_short(n) + (" · frozen" if n in frozen else "") for n in state.layer_names[: len(state.shift_rel)]]
     data = [
         dict(type="heatmap", z=[[_finite(v) for v in row] for row in state.shift_rel],
-             y=rows, colorscale="RdBu", zmid=0.0,
+             y=rows, colorscale=DIVERGING, zmid=0.0,
              zmin=-bound, zmax=bound, colorbar=dict(x=0.5, len=0.9, thickness=10), xaxis="x", yaxis="y",
              hovertemplate="layer %{y}<br>expert group %{x}<br>ΔS/S0 %{z:.2e}<extra></extra>")
     ]  # fmt: skip
@@ -219,16 +277,17 @@ def shift_figure(state) -> Figure:
         data.append(dict(type="scatter", x=keep, y=[_finite(history[j][layer]) for j in keep], mode="lines",
                          name=name, line=dict(width=1), showlegend=False, xaxis="x2", yaxis="y2",
                          hovertemplate=name + "<br>batch %{x}<br>%{y:.2e}<extra></extra>"))  # fmt: skip
-    note = "· frozen: the last blocks' S stay fixed (they carry L_dm), so they never change colour" if frozen else ""
+    note = "frozen: the last blocks' S never change (they carry L_dm)" if frozen else ""
     layout = _layout(
-        title + (f"<br><sup>{note}</sup>" if note else ""),
+        title,
         420,
-        (110, 10, 70, 40),
-        annotations=[_subplot_title("now, per expert", 0.24), _subplot_title("‖S − S0‖/‖S0‖ per layer", 1.0, "right")],
+        (110, 10, 110, 40),
+        note,
+        annotations=[_subplot_title("now, per expert", 0.24), _subplot_title("‖S − S0‖/‖S0‖", 1.0, "right")],
         xaxis=dict(domain=[0, 0.47], anchor="y"),
         yaxis=dict(domain=[0, 1], anchor="x"),
         xaxis2=dict(domain=[0.7, 1], anchor="y2", title=dict(text="batch")),
-        yaxis2=dict(domain=[0, 1], anchor="x2"),
+        yaxis2=dict(domain=[0, 1], anchor="x2", side="right"),  # ticks clear of the colour bar
     )
     return Figure(data=data, layout=layout)
 
@@ -248,7 +307,7 @@ def collapse_figure(state, window: int = 5) -> Figure:
     """The paper's collapse readouts per method: the mean expert-alignment std of the last blocks per batch
     (falling = the experts see every input alike) and the share of the most-predicted class (rising = the
     model answers alike), beside the accuracy panel."""
-    title = "Collapse: expert-alignment std (last blocks) and the most-predicted class"
+    title = "Collapse"
     if not state.seen:
         return empty_figure(title)
     keep = _decimate(len(state.seen))
@@ -271,13 +330,14 @@ def collapse_figure(state, window: int = 5) -> Figure:
                        line=dict(dash="dot", color="grey")))  # fmt: skip
     layout = _layout(
         title,
-        340,
-        (60, 10, 60, 40),
+        390,
+        (60, 10, 130, 40),
+        "expert-alignment std of the last blocks, and the most-predicted class",
         legend=dict(orientation="h", y=-0.2),
         shapes=shapes,
-        annotations=[
-            _subplot_title("mean expert-alignment std (lower = collapsing)", 0.22),
-            _subplot_title(f"most-predicted class, % of a batch (mean of {window}; dotted: 1/C)", 0.79),
+        annotations=[  # two short lines each: they stay apart on a phone's width too
+            _subplot_title("mean alignment std<br>(lower = collapsing)", 0.22),
+            _subplot_title(f"top class, % of a batch<br>(mean of {window}; dotted: 1/C)", 0.78),
         ],
         xaxis=dict(domain=[0, 0.44], anchor="y", title=dict(text="batch")),
         yaxis=dict(domain=[0, 1], anchor="x"),
@@ -301,7 +361,7 @@ def bank_figure(state) -> Figure:
     keep = _decimate(len(scores))
     data = [
         dict(type="scatter", x=keep, y=[_finite(scores[j]) for j in keep], mode="lines", name="shift score D",
-             line=dict(color="#444"), xaxis="x", yaxis="y")
+             line=dict(color=NEUTRAL), xaxis="x", yaxis="y")
     ]  # fmt: skip
     if state.detections:
         data.append(dict(type="scatter", x=state.detections, y=[_finite(scores[i]) for i in state.detections],
@@ -326,13 +386,14 @@ def bank_figure(state) -> Figure:
                                 xanchor="right", yanchor="bottom", showarrow=False))  # fmt: skip
     layout = _layout(
         "Domain bank",
-        420,
-        (60, 10, 40, 40),
+        440,
+        (60, 10, 100, 40),
+        legend=dict(orientation="h", y=-0.18),  # below: the plot keeps the panel's width, also on a phone
         shapes=shapes,
         annotations=annotations,
         xaxis=dict(anchor="y2", title=dict(text="batch (dotted: true domain boundaries)")),
         yaxis=dict(domain=[0.3, 1], type="log", dtick=1, exponentformat="power", title=dict(text="symmetric KL")),
-        yaxis2=dict(domain=[0, 0.24], anchor="x", title=dict(text="slots")),
+        yaxis2=dict(domain=[0, 0.24], anchor="x", rangemode="tozero", title=dict(text="slots")),
     )
     return Figure(data=data, layout=layout)
 
@@ -345,7 +406,7 @@ def _grid(images: list[torch.Tensor], size: int = 96, gap: int = 4) -> str:
     for image in images:
         tile = Image.fromarray(image.permute(1, 2, 0).numpy())
         tiles.append(tile.resize((size, size), Image.NEAREST if tile.width < size else Image.BILINEAR))
-    canvas = Image.new("RGB", (len(tiles) * (size + gap) - gap, size), "white")
+    canvas = Image.new("RGBA", (len(tiles) * (size + gap) - gap, size), (0, 0, 0, 0))  # gaps show the page
     for i, tile in enumerate(tiles):
         canvas.paste(tile, (i * (size + gap), 0))
     buffer = io.BytesIO()
@@ -362,25 +423,26 @@ def batch_figure(state) -> Figure:
     names = state.class_names
 
     def name(i):
-        return names[i][:14] if i is not None and 0 <= i < len(names) else str(i)
+        return names[i][:10] if i is not None and 0 <= i < len(names) else str(i)
 
+    below = size + 40  # room for two lines of labels between the rows
     data = [
         dict(type="image", source=_grid(list(thumbs["clean"]), size, gap), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip"),
-        dict(type="image", source=_grid(list(thumbs["corrupted"]), size, gap), x0=0, y0=size + 30, dx=1, dy=1,
+        dict(type="image", source=_grid(list(thumbs["corrupted"]), size, gap), x0=0, y0=below, dx=1, dy=1,
              hoverinfo="skip"),
     ]  # fmt: skip
     annotations = []
-    for i in range(k):
+    for i in range(k):  # short labels, the prediction on two lines: they stay apart on a phone's width too
         x = i * (size + gap) + size / 2
         before, after = name(thumbs["before"][i]), name(thumbs["after"][i])
-        annotations.append(dict(x=x, y=-4, text=f"true: {name(thumbs['labels'][i])}", showarrow=False,
-                                font=dict(size=9)))  # fmt: skip
-        annotations.append(dict(x=x, y=size + 26, text=f"{before} → {after}", showarrow=False, font=dict(size=9)))
+        label = dict(x=x, showarrow=False, yanchor="bottom", font=dict(size=9))
+        annotations.append(dict(label, y=-2, text=name(thumbs["labels"][i])))
+        annotations.append(dict(label, y=below - 2, text=f"{before}<br>→ {after}"))
     layout = _layout(
-        f"The current batch: {thumbs['domain']}<br><sup>above: clean; below: corrupted, with the prediction before"
-        " → after adaptation</sup>",
-        340,
-        (10, 10, 64, 10),
+        f"The current batch: {thumbs['domain']}",
+        360,
+        (10, 10, 100, 10),
+        "top: clean (label) · bottom: corrupted (prediction before → after)",
         annotations=annotations,
         xaxis=dict(visible=False),
         yaxis=dict(visible=False, autorange="reversed", scaleanchor="x"),
