@@ -1,13 +1,17 @@
 """IMSE Lab — the Gradio app: layout and event wiring only (logic lives in imse/).
 
 Run: python app.py (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, default 127.0.0.1:7860). Works as a Hugging Face
-Space: CPU by default, CUDA whenever present, and ZeroGPU through @spaces.GPU when the `spaces` package exists.
+Space: CPU by default, CUDA whenever present, and ZeroGPU (a cuda run is one @spaces.GPU call: imse.app.zerogpu).
 """
 
+import contextlib
 import functools
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls from the server
+
+with contextlib.suppress(ImportError):  # on ZeroGPU `spaces` goes first: it patches torch before others import it
+    import spaces  # noqa: F401
 
 import gradio as gr  # noqa: E402
 
@@ -17,13 +21,7 @@ from imse.app.theme import PAGE_CSS  # noqa: E402
 from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
 from imse.runs.lab import MAX_BATCH  # noqa: E402
 
-try:  # ZeroGPU Spaces: borrow a GPU for each run
-    import spaces
-
-    start_lab = spaces.GPU(duration=300)(ui.start_lab)
-except ImportError:
-    start_lab = ui.start_lab
-
+start_lab = ui.start_lab  # on a ZeroGPU Space, a cuda run is one GPU call sized to the run (imse.app.zerogpu)
 # The Teach tab's path: each view's 2–4 sentences and the formula of what it draws
 TEACH_TEXT = {
     "experts": r"""
@@ -131,12 +129,14 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         shown = dict(status=status, accuracy=accuracy_plot, collapse=collapse_plot, alignment=alignment_plot)
         shown.update(shifts=shift_plot, bank=bank_plot, batch=batch_plot, results=results, download=download)
         outputs = [shown[name] for name in ui.START_OUTPUTS]
-        run_events = [start.click(start_lab, inputs, outputs, api_name="start", concurrency_id="runs")]
+        # every run enters at once and waits in the server's own queue, which tells it its place and wait (ui)
+        at_once = dict(concurrency_id="runs", concurrency_limit=ui.runs_at_once())
+        run_events = [start.click(start_lab, inputs, outputs, api_name="start", **at_once)]
         for key, button in preset_buttons.items():
             loaded = button.click(
                 functools.partial(ui.load_preset, key), backbone, [*settings, preset_text], api_name=False
             )
-            run_events.append(loaded.then(start_lab, inputs, outputs, api_name=False, concurrency_id="runs"))
+            run_events.append(loaded.then(start_lab, inputs, outputs, api_name=False, **at_once))
         stop.click(ui.stop_lab, None, status, cancels=run_events, api_name="stop")
         backbone.input(ui.backbone_defaults, backbone, [imse_lr, lambda_dm], api_name=False)
         gr.api(ui.load_preset, api_name="preset")  # a preset's settings by name (readable error for a bad name)
@@ -247,8 +247,9 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
 
     demo.unload(ui.end_session)  # a closed tab stops its session's run
 
-# At most IMSE_MAX_CONCURRENT_RUNS runs compute at once (each event kind its own group of that size); at most
-# IMSE_MAX_QUEUE requests wait in the queue, the next is refused ("queue is full").
+# Runs: at most IMSE_MAX_CONCURRENT_RUNS compute at once and IMSE_MAX_QUEUE wait in the server's run queue, which
+# tells each its place and wait (imse.app.run_queue); the next is refused ("queue is full"). Other event kinds: groups
+# of IMSE_MAX_CONCURRENT_RUNS, at most IMSE_MAX_QUEUE waiting in Gradio's queue.
 demo.queue(
     max_size=serving.limit("IMSE_MAX_QUEUE"), default_concurrency_limit=serving.limit("IMSE_MAX_CONCURRENT_RUNS")
 )

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from imse.app import serving, viz
-from imse.app.lab_results import export_run, summary_rows
+from imse.app.lab_results import export_run, summary_rows, verdict
 from imse.data.models import BackboneUnavailable
 from imse.runs.lab import LabConfig, run_lab
 from imse.runs.memory import release_memory
@@ -22,7 +22,7 @@ __all__ = ["OUTPUTS", "PANEL_TITLES", "lab_updates", "panels"]
 
 PANEL_TITLES = (
     "Online accuracy",
-    "Collapse: expert-alignment std and the most-predicted class",
+    "Collapse",
     "Expert alignment std",
     "Singular-value shifts",
     "Domain bank",
@@ -44,6 +44,9 @@ def panels(state, show_source: bool) -> tuple:
 
 
 def _status(state) -> str:
+    """The status line: where the run is; once finished, what happened, in one sentence."""
+    if state.finished:
+        return f"**{state.message}.** {verdict(state)}"
     return (
         f"**{state.message or 'running'}** — batch {state.batch}/{state.total_batches}, "
         f"{state.images:,} images, {state.seconds:.1f} s"
