@@ -10,12 +10,14 @@ refusals are the package's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -154,6 +156,10 @@ def space(tmp_path_factory):
         yield process, f"http://127.0.0.1:{port}/", api
         process.terminate()
         process.wait(20)
+        for path, params in api.calls:  # the package's worker is a daemon of the server: it outlives a SIGTERM
+            if path == "/allow":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(params["pid"]), signal.SIGKILL)
 
 
 def _client(url):
