@@ -260,7 +260,9 @@ def _run_queue() -> RunQueue:
     """The server's queue of runs computing here (made on first use, with the host's limits)."""
     if not _QUEUE:
         slots, places = serving.limit("IMSE_MAX_CONCURRENT_RUNS"), serving.limit("IMSE_MAX_QUEUE")
-        _QUEUE.append(RunQueue(slots, places, seconds_per_work=1.0))  # work: the CPU-measured run seconds
+        # work: a run's CPU-measured seconds alone; with every slot busy the runs share the cores, so each takes
+        # about `slots` times as long (the prior; finished runs correct it)
+        _QUEUE.append(RunQueue(slots, places, seconds_per_work=float(slots)))
     return _QUEUE[0]
 
 
