@@ -79,6 +79,41 @@ def test_the_collapse_meter_equals_an_independent_computation_on_plain_and_spect
     assert values == []  # not run: nothing measured
 
 
+def test_the_meter_reads_imses_own_diversity_statistics_and_gets_the_same_numbers():
+    """During an IMSE step the meter takes the last blocks' stds from the method's probe (which computed them for
+    L_dm in the same forward) instead of projecting again: the numbers equal a meter that computes its own."""
+    from imse.core.methods import create
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    measured = []
+    for reuse in (True, False):
+        method = create("imse", tiny_vit(seed=1, head_scale=20.0), lr=1e-3)
+        meter = CollapseMeter(method.model, blocks=3)
+        calls = []
+        for name in meter.layers:  # count the meter's own projections
+            meter.bases[name] = CountedBasis(meter.bases[name], calls)
+        with meter.measure(method.model, method.probe if reuse else None) as values:
+            method(x)
+        assert method.last_record["updated"] and len(values) == 12
+        measured.append((values, len(calls)))
+    (reused, projections), (computed, own) = measured
+    assert reused == computed and projections == 0 and own == 12
+
+
+class CountedBasis(torch.Tensor):
+    """A basis that notes each time the meter moves it to the input's device (once per projection it makes)."""
+
+    @staticmethod
+    def __new__(cls, basis, calls):
+        made = basis.as_subclass(cls)
+        made.calls = calls
+        return made
+
+    def to(self, *args, **kwargs):
+        self.calls.append(1)
+        return torch.Tensor.to(self, *args, **kwargs).as_subclass(torch.Tensor)
+
+
 def test_the_labs_collapse_curves_equal_what_the_records_and_the_model_say():
     config = LabConfig(
         scenario="single",

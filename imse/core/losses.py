@@ -143,6 +143,7 @@ class AlignmentProbe:
     def __init__(self, layers: Mapping[str, SpectralLinear]) -> None:
         self.layers = dict(layers)
         self.stats: dict[str, torch.Tensor] = {}
+        self.capturing = False  # inside capture(): ``stats`` holds this capture's values as they are computed
 
     @contextmanager
     def capture(self, differentiable: Iterable[str] = (), detached: Iterable[str] = ()):
@@ -161,8 +162,10 @@ class AlignmentProbe:
                 self.layers[name].projection_hook = self._projection_hook(name)
             for name in detached:
                 handles.append(self.layers[name].register_forward_pre_hook(self._input_hook(name)))
+            self.capturing = True
             yield self.stats
         finally:
+            self.capturing = False
             for name in differentiable:
                 self.layers[name].projection_hook = None
             for handle in handles:

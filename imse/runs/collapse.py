@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from imse.core.losses import alignment_std, layer_diversity
+from imse.core.losses import AlignmentProbe, alignment_std, layer_diversity
 from imse.core.spectral import DEFAULT_TARGETS, TARGET_PATHS, SpectralLinear, find_vit
 from imse.core.svd_cache import decompose
 
@@ -54,23 +54,47 @@ class CollapseMeter:
         return list(self.bases)
 
     @contextmanager
-    def measure(self, model: nn.Module) -> Iterator[list[float]]:
+    def measure(self, model: nn.Module, probe: AlignmentProbe | None = None) -> Iterator[list[float]]:
         """Yields a list that holds, after the block, one value per layer (``layers`` order) from the first
         forward pass made inside it (SAM's second pass is not counted: the first is the one predictions come
-        from). Empty if the model was not run."""
+        from). Empty if the model was not run.
+
+        ``probe``: the ``AlignmentProbe`` of the method running ``model`` (``TTAMethod.probe``). A layer whose
+        alignment std that probe computes during the same call (IMSE's diversity layers: its loss needs them) is
+        read from it rather than computed a second time — the same numbers, without another GEMM and std."""
         found: dict[str, torch.Tensor] = {}
         values: list[float] = []
+        before: dict[str, torch.Tensor | None] = {}
 
-        def hook_for(name: str):
+        def stats() -> dict[str, torch.Tensor]:
+            return probe.stats if probe is not None and probe.capturing else {}
+
+        def pre_hook_for(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
-                if name not in found:
-                    with torch.no_grad():
-                        x = args[0].detach()
-                        found[name] = layer_diversity(alignment_std(x, self.bases[name].to(x.device)), self.ratio)
+                before[name] = stats().get(name)  # what the probe held before this call
 
             return hook
 
-        handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in self.bases]
+        def hook_for(name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if name in found:
+                    return
+                with torch.no_grad():
+                    known = stats().get(name)
+                    if known is not None and known is not before.get(name):  # computed by this very call
+                        std = known.detach()
+                    else:
+                        x = args[0].detach()
+                        std = alignment_std(x, self.bases[name].to(x.device))
+                    found[name] = layer_diversity(std, self.ratio)
+
+            return hook
+
+        handles = []
+        for name in self.bases:
+            layer = model.get_submodule(name)
+            handles.append(layer.register_forward_pre_hook(pre_hook_for(name)))
+            handles.append(layer.register_forward_hook(hook_for(name)))
         try:
             yield values
         finally:

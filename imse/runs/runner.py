@@ -126,7 +126,8 @@ def run(
         }
         for name, method in methods.items():
             started = time.perf_counter()
-            with meter.measure(method.model) if meter is not None else contextlib.nullcontext([]) as expert_std:
+            measured = meter.measure(method.model, method.probe) if meter is not None else contextlib.nullcontext([])
+            with measured as expert_std:
                 logits = method(x)
             predictions = logits.argmax(-1)
             if predictions.is_cuda:
