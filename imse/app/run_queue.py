@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["QueueFull", "RunQueue", "Ticket", "expected_start"]
 
@@ -31,7 +31,6 @@ class Ticket:
     work: float
     number: int
     started: float | None = None
-    finished: threading.Event = field(default_factory=threading.Event)
 
 
 def expected_start(remaining: list[float], ahead: list[float], slots: int) -> float:
@@ -104,7 +103,6 @@ class RunQueue:
                 if completed and ticket.work > 0 and ticket.started is not None:
                     measured = (self._clock() - ticket.started) / ticket.work
                     self.seconds_per_work = 0.5 * self.seconds_per_work + 0.5 * measured
-            ticket.finished.set()
             self._admit()
 
     def counts(self) -> tuple[int, int]:

@@ -6,6 +6,7 @@ the logic stays in ``imse.runs.lab`` and ``imse.app.viz`` (the Teach tab has its
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -50,7 +51,6 @@ SETTINGS = (
 START_INPUTS = (*SETTINGS, "device", "show_source")
 START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
-_QUEUE: list[RunQueue] = []
 
 
 def offline() -> bool:
@@ -256,14 +256,13 @@ def runs_at_once() -> int:
     return serving.limit("IMSE_MAX_CONCURRENT_RUNS") + serving.limit("IMSE_MAX_QUEUE")
 
 
+@functools.cache
 def _run_queue() -> RunQueue:
     """The server's queue of runs computing here (made on first use, with the host's limits)."""
-    if not _QUEUE:
-        slots, places = serving.limit("IMSE_MAX_CONCURRENT_RUNS"), serving.limit("IMSE_MAX_QUEUE")
-        # work: a run's CPU-measured seconds alone; with every slot busy the runs share the cores, so each takes
-        # about `slots` times as long (the prior; finished runs correct it)
-        _QUEUE.append(RunQueue(slots, places, seconds_per_work=float(slots)))
-    return _QUEUE[0]
+    slots, places = serving.limit("IMSE_MAX_CONCURRENT_RUNS"), serving.limit("IMSE_MAX_QUEUE")
+    # work: a run's CPU-measured seconds alone; with every slot busy the runs share the cores, so each takes
+    # about `slots` times as long (the prior; finished runs correct it)
+    return RunQueue(slots, places, seconds_per_work=float(slots))
 
 
 def _queued_updates(config: LabConfig, show_source: bool, stop: serving.StopToken, downloading) -> Iterator[tuple]:
