@@ -84,3 +84,25 @@ def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_ea
     qkv, proj = (1 + 128) * (d + 3 * d), (1 + 128) * (d + d)
     assert result["vida_adapter_values"] == depth * (qkv + proj)
     assert [row["measure"].split(" ")[0] for row in result["checks"][:4]] == ["tent", "sar", "vida", "dpal"]
+
+
+def test_the_unavoidable_compute_times_each_method_once_per_batch_of_the_config_on_the_labs_batches():
+    """perf --only lab's denominator: every method called once on every batch of the config's stream (here 2
+    domains of 100 images in batches of 32: 32, 32, 32, 4 each), doing what the Lab's run does on those batches
+    (the same correct counts, batch by batch), and /start's arguments carry exactly that config."""
+    from imse.app.ui import START_INPUTS
+    from imse.perf.app import _start_arguments, unavoidable_compute
+    from imse.runs.lab import LabConfig, run_lab
+
+    config = LabConfig(corruptions=("fog", "contrast"), per_domain=100, batch_size=32, severity=3)
+    result = unavoidable_compute(config)
+    assert (result["batches"], result["images"]) == (8, 200)
+    assert result["calls"] == {"IMSE": 8, "Source": 8}
+    assert result["seconds"] == sum(result["method_seconds"].values()) > 0
+    *_, state = run_lab(config, min_interval=0.0)
+    lab = {label: [r["methods"][label]["correct"] for r in state.records] for label in state.methods}
+    assert result["batch_correct"] == lab
+    arguments = dict(zip(START_INPUTS, _start_arguments(config)))
+    assert arguments["corruptions"] == ["fog", "contrast"] and arguments["per_domain"] == 100
+    assert arguments["batch_size"] == 32 and arguments["methods"] == ["IMSE", "Source"]
+    assert arguments["show_source"] is False and arguments["device"] == "cpu"

@@ -80,7 +80,7 @@ def run_perf(
     if "corruptions" in only:
         results["corruptions"] = bench_corruptions(dev, max(1, min(repeats, 5)))
     if "lab" in only:
-        results["lab"] = bench_lab(dev)
+        results["lab"] = bench_lab(dev, repeats=max(1, min(repeats, 3)))
     if "startup" in only:
         results["startup"] = bench_startup()
     if "teach" in only:

@@ -30,9 +30,20 @@ from imse.data.models import BUILTIN, HUB_BACKBONES, create_backbone
 from imse.data.streams import SCENARIOS, Stream
 from imse.runs.collapse import CollapseMeter
 from imse.runs.defaults import METHOD_CHOICES, lab_settings, parse_method, run_methods
+from imse.runs.memory import keep_freed_memory
 from imse.runs.runner import build_methods, run, summarise, top_class_share
 
-__all__ = ["METHOD_CHOICES", "LabConfig", "LabState", "method_name", "primary_label", "run_lab", "validate"]
+__all__ = [
+    "METHOD_CHOICES",
+    "LabConfig",
+    "LabRun",
+    "LabState",
+    "build_run",
+    "method_name",
+    "primary_label",
+    "run_lab",
+    "validate",
+]
 
 MAX_IMAGES = 200_000  # per run: keeps a public Space's runs bounded
 MAX_BATCH = 256
@@ -195,6 +206,52 @@ def primary_label(methods: dict) -> str:
     return next((label for label in methods if method_name(label) == "imse"), next(iter(methods)))
 
 
+@dataclass
+class LabRun:
+    """What a run is made of: the backbone, its methods (each on its own copy), the stream of corrupted batches,
+    and the unadapted backbone with spectral layers (the panels' reference and the collapse meter's bases)."""
+
+    backbone: torch.nn.Module
+    methods: dict[str, TTAMethod]
+    specs: dict[str, tuple[str, dict]]
+    stream: Stream
+    frozen: torch.nn.Module
+
+
+def build_run(
+    config: LabConfig, *, on_download: Callable[[int, int | None], None] | None = None, keep_clean: bool = True
+) -> LabRun:
+    """Build a validated run's parts as Start does (``run_lab`` streams them; ``imse.perf`` times the same methods
+    on the same batches alone)."""
+    backbone = create_backbone(config.backbone, device=config.device)
+    source = build_source(config.data, config.backbone, backbone.input_size, progress=on_download)
+    validate(config, len(source))
+    clean: list[torch.Tensor] = []
+
+    def clean_source() -> torch.Tensor:  # slot 0's images, loaded once and only if a method retrieves
+        if not clean:
+            clean.append(source_images(config.backbone, source))
+        return clean[0]
+
+    specs = run_methods(asdict(config))
+    methods = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source)
+    frozen = copy.deepcopy(backbone)
+    inject(frozen, cache=default_svd_cache())
+    stream = Stream(
+        source,
+        scenario=config.scenario,
+        corruptions=config.corruptions,
+        severity=config.severity,
+        per_domain=config.per_domain,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=config.device,
+        rounds=config.rounds,
+        keep_clean=keep_clean,
+    )
+    return LabRun(backbone, methods, specs, stream, frozen)
+
+
 # The app's pace: a panel update after at least this much computing. Each update costs a heatmap snapshot here and
 # six figures in the browser; at 1 s the default run's 2 cores spend their time adapting, and the page still moves.
 UPDATE_INTERVAL = 1.0
@@ -218,38 +275,17 @@ def run_lab(
     follows a first download of the data (Imagenette).
     """
     started = time.perf_counter()
-    backbone = create_backbone(config.backbone, device=config.device)
-    source = build_source(config.data, config.backbone, backbone.input_size, progress=on_download)
-    validate(config, len(source))
-    clean: list[torch.Tensor] = []
-
-    def clean_source() -> torch.Tensor:  # slot 0's images, loaded once and only if a method retrieves
-        if not clean:
-            clean.append(source_images(config.backbone, source))
-        return clean[0]
-
-    specs = run_methods(asdict(config))
-    wrapped = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source)
+    # freed memory stays in the process while the run computes (each step would page-fault its activations in
+    # again: ~10 % of an IMSE step on 2 cores); the app hands it back when a run ends (``release_memory``)
+    keep_freed_memory()
+    parts = build_run(config, on_download=on_download)
+    wrapped, specs, stream, frozen = parts.methods, parts.specs, parts.stream, parts.frozen
     primary = primary_label(wrapped)
-    frozen = copy.deepcopy(backbone)
-    inject(frozen, cache=default_svd_cache())
     meter = CollapseMeter(frozen, blocks=METHODS["imse"].defaults["diversity_blocks"])
-    stream = Stream(
-        source,
-        scenario=config.scenario,
-        corruptions=config.corruptions,
-        severity=config.severity,
-        per_domain=config.per_domain,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        device=config.device,
-        rounds=config.rounds,
-        keep_clean=True,
-    )
     state = LabState(
         config=asdict(config),
         methods=list(wrapped),
-        class_names=list(backbone.class_names),
+        class_names=list(parts.backbone.class_names),
         layer_names=list(spectral_layers(wrapped[primary].model) or spectral_layers(frozen)),
         total_batches=len(stream),
     )
