@@ -255,6 +255,7 @@ demo.queue(
 )
 
 if __name__ == "__main__":
+    ui.start_run_workers()  # CPU runs compute in warm worker processes, not in the server's threads
     # System fonts only: the default theme would fetch Google Fonts, and the page must make no outside request.
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]

@@ -1,5 +1,6 @@
 """The app end to end: launched as users launch it (python app.py), driven through gradio_client and a browser."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -407,9 +408,31 @@ def json_key(summary):
     return str(sorted((label, entry["mean_accuracy"]) for label, entry in summary.items()))
 
 
+def family(pid) -> list[int]:
+    """The server and every process under it (its run workers), alive now."""
+    pids = [int(pid)]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            for child in (task / "children").read_text().split():
+                pids += family(child)
+    return pids
+
+
 def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of the server and its run workers (a run computes in a worker)."""
+    total = 0.0
+    for member in family(pid):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def resident(pid) -> int:
+    """Resident size of the server and its run workers together."""
+    from imse.runs.memory import resident_bytes
+
+    return sum(resident_bytes(member) for member in family(pid))
 
 
 def wait_until_idle(pid, timeout=60.0):
@@ -484,12 +507,10 @@ def test_stopped_and_abandoned_runs_leave_no_model_or_tensor_behind():
 @pytest.mark.slow  # browser and memory
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
-    """The served app: Stop and a closed tab end the run (the process goes idle), and its resident size comes
-    back to where identical warm runs left it. Resident size wanders by a few percent between identical runs
-    (allocator arenas), so the baseline is the larger of a finished and an abandoned warm run."""
+    """The served app: Stop and a closed tab end the run (the server and its workers go idle), and their
+    resident size comes back to where identical warm runs left it. Resident size wanders by a few percent between
+    identical runs (allocator arenas), so the baseline is the larger of a finished and an abandoned warm run."""
     from playwright.sync_api import sync_playwright
-
-    from imse.runs.memory import resident_bytes
 
     process, url = app
     with sync_playwright() as p:  # a page visit loads the Teach tab's model and samples (cached once)
@@ -500,13 +521,13 @@ def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
         browser.close()
     final_summary(client(url), WARM)  # warm: imports, kernels, caches
     assert wait_until_idle(process.pid)
-    warm_finished = resident_bytes(process.pid)
+    warm_finished = resident(process.pid)
     assert close_tab_mid_run(url, process.pid)
-    baseline = max(warm_finished, resident_bytes(process.pid))
+    baseline = max(warm_finished, resident(process.pid))
 
     final_summary(client(url), WARM)  # a finished run
     assert wait_until_idle(process.pid)
-    after_finished = resident_bytes(process.pid)
+    after_finished = resident(process.pid)
 
     c = client(url)  # Stop: the run ends at its next batch and gives its memory back
     job = c.submit(*LONG, api_name="/start")
@@ -516,10 +537,10 @@ def test_stop_and_a_closed_tab_end_the_run_and_memory_returns(app):
     assert job.outputs(), "no update arrived"
     c.predict(api_name="/stop")
     assert wait_until_idle(process.pid, timeout=30), "the run kept computing after Stop"
-    after_stop = resident_bytes(process.pid)
+    after_stop = resident(process.pid)
 
     assert close_tab_mid_run(url, process.pid), "the run kept computing after its tab was closed"
-    after_close = resident_bytes(process.pid)
+    after_close = resident(process.pid)
     for label, value in (("finished", after_finished), ("stopped", after_stop), ("closed tab", after_close)):
         # identical runs leave 892-951 MiB (6.6 % apart, no trend); a run's own state is +90-450 MiB mid-run, so
         # 10 % still catches keeping one, and the exact object count above catches any leak

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_app import client, launch_app, output, start_args, stop_app
+from test_app import client, family, launch_app, output, start_args, stop_app
 
 from imse.runs.memory import resident_bytes
 
@@ -91,7 +91,7 @@ def test_a_dozen_visitors_at_once_on_two_cores(tmp_path):
         for thread in threads:
             thread.join(timeout=600)
         crowd = max(s.get("done", s.get("left", 0)) for s in seen.values()) - started
-        peak = resident_bytes(process.pid, "VmHWM")
+        peak = sum(resident_bytes(member, "VmHWM") for member in family(process.pid))  # server and workers
         screenshot = waiting_in_the_browser(url, tmp_path) if shutil.which("chromium") else None
     finally:
         stop_app(process)

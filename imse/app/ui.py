@@ -18,6 +18,7 @@ import torch
 from imse.app import run_cost, serving, viz, zerogpu
 from imse.app.lab_stream import OUTPUTS, PANEL_TITLES, lab_updates
 from imse.app.run_queue import QueueFull, RunQueue
+from imse.app.run_workers import RunWorkers
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES, hub_reachable
 from imse.runs.defaults import PRESETS, default_backbone, lab_settings
@@ -279,10 +280,22 @@ def _queued_updates(config: LabConfig, show_source: bool, stop: serving.StopToke
                 return
             unchanged = [gr.skip()] * (len(OUTPUTS) - 1)
             yield (f"**Waiting for a free slot**: {_ordinal(place)} in line, about {seconds:.0f} s", *unchanged)
-        yield from lab_updates(config, show_source, stop, serving.export_dir(), on_download=downloading)
+        compute = _WORKERS[0].updates if _WORKERS else lab_updates  # a worker process, when the server has them
+        yield from compute(config, show_source, stop, serving.export_dir(), downloading)
         completed = not stop.is_set()
     finally:
         queue.leave(ticket, completed=completed)
+
+
+_WORKERS: list[RunWorkers] = []
+
+
+def start_run_workers() -> None:
+    """Compute this server's CPU runs in warm worker processes (``imse.app.run_workers``), one per slot. Called
+    by ``python app.py`` before it serves (they warm up meanwhile: a run asked for sooner waits for that);
+    without it (the tests' direct calls) runs compute in the caller."""
+    if not _WORKERS:
+        _WORKERS.append(RunWorkers(serving.limit("IMSE_MAX_CONCURRENT_RUNS")))
 
 
 def _ordinal(n: int) -> str:
