@@ -82,3 +82,27 @@ def _running_pid(workers: RunWorkers, stream) -> int:
     """The pid of the worker ``stream`` runs in (the one not idle in the pool)."""
     frame = stream.gi_frame
     return frame.f_locals["worker"].process.pid
+
+
+def test_runs_computing_at_once_share_the_cores_and_a_run_alone_takes_them_all(tmp_path):
+    import multiprocessing
+
+    import torch
+
+    from imse.app.run_workers import _BetweenBatches
+
+    computing = multiprocessing.get_context("spawn").Value("i", 1)
+    between = _BetweenBatches(computing, StopToken(str(tmp_path / "stop")))
+    before = torch.get_num_threads()
+    try:
+        between.cores = 4
+        assert between.is_set() is False and torch.get_num_threads() == 4
+        computing.value = 2
+        assert between.is_set() is False and torch.get_num_threads() == 2
+        computing.value = 5
+        between.is_set()
+        assert torch.get_num_threads() == 1
+        (tmp_path / "stop").touch()
+        assert between.is_set() is True
+    finally:
+        torch.set_num_threads(before)
