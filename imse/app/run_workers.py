@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,8 +72,9 @@ def _serve(tasks, results, computing, parent: int) -> None:
 
     warm = LabConfig(corruptions=("fog",), per_domain=64, methods=("IMSE", "Source"))
     never = serving.StopToken(os.devnull + ".never")  # a path that never exists: the warm-up runs through
-    for _ in lab_updates(warm, False, never, serving.export_dir()):
-        pass
+    with tempfile.TemporaryDirectory(prefix="imse-warm-up-") as scratch:  # its download is nobody's
+        for _ in lab_updates(warm, False, never, scratch):
+            pass
     results.put(("ready", os.getpid()))
     while (task := tasks.get()) is not None:
         config, show_source, stop, abandoned, exports = task
