@@ -272,3 +272,48 @@ def test_the_official_source_descriptor_is_the_detectors_ema_over_full_batches()
     assert not torch.allclose(pooled.mean, slot0.mean, atol=1e-6)
     with pytest.raises(ValueError, match="source_descriptor must be"):
         create("imse", tiny_vit(), source_descriptor="mean")
+
+
+def test_mix_retrieval_stores_mixes_and_predicts_with_the_papers_softmax_weights(builtin, source_images):
+    """``retrieval="mix"`` end to end on the built-in model (it raised KeyError on the first shift): at each
+    detected shift the bank stores the ended domain, the new ``S`` is ``S0 + Σ_k w_k (S_k − S0)`` and ``w`` is
+    softmax(−D/T) over the descriptor distances, here computed by hand from the slots' means and variances."""
+    _, source = builtin
+    temperature = 0.5
+    method = create(
+        "imse", create_backbone("builtin"), retrieval="mix", lr=7e-4, source_images=source_images, batch_size=64,
+        mix_temperature=temperature,
+    )  # fmt: skip
+    stream = Stream(source, "continual", ["clean", "fog", "clean"], per_domain=256)
+    shifts = 0
+    for batch in stream:
+        x = batch.images.float() / 255
+        incoming = batch_descriptor(patch_tokens(method.model, x))
+        method(x)
+        record = method.last_record
+        if not record["shift_detected"]:
+            assert record["mix_weights"] is None
+            continue
+        shifts += 1
+        assert record["stored_slot"] == shifts and record["retrieved_slot"] == "mix"
+        by_hand = []
+        for entry in method.bank.entries:
+            m, v = entry.descriptor.mean.double(), entry.descriptor.var.double()
+            mu, var = incoming.mean.double(), incoming.var.double()
+            gap = (mu - m) ** 2
+            by_hand.append(float(((var + gap) / (2 * v) + (v + gap) / (2 * var) - 1).mean()))
+        exps = [math.exp(-d / temperature) for d in by_hand]
+        weights = [e / sum(exps) for e in exps]
+        assert record["slot_distances"] == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+        assert record["mix_weights"] == pytest.approx(weights, rel=1e-4, abs=1e-6)
+        s0 = method.source_code  # the code set before the step: the bank is as it was then
+        code, _, _ = method.bank.mix(incoming, s0, temperature)
+        for k in s0:
+            mixed = s0[k].double() + sum(
+                w * (e.code[k].double() - s0[k].double()) for w, e in zip(weights, method.bank.entries)
+            )
+            torch.testing.assert_close(code[k].double(), mixed, rtol=1e-5, atol=1e-6)
+    assert shifts == 2
+    assert set(method.source_code) == set(get_code(method.model))  # one key form for every code
+    logits = method(x)
+    assert logits.shape == (len(x), 10) and torch.isfinite(logits).all()

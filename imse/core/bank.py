@@ -204,8 +204,11 @@ class DomainBank:
         return track - 1 if track > j else track
 
     def distances(self, descriptor: Descriptor) -> torch.Tensor:
-        """Symmetric KL from ``descriptor`` to every slot's descriptor, ``[len(bank)]``."""
-        return torch.tensor([descriptor.distance(e.descriptor) for e in self.entries])
+        """Symmetric KL from ``descriptor`` to every slot's descriptor, ``[len(bank)]``, in the descriptors' dtype
+        (``mix`` takes its softmax over these)."""
+        mean, var = descriptor.mean, descriptor.var
+        each = [symmetric_kl(mean, var, e.descriptor.mean, e.descriptor.var) for e in self.entries]
+        return torch.stack(each).to(mean.dtype).cpu() if each else torch.zeros(0, dtype=mean.dtype)
 
     def top1(self, descriptor: Descriptor) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
         distances = self.distances(descriptor)

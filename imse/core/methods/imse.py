@@ -19,7 +19,16 @@ from imse.core.losses import diversity_loss
 from imse.core.methods.base import SAMEntropyMethod
 from imse.core.optim import Adam
 from imse.core.sam import SAM
-from imse.core.spectral import SpectralLinear, find_vit, get_code, inject, set_code, spectral_layers
+from imse.core.spectral import (
+    SpectralLinear,
+    code_layers,
+    find_vit,
+    get_code,
+    inject,
+    relative_code,
+    set_code,
+    spectral_layers,
+)
 from imse.core.svd_cache import default_svd_cache
 
 __all__ = ["IMSE"]
@@ -79,8 +88,8 @@ class IMSE(SAMEntropyMethod):
             raise ValueError(f"retrieval must be None, 'top1' or 'mix', got {retrieval!r}")
         if self.hparams["source_descriptor"] not in ("pooled", "ema"):
             raise ValueError(f"source_descriptor must be 'pooled' or 'ema', got {self.hparams['source_descriptor']!r}")
-        layers = spectral_layers(self.model)
-        self.source_code = {name: layer.S0.detach().clone() for name, layer in layers.items()}
+        # keyed as every code is (relative to the ViT, ``get_code``): the bank mixes it with the codes it stores
+        self.source_code = {name: layer.S0.detach().clone() for name, layer in code_layers(self.model).items()}
         self.source_descriptor: Descriptor | None = None
         self.bank_note = ""
         self.detector_shifts = 0  # domains ended so far (labels the stored entries)
@@ -134,7 +143,7 @@ class IMSE(SAMEntropyMethod):
         """Shift detection and code retrieval, before adapting on the batch (as the official code does)."""
         descriptor = batch_descriptor(patch_tokens(self.model, x))
         score, shift, ended = self.detector.observe(descriptor, x.shape[0])
-        stored = retrieved = None
+        stored = retrieved = weights = None
         if shift:
             stored = self.bank.store(
                 ended,
@@ -149,9 +158,9 @@ class IMSE(SAMEntropyMethod):
                 retrieved = int(distances.argmin())
                 set_code(self.model, self.bank.entries[retrieved].code)
             else:
-                code, _, _ = self.bank.mix(descriptor, self.source_code, self.hparams["mix_temperature"])
+                code, mixing, _ = self.bank.mix(descriptor, self.source_code, self.hparams["mix_temperature"])
                 set_code(self.model, code)
-                retrieved = "mix"
+                retrieved, weights = "mix", mixing.tolist()
             self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer))  # fresh Adam for the new domain
         return {
             "shift_score": score,
@@ -159,6 +168,7 @@ class IMSE(SAMEntropyMethod):
             "stored_slot": stored,
             "retrieved_slot": retrieved,
             "slot_distances": distances.tolist(),
+            "mix_weights": weights,
             "bank_size": len(self.bank),
         }
 
@@ -186,7 +196,10 @@ class IMSE(SAMEntropyMethod):
 
     def load_bank(self, path) -> None:
         """Replace the bank by a saved one; a corrupted or mismatched file raises and leaves the bank as it was."""
-        self.bank = DomainBank.load(path, self.bank_identity())
+        bank = DomainBank.load(path, self.bank_identity())
+        for entry in bank.entries:  # banks saved before codes were portable key them by the wrapper's names
+            entry.code = relative_code(self.model, entry.code)
+        self.bank = bank
 
     def diversity(self, stats: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.diversity_layers:
