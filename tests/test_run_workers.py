@@ -44,6 +44,7 @@ def test_a_run_in_a_worker_equals_the_same_run_here_and_the_worker_serves_the_ne
     assert _pid(workers) == pid  # warm: the same process, back in the pool
 
 
+@pytest.mark.slow  # stops a long run mid-stream
 def test_a_page_that_stops_listening_halts_the_workers_run_within_a_batch(workers, tmp_path):
     stop = StopToken(str(tmp_path / "stop"))
     long_run = LabConfig(per_domain=10_000)  # ~4 min if it went on
@@ -55,6 +56,7 @@ def test_a_page_that_stops_listening_halts_the_workers_run_within_a_batch(worker
     assert quick[-1][0].startswith("**finished")
 
 
+@pytest.mark.slow  # stops a long run mid-stream
 def test_the_visitors_stop_and_a_refused_setting_cross_the_process(workers, tmp_path):
     stop = StopToken(str(tmp_path / "stop"))
     stream = workers.updates(LabConfig(per_domain=10_000), False, stop, str(tmp_path))
