@@ -72,7 +72,8 @@ class PromptedViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit, count = self.vit, self.num_prompts
-        tokens = vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))
+        # timm's forward_features up to the blocks, every option included (CLIP's norm_pre, patch dropout)
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))))
         batch = tokens.shape[0]
         tokens = torch.cat((self.prompt.expand(batch, -1, -1), tokens), dim=1)  # [prompt, CLS, patches]
         noises = []
@@ -85,7 +86,8 @@ class PromptedViT(nn.Module):
             cls = tokens[:, count] - noise
             tokens = torch.cat((tokens[:, :count], cls[:, None], tokens[:, count + 1 :]), dim=1)
         self.noises = noises
-        return vit.head(vit.fc_norm(vit.norm(tokens)[:, count]))
+        # the prompts leave before timm's head: its pooling (the CLS token, or MAE's average) sees the model's tokens
+        return vit.forward_head(vit.norm(tokens[:, count:]))
 
 
 def prompt_similarity_loss(noises: list[torch.Tensor]) -> torch.Tensor:
