@@ -33,6 +33,7 @@ def _records(update: tuple) -> list:
         return json.loads(archive.read("records.json"))["records"]
 
 
+@pytest.mark.slow  # spawns and warms a worker (~10 s); the default suite's app tests run through workers too
 def test_a_run_in_a_worker_equals_the_same_run_here_and_the_worker_serves_the_next(workers, tmp_path):
     pid = _pid(workers)
     assert pid != os.getpid()
