@@ -280,22 +280,23 @@ def _queued_updates(config: LabConfig, show_source: bool, stop: serving.StopToke
                 return
             unchanged = [gr.skip()] * (len(OUTPUTS) - 1)
             yield (f"**Waiting for a free slot**: {_ordinal(place)} in line, about {seconds:.0f} s", *unchanged)
-        compute = _WORKERS[0].updates if _WORKERS else lab_updates  # a worker process, when the server has them
+        compute = _workers.updates if _workers is not None else lab_updates  # in a worker, when the server has them
         yield from compute(config, show_source, stop, serving.export_dir(), downloading)
         completed = not stop.is_set()
     finally:
         queue.leave(ticket, completed=completed)
 
 
-_WORKERS: list[RunWorkers] = []
+_workers: RunWorkers | None = None  # made by start_run_workers
 
 
 def start_run_workers() -> None:
     """Compute this server's CPU runs in warm worker processes (``imse.app.run_workers``), one per slot. Called
     by ``python app.py`` before it serves (they warm up meanwhile: a run asked for sooner waits for that);
     without it (the tests' direct calls) runs compute in the caller."""
-    if not _WORKERS:
-        _WORKERS.append(RunWorkers(serving.limit("IMSE_MAX_CONCURRENT_RUNS")))
+    global _workers
+    if _workers is None:
+        _workers = RunWorkers(serving.limit("IMSE_MAX_CONCURRENT_RUNS"))
 
 
 def _ordinal(n: int) -> str:
