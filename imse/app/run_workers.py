@@ -3,9 +3,9 @@
 A run computing in a thread of the server process took ~20 % longer per IMSE step than the same step alone on
 2 cores (the built-in model, batch 64: median 547–609 ms against 443–472 ms in a process of its own, paired in
 one sitting); the server's threads (its event loop wakes every millisecond, the update relay) share the run's
-interpreter and cores. A worker process holds only the run. Workers are spawned (not forked: the server's
-OpenMP threads do not survive a fork) when the server starts, one per computing slot, and each warms itself with
-a tiny run, so the first visitor waits for neither imports nor an SVD.
+interpreter and cores. A worker process holds only the run. Workers are spawned (not forked: GNU OpenMP,
+which the server's torch has used, is not fork-safe) when the server starts, one per computing slot, and each
+warms itself with a tiny run, so the first visitor waits for neither imports nor an SVD.
 
 Everything that crosses is pickled: the ``LabConfig``, ``StopToken`` files and a folder's path in; the
 updates of ``lab_stream.lab_updates``, download progress and ``gr.Error`` out. The server's ``RunQueue`` lets
