@@ -43,3 +43,28 @@ def vit_base_injected():
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     names = inject(model)
     return model, names
+
+
+# the timm ViT layouts the hub backbones use (imse.data.models): plain (augreg), pre-norm (CLIP), average pool (MAE)
+VIT_LAYOUTS = {
+    "plain": {},
+    "pre-norm (CLIP)": {"pre_norm": True},
+    "average pool (MAE)": {"global_pool": "avg", "fc_norm": True},
+}
+
+
+def layout_vit(options: dict, depth: int = 4):
+    """A small timm ViT in one of ``VIT_LAYOUTS``, its LayerNorms drawn away from the identity (a skipped norm
+    must show)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=10, **options
+    ).eval()
+    with torch.no_grad():
+        for module in vit.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return vit

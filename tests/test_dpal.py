@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vit
+from conftest import VIT_LAYOUTS, layout_vit, tiny_vit
 
 from imse.core.methods import create
 from imse.core.methods.dpal import PromptedViT
@@ -96,25 +96,11 @@ def test_prompts_and_predictors_are_made_beside_the_vit():
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the 0-prompt predictors' empty weights
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"pre_norm": True}, {"global_pool": "avg", "fc_norm": True}],
-    ids=["plain", "pre-norm (CLIP)", "average pool (MAE)"],
-)
+@pytest.mark.parametrize("options", VIT_LAYOUTS.values(), ids=VIT_LAYOUTS.keys())
 def test_without_prompts_dpals_forward_is_the_bare_models_on_every_vit_layout(options):
     """With no prompt tokens and zero predictors, DPAL's own forward must compute what the model computes:
     a pre-norm ViT's norm_pre and an average-pool ViT's pooling and fc_norm reach it (they did not)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    vit = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, **options
-    ).eval()
-    with torch.no_grad():
-        for module in vit.modules():
-            if isinstance(module, torch.nn.LayerNorm):  # not the identity: a skipped norm must show
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
+    vit = layout_vit(options)
     x = torch.rand(4, 3, 32, 32)
     prompted = PromptedViT(vit, num_prompts=0)
     with torch.no_grad():

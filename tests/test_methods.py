@@ -4,7 +4,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import CUDA, relative_error, tiny_vit
+from conftest import CUDA, VIT_LAYOUTS, layout_vit, relative_error, tiny_vit
 from torch import nn
 
 from imse.core.losses import alignment_std, softmax_entropy
@@ -278,26 +278,12 @@ def test_margin_classes_sets_the_entropy_filter_as_the_official_code_does(name):
     assert 0.4 * math.log(1000) > math.log(10) and official.last_record["num_reliable"] == 8
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"pre_norm": True}, {"global_pool": "avg", "fc_norm": True}],
-    ids=["plain", "pre-norm (CLIP)", "average pool (MAE)"],
-)
+@pytest.mark.parametrize("options", VIT_LAYOUTS.values(), ids=VIT_LAYOUTS.keys())
 @pytest.mark.parametrize("name", ["imse", "vida"])
 def test_methods_that_rebuild_layers_compute_the_bare_model_before_adapting(name, options):
     """IMSE's spectral layers (at S0) and ViDA's injected adapters (up-projections at zero) leave every timm ViT
     layout the backbones use computing exactly what it computed: plain, pre-norm and average-pool."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    vit = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10, **options
-    ).eval()
-    with torch.no_grad():
-        for module in vit.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
+    vit = layout_vit(options)
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         expected = vit(x)

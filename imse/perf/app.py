@@ -17,22 +17,12 @@ from imse.perf.timing import check
 def bench_startup(timeout: float = 120.0) -> dict:
     """Built-in app cold start: ``python app.py`` process start to the page ready in a browser (the Start
     button visible; Debian's chromium through Playwright), or to the first HTTP 200 without a browser."""
-    import os
     import shutil
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
 
     app = Path(__file__).resolve().parents[2] / "app.py"
     if not app.exists():
         skipped = f"no app.py next to the package ({app})"
         return {"skipped": skipped, "checks": [check("app cold start", skipped, "-", "reported", None)]}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     chromium = shutil.which("chromium")
     browser = playwright = None
     if chromium:
@@ -44,30 +34,19 @@ def bench_startup(timeout: float = 120.0) -> dict:
         except ImportError:
             pass
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, str(app)], cwd=app.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     result: dict[str, Any] = {}
+    process = None
     try:
-        while "server_ready_s" not in result:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py exited with status {process.returncode} while starting")
-            if time.perf_counter() - started > timeout:
-                raise TimeoutError(f"app.py did not answer within {timeout:.0f} s")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        result["server_ready_s"] = time.perf_counter() - started
-            except OSError:
-                time.sleep(0.05)
+        process, url = _launch_app(timeout)
+        result["server_ready_s"] = time.perf_counter() - started
         if browser is not None:
             page = browser.new_page()
             page.goto(url)
             page.get_by_role("button", name="Start").wait_for(state="visible", timeout=timeout * 1000)
             result["page_ready_s"] = time.perf_counter() - started
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        if process is not None:
+            _stop_app(process)
         if browser is not None:
             browser.close()
         if playwright is not None:
@@ -114,7 +93,19 @@ def _launch_app(timeout: float) -> tuple[Any, str]:
                 if response.status == 200:
                     return process, url
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.05)
+
+
+def _stop_app(process) -> None:
+    """End a ``_launch_app`` server (and, with it, its run workers)."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _start_arguments(config) -> list:
@@ -131,7 +122,6 @@ def served_run(config, timeout: float = 1800.0) -> dict:
     final output (and to the first update), and each method's correct count per batch, read back from the run's
     download (``records.json``)."""
     import json
-    import subprocess
     import zipfile
 
     from gradio_client import Client
@@ -165,51 +155,29 @@ def served_run(config, timeout: float = 1800.0) -> dict:
             records = json.loads(archive.read("records.json"))["records"]
         client.close()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop_app(process)
     correct = {label: [r["methods"][label]["correct"] for r in records] for label in records[0]["methods"]}
     return {"seconds": seconds, "first_update_s": first, "updates": updates, "batch_correct": correct}
 
 
 def unavoidable_compute(config) -> dict:
     """What a run cannot avoid, timed alone: every method's call on every batch of ``config``'s stream (IMSE's
-    steps, Source's forwards, ...), the methods built as Start builds them, in the run's order. The stream's
-    corruption, the collapse meter, the panels and the serving are outside the clock (or absent)."""
-    from imse.core.images import as_float_images
+    steps, Source's forwards, ...), the methods built as Start builds them, through the runner without a collapse
+    meter (its per-call clock). The panels and the serving are absent, the corruption outside the clock."""
     from imse.runs.lab import build_run
     from imse.runs.memory import keep_freed_memory
+    from imse.runs.runner import run
 
     keep_freed_memory()  # as a Lab run and the CLI compute
-    run = build_run(config, keep_clean=False)
-    seconds = dict.fromkeys(run.methods, 0.0)
-    correct: dict[str, list[int]] = {label: [] for label in run.methods}
-    calls = dict.fromkeys(run.methods, 0)
-    images = 0
-    for batch in run.stream:
-        if run.stream.scenario == "single" and batch.first_of_domain and batch.domain_index > 0:
-            for method in run.methods.values():  # as the runner does
-                method.reset()
-        x = as_float_images(batch.images)
-        for label, method in run.methods.items():
-            started = time.perf_counter()
-            predictions = method(x).argmax(-1)
-            if predictions.is_cuda:
-                torch.cuda.synchronize(predictions.device)
-            seconds[label] += time.perf_counter() - started
-            calls[label] += 1
-            correct[label].append(int((predictions == batch.labels).sum()))
-        images += int(batch.labels.numel())
+    parts = build_run(config, keep_clean=False)
+    records = list(run(parts.methods, parts.stream))
+    seconds = {label: sum(r["methods"][label]["seconds"] for r in records) for label in parts.methods}
     return {
         "seconds": sum(seconds.values()),
         "method_seconds": seconds,
-        "calls": calls,
-        "batches": len(run.stream),
-        "images": images,
-        "batch_correct": correct,
+        "batches": len(records),
+        "images": sum(r["n"] for r in records),
+        "batch_correct": {label: [r["methods"][label]["correct"] for r in records] for label in parts.methods},
     }
 
 
