@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_vit
+from torchvision.transforms import InterpolationMode
 
 from imse.core.methods import create
 from imse.core.methods.vida import DomainAdapters, cotta_augment
@@ -85,3 +86,72 @@ def test_the_adapters_are_made_beside_the_layer_they_adapt():
     downs = [(a, b) for (name, a), (_, b) in zip(wide.model.named_parameters(), plain.model.named_parameters())
              if "down_" in name]  # fmt: skip
     assert len(downs) == 4 * 6 and all(torch.equal(a.float(), b) for a, b in downs)
+
+
+CJ_RANGES = [(0.6, 1.4), (0.7, 1.3), (0.5, 1.5), (-0.06, 0.06), (0.7, 1.3)]  # brightness … gamma (vida.py 25-31)
+
+
+def draws_in_our_order(generator, shape, padded_side):
+    """The augmentation's random values, drawn as ``cotta_augment`` draws them from its generator (the draws' source
+    and order are ours, a named deviation; the ranges are the official ones)."""
+
+    def uniform(low, high):
+        return float(low + (high - low) * torch.rand((), generator=generator))
+
+    jitter = [(index, uniform(*CJ_RANGES[index])) for index in torch.randperm(5, generator=generator).tolist()]
+    shift = padded_side / 16  # RandomAffine's translate=(1/16, 1/16) of the padded image's size
+    angle = uniform(-15, 15)
+    tx, ty = round(uniform(-shift, shift)), round(uniform(-shift, shift))
+    scale = uniform(0.9, 1.1)
+    sigma = uniform(0.001, 0.5)
+    flip = float(torch.rand((), generator=generator)) < 0.5
+    noise = 0.005 * torch.randn(shape, generator=generator)
+    return jitter, (angle, [tx, ty], scale), sigma, flip, noise
+
+
+def restated_official_augment(x, draws, kernels):
+    """The official get_tta_transforms on a tensor batch, restated (github Yangsenqiao/vida imagenet/vida.py 15-47,
+    cotta_transforms.py 85-112): clip; the jitters in the drawn order, gamma on the image clamped to [1e-8, 1];
+    edge padding of 224 / 2 and a centre crop of 224 (fixed, whatever the input); blur 5×5; flip; noise; clip."""
+    jitter, (angle, translate, scale), sigma, flip, noise = draws
+    x = x.clip(0, 1)
+    colour = [kernels.adjust_brightness, kernels.adjust_contrast, kernels.adjust_saturation, kernels.adjust_hue]
+    for index, factor in jitter:
+        x = kernels.adjust_gamma(x.clamp(1e-8, 1.0), factor) if index == 4 else colour[index](x, factor)
+    x = kernels.pad(x, [112, 112, 112, 112], padding_mode="edge")
+    x = kernels.affine(x, angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],
+                       interpolation=InterpolationMode.BILINEAR)  # fmt: skip
+    x = kernels.gaussian_blur(x, [5, 5], [sigma, sigma])
+    x = kernels.center_crop(x, [224, 224])
+    if flip:
+        x = kernels.hflip(x)
+    return (x + noise).clip(0, 1)
+
+
+def test_the_augmentation_is_the_official_rule_restated_on_224_px_images():
+    """Same draws, same result: on black images (where the gamma clamp shows: 0**0.71 = 0, (1e-8)**0.71 = 2e-6;
+    before the clamp followed the official 1e-8 this differed by 2.3e-6 at seed 8) bit-equal with torchvision's
+    v1 kernels, the official code's; on a textured image equal to v1's rounding (v2's kernels: bit-equal)."""
+    from torchvision.transforms import functional as v1
+    from torchvision.transforms.v2 import functional as v2
+
+    black = torch.zeros(1, 3, 224, 224)
+    textured = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for seed in (0, 7, 8):
+        draws = draws_in_our_order(torch.Generator().manual_seed(seed), black.shape, 448)
+        ours = cotta_augment(black, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, restated_official_augment(black, draws, v1)), seed
+    draws = draws_in_our_order(torch.Generator().manual_seed(1), textured.shape, 448)
+    ours = cotta_augment(textured, torch.Generator().manual_seed(1))
+    assert torch.equal(ours, restated_official_augment(textured, draws, v2))
+    assert (ours - restated_official_augment(textured, draws, v1)).abs().max() <= 2e-6
+
+
+def test_the_augmentation_follows_the_input_size_the_official_one_is_fixed_at_224():
+    """A documented difference (docs/protocol.md): on a 32 px model the official transform would hand it 224 px."""
+    x = torch.rand(2, 3, 32, 32)
+    assert cotta_augment(x, torch.Generator().manual_seed(0)).shape == x.shape
+    from torchvision.transforms import functional as v1
+
+    draws = draws_in_our_order(torch.Generator().manual_seed(0), (2, 3, 224, 224), 256)
+    assert restated_official_augment(x, draws, v1).shape == (2, 3, 224, 224)

@@ -78,7 +78,10 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
 def cotta_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """CoTTA's augmentation (the official ``get_tta_transforms``), one random draw for the whole batch, on float
     images in [0, 1]: colour jitter with gamma in random order, edge padding, a random affine, Gaussian blur,
-    centre crop, horizontal flip, Gaussian noise (std 0.005), clip."""
+    centre crop, horizontal flip, Gaussian noise (std 0.005), clip. Gamma sees the image clamped to [1e-8, 1], as
+    the official ``ColorJitterPro`` (cotta_transforms.py 110). The padding (half the side) and the crop (the side)
+    follow the input's size; the official code fixes them at 224 (112 and 224: vida.py 16-17, 32, 42), which is
+    the same on 224 px images and undefined on others (its crop would be 224 px whatever the model's input)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
@@ -89,7 +92,7 @@ def cotta_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         lambda t: TF.adjust_contrast(t, _uniform(generator, 0.7, 1.3)),
         lambda t: TF.adjust_saturation(t, _uniform(generator, 0.5, 1.5)),
         lambda t: TF.adjust_hue(t, _uniform(generator, -0.06, 0.06)),
-        lambda t: TF.adjust_gamma(t.clamp(0, 1), _uniform(generator, 0.7, 1.3)),
+        lambda t: TF.adjust_gamma(t.clamp(1e-8, 1), _uniform(generator, 0.7, 1.3)),  # the official clamp
     ]
     for index in torch.randperm(len(jitters), generator=generator).tolist():
         x = jitters[index](x)
