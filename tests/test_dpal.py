@@ -1,6 +1,7 @@
 """DPAL against its official code (github yushuntang/DPAL: dpal.py, models/dpal_transformer.py), restated here."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -105,3 +106,126 @@ def test_without_prompts_dpals_forward_is_the_bare_models_on_every_vit_layout(op
     prompted = PromptedViT(vit, num_prompts=0)
     with torch.no_grad():
         torch.testing.assert_close(prompted(x), vit(x), rtol=1e-5, atol=1e-6)
+
+
+def twin_parameter(twin, name):
+    """A trainable's counterpart in a deep copy of ``method.prompted`` (the LayerNorms are named from the ViT)."""
+    own = name.split(".")[0] in ("prompt", "deep_prompts", "predictors")
+    return twin.get_parameter(name) if own else twin.vit.get_parameter(name)
+
+
+class RestatedOfficialDPAL:
+    """github yushuntang/DPAL's loop, restated on a twin of the prompted model, written from what the official code
+    does (dpal.py 47-66 forward and reset, 99-140 the step, 223-235 the state copies; sam.py 15-37 SAM, 60-62 its
+    load_state_dict; main.py 416-417 SGD with momentum 0.9 under SAM and for the predictors):
+
+    - first pass; loss = mean entropy of the samples under E0 + (reliable / the configured batch size) · the
+      similarity loss: NaN when nothing is reliable, and then its gradients are zero;
+    - the predictors' SGD steps; SAM climbs every other trainable by ρ·g / (‖g‖ + 1e-12);
+    - second pass; loss = mean entropy of the first pass's reliable samples still under E0 (NaN if none: the EMA
+      is not updated, the gradients are zero); SAM puts the weights back and its SGD steps;
+    - when the EMA (0.9) is below the threshold: the weights and the predictors' optimizer go back to their
+      copies, SAM's state dict is loaded (its own state: the SGD under it keeps its momentum), the EMA stays;
+    - the prediction is the second pass's logits."""
+
+    def __init__(self, prompted, names, margin, threshold, batch_size, lr=0.01, rho=0.05):
+        self.twin = copy.deepcopy(prompted)
+        self.params = {n: twin_parameter(self.twin, n) for n in names}
+        self.sam = [p for n, p in self.params.items() if not n.startswith("predictors.")]
+        predictors = [p for n, p in self.params.items() if n.startswith("predictors.")]
+        self.predictor_sgd = torch.optim.SGD(predictors, lr=lr, momentum=0.9)
+        self.sam_sgd = torch.optim.SGD(self.sam, lr=lr, momentum=0.9)
+        self.weights = copy.deepcopy(self.twin.state_dict())
+        self.predictor_state = copy.deepcopy(self.predictor_sgd.state_dict())
+        self.margin, self.threshold, self.batch_size, self.rho = margin, threshold, batch_size, rho
+        self.ema = None
+
+    def __call__(self, x):
+        for p in self.params.values():
+            p.grad = None
+        logits, noises = restated_forward(self.twin, x)
+        entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+        keep = entropy.detach() < self.margin
+        similarity = torch.stack([-F.cosine_similarity(n[:, None], n[None], dim=2).mean() for n in noises]).mean()
+        (entropy[keep].mean() + int(keep.sum()) / self.batch_size * similarity).backward()
+        self.predictor_sgd.step()
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.sam]))
+            saved = [p.detach().clone() for p in self.sam]
+            for p in self.sam:
+                p.add_(p.grad * (self.rho / (norm + 1e-12)))
+                p.grad = None
+        second, _ = restated_forward(self.twin, x)
+        entropy2 = -(second.softmax(1) * second.log_softmax(1)).sum(1)[keep]
+        loss2 = entropy2[entropy2.detach() < self.margin].mean()
+        if not torch.isnan(loss2):
+            value = float(loss2.detach())
+            self.ema = value if self.ema is None else 0.9 * self.ema + 0.1 * value
+        loss2.backward()
+        with torch.no_grad():
+            for p, value in zip(self.sam, saved):
+                p.copy_(value)
+        self.sam_sgd.step()
+        if self.ema is not None and self.ema < self.threshold:
+            self.twin.load_state_dict(self.weights)
+            self.predictor_sgd.load_state_dict(copy.deepcopy(self.predictor_state))
+        return second.detach()
+
+
+def run_side_by_side(method, reference, schedule, seed=1):
+    """Each ``(images, threshold, E0)`` on both; returns our records and the largest difference seen in the
+    predictions and the trainables after each batch."""
+    generator, records, worst = torch.Generator().manual_seed(seed), [], 0.0
+    for count, threshold, margin in schedule:
+        x = torch.rand(count, 3, 32, 32, generator=generator)
+        method.hparams.update(reset_threshold=threshold, margin=margin / math.log(10))
+        reference.threshold, reference.margin = threshold, margin
+        worst = max(worst, float((method(x) - reference(x)).abs().max()))
+        weights = [float((p - reference.params[n]).detach().abs().max()) for n, p in method.trainable.items()]
+        worst = max([worst, *weights])
+        records.append(dict(method.last_record))
+    return records, worst
+
+
+E0 = 0.4 * math.log(10)
+PAPER = {"predict_from": "second", "official_recovery": True, "similarity_divisor": "configured", "batch_size": 8}
+
+
+def test_the_paper_settings_are_the_official_run_across_recoveries_empty_sets_and_a_short_batch():
+    """Side by side with the restated official loop: recoveries (threshold 100) followed by plain steps (0), where
+    the momentum kept under SAM moves the restored weights; an empty reliable set (E0 ≈ 0) before and right after a
+    recovery; a short batch (5 of 8), whose similarity weight is reliable / 8; then, at a large ρ where SAM's ascent
+    lifts a lone sample's entropy over E0, a set that empties at the second pass. Measured: bit-equal (0.0) on
+    CPU. Before the fixes: the momentum cleared at a recovery, 2.6e-5 in the logits (4.4e-6 in the weights); no
+    step on an empty set, 3.9 in the logits (1.7e-2 when it empties at the second pass); the short batch's weight
+    reliable / 5, 3.8e-6 in the logits."""
+    method = create("dpal", tiny_vit(head_scale=20.0), **PAPER)
+    reference = RestatedOfficialDPAL(method.prompted, list(method.trainable), E0, 0.0, batch_size=8)
+    schedule = [(8, 100.0, E0), (8, 0.0, E0), (8, 0.0, 1e-9), (5, 0.0, E0), (8, 100.0, E0), (8, 100.0, 1e-9),
+                (8, 0.0, E0)]  # fmt: skip
+    records, worst = run_side_by_side(method, reference, schedule)
+    assert [r["recovered"] for r in records] == [True, False, False, False, True, True, False]
+    assert [r.get("momentum_only", False) for r in records] == [False, False, True, False, False, True, False]
+    assert records[3]["num_reliable"] == 5 and worst <= 1e-7, worst
+
+    method = create("dpal", tiny_vit(head_scale=20.0), rho=5.0, reset_threshold=0.0, **PAPER)
+    reference = RestatedOfficialDPAL(method.prompted, list(method.trainable), E0, 0.0, batch_size=8, rho=5.0)
+    records, worst = run_side_by_side(method, reference, [(8, 0.0, E0), (1, 0.0, 0.01), (8, 0.0, E0)], seed=2)
+    assert records[1]["skip_reason"] == "no reliable samples (step 2)" and records[1]["momentum_only"]
+    assert worst <= 1e-7, worst
+
+
+def test_the_lab_settings_clear_the_momentum_at_a_recovery_and_move_nothing_on_an_empty_set():
+    """Ours, as docs/protocol.md says: a recovery clears both optimizers' state (the paper settings keep SAM's
+    SGD momentum and reset the predictors'); an empty reliable set leaves every weight where it was."""
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for official in (False, True):
+        method = create("dpal", tiny_vit(head_scale=20.0), reset_threshold=100.0, official_recovery=official)
+        method(x)
+        assert method.last_record["recovered"] and not method.predictor_optimizer.state
+        assert bool(method.optimizer.base_optimizer.state) is official
+        before = {n: p.detach().clone() for n, p in method.trainable.items()}
+        method.hparams.update(margin=1e-9, reset_threshold=0.0)
+        method(x)
+        moved = any(not torch.equal(p, before[n]) for n, p in method.trainable.items())
+        assert method.last_record["skip_reason"] == "no reliable samples" and moved is official

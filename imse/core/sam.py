@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "momentum_step"]
 
 
 class SAM:
@@ -83,3 +83,15 @@ class SAM:
     def load_state_dict(self, state: dict) -> None:
         self._saved.clear()
         self.base_optimizer.load_state_dict(state)
+
+
+@torch.no_grad()
+def momentum_step(optimizer: torch.optim.Optimizer) -> None:
+    """One step of ``optimizer`` with every gradient zero, so that only its momentum moves the weights: what the
+    official SAR and DPAL do when no sample is reliable (their loss, a mean over no sample, is NaN, and its
+    gradients are zero; github mr-eggplant/SAR sar.py 83-97, yushuntang/DPAL dpal.py 113-130)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

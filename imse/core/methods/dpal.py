@@ -10,9 +10,20 @@ first ``depth − frozen_blocks`` blocks take SAM's two passes over SGD (second 
 reliable); SAR's recovery (EMA 0.9 of the second loss below 0.2 → back to the initial state, the EMA kept, as the
 official ``forward`` restores it). Every lr 0.01, momentum 0.9, ρ 0.05.
 
-Deviations, on purpose: the prediction is the first pass's (pre-update, as every method here);
-``predict_from="second"`` returns the official code's, made at the perturbed prompts after the predictors'
-step. An empty reliable set skips the update and is counted (the official loss is then NaN).
+Deviations, on purpose (the lab protocol; ``--protocol paper`` sets the official ones):
+
+- The prediction is the first pass's (pre-update, as every method here); ``predict_from="second"`` returns the
+  official code's, made at the perturbed prompts after the predictors' step.
+- Recovery restores the initial weights and clears both optimizers' momentum. ``official_recovery=True``: the
+  official ``reset`` loads SAM's state dict, which holds SAM's own state only (official sam.py 60-62), so the
+  SGD momentum under SAM survives and moves the restored prompts and LayerNorms at the next step; the
+  predictors' optimizer is reset (dpal.py 61-66, 231-235).
+- An empty reliable set (at either pass) moves nothing and is counted. ``official_recovery=True``: the official
+  loss is then NaN with zero gradients (a mean over no sample), so both optimizers still step on momentum alone
+  (dpal.py 113-130); at the first pass, the predictors before the second forward, SAM's base after it.
+- The similarity weight is ``reliable / the batch's size``. ``similarity_divisor="configured"``: ``reliable /
+  batch_size``, the configured batch size, as the official ``args.test_batch_size`` (dpal.py 113); they differ
+  on a short last batch.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from imse.core.images import as_float_images
 from imse.core.losses import entropy_margin, softmax_entropy
 from imse.core.methods.base import TTAMethod
 from imse.core.methods.tent import layernorm_params
-from imse.core.sam import SAM
+from imse.core.sam import SAM, momentum_step
 from imse.core.spectral import find_vit
 
 __all__ = ["DPAL", "PromptedViT", "prompt_similarity_loss"]
@@ -109,11 +120,19 @@ class DPAL(TTAMethod):
         "reset_threshold": 0.2,
         "ema_momentum": 0.9,
         "predict_from": "first",  # "second": the official code's prediction
+        "official_recovery": False,  # True: the official recovery and empty-set step (see the module's docstring)
+        "similarity_divisor": "batch",  # "configured": reliable / batch_size (the official)
+        "batch_size": None,  # the run's configured batch size (the runner sets it)
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
         if self.hparams["predict_from"] not in ("first", "second"):
             raise ValueError(f"predict_from must be 'first' or 'second', got {self.hparams['predict_from']!r}")
+        divisor = self.hparams["similarity_divisor"]
+        if divisor not in ("batch", "configured"):
+            raise ValueError(f"similarity_divisor must be 'batch' or 'configured', got {divisor!r}")
+        if divisor == "configured" and not self.hparams["batch_size"]:
+            raise ValueError("similarity_divisor='configured' needs batch_size (the run's configured batch size)")
         self.prompted = PromptedViT(model, self.hparams["num_prompts"])
         vit = self.prompted.vit
         params = {"prompt": self.prompted.prompt, "deep_prompts": self.prompted.deep_prompts}
@@ -154,8 +173,10 @@ class DPAL(TTAMethod):
         first = logits.detach()
         if not bool(keep.any()):
             record["skip_reason"] = "no reliable samples"
-            return first, self._finish(record)
-        loss = entropy[keep].mean() + (int(keep.sum()) / x.shape[0]) * similarity
+            prediction = self._empty_first_pass(x, first, record)
+            return prediction, self._finish(record)
+        divisor = self.hparams["batch_size"] if self.hparams["similarity_divisor"] == "configured" else x.shape[0]
+        loss = entropy[keep].mean() + (int(keep.sum()) / divisor) * similarity
         record["loss"] = float(loss.detach())
         if not math.isfinite(record["loss"]):
             record["skip_reason"] = "non-finite loss (step 1)"
@@ -164,19 +185,37 @@ class DPAL(TTAMethod):
         self.predictor_optimizer.step()
         sam.first_step(zero_grad=True)
         second = self.run_model(x)
+        prediction = second.detach() if self.hparams["predict_from"] == "second" else first
         entropy2 = softmax_entropy(second)[keep]
         reliable2 = entropy2.detach() < margin
         if not bool(reliable2.any()):
             sam.restore()
             record["skip_reason"] = "no reliable samples (step 2)"
-            return first, self._finish(record)
+            if self.hparams["official_recovery"]:
+                momentum_step(sam.base_optimizer)
+                record["momentum_only"] = True
+            return prediction, self._finish(record)
         loss2 = entropy2[reliable2].mean()
         record["loss_second"] = float(loss2.detach())
         loss2.backward()
         sam.second_step(zero_grad=True)
         record["updated"] = True
-        prediction = second.detach() if self.hparams["predict_from"] == "second" else first
         return prediction, self._finish(record)
+
+    def _empty_first_pass(self, x: torch.Tensor, first: torch.Tensor, record: dict[str, Any]) -> torch.Tensor:
+        """No reliable sample at the first pass: nothing moves (ours), or, with ``official_recovery``, the
+        official order with zero gradients: the predictors' momentum step, the second forward (the official
+        prediction; SAM's ascent is zero), SAM's base momentum step."""
+        if not self.hparams["official_recovery"]:
+            return first
+        momentum_step(self.predictor_optimizer)
+        prediction = first
+        if self.hparams["predict_from"] == "second":
+            with torch.no_grad():
+                prediction = self.run_model(x).detach()
+        momentum_step(self.optimizer.base_optimizer)
+        record["momentum_only"] = True
+        return prediction
 
     def _finish(self, record: dict[str, Any]) -> dict[str, Any]:
         """SAR's recovery as the official code runs it: the EMA is kept across a reset."""
@@ -187,10 +226,21 @@ class DPAL(TTAMethod):
             m = self.hparams["ema_momentum"]
             self.ema = record["loss_second"] if self.ema is None else m * self.ema + (1 - m) * record["loss_second"]
         if self.ema is not None and self.ema < self.hparams["reset_threshold"]:
-            self.restore_initial()
+            self.recover()
             recovered = True
         record.update(loss_ema=self.ema, recovered=recovered)
         return record
+
+    @torch.no_grad()
+    def recover(self) -> None:
+        """SAR's model recovery: ours restores everything as at construction; with ``official_recovery`` the
+        weights and the predictors' optimizer only (the SGD momentum under SAM survives, as the official)."""
+        if not self.hparams["official_recovery"]:
+            self.restore_initial()
+            return
+        for name, param in self.trainable.items():
+            param.copy_(self._initial_params[name])
+        self.predictor_optimizer.load_state_dict(copy.deepcopy(self._initial_predictor_optimizer))
 
     def restore_initial(self) -> None:
         super().restore_initial()
