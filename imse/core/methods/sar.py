@@ -9,7 +9,7 @@ from torch import nn
 
 from imse.core.methods.base import SAMEntropyMethod
 from imse.core.methods.tent import layernorm_params
-from imse.core.sam import SAM
+from imse.core.sam import SAM, momentum_step
 from imse.core.spectral import find_vit
 
 __all__ = ["SAR"]
@@ -21,10 +21,18 @@ class SAR(SAMEntropyMethod):
     the step-2 loss falls below ``reset_threshold`` (a sign of collapse to confident, wrong predictions).
 
     ``official_recovery=True`` (the paper protocol) does what the official code does (github mr-eggplant/SAR,
-    ``sar.py``): after a reset the low EMA is put back (its ``reset()`` clears it, ``forward`` then restores it),
-    so resets repeat until the loss rises; and a batch with no reliable sample still takes the optimizer step,
-    with zero gradients: SGD's momentum alone moves the weights. Ours (the default) clears the EMA after a reset
-    and moves nothing on an empty filter."""
+    ``sar.py`` and ``sam.py``), in three ways:
+
+    - after a reset the low EMA is put back (its ``reset()`` clears it, ``forward`` then restores it: sar.py 50-61),
+      so resets repeat until the loss rises; the EMA is checked after every batch, updated or not (sar.py 100-104);
+    - a reset restores the adapted weights but keeps SGD's momentum: it loads SAM's state dict, which holds only
+      SAM's own state (sam.py 65-67), not the base optimizer's, so the momentum moves the restored weights at the
+      next step;
+    - a batch with no reliable sample (at either pass) still takes the base step, with zero gradients (a mean over
+      no sample is NaN and back-propagates zeros: sar.py 83, 91, 96-97): SGD's momentum alone moves the weights.
+
+    Ours (the default, the lab protocol) clears the EMA and SGD's momentum at a reset, and moves nothing on an
+    empty filter (the update is skipped and counted)."""
 
     name = "sar"
     defaults = {
@@ -61,28 +69,29 @@ class SAR(SAMEntropyMethod):
         return self.wrap_optimizer(torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"]))
 
     def after_update(self, record: dict[str, Any]) -> None:
-        recovered = False
         if record["updated"] and record["loss_second"] is not None:
             m = self.hparams["ema_momentum"]
             loss = record["loss_second"]
             self.ema = loss if self.ema is None else m * self.ema + (1 - m) * loss
-            if self.ema < self.hparams["reset_threshold"]:
-                kept = self.ema
-                self.restore_initial()
-                self.ema = kept if self.hparams["official_recovery"] else None
-                recovered = True
+        recovered = self.ema is not None and self.ema < self.hparams["reset_threshold"]
+        if recovered and self.hparams["official_recovery"]:
+            self.restore_weights()  # the EMA and SGD's momentum stay
+        elif recovered:
+            self.restore_initial()
+            self.ema = None
         record["loss_ema"] = self.ema
         record["recovered"] = recovered
 
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """The adapted weights back to their initial values; the optimizer's state untouched."""
+        for name, param in self.trainable.items():
+            param.copy_(self._initial_params[name])
+
     def on_empty_filter(self, record: dict[str, Any]) -> None:
-        if not self.hparams["official_recovery"]:
-            return
-        base = self.optimizer.base_optimizer
-        for group in base.param_groups:
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        base.step()  # zero gradients: only the momentum buffers move the weights
-        record["momentum_only"] = True
+        if self.hparams["official_recovery"]:
+            momentum_step(self.optimizer.base_optimizer)
+            record["momentum_only"] = True
 
     def reset_state(self) -> None:
         self.ema = None
