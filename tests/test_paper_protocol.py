@@ -167,6 +167,23 @@ def test_docs_protocol_shows_every_rule_of_the_code():
     assert resolve(None, imagenet_data=True) == "paper" and resolve(None, imagenet_data=False) == "lab"
 
 
+def test_the_paper_protocol_hands_dpal_and_sar_the_official_recovery_and_dpal_the_configured_batch_size():
+    """docs/protocol.md, "DPAL, SAR and ViDA beside their official code": what each protocol sets on them."""
+    from conftest import tiny_vit
+
+    from imse.runs.protocol import method_overrides
+    from imse.runs.runner import build_methods
+
+    for protocol in ("paper", "lab"):
+        specs = {name: (name, method_overrides(protocol, name, "continual")) for name in ("sar", "dpal")}
+        built = build_methods(tiny_vit(), "builtin", specs, batch_size=16, tuned=False)
+        official = protocol == "paper"
+        assert built["sar"].hparams["official_recovery"] is official
+        dpal = built["dpal"].hparams
+        assert dpal["official_recovery"] is official and dpal["batch_size"] == 16
+        assert dpal["similarity_divisor"] == ("configured" if official else "batch")
+
+
 def test_bench_on_imagenet_r_scores_200_classes_with_the_paper_protocol(tmp_path):
     """A 1000-class ViT (random, local weights) on an ImageNet-R-like folder: labels become positions among the
     200 classes, the model answers with those 200 logits, and the paper protocol is the default."""

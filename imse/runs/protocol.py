@@ -48,10 +48,17 @@ RULES = (
          "the same images every round; the default lr", "main.py 58-66, 97-103; bash/3_imse_recurring.sh 2-3"),
     Rule("entropy margin E0", "0.4·ln 1000 for every model (SAR and IMSE)", "0.4·ln C", "method/svd.py 47, 152"),
     Rule("DPAL", "E0 = 0.4·ln 1000; the prediction is the second pass's (perturbed prompts, after the predictors' "
-         "step)", "0.4·ln C; the first pass's (pre-update)", "yushuntang/DPAL dpal.py 99-140; main.py 200, 418"),
-    Rule("SAR recovery", "after a reset the low loss EMA is put back (resets repeat); an empty filter still "
-         "steps (momentum only)", "EMA cleared after a reset; an empty filter skips the update",
-         "mr-eggplant/SAR sar.py 52, 61, 92-104"),
+         "step); the similarity weight is reliable / the configured batch size", "0.4·ln C; the first pass's "
+         "(pre-update); reliable / the batch's own size (they differ on a short last batch)",
+         "yushuntang/DPAL dpal.py 99-140 (113); main.py 182, 200, 418"),
+    Rule("DPAL recovery", "a reset restores the weights and the predictors' optimizer; the SGD momentum under SAM "
+         "survives (loading SAM's state dict leaves its base optimizer's state); an empty reliable set still steps "
+         "both optimizers (momentum only)", "a reset clears both optimizers' momentum; an empty reliable set skips "
+         "the update", "yushuntang/DPAL dpal.py 61-66, 113-130, 231-235; sam.py 60-62"),
+    Rule("SAR recovery", "after a reset the low loss EMA is put back (resets repeat, checked after every batch) and "
+         "SGD's momentum survives (as DPAL's); an empty filter still steps (momentum only)", "EMA and momentum "
+         "cleared after a reset; an empty filter skips the update",
+         "mr-eggplant/SAR sar.py 50-61, 83-104; sam.py 65-67"),
 )  # fmt: skip
 
 
@@ -78,7 +85,8 @@ def method_overrides(protocol: str, method: str, scenario: str) -> dict[str, Any
     if method == "sar":
         return {"margin_classes": 1000, "official_recovery": True}
     if method == "dpal":
-        return {"margin_classes": 1000, "predict_from": "second"}
+        return {"margin_classes": 1000, "predict_from": "second", "official_recovery": True,
+                "similarity_divisor": "configured"}  # fmt: skip
     return {}
 
 
