@@ -92,6 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
         seeds=tuple(int(s) for s in _csv(args.seeds)),
         device=args.device,
         lrs=lrs,
+        checkpoints=_pairs(args.checkpoint, "METHOD=FILE"),
         imagenet_c=imagenet_c,
         imagenet_val=args.imagenet_val,
         protocol=args.protocol,
@@ -145,11 +146,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from imse.runs.reproduce import format_reproduction, reproduce
+    from imse.runs.reproduce import BACKBONES, describe_plan, format_reproduction, plan, reproduce
 
     roots = {name: root for name, root in (("imagenet-c", args.imagenet_c), ("imagenet-r", args.imagenet_r),
                                            ("imagenet-a", args.imagenet_a)) if root}  # fmt: skip
-    weights = dict(item.split("=", 1) for item in args.weights or [])
+    weights = _pairs(args.weights, "BACKBONE=FILE")
+    checkpoints = _pairs(args.checkpoint, "METHOD=FILE")
+    if args.dry_run:
+        jobs = plan(list(roots), _csv(args.backbones), _csv(args.methods), tuple(int(s) for s in _csv(args.seeds)),
+                    _csv(args.scenarios) if args.scenarios else None)  # fmt: skip
+        text = describe_plan(jobs, checkpoints, BACKBONES)
+        print(text)
+        return 2 if "\nrefused: " in text else 0
     result = reproduce(
         roots=roots,
         out=args.out,
@@ -165,10 +173,61 @@ def _reproduce(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         engine=args.engine,
         address=args.address,
+        checkpoints=checkpoints,
     )
     print(format_reproduction(result))
     print(f"wrote {args.out} (rerun the same command to resume; finished runs are not redone)")
     return 0
+
+
+def _vida_warmup(args: argparse.Namespace) -> int:
+    from imse.runs.vida_warmup import warm_up
+
+    made = warm_up(args.out, backbone=args.backbone, weights=args.weights, data=args.data,
+                   preprocessing=args.preprocessing, device=args.device, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed)  # fmt: skip
+    before, after = made["held_out_accuracy_before"], made["held_out_accuracy_after"]
+    held_out = f"; clean held-out accuracy {before} -> {after}" if after != "None" else ""
+    print(f"wrote {args.out}: {made['steps']} steps on {made['data']}, final loss {made['final_loss']}{held_out}")
+    print(f"use it with: python -m imse bench --methods vida --checkpoint vida={args.out}")
+    return 0
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``["vida=FILE", ...]`` -> ``{"vida": "FILE"}``; an item without ``=`` is refused."""
+    pairs = {}
+    for item in items or []:
+        key, equals, value = item.partition("=")
+        if not equals or not key or not value:
+            raise ValueError(f"expected {what}, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _add_vida_warmup(commands) -> None:
+    from imse.runs.vida_warmup import WARMUP_DEFAULTS
+
+    warm = commands.add_parser(
+        "vida-warmup",
+        help="train ViDA's adapters on clean source images: the checkpoint its official run starts from",
+        description="Injects ViDA's adapters into --backbone, trains only them (the ViT frozen) with cross-entropy "
+        "on the source training split (built-in model: Fashion-MNIST's train split; a timm ViT: --data, your "
+        "ImageNet train folder) and writes them as safetensors for --checkpoint vida=FILE.",
+    )
+    warm.add_argument("--backbone", default="builtin", help="'builtin' or a timm name with its weight tag")
+    warm.add_argument("--weights", help="local weights file for --backbone")
+    warm.add_argument("--data", help="source training images, <class>/<images> (required for a timm ViT)")
+    warm.add_argument("--preprocessing", choices=("backbone", "unit"), default="backbone",
+                      help="what the ViT is fed, as the runs that load it: 'backbone' (its normalisation; the lab "
+                      "protocol) or 'unit' ([0, 1] as they are; the paper protocol, as the official ViDA "
+                      "run)")  # fmt: skip
+    for name in ("steps", "batch_size", "lr", "seed"):
+        default = WARMUP_DEFAULTS[name]
+        warm.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                          help="(default: %(default)s)")  # fmt: skip
+    warm.add_argument("--device", default="cpu")
+    warm.add_argument("--out", required=True, help="the checkpoint to write (.safetensors)")
+    warm.set_defaults(handler=_vida_warmup)
 
 
 def _soak(args: argparse.Namespace) -> int:
@@ -334,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--imagenet-val", metavar="ROOT", help="ImageNet val (wnid folders) for the bank's slot 0")
     bench.add_argument("--hparams", help="sweep JSON whose chosen learning rates to use")
     bench.add_argument("--lr", action="append", metavar="METHOD=LR", help="override one method's lr")
+    bench.add_argument("--checkpoint", action="append", metavar="METHOD=FILE",
+                       help="the file a method starts from: vida=FILE, its source warm-up (python -m imse "
+                       "vida-warmup, or the official 'source ViDA model'); required for ViDA under "
+                       "--protocol paper")  # fmt: skip
     bench.add_argument("--out", help="write the full result as JSON")
     bench.set_defaults(handler=_bench)
 
@@ -388,8 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", default="reproduce.json", help="results JSON (also what a rerun resumes from)")
     repro.add_argument("--engine", choices=("local", "ray"), default="local", help="ray: one task per run")
     repro.add_argument("--address", help="a Ray cluster's address (default: start a local one)")
+    repro.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="METHOD=FILE",
+        help="the file a method starts from (vida=FILE: its source warm-up; required for ViDA)",
+    )
+    repro.add_argument("--dry-run", action="store_true", help="print the plan (every run; each method's "
+                       "preprocessing, checkpoint and retrieval) and run nothing")  # fmt: skip
     repro.set_defaults(handler=_reproduce)
 
+    _add_vida_warmup(commands)
     soak = commands.add_parser(
         "soak",
         help="a long gradual stream through the app's run loop: no NaN/inf, flat memory, bank within capacity",

@@ -81,3 +81,22 @@ def test_debug_adds_the_traceback_to_a_one_line_error(capsys):
     assert main(["--debug", *arguments]) == 2
     debug = capsys.readouterr().err
     assert "Traceback (most recent call last)" in debug and debug.strip().endswith(plain.strip())
+
+
+def test_reproduce_dry_run_prints_each_methods_preprocessing_checkpoint_and_retrieval(tmp_path, capsys):
+    from imse.__main__ import main
+
+    argv = ["reproduce", "--imagenet-c", str(tmp_path), "--methods", "imse,vida", "--scenarios", "single,continual",
+            "--seeds", "0,1", "--out", str(tmp_path / "r.json"), "--dry-run"]  # fmt: skip
+    assert main(argv) == 2  # ViDA without its warm-up would be refused
+    text = capsys.readouterr().out
+    assert text.startswith("8 runs under --protocol paper") and "supervised/imagenet-c/continual/vida/1" in text
+    assert "| imse | single | the backbone's normalisation | – | none |" in text
+    assert "| imse | continual | the backbone's normalisation | – | top1 |" in text
+    assert "| vida | continual | [0, 1] images, no normalisation | required, missing | – |" in text
+    assert "refused: vida needs checkpoint under --protocol paper" in text
+    warm = tmp_path / "vida.pt"
+    warm.write_bytes(b"")
+    assert main([*argv, "--checkpoint", f"vida={warm}"]) == 0
+    assert f"| vida | single | [0, 1] images, no normalisation | {warm} | – |" in capsys.readouterr().out
+    assert not (tmp_path / "r.json").exists()

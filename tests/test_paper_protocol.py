@@ -338,3 +338,33 @@ def test_the_reproduction_table_orders_methods_as_the_library_does_whatever_orde
                 "mean_accuracy": 0.5 + 0.01 * i} for i, m in enumerate(finished)}  # fmt: skip
     header = repro.format_reproduction({"runs": runs}).splitlines()[0]
     assert header.split(" | ")[3:8] == ["source", "imse", "vida", "dpal", "imse@lr=0.001"]
+
+
+def test_under_the_paper_protocol_vida_is_fed_unnormalised_images_and_refused_without_its_warm_up(tmp_path):
+    """docs/protocol.md rows "ViDA start" and "ViDA preprocessing"."""
+    from imse.data.models import create_backbone
+    from imse.runs.bench import run_bench
+    from imse.runs.protocol import PAPER_REQUIRES, method_overrides, missing_under
+    from imse.runs.runner import build_methods
+
+    assert method_overrides("paper", "vida", "continual") == {"preprocessing": "unit"}
+    assert method_overrides("lab", "vida", "continual") == {}
+    backbone = create_backbone("builtin")
+    specs = {p: ("vida", method_overrides(p, "vida", "continual")) for p in ("paper", "lab")}
+    built = build_methods(backbone, "builtin", specs, batch_size=8, tuned=False)
+    assert built["paper"].model.normalise_input is False and built["lab"].model.normalise_input is True
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(built["paper"].model(x), backbone.model(x))  # [0, 1] straight into the ViT
+        assert torch.equal(built["lab"].model(x), backbone(x))
+    why = PAPER_REQUIRES["vida"]["checkpoint"]
+    expected = [f"vida needs checkpoint under --protocol paper: {why}"]
+    assert missing_under("paper", "vida", built["paper"].hparams) == expected
+    assert missing_under("lab", "vida", built["lab"].hparams) == []
+    common = dict(methods=("vida",), corruptions=("fog",), per_domain=4, batch_size=4, progress=False, collapse=False)
+    with pytest.raises(ValueError, match="vida needs checkpoint under --protocol paper"):
+        run_bench(protocol="paper", tuned=False, **common)
+    with pytest.raises(ValueError, match="trained with preprocessing='backbone'"):  # the built-in warm-up is lab's
+        run_bench(protocol="paper", **common)
+    lab = run_bench(protocol="lab", **common)  # the built-in model's own warm-up, normalised images
+    assert lab["config"]["settings"]["vida"]["checkpoint"].endswith("vida_warmup.safetensors")

@@ -155,3 +155,101 @@ def test_the_augmentation_follows_the_input_size_the_official_one_is_fixed_at_22
 
     draws = draws_in_our_order(torch.Generator().manual_seed(0), (2, 3, 224, 224), 256)
     assert restated_official_augment(x, draws, v1).shape == (2, 3, 224, 224)
+
+
+# -- the source warm-up the official run starts from (issue 25 item 3) ----------------------------------------------
+
+
+def _backbone(vit):
+    from imse.data.models import Backbone
+
+    return Backbone(vit, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "tiny", [str(i) for i in range(10)], 32)
+
+
+def _official_checkpoint(tmp_path, seed: int = 1):
+    """A file as the official code writes one, restated from what it does: the whole model with ViDA injected
+    (inject_vida.py 11-26: the layer as ``linear_vida``, rank r1 ``vida_down``/``vida_up``, rank r2
+    ``vida_down2``/``vida_up2``) behind ``torch.nn.DataParallel`` (vida.py 199-202: every name under ``module.``),
+    saved with ``torch.save``. Returns the path and the adapters' values by our names."""
+    from imse.core.methods.vida import inject_adapters
+
+    vit = tiny_vit()
+    inject_adapters(vit)
+    torch.manual_seed(seed)
+    ours, official = {}, {}
+    theirs = {"linear": "linear_vida", "down_low": "vida_down", "up_low": "vida_up", "down_high": "vida_down2",
+              "up_high": "vida_up2"}  # fmt: skip
+    for name, value in vit.state_dict().items():
+        if any(f".{part}." in name for part in ("down_low", "up_low", "down_high", "up_high")):
+            value = torch.randn_like(value) * 0.02
+            ours[name] = value
+        parts = name.split(".")
+        official["module." + ".".join(theirs.get(part, part) for part in parts)] = value.clone()
+    path = tmp_path / "imagenet_vit_vida.pt"
+    torch.save(official, path)
+    return path, ours
+
+
+def test_the_official_checkpoint_loads_under_our_names_and_viDA_then_answers_otherwise_than_source(tmp_path):
+    path, adapters = _official_checkpoint(tmp_path)
+    method = create("vida", _backbone(tiny_vit(head_scale=5.0)), checkpoint=str(path), preprocessing="unit")
+    vit = method.model.model
+    for name, value in adapters.items():
+        assert torch.equal(vit.state_dict()[name], value), name
+        assert torch.equal(method.teacher.model.state_dict()[name], value), name  # the teacher starts there too
+    x = torch.rand(8, 3, 32, 32)
+    assert not method.model.normalise_input  # the official run feeds [0, 1] images
+    cold = create("vida", _backbone(tiny_vit(head_scale=5.0)), preprocessing="unit")
+    with torch.no_grad():
+        source = tiny_vit(head_scale=5.0)(x)
+        assert torch.allclose(cold.model(x), source, atol=1e-5)  # cold: the adapters add nothing
+        assert (method.model(x) - source).abs().max() > 1e-3  # warm: they do, and their scales matter
+    method(x)
+    method.reset()  # back to the warm start, not to zero
+    assert torch.equal(vit.state_dict()[next(iter(adapters))], adapters[next(iter(adapters))])
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_with_what_is_wrong(tmp_path):
+    path, _ = _official_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="trained with preprocessing='unit'"):
+        create("vida", _backbone(tiny_vit()), checkpoint=str(path))  # the official file, fed normalised images
+    with pytest.raises(ValueError, match="other ranks or width"):
+        create("vida", _backbone(tiny_vit()), checkpoint=str(path), preprocessing="unit", high_rank=64)
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in state.items() if "vida_up2" not in k}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="no weights for 12 of the adapters"):  # 6 blocks × (qkv, proj)
+        create("vida", _backbone(tiny_vit()), checkpoint=str(tmp_path / "partial.pt"), preprocessing="unit")
+    with pytest.raises(FileNotFoundError, match="python -m imse vida-warmup"):
+        create("vida", _backbone(tiny_vit()), checkpoint=str(tmp_path / "none.safetensors"))
+    with pytest.raises(TypeError, match="needs a model with its own input normalisation"):
+        create("vida", tiny_vit(), preprocessing="unit")
+
+
+def test_the_warm_up_trains_only_the_adapters_and_its_file_is_what_vida_starts_from(tmp_path):
+    from imse.data.fashion_mnist import DEFAULT_DATA_DIR
+    from imse.data.models import create_backbone
+    from imse.runs.vida_warmup import warm_up
+
+    if not (DEFAULT_DATA_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST's train split (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "warm.safetensors"
+    made = warm_up(out, steps=3, batch_size=16, progress=False, held_out=100)
+    assert made["steps"] == "3" and made["data"] == "fashion-mnist-train" and made["images"] == "60000"
+    assert 0.5 < float(made["held_out_accuracy_before"]) <= 1 and made["preprocessing"] == "backbone"
+    method = create("vida", create_backbone("builtin"), checkpoint=str(out))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out))
+    vit = method.model.model
+    assert set(saved) == {name for name, _ in vit.named_parameters() if method.is_adapter(name)}
+    assert all(torch.equal(vit.state_dict()[name], value) for name, value in saved.items())
+    assert any(name.endswith("up_high.weight") and value.abs().max() > 0 for name, value in saved.items())
+    wrapped = ("qkv.weight", "qkv.bias", "attn.proj.weight", "attn.proj.bias")  # now under DomainAdapters.linear
+
+    def ours(name: str) -> str:
+        if not name.endswith(wrapped):
+            return name
+        return name.replace(".qkv.", ".qkv.linear.").replace(".proj.", ".proj.linear.")
+
+    plain = create_backbone("builtin").model.state_dict()  # the ViT itself did not move
+    assert all(torch.equal(vit.state_dict()[ours(name)], value) for name, value in plain.items())

@@ -98,15 +98,17 @@ def load_shipped(name: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 
 class BuiltinSource(Source):
-    """The shipped Fashion-MNIST test split as an image source (32×32 RGB uint8, labels 0..9)."""
+    """Fashion-MNIST as an image source (32×32 RGB uint8, labels 0..9): the shipped ``test`` split (or
+    ``train_sample``), or the whole ``train`` split from the original idx files (``load_idx_split``: Debian's
+    dataset-fashion-mnist or ``data_dir``), what the built-in model and a ViDA warm-up train on."""
 
-    name = "fashion-mnist-test"
     num_classes = 10
     class_names = CLASS_NAMES
     size = 32
 
-    def __init__(self, split: str = "test") -> None:
-        images, labels = load_shipped(split)
+    def __init__(self, split: str = "test", data_dir: str | os.PathLike | None = None) -> None:
+        self.name = f"fashion-mnist-{split}"
+        images, labels = load_idx_split(split, data_dir) if split == "train" else load_shipped(split)
         self.images = to_rgb32(images)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
 

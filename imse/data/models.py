@@ -64,6 +64,9 @@ class Backbone(nn.Module):
         self.name = name
         self.class_names = list(class_names)
         self.input_size = int(input_size)
+        # False: the ViT gets the [0, 1] images as they are (``preprocessing="unit"`` of a method: the official ViDA
+        # run feeds its bare timm ViT so); its mean and std stay as they are for everyone else
+        self.normalise_input = True
 
     @property
     def num_classes(self) -> int:
@@ -74,7 +77,8 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images in [0, 1] (float) or [0, 255] (uint8); see ``imse.core.images``."""
-        return self.model(self.normalize(as_float_images(x)))
+        x = as_float_images(x)
+        return self.model(self.normalize(x) if self.normalise_input else x)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}"

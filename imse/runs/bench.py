@@ -26,7 +26,7 @@ from imse.data.models import BUILTIN, create_backbone
 from imse.data.streams import Stream
 from imse.runs.collapse import CollapseMeter
 from imse.runs.defaults import method_rates, parse_method
-from imse.runs.protocol import imagenet_c_domains, method_overrides, official_source_images, resolve
+from imse.runs.protocol import imagenet_c_domains, method_overrides, missing_under, official_source_images, resolve
 from imse.runs.runner import build_methods, method_settings, run, summarise
 
 __all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
@@ -65,6 +65,7 @@ def run_bench(
     device: str = "cpu",
     rounds: int = 3,
     lrs: dict[str, float] | None = None,
+    checkpoints: Mapping[str, str] | None = None,
     imagenet_c: str | None = None,
     imagenet_val: str | None = None,
     protocol: str | None = None,
@@ -75,7 +76,8 @@ def run_bench(
     """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``).
 
     Methods start from the backbone's tuned settings (``imse.defaults``; ``tuned=False``: the official ones),
-    then ``lrs`` (a sweep file's or ``--lr``'s), then each spec's own ``@key=value`` overrides. ``collapse``
+    then ``lrs`` (a sweep file's or ``--lr``'s) and ``checkpoints`` (method -> the file it starts from: ViDA's
+    source warm-up), then each spec's own ``@key=value`` overrides. ``collapse``
     adds each method's expert-alignment std in the last blocks (``imse.collapse``) to the result."""
     if isinstance(methods, Mapping):  # label -> (method, overrides), e.g. a Lab preset's methods
         specs = {label: (name, dict(extra)) for label, (name, extra) in methods.items()}
@@ -106,6 +108,8 @@ def run_bench(
     # the protocol's rules, then a sweep file's or --lr's rate, then a spec's own overrides
     specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
     specs = {s: (n, {**method_rates(n, lrs[n]), **extra} if n in lrs else extra) for s, (n, extra) in specs.items()}
+    files = dict(checkpoints or {})
+    specs = {s: (n, {"checkpoint": files[n], **extra} if n in files else extra) for s, (n, extra) in specs.items()}
     clean: list[torch.Tensor] = []  # slot 0's source images, loaded once, and only if a method retrieves
 
     def clean_source() -> torch.Tensor | None:
@@ -123,6 +127,10 @@ def run_bench(
     for seed in seeds:
         torch.manual_seed(seed)
         wrapped = build_methods(base, backbone, specs, batch_size=batch_size, source_images=clean_source, tuned=tuned)
+        refused = [why for spec, method in wrapped.items() for why in missing_under(protocol, specs[spec][0],
+                                                                                     method.hparams)]  # fmt: skip
+        if refused:
+            raise ValueError("; ".join(refused))
         config["settings"] = {spec: method_settings(method) for spec, method in wrapped.items()}
         config["lr"] = {spec: s["lr"] for spec, s in config["settings"].items() if "lr" in s}
         stream = Stream(

@@ -21,6 +21,7 @@ __all__ = [
     "parse_method",
     "PRESETS",
     "SWEEPS",
+    "START_FILES",
     "Preset",
     "COUPLED_RATES",
     "HUB_RUN_FRACTION",
@@ -32,6 +33,11 @@ __all__ = [
 
 # backbone -> its validation sweep's JSON under assets/results
 SWEEPS: dict[str, str] = {BUILTIN: "sweep_builtin.json"}
+# (backbone, method) -> a file the method starts from, under assets: ViDA's source warm-up of the built-in model
+# (``python -m imse vida-warmup``: its adapters trained on Fashion-MNIST's train split; the recipe is in the file)
+START_FILES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    (BUILTIN, "vida"): {"checkpoint": ("builtin", "vida_warmup.safetensors")},
+}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -57,19 +63,21 @@ def _sweep(backbone: str) -> dict | None:
 
 
 def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
-    """The settings the validation sweep chose for ``method`` on ``backbone`` (``{}``: the official defaults).
+    """The settings the validation sweep chose for ``method`` on ``backbone`` (``{}``: the official defaults), and
+    the files it starts from there (``START_FILES``).
 
     TENT's and SAR's learning rate comes back as ``base_lr`` (their rate at batch 64), so it keeps scaling with
     the batch size as the official code's does; IMSE's Adam rate does not scale.
     """
+    files = {key: str(asset_path(*parts)) for key, parts in START_FILES.get((backbone, method), {}).items()}
     sweep = _sweep(backbone)
     if sweep is None or method not in sweep["methods"]:
-        return {}
+        return files
     entry = sweep["methods"][method]
     settings = dict(entry.get("chosen") or {"lr": entry["lr"]})
     if "base_lr" in METHODS[method].defaults:  # TENT and SAR: lr = base_lr · batch/64, as the official code
         settings["base_lr"] = settings.pop("lr") * 64 / sweep["protocol"]["batch_size"]
-    return settings
+    return {**files, **settings}
 
 
 # A method's other learning rates that move with its ``lr`` (the official ratio kept): a sweep's rate or ``--lr``

@@ -20,8 +20,10 @@ __all__ = [
     "PROTOCOLS",
     "RULES",
     "Rule",
+    "PAPER_REQUIRES",
     "imagenet_c_domains",
     "method_overrides",
+    "missing_under",
     "resolve",
     "official_source_images",
 ]
@@ -59,7 +61,22 @@ RULES = (
          "SGD's momentum survives (as DPAL's); an empty filter still steps (momentum only)", "EMA and momentum "
          "cleared after a reset; an empty filter skips the update",
          "mr-eggplant/SAR sar.py 50-61, 83-104; sam.py 65-67"),
+    Rule("ViDA start", "its source warm-up, required (--checkpoint vida=FILE: the official 'source ViDA model', or "
+         "one made by python -m imse vida-warmup); without one the run is refused", "the warm-up the backbone ships "
+         "(built-in model), else the adapters as initialised (up-projections zero: ViDA then answers as Source)",
+         "Yangsenqiao/vida README ('our source ViDA model'), bash/vida_vit.sh (--checkpoint), "
+         "imagenet/vida.py 199-202"),
+    Rule("ViDA preprocessing", "[0, 1] images fed to the bare timm ViT, no normalisation (preprocessing='unit')",
+         "the backbone's own normalisation, as every other method",
+         "Yangsenqiao/vida cfgs/vit/vida.yaml 23 (Standard_VITB), robustbench/model_zoo/imagenet.py 89-92; "
+         "baek85/IMSE's *_vida architectures, model_zoo/imagenet.py 100-118"),
 )  # fmt: skip
+
+# What a method cannot run without under ``paper``: setting -> why (a number without it would not be the method's).
+PAPER_REQUIRES: dict[str, dict[str, str]] = {
+    "vida": {"checkpoint": "ViDA's official run starts from its source warm-up (--checkpoint vida=FILE: the official "
+             "'source ViDA model' or one made by `python -m imse vida-warmup --preprocessing unit`)"},
+}  # fmt: skip
 
 
 def resolve(protocol: str | None, imagenet_data: bool) -> str:
@@ -87,7 +104,20 @@ def method_overrides(protocol: str, method: str, scenario: str) -> dict[str, Any
     if method == "dpal":
         return {"margin_classes": 1000, "predict_from": "second", "official_recovery": True,
                 "similarity_divisor": "configured"}  # fmt: skip
+    if method == "vida":
+        return {"preprocessing": "unit"}
     return {}
+
+
+def missing_under(protocol: str, method: str, settings: dict[str, Any]) -> list[str]:
+    """Why ``method`` with these (final) ``settings`` cannot run under ``protocol``: one sentence per setting it
+    lacks (``PAPER_REQUIRES``); empty when it can."""
+    if protocol != "paper":
+        return []
+    needs = PAPER_REQUIRES.get(method, {})
+    return [
+        f"{method} needs {key} under --protocol paper: {why}" for key, why in needs.items() if not settings.get(key)
+    ]
 
 
 def imagenet_c_domains(root: str, protocol: str, scenario: str, size: int):

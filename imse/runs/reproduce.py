@@ -17,8 +17,9 @@ from typing import Any
 from imse.core.files import write_atomic
 from imse.core.methods import METHODS
 from imse.runs.engines import ENGINES, run_in_process, run_on_ray
+from imse.runs.protocol import method_overrides, missing_under
 
-__all__ = ["BACKBONES", "PAPER", "Job", "format_reproduction", "plan", "reproduce"]
+__all__ = ["BACKBONES", "PAPER", "Job", "describe_plan", "format_reproduction", "method_plan", "plan", "reproduce"]
 
 # the paper's backbones: name -> timm architecture with its weight tag (MAE: the user's fine-tuned checkpoint)
 BACKBONES = {
@@ -81,6 +82,7 @@ def _run_job(
     per_domain: int,
     batch_size: int,
     corruptions: str | tuple = "test",
+    checkpoints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """One run through ``run_bench`` under the paper protocol; what the table and a resume need from it."""
     from imse.runs.bench import run_bench
@@ -94,7 +96,8 @@ def _run_job(
         data = {"data": f"{job.dataset}:{root}", "corruptions": ("clean",), "per_domain": len(ImageFolderSource(root))}
     result = run_bench(backbone=architecture, weights=weights, methods=(job.method,), scenario=job.scenario,
                        severity=5, batch_size=batch_size, seeds=(job.seed,), device=device, imagenet_val=imagenet_val,
-                       rounds=RECURRING_ROUNDS, protocol="paper", progress=False, collapse=False, **data)  # fmt: skip
+                       rounds=RECURRING_ROUNDS, protocol="paper", progress=False, collapse=False,
+                       checkpoints=checkpoints, **data)  # fmt: skip
     entry = result["per_seed"][0]["methods"][job.method]
     return {"job": asdict(job), "mean_accuracy": entry["mean_accuracy"], "domains": entry["domains"],
             "settings": result["config"]["settings"][job.method], "versions": result["versions"]}  # fmt: skip
@@ -119,6 +122,7 @@ def reproduce(
     engine: str = "local",
     address: str | None = None,
     progress: bool = True,
+    checkpoints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run every job not yet in ``out`` and return all results. ``roots``: dataset name -> folder (those given
     decide the datasets); ``architectures`` / ``weights`` name a backbone's timm model and local checkpoint (MAE
@@ -138,6 +142,10 @@ def reproduce(
             raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(SCENARIOS)}")
         if not Path(root).expanduser().is_dir():
             raise FileNotFoundError(f"no {name} folder at {root}")
+    checkpoints = dict(checkpoints or {})
+    refused = [why for m in methods for why in missing_under("paper", m, method_plan(m, "continual", checkpoints))]
+    if refused:
+        raise ValueError("; ".join(refused))
     path = Path(out)
     done: dict[str, Any] = json.loads(path.read_text())["runs"] if path.exists() else {}
     jobs = plan(list(roots), backbones, methods, seeds, scenarios)
@@ -151,7 +159,8 @@ def reproduce(
     def kwargs(job: Job) -> dict[str, Any]:
         return dict(roots=dict(roots), architecture=architectures[job.backbone], weights=weights.get(job.backbone),
                     imagenet_val=imagenet_val, device=device, per_domain=per_domain, batch_size=batch_size,
-                    corruptions=corruptions if isinstance(corruptions, str) else tuple(corruptions))  # fmt: skip
+                    corruptions=corruptions if isinstance(corruptions, str) else tuple(corruptions),
+                    checkpoints=checkpoints)  # fmt: skip
 
     if engine == "ray":
         gpus = 1.0 if str(device).startswith("cuda") else 0.0
@@ -166,6 +175,40 @@ def reproduce(
     if bar is not None:
         bar.close()
     return {"runs": {job.key: done[job.key] for job in jobs}}
+
+
+def method_plan(method: str, scenario: str, checkpoints: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the paper protocol gives ``method`` in ``scenario`` before a run: its rules and its file."""
+    settings = method_overrides("paper", method, scenario)
+    if method in checkpoints:
+        settings["checkpoint"] = checkpoints[method]
+    return settings
+
+
+_PREPROCESSING = {"backbone": "the backbone's normalisation", "unit": "[0, 1] images, no normalisation"}
+
+
+def describe_plan(jobs: Sequence[Job], checkpoints: Mapping[str, str], architectures: Mapping[str, str]) -> str:
+    """What ``reproduce`` would run, without running it: every run, and per method and scenario what it is fed,
+    the file it starts from and its retrieval; a method the protocol would refuse says why."""
+    lines = [f"{len(jobs)} runs under --protocol paper (docs/protocol.md):"]
+    lines += [f"  {job.key}  ({architectures[job.backbone]})" for job in jobs]
+    lines.append("")
+    lines.append("| method | scenario | preprocessing | checkpoint | retrieval |")
+    lines.append("|---|---|---|---|---|")
+    refused = []
+    for method, scenario in dict.fromkeys((job.method, job.scenario) for job in jobs):
+        settings = method_plan(method, scenario, checkpoints)
+        defaults = METHODS[method].defaults
+        retrieval = settings.get("retrieval", defaults.get("retrieval")) if "retrieval" in defaults else "–"
+        checkpoint = settings.get("checkpoint") or ("required, missing" if "checkpoint" in defaults else "–")
+        preprocessing = _PREPROCESSING[settings.get("preprocessing", "backbone")]
+        lines.append(f"| {method} | {scenario} | {preprocessing} | {checkpoint} | {retrieval or 'none'} |")
+        refused += missing_under("paper", method, settings)
+        if settings.get("checkpoint") and not Path(settings["checkpoint"]).expanduser().is_file():
+            refused.append(f"{method}'s checkpoint {settings['checkpoint']} is not a file")
+    lines += ["", *(f"refused: {why}" for why in dict.fromkeys(refused))] if refused else []
+    return "\n".join(lines)
 
 
 def format_reproduction(result: Mapping[str, Any]) -> str:

@@ -50,9 +50,13 @@ class StepRecord(TypedDict, total=False):
     bank_size: int
 
 
-# Settings every method has: "bf16" runs the forward passes under bfloat16 autocast (GPU, or CPUs with AMX).
-COMMON_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+# Settings every method has: "bf16" runs the forward passes under bfloat16 autocast (GPU, or CPUs with AMX);
+# "preprocessing" is what the ViT is fed: "backbone" (the backbone's own input normalisation) or "unit" (the [0, 1]
+# images as they are, as the official ViDA run feeds its bare timm ViT; needs a backbone that can switch its
+# normalisation off, ``imse.data.models.Backbone``).
+COMMON_DEFAULTS: dict[str, Any] = {"precision": "fp32", "preprocessing": "backbone"}
 PRECISIONS = ("fp32", "bf16")
+PREPROCESSINGS = ("backbone", "unit")
 
 
 def _finite(value: torch.Tensor) -> bool:
@@ -74,6 +78,13 @@ class TTAMethod(nn.Module):
         self.hparams: dict[str, Any] = {**known, **overrides}
         if self.hparams["precision"] not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.hparams['precision']!r}")
+        if self.hparams["preprocessing"] not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {self.hparams['preprocessing']!r}")
+        if self.hparams["preprocessing"] == "unit":
+            if not hasattr(model, "normalise_input"):
+                raise TypeError(f"preprocessing='unit' needs a model with its own input normalisation to switch off "
+                                f"(imse.data.models.Backbone), not {type(model).__name__}")  # fmt: skip
+            model.normalise_input = False
         self.model = model
         self.record_alignment = record_alignment
         # Adaptation must not be random: dropout and stochastic depth stay off (timm ViTs have none by default,

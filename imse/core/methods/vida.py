@@ -8,6 +8,10 @@ adapters' scales (≥ 0.2: low = 1 − u, high = 1 + u; else the reverse); the s
 cross-entropy to the teacher's prediction with SGD (Nesterov, momentum 0.9) at lr 5e-7 for the ViT's own weights
 and 2e-7 for the adapters — every weight trains. The prediction is the teacher's, before the update.
 
+The official ImageNet-C run starts from a source warm-up ("our source ViDA model": adapters trained on source
+data first); ``checkpoint`` loads one (``imse.runs.vida_warmup`` makes them; the official file's layout loads too).
+Without one the up-projections start at zero and ViDA answers exactly as Source.
+
 Deviations, on purpose: none in the rule. Two facts of the official code are kept and named: its ``set_scale``
 sets only the low-rank scale (``if hasattr(m, 'scale1') … elif hasattr(m, 'scale2')`` never reaches the
 ``elif``), so the high-rank scale stays 1 (``scale_high_follows=False``; ``True`` sets both, as the paper
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +33,24 @@ from torch import nn
 from imse.core.methods.base import TTAMethod
 from imse.core.spectral import find_vit
 
-__all__ = ["DomainAdapters", "ViDA", "cotta_augment", "inject_adapters", "symmetric_cross_entropy"]
+__all__ = [
+    "DomainAdapters",
+    "ViDA",
+    "adapter_names",
+    "cotta_augment",
+    "inject_adapters",
+    "load_warmup",
+    "read_warmup",
+    "symmetric_cross_entropy",
+]
+
+# The official checkpoint's names (github Yangsenqiao/vida imagenet/inject_vida.py 11-26: ``linear_vida`` the wrapped
+# layer, ``vida_down``/``vida_up`` rank r1, ``vida_down2``/``vida_up2`` rank r2) -> ours. The file is a state dict of
+# the whole model behind ``torch.nn.DataParallel`` (``module.``; imagenet/vida.py 199-202), or in the IMSE repository
+# behind its normaliser too (``module.model.``; baek85/IMSE method/vida.py 236-250).
+_OFFICIAL_PARTS = {".linear_vida.": ".linear.", ".vida_down2.": ".down_high.", ".vida_up2.": ".up_high.",
+                   ".vida_down.": ".down_low.", ".vida_up.": ".up_low."}  # fmt: skip
+WARMUP_FORMAT = "imse-vida-warmup/1"
 
 
 class DomainAdapters(nn.Module):
@@ -69,6 +92,68 @@ def inject_adapters(model: nn.Module, low_rank: int = 1, high_rank: int = 128) -
                 setattr(block.attn, attribute, DomainAdapters(layer, low_rank, high_rank))
             names.append(f"{prefix}.blocks.{index}.attn.{attribute}".lstrip("."))
     return names
+
+
+def adapter_names(vit: nn.Module) -> list[str]:
+    """The adapters' own parameters of an injected ViT, by name relative to it (what a warm-up trains)."""
+    return [name for name, _ in vit.named_parameters() if ViDA.is_adapter(name)]
+
+
+def _official_key(key: str) -> str:
+    for prefix in ("module.model.", "module."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+            break
+    key = f".{key}"
+    for theirs, ours in _OFFICIAL_PARTS.items():
+        key = key.replace(theirs, ours)
+    return key[1:]
+
+
+def read_warmup(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A source warm-up's weights by name relative to the ViT, and how it was made: this project's file
+    (``imse vida-warmup``: safetensors, the adapters only, its recipe as metadata) or the official checkpoint
+    (``.pt``, the whole model, loaded with ``weights_only=True``: no pickled code runs; trained on [0, 1] images,
+    ``preprocessing="unit"``), its names mapped to ours."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no ViDA warm-up checkpoint at {path} (make one: python -m imse vida-warmup)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != WARMUP_FORMAT:
+            raise ValueError(
+                f"{path} is not a ViDA warm-up ({WARMUP_FORMAT}); its format is {metadata.get('format')!r}"
+            )
+        return load_file(str(path)), metadata
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {_official_key(key): value for key, value in state.items()}, {"format": "official", "preprocessing": "unit"}
+
+
+def load_warmup(vit: nn.Module, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> list[str]:
+    """Load a warm-up into an injected ViT: every adapter must be in it (with the ViT's ranks); the ViT's own
+    weights are loaded too where it has them (the official file holds the whole model). Returns the names loaded."""
+    own = vit.state_dict()
+    missing = [name for name in adapter_names(vit) if name not in state]
+    if missing:
+        raise ValueError(f"{source} has no weights for {len(missing)} of the adapters (e.g. {missing[0]})")
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"{source} has weights this ViT lacks (e.g. {unknown[0]}): another architecture?")
+    wrong = [f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}" for name in state
+             if state[name].shape != own[name].shape]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{source} does not fit this ViT (other ranks or width?): {wrong[0]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+    return sorted(state)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -134,10 +219,22 @@ class ViDA(TTAMethod):
         "high_rank": 128,
         "scale_high_follows": False,  # the official set_scale never sets the high-rank scale
         "seed": 0,
+        # the source warm-up the official run starts from (its README's "source ViDA model"); None: the adapters
+        # start as initialised (up-projections zero), and ViDA then answers as Source
+        "checkpoint": None,
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
         inject_adapters(model, self.hparams["low_rank"], self.hparams["high_rank"])
+        if self.hparams["checkpoint"] is not None:
+            checkpoint = str(self.hparams["checkpoint"])
+            state, made = read_warmup(checkpoint)
+            if made.get("preprocessing", "backbone") != self.hparams["preprocessing"]:
+                raise ValueError(
+                    f"{checkpoint} was trained with preprocessing={made['preprocessing']!r}; this ViDA "
+                    f"runs with {self.hparams['preprocessing']!r} (a warm-up fits the inputs it saw)"
+                )
+            load_warmup(find_vit(model)[1], state, checkpoint)
         model.requires_grad_(True)
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
         self._teacher_initial = copy.deepcopy(self.teacher.state_dict())
