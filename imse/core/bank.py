@@ -24,9 +24,12 @@ import torch
 from torch import nn
 
 from imse.core.files import save_safetensors_atomic
+from imse.core.images import as_float_images
 from imse.core.spectral import find_vit
 
 __all__ = [
+    "DESCRIPTOR_MOMENTUM",
+    "SHIFT_THRESHOLD",
     "BankMismatchError",
     "Descriptor",
     "DomainBank",
@@ -44,7 +47,7 @@ class BankMismatchError(ValueError):
 
 
 def symmetric_kl(mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor) -> torch.Tensor:
-    """Symmetric KL between diagonal Gaussians, averaged over channels (DESIGN §1):
+    """Symmetric KL between diagonal Gaussians, averaged over channels (docs/domain-bank.md):
     ``mean_c[(v_a + (μ_a−μ_b)²)/(2 v_b) + (v_b + (μ_a−μ_b)²)/(2 v_a) − 1]``; 0 for identical statistics."""
     gap = (mu_a - mu_b) ** 2
     return ((var_a + gap) / (2 * var_b) + (var_b + gap) / (2 * var_a) - 1).mean()
@@ -64,10 +67,12 @@ class Descriptor:
 
 @torch.no_grad()
 def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Patch tokens after patch + position embedding, ``[B, N, C]`` without the CLS/prefix tokens.
+    """Patch tokens after patch + position embedding, ``[B, N, C]`` without the CLS/prefix tokens, of images as
+    every entry point reads them (``imse.core.images``).
 
-    ``model`` is a ``Backbone`` (its normalisation is applied first) or a bare timm ViT."""
-    if hasattr(model, "normalize"):
+    ``model`` is a ``Backbone`` (its normalisation is applied first, unless switched off) or a bare timm ViT."""
+    x = as_float_images(x)
+    if hasattr(model, "normalize") and getattr(model, "normalise_input", True):
         x = model.normalize(x)
     _, vit = find_vit(model)
     tokens = vit.patch_embed(x)
@@ -82,10 +87,19 @@ def batch_descriptor(tokens: torch.Tensor) -> Descriptor:
     return Descriptor(flat.mean(0), flat.var(0))
 
 
-class ShiftDetector:
-    """The current domain's EMA descriptor and each batch's shift score against it."""
+# The official shift rule's defaults (cfgs/vit/imse.yaml DSS_K 0.05; method/domain_info.py's EMA 0.8): IMSE's
+# settings and every other detector start from these.
+SHIFT_THRESHOLD = 0.05
+DESCRIPTOR_MOMENTUM = 0.8
 
-    def __init__(self, threshold: float = 0.05, momentum: float = 0.8, full_batch: int = 64) -> None:
+
+class ShiftDetector:
+    """The current domain's EMA descriptor and each batch's shift score against it. One rule for everyone: IMSE's
+    retrieval, the Lab's bank panel and ``python -m imse shifts`` all detect shifts through ``observe``."""
+
+    def __init__(
+        self, threshold: float = SHIFT_THRESHOLD, momentum: float = DESCRIPTOR_MOMENTUM, full_batch: int = 64
+    ) -> None:
         self.threshold = threshold
         self.momentum = momentum
         self.full_batch = full_batch
@@ -124,6 +138,11 @@ class ShiftDetector:
             self.reset()
         self.update(descriptor, batch_size)
         return score, shift, ended
+
+    @torch.no_grad()
+    def watch(self, model: nn.Module, images: torch.Tensor) -> tuple[float | None, bool, Descriptor | None]:
+        """``observe`` on a batch of images, described by ``model``'s patch tokens (``batch_descriptor``)."""
+        return self.observe(batch_descriptor(patch_tokens(model, images)), len(images))
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from imse.core.images import as_float_images
 from imse.data.models import BUILTIN
 
 __all__ = ["build_source", "class_subset", "for_data", "source_images"]
@@ -64,7 +65,7 @@ def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> to
         from imse.data.fashion_mnist import load_shipped, to_rgb32
 
         images, _ = load_shipped("train_sample")
-        return to_rgb32(images[:count]).float() / 255
+        return as_float_images(to_rgb32(images[:count]))
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count]
     images, _ = source.load(order.tolist())
-    return images.float() / 255
+    return as_float_images(images)

@@ -1,4 +1,5 @@
-"""Test streams (DESIGN §1 protocols): which domains come in which order, and the corrupted batches they yield.
+"""Test streams (the paper's protocols, docs/protocol.md): which domains come in which order, and the corrupted
+batches they yield.
 
 A stream takes clean labelled images from a source, corrupts each batch on the stream's device (seeded per
 batch, so a run is reproducible and batches do not depend on each other), and tags every batch with its domain

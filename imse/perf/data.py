@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from imse.core.images import as_float_images
 from imse.core.methods import create
 from imse.core.spectral import inject
 from imse.perf.timing import _sync, _time_interleaved, _vit, check
@@ -159,7 +160,7 @@ def bench_stream(device: torch.device, repeats: int, batch: int = 64, severity: 
         backbone, size, label = _vit("vit_base_patch16_224", device), 224, "vit_base_patch16_224"
     imse = create("imse", backbone, margin=1.0)
     images = _benchmark_images(batch, size).to(device)
-    x = images.float() / 255
+    x = as_float_images(images)
     step = _time_interleaved({"step": lambda: imse(x)}, repeats, 2, device)["step"]
     rows = {}
     for name in CORRUPTIONS:

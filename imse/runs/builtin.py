@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imse.core.images import as_float_images
 from imse.data.fashion_mnist import CLASS_NAMES, load_idx_split, to_rgb32
 from imse.data.models import build_builtin_vit
 
@@ -36,7 +37,7 @@ ARCHITECTURE = {
 
 
 def _normalisation(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    x = images.float() / 255
+    x = as_float_images(images)
     mean = x.mean().item()
     std = x.std().item()
     return [mean] * 3, [std] * 3
@@ -63,7 +64,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     correct = 0
     for start in range(0, len(labels), 1000):
-        x = images[start : start + 1000].to(device).float() / 255
+        x = as_float_images(images[start : start + 1000].to(device))
         logits = model((x - mean_t) / std_t)
         correct += (logits.argmax(1).cpu() == labels[start : start + 1000]).sum().item()
     return correct / len(labels)
@@ -139,7 +140,7 @@ def train_builtin(
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total_steps, warmup, lr)
             index = order[i * batch_size : (i + 1) * batch_size].to(device)
-            x = _augment(x_train_device[index], generator).float() / 255
+            x = as_float_images(_augment(x_train_device[index], generator))
             logits = model((x - mean_t) / std_t)
             loss = F.cross_entropy(logits, y_train_device[index], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from imse.core.bank import ShiftDetector, batch_descriptor, patch_tokens
+from imse.core.bank import ShiftDetector
+from imse.core.images import as_float_images
 from imse.core.methods import METHODS
 from imse.core.methods.base import TTAMethod
 from imse.core.spectral import inject, spectral_layers
@@ -183,7 +184,7 @@ def run_lab(
     trained = {name.removesuffix(".S") for name in wrapped[primary].trainable}
     state.frozen_layers = [name for name in state.layer_names if name not in trained]
     retrieval = next((label for label in wrapped if specs[label][1].get("retrieval")), None)
-    detector = ShiftDetector(config.tau, 0.8, config.batch_size)  # scores for the bank panel without retrieval
+    detector = ShiftDetector(config.tau, full_batch=config.batch_size)  # the bank panel's scores without retrieval
     last_yield = 0.0  # the first batch shows at once
     current: dict[str, Any] = {"batch_seconds": 0.0, "alignment": None}
 
@@ -302,8 +303,7 @@ def _count(state, record, method, *, retrieval, batch, detector, frozen) -> None
             state.retrieved.append((index, events["retrieved_slot"]))
         state.bank_size.append(events.get("bank_size", 0))
     else:
-        descriptor = batch_descriptor(patch_tokens(frozen, batch.images.float() / 255))
-        score, shift, _ = detector.observe(descriptor, len(batch.labels))
+        score, shift, _ = detector.watch(frozen, batch.images)
         state.bank_size.append(0)
     state.shift_scores.append(score)
     if shift:
@@ -323,7 +323,7 @@ def _snapshot(state, record, method, *, primary, batch, alignment, frozen, thumb
         state.shift_rel = [
             _pool(((layer.S - layer.S0) / layer.S0.clamp_min(1e-12)).cpu(), digits=6) for layer in spectral.values()
         ]
-    x = batch.images.float() / 255
+    x = as_float_images(batch.images)
     if state.alignment_source_domain != record["domain_index"]:
         # the frozen model's statistics only change with the domain: once per domain, not one more forward pass
         # per update (that pass was a sixth of the default run's time)

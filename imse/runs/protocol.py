@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from imse.core.images import as_float_images
 from imse.data.sources import PROTOCOLS, ImageFolderSource, ImageNetCSource
 
 __all__ = [
@@ -137,4 +138,4 @@ def official_source_images(root: str, size: int, count: int = 2000) -> torch.Ten
     order = list(range(len(source)))
     random.Random(1).shuffle(order)
     images, _ = source.load(order[:count])
-    return images.float() / 255
+    return as_float_images(images)

@@ -54,8 +54,7 @@ def classical_mds(dissimilarity: torch.Tensor, dims: int = 2) -> torch.Tensor:
 
 
 def _descriptor(model: nn.Module, images: torch.Tensor) -> Descriptor:
-    x = images.float() / 255 if images.dtype == torch.uint8 else images
-    return batch_descriptor(patch_tokens(model, x))
+    return batch_descriptor(patch_tokens(model, images))  # uint8 or float: the one image rule
 
 
 def domain_map(
