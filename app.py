@@ -100,7 +100,9 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     lambda_dm = gr.Number(START["lambda_dm"], label="λ_dm")
                     tau = gr.Number(START["tau"], label="τ (shift)")
                     rounds = gr.Number(START["rounds"], precision=0, minimum=1, maximum=10, label="Rounds (recurring)")
-                device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
+                with gr.Row():
+                    device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
+                    precision = gr.Dropdown(ui.precision_choices(), value="fp32", label="Precision")
             with gr.Column(scale=3):
                 empty = ui.empty_panels()
                 accuracy_plot = gr.Plot(empty[0], label="Accuracy")
@@ -124,6 +126,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         widgets = dict(backbone=backbone, scenario=scenario, corruptions=corruptions, severity=severity)
         widgets.update(methods=methods, batch_size=batch_size, per_domain=per_domain, seed=seed, imse_lr=imse_lr)
         widgets.update(lambda_dm=lambda_dm, tau=tau, rounds=rounds, device=device, show_source=show_source)
+        widgets.update(precision=precision)
         settings = [widgets[name] for name in ui.SETTINGS]
         inputs = [widgets[name] for name in ui.START_INPUTS]
         shown = dict(status=status, accuracy=accuracy_plot, collapse=collapse_plot, alignment=alignment_plot)

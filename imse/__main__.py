@@ -96,6 +96,7 @@ def _bench(args: argparse.Namespace) -> int:
         imagenet_c=imagenet_c,
         imagenet_val=args.imagenet_val,
         protocol=args.protocol,
+        precision=args.precision,
         **bench_settings(args),
     )
     if args.preset:
@@ -174,6 +175,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         engine=args.engine,
         address=args.address,
         checkpoints=checkpoints,
+        precision=args.precision,
     )
     print(format_reproduction(result))
     print(f"wrote {args.out} (rerun the same command to resume; finished runs are not redone)")
@@ -293,6 +295,17 @@ def _shifts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default="fp32",
+        help="every method's arithmetic: fp32; tf32 (TF32 matmuls on CUDA for the whole step; on the CPU the same "
+        "as fp32); bf16 (forwards under bfloat16 autocast; the adapted values, optimiser and losses stay float32) "
+        "(default: %(default)s)",
+    )
+
+
 def _add_model_args(parser: argparse.ArgumentParser, severity: int | None = 5, batch_size: int | None = 64) -> None:
     parser.add_argument("--backbone", default="builtin", help="'builtin' or a timm name with its weight tag")
     parser.add_argument("--weights", help="local weights file (safetensors or .pth state dict) for --backbone")
@@ -397,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the file a method starts from: vida=FILE, its source warm-up (python -m imse "
                        "vida-warmup, or the official 'source ViDA model'); required for ViDA under "
                        "--protocol paper")  # fmt: skip
+    _add_precision(bench)
     bench.add_argument("--out", help="write the full result as JSON")
     bench.set_defaults(handler=_bench)
 
@@ -457,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD=FILE",
         help="the file a method starts from (vida=FILE: its source warm-up; required for ViDA)",
     )
+    _add_precision(repro)
     repro.add_argument("--dry-run", action="store_true", help="print the plan (every run; each method's "
                        "preprocessing, checkpoint and retrieval) and run nothing")  # fmt: skip
     repro.set_defaults(handler=_reproduce)

@@ -32,6 +32,7 @@ SHORT = dict(
     rounds=3,
     device="cpu",
     show_source=False,
+    precision="fp32",  # /start's last input (a client may leave it out: tests/test_precision.py)
 )
 
 

@@ -112,6 +112,7 @@ SMALL = dict(
     rounds=3,
     device="cuda",
     show_source=False,
+    precision="fp32",  # /start's last input (a client may leave it out: tests/test_precision.py)
 )
 
 

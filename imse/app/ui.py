@@ -48,8 +48,9 @@ SETTINGS = (
     "tau",
     "rounds",
 )
-# what /start takes and gives, by name (app.py wires its widgets in these orders; tests address them by name)
-START_INPUTS = (*SETTINGS, "device", "show_source")
+# what /start takes and gives, by name (app.py wires its widgets in these orders; tests address them by name);
+# a newer input goes last with a default, so that a client which does not send it still calls /start as before
+START_INPUTS = (*SETTINGS, "device", "show_source", "precision")
 START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
 
@@ -100,6 +101,12 @@ def backbone_defaults(backbone: Any) -> tuple:
 
 def device_choices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def precision_choices() -> list[tuple[str, str]]:
+    """The Precision dropdown's (label, value) pairs; fp32 first, the default."""
+    return [("fp32", "fp32"), ("tf32 (CUDA matmuls; on the CPU as fp32)", "tf32"),
+            ("bf16 (autocast forwards)", "bf16")]  # fmt: skip
 
 
 def empty_panels() -> tuple:
@@ -167,6 +174,7 @@ def make_config(
     tau,
     rounds,
     device,
+    precision="fp32",
 ) -> LabConfig:
     """The Lab's settings as the widgets give them (strings, floats, None), by name, into a validated LabConfig;
     anything wrong is a readable ``gr.Error``."""
@@ -189,6 +197,7 @@ def make_config(
             rounds=as_int(rounds, "rounds"),
             device=device,
             data=BUILTIN if backbone == BUILTIN else "imagenette",
+            precision="fp32" if precision in (None, "") else precision,  # validate() refuses anything else
         )
         return validate(config)
     except (TypeError, ValueError) as error:
@@ -210,12 +219,14 @@ def start_lab(
     rounds,
     device,
     show_source,
+    precision="fp32",
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
 ) -> Iterator[tuple]:
     """Stream a run: (status, 6 figures, results table, download) about once a second. A first run on
     Imagenette downloads it once, with a progress bar. Gradio passes the widgets positionally, in START_INPUTS'
-    order (app.py wires them by name); the settings go on to ``make_config`` by keyword.
+    order (app.py wires them by name); the settings go on to ``make_config`` by keyword. ``precision`` (fp32,
+    tf32, bf16) is /start's last input and may be left out: fp32.
 
     The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, wherever it
     computes (here, or in a ZeroGPU worker: a ``cuda`` run on a ZeroGPU Space is one GPU call,
@@ -235,6 +246,7 @@ def start_lab(
         tau=tau,
         rounds=rounds,
         device=device,
+        precision=precision,
     )
     show_source = bool(show_source)
     session = _session(request)

@@ -29,7 +29,9 @@ __all__ = [
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy ``H = -Σ p log p`` of the softmax over the last dimension, one value per row."""
+    """Entropy ``H = -Σ p log p`` of the softmax over the last dimension, one value per row; float32 whatever the
+    logits' dtype or autocast (a float32 tensor's ``.float()`` is itself: fp32 results stay bit for bit)."""
+    logits = logits.float()
     return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
 
@@ -46,17 +48,19 @@ def reliable_mask(entropy: torch.Tensor, num_classes: int, factor: float = 0.4) 
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """Mean of ``values[mask]``, or ``None`` when the mask is empty (so an empty filter never yields NaN)."""
+    """Mean of ``values[mask]``, or ``None`` when the mask is empty (so an empty filter never yields NaN); reduced
+    in float32 (bfloat16 values under ``precision="bf16"`` are cast first)."""
     if not bool(mask.any()):
         return None
-    return values[mask].mean()
+    return values[mask].float().mean()
 
 
 def alignment_std(x: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
     """Per-expert spread of how the inputs align with the right singular vectors.
 
     ``a_{n,i} = v_iᵀ x_n / ‖x_n‖`` for every row ``x_n`` (all leading dims of ``x`` pooled: images × tokens);
-    returns the unbiased std over rows, shape ``[r]``. With a single row there is no spread: zeros.
+    returns the unbiased std over rows, shape ``[r]``, in float32 at least (``projected_alignment_std``). With a
+    single row there is no spread: zeros.
     """
     return projected_alignment_std(x, F.linear(x, Vh.to(x.dtype)))
 
@@ -111,13 +115,14 @@ def projected_alignment_std(x: torch.Tensor, projection: torch.Tensor, eps: floa
 def layer_diversity(std: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
     """Mean of the ``k = min(⌊r·ratio⌋, r−1)`` smallest stds of one layer (at least one).
 
-    With the official ``ratio = 1.0`` this is the mean over all experts but the single largest one.
+    With the official ``ratio = 1.0`` this is the mean over all experts but the single largest one. Reduced in
+    float32 whatever ``std``'s dtype.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     rank = std.numel()
     k = max(1, min(int(rank * ratio), rank - 1))
-    return torch.topk(std, k, largest=False, sorted=False).values.mean()
+    return torch.topk(std.float(), k, largest=False, sorted=False).values.mean()
 
 
 def diversity_loss(stds: Iterable[torch.Tensor], num_blocks: int = 3, ratio: float = 1.0) -> torch.Tensor:

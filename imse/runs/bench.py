@@ -20,6 +20,7 @@ import torch
 
 from imse import __version__
 from imse.core.methods import METHODS
+from imse.core.methods.base import PRECISIONS
 from imse.core.svd_cache import default_svd_cache
 from imse.data.builders import build_source, class_subset, for_data, source_images
 from imse.data.models import BUILTIN, create_backbone
@@ -72,13 +73,17 @@ def run_bench(
     progress: bool = True,
     tuned: bool = True,
     collapse: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``).
 
     Methods start from the backbone's tuned settings (``imse.defaults``; ``tuned=False``: the official ones),
     then ``lrs`` (a sweep file's or ``--lr``'s) and ``checkpoints`` (method -> the file it starts from: ViDA's
     source warm-up), then each spec's own ``@key=value`` overrides. ``collapse``
-    adds each method's expert-alignment std in the last blocks (``imse.collapse``) to the result."""
+    adds each method's expert-alignment std in the last blocks (``imse.collapse``) to the result. ``precision``
+    (fp32, tf32, bf16: ``imse.core.methods.base``) is every method's, recorded in the config and each setting."""
+    if precision not in PRECISIONS:  # before any model or data is loaded
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if isinstance(methods, Mapping):  # label -> (method, overrides), e.g. a Lab preset's methods
         specs = {label: (name, dict(extra)) for label, (name, extra) in methods.items()}
     else:
@@ -104,6 +109,7 @@ def run_bench(
         "rounds": rounds if scenario == "recurring" else None,
         "device": device,
         "protocol": protocol,
+        "precision": precision,
     }
     # the protocol's rules, then a sweep file's or --lr's rate, then a spec's own overrides
     specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
@@ -126,7 +132,8 @@ def run_bench(
     started = time.perf_counter()
     for seed in seeds:
         torch.manual_seed(seed)
-        wrapped = build_methods(base, backbone, specs, batch_size=batch_size, source_images=clean_source, tuned=tuned)
+        wrapped = build_methods(base, backbone, specs, batch_size=batch_size, source_images=clean_source, tuned=tuned,
+                                precision=precision)  # fmt: skip
         refused = [why for spec, method in wrapped.items() for why in missing_under(protocol, specs[spec][0],
                                                                                      method.hparams)]  # fmt: skip
         if refused:

@@ -123,7 +123,8 @@ def build_run(
         return clean[0]
 
     specs = run_methods(asdict(config))
-    methods = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source)
+    methods = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source,
+                            precision=config.precision)  # fmt: skip
     frozen = copy.deepcopy(backbone)
     inject(frozen, cache=default_svd_cache())
     stream = Stream(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from imse.core.methods.base import PRECISIONS
 from imse.data.corruptions import ALL_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES
 from imse.data.streams import SCENARIOS
@@ -43,6 +44,7 @@ class LabConfig:
     device: str = "cpu"
     rounds: int = _DEFAULT["rounds"]
     data: str = _DEFAULT["data"]
+    precision: str = "fp32"  # every method's: fp32, tf32 (CUDA only; on the CPU as fp32) or bf16 autocast
 
     @classmethod
     def from_preset(cls, preset: str = "default", backbone: str = BUILTIN, device: str = "cpu") -> LabConfig:
@@ -121,6 +123,8 @@ def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
         problems.append("rounds must be 1 to 10")
     if not choice(config.device, ("cpu", "cuda")) or (config.device == "cuda" and not torch.cuda.is_available()):
         problems.append(f"device must be 'cpu' (or 'cuda' when a GPU is present), got {shown(config.device)}")
+    if not choice(config.precision, PRECISIONS):
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {shown(config.precision)}")
     if not problems:
         domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
         domains *= config.rounds if config.scenario == "recurring" else 1

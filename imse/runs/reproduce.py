@@ -83,8 +83,10 @@ def _run_job(
     batch_size: int,
     corruptions: str | tuple = "test",
     checkpoints: Mapping[str, str] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """One run through ``run_bench`` under the paper protocol; what the table and a resume need from it."""
+    """One run through ``run_bench`` under the paper protocol (in ``precision``: fp32, tf32 or bf16); what the
+    table and a resume need from it."""
     from imse.runs.bench import run_bench
 
     if job.dataset == "imagenet-c":
@@ -97,7 +99,7 @@ def _run_job(
     result = run_bench(backbone=architecture, weights=weights, methods=(job.method,), scenario=job.scenario,
                        severity=5, batch_size=batch_size, seeds=(job.seed,), device=device, imagenet_val=imagenet_val,
                        rounds=RECURRING_ROUNDS, protocol="paper", progress=False, collapse=False,
-                       checkpoints=checkpoints, **data)  # fmt: skip
+                       checkpoints=checkpoints, precision=precision, **data)  # fmt: skip
     entry = result["per_seed"][0]["methods"][job.method]
     return {"job": asdict(job), "mean_accuracy": entry["mean_accuracy"], "domains": entry["domains"],
             "settings": result["config"]["settings"][job.method], "versions": result["versions"]}  # fmt: skip
@@ -123,11 +125,13 @@ def reproduce(
     address: str | None = None,
     progress: bool = True,
     checkpoints: Mapping[str, str] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run every job not yet in ``out`` and return all results. ``roots``: dataset name -> folder (those given
     decide the datasets); ``architectures`` / ``weights`` name a backbone's timm model and local checkpoint (MAE
     needs ``weights["mae"]``). ``engine="ray"`` runs the jobs as tasks on a Ray cluster (``address``, else a
-    local one; one GPU per task when ``device`` is CUDA) and gathers the same JSON."""
+    local one; one GPU per task when ``device`` is CUDA) and gathers the same JSON. Every method runs in
+    ``precision`` (fp32, tf32, bf16; each run's settings record it)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     architectures = {**BACKBONES, **(architectures or {})}
@@ -160,7 +164,7 @@ def reproduce(
         return dict(roots=dict(roots), architecture=architectures[job.backbone], weights=weights.get(job.backbone),
                     imagenet_val=imagenet_val, device=device, per_domain=per_domain, batch_size=batch_size,
                     corruptions=corruptions if isinstance(corruptions, str) else tuple(corruptions),
-                    checkpoints=checkpoints)  # fmt: skip
+                    checkpoints=checkpoints, precision=precision)  # fmt: skip
 
     if engine == "ray":
         gpus = 1.0 if str(device).startswith("cuda") else 0.0

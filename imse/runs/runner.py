@@ -45,16 +45,20 @@ def build_methods(
     batch_size: int,
     source_images: Callable[[], torch.Tensor | None] | None = None,
     tuned: bool = True,
+    precision: str | None = None,
 ) -> dict[str, TTAMethod]:
     """The methods of a run, by label, each on its own copy of ``model`` (the CLI, the Lab and the soak all
     build them here). Settings, later ones winning: the backbone's tuned settings (``tuned=False``: the
-    official defaults), the stream's batch size (TENT/SAR scale their lr by it), the spec's own overrides.
-    A method that retrieves codes gets ``source_images()`` for its bank's slot 0."""
+    official defaults), the stream's batch size (TENT/SAR scale their lr by it), the run's ``precision``
+    (``"fp32"``, ``"tf32"`` or ``"bf16"``, every method; None: each method's own, fp32), the spec's own overrides
+    (``imse@precision=bf16``). A method that retrieves codes gets ``source_images()`` for its bank's slot 0."""
     methods = {}
     for label, (name, extra) in specs.items():
         overrides: dict[str, Any] = dict(tuned_settings(backbone, name)) if tuned else {}
         if "batch_size" in METHODS[name.lower()].defaults:  # TENT, SAR (lr scaling), IMSE (a full batch)
             overrides["batch_size"] = batch_size
+        if precision is not None:
+            overrides["precision"] = precision
         if "lr" in extra:  # an explicit rate replaces the tuned one, whichever form that took
             overrides.pop("base_lr", None)
         if extra.get("retrieval") and source_images is not None and "source_images" not in extra:

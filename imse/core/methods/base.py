@@ -8,7 +8,9 @@ whether the update was applied, and optionally the alignment std of every spectr
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any, ClassVar, TypedDict
 
 import torch
@@ -19,7 +21,7 @@ from imse.core.losses import AlignmentProbe, entropy_margin, masked_mean, softma
 from imse.core.sam import SAM
 from imse.core.spectral import spectral_layers
 
-__all__ = ["SAMEntropyMethod", "StepRecord", "TTAMethod"]
+__all__ = ["PRECISIONS", "SAMEntropyMethod", "StepRecord", "TTAMethod", "precision_scope"]
 
 
 class StepRecord(TypedDict, total=False):
@@ -50,17 +52,36 @@ class StepRecord(TypedDict, total=False):
     bank_size: int
 
 
-# Settings every method has: "bf16" runs the forward passes under bfloat16 autocast (GPU, or CPUs with AMX);
-# "preprocessing" is what the ViT is fed: "backbone" (the backbone's own input normalisation) or "unit" (the [0, 1]
-# images as they are, as the official ViDA run feeds its bare timm ViT; needs a backbone that can switch its
-# normalisation off, ``imse.data.models.Backbone``).
+# Settings every method has: "precision" (``precision_scope``, ``TTAMethod.run_model``): "fp32", "tf32" (TF32
+# matmuls and convolutions on CUDA for the whole step; nothing changes on the CPU) or "bf16" (the forward passes
+# under bfloat16 autocast, GPU or CPU); "preprocessing" is what the ViT is fed: "backbone" (the backbone's own input
+# normalisation) or "unit" (the [0, 1] images as they are, as the official ViDA run feeds its bare timm ViT; needs
+# a backbone that can switch its normalisation off, ``imse.data.models.Backbone``).
 COMMON_DEFAULTS: dict[str, Any] = {"precision": "fp32", "preprocessing": "backbone"}
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
 PREPROCESSINGS = ("backbone", "unit")
 
 
 def _finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value).all())
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device | str) -> Iterator[None]:
+    """What a whole step (forwards, backwards, optimiser) runs under. ``"tf32"`` on a CUDA ``device``: TF32
+    matmuls and cuDNN convolutions (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``),
+    the previous global flags restored afterwards, however the step ends. On the CPU TF32 does not exist: nothing
+    changes, and a tf32 step equals the fp32 one bit for bit. ``"fp32"`` and ``"bf16"`` change nothing here (bf16
+    is autocast around the forwards alone: ``TTAMethod.run_model``)."""
+    if precision != "tf32" or torch.device(device).type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 class TTAMethod(nn.Module):
@@ -118,13 +139,16 @@ class TTAMethod(nn.Module):
         """Reset method-specific running state (e.g. SAR's loss EMA)."""
 
     # -- common behaviour ---------------------------------------------------------------------------------
-    def run_model(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's forward; with ``precision="bf16"`` under bfloat16 autocast (the adapted values, the
-        optimiser and the loss stay float32: the logits come back as float32)."""
+    def run_model(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """A forward of ``model`` (default: the adapted one; ViDA's teacher, DPAL's prompted ViT go through here
+        too); with ``precision="bf16"`` under bfloat16 autocast. The adapted values (IMSE's ``S``), the optimiser's
+        state and the losses stay float32: the logits come back as float32 and the losses reduce in float32
+        (``imse.core.losses``). SVDs are not forwards: they run as they always do."""
+        model = self.model if model is None else model
         if self.hparams["precision"] == "bf16":
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                return self.model(x).float()
-        return self.model(x)
+                return model(x).float()
+        return model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapt on one batch and return its logits from before the update. Images: float in [0, 1] or uint8 in
@@ -132,7 +156,8 @@ class TTAMethod(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
         x = as_float_images(x)
-        logits, record = self.step(x)
+        with precision_scope(self.hparams["precision"], x.device):
+            logits, record = self.step(x)
         self.steps += 1
         if record.get("skip_reason"):
             self.skipped_updates += 1

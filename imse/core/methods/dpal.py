@@ -102,7 +102,9 @@ class PromptedViT(nn.Module):
 
 
 def prompt_similarity_loss(noises: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over blocks of ``−mean_ij cos(n_i, n_j)`` over every pair of samples (the diagonal included)."""
+    """Mean over blocks of ``−mean_ij cos(n_i, n_j)`` over every pair of samples (the diagonal included), in
+    float32 whatever the predictors' dtype (bfloat16 under ``precision="bf16"``)."""
+    noises = [n.float() for n in noises]  # a float32 tensor is itself: fp32 results stay bit for bit
     return torch.stack([-F.cosine_similarity(n[:, None], n[None], dim=2).mean() for n in noises]).mean()
 
 
@@ -151,11 +153,9 @@ class DPAL(TTAMethod):
         self._initial_predictor_optimizer = copy.deepcopy(self.predictor_optimizer.state_dict())
         return SAM(torch.optim.SGD(sam_params, lr=self.hparams["lr"], momentum=momentum), rho=self.hparams["rho"])
 
-    def run_model(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams["precision"] == "bf16":
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                return self.prompted(x).float()
-        return self.prompted(x)
+    def run_model(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The prompted ViT's forward, under the method's precision (``TTAMethod.run_model``)."""
+        return super().run_model(x, self.prompted if model is None else model)
 
     @torch.enable_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

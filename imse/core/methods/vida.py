@@ -275,10 +275,12 @@ class ViDA(TTAMethod):
     @torch.enable_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         with torch.no_grad():
-            views = [self.teacher(cotta_augment(x, self.generator)) for _ in range(self.hparams["augmentations"])]
+            # the teacher's forwards under the method's precision too (``run_model``); its logits come back float32
+            views = [self.run_model(cotta_augment(x, self.generator), self.teacher)
+                     for _ in range(self.hparams["augmentations"])]  # fmt: skip
             uncertainty = float(torch.stack(views).var(dim=0).mean()) * 0.1
             low, high = self._set_scales(uncertainty)
-            teacher = self.teacher(x)
+            teacher = self.run_model(x, self.teacher)
         student = self.run_model(x)
         loss = symmetric_cross_entropy(student, teacher).mean()
         record: dict[str, Any] = {"entropy": float(-(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1).mean()),
