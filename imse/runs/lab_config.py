@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from imse.core.methods.base import PRECISIONS
+from imse.core.methods.base import COMMON_DEFAULTS, PRECISIONS
 from imse.data.corruptions import ALL_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES
 from imse.data.streams import SCENARIOS
@@ -44,7 +44,8 @@ class LabConfig:
     device: str = "cpu"
     rounds: int = _DEFAULT["rounds"]
     data: str = _DEFAULT["data"]
-    precision: str = "fp32"  # every method's: fp32, tf32 (CUDA only; on the CPU as fp32) or bf16 autocast
+    # every method's: fp32, tf32 (CUDA only; on the CPU as fp32) or bf16 autocast
+    precision: str = COMMON_DEFAULTS["precision"]
 
     @classmethod
     def from_preset(cls, preset: str = "default", backbone: str = BUILTIN, device: str = "cpu") -> LabConfig:
