@@ -256,6 +256,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
 demo.queue(
     max_size=serving.limit("IMSE_MAX_QUEUE"), default_concurrency_limit=serving.limit("IMSE_MAX_CONCURRENT_RUNS")
 )
+serving.quiet_queue(demo._queue)  # an idle server polls every 50 ms, not every millisecond
 
 if __name__ == "__main__":
     ui.start_run_workers()  # CPU runs compute in warm worker processes, not in the server's threads

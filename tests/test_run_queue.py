@@ -62,3 +62,19 @@ def test_waiting_yields_places_until_admitted_by_another_thread():
     places = list(queue.waiting(waiting, poll=0.1))
     assert places and all(place == 1 for place, _ in places)
     assert queue.place(waiting) is None and queue.counts() == (1, 0)
+
+
+def test_gradios_queue_polls_every_50_ms_not_every_millisecond_and_a_renamed_setting_is_loud():
+    """An idle server took 4.4 % of a core polling every millisecond (docs/hosting.md); ``app.py`` calls this."""
+    import gradio as gr
+
+    from imse.app.serving import QUEUE_POLL_SECONDS, quiet_queue
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    demo.queue()
+    assert demo._queue.sleep_when_free <= QUEUE_POLL_SECONDS  # gradio's own: 1 ms (50 ms on Windows)
+    quiet_queue(demo._queue)
+    assert demo._queue.sleep_when_free == demo._queue.progress_update_sleep_when_free == QUEUE_POLL_SECONDS
+    with pytest.raises(AttributeError, match="no sleep_when_free any more"):
+        quiet_queue(object())

@@ -29,6 +29,7 @@ __all__ = [
     "zero_gpu",
     "limit",
     "prune_exports",
+    "quiet_queue",
 ]
 
 _DEFAULTS = {
@@ -38,6 +39,21 @@ _DEFAULTS = {
     "IMSE_EXPORT_MAX_AGE": 3600.0,
     "IMSE_ZEROGPU_MAX_SECONDS": 120.0,
 }
+
+
+# Gradio's queue looks for new events every millisecond while it has nothing to do (50 ms on Windows:
+# gradio/queueing.py ``sleep_when_free``) and for progress every 10 ms. An idle server so took 4.4 % of a core,
+# which a run's OpenMP team in a worker feels on 2 cores. A Start now waits at most this much longer to begin.
+QUEUE_POLL_SECONDS = 0.05
+
+
+def quiet_queue(queue) -> None:
+    """Poll Gradio's ``queue`` (``demo._queue`` once ``demo.queue()`` made it) every ``QUEUE_POLL_SECONDS`` at most.
+    Refuses loudly if a Gradio release renamed the settings, rather than silently polling fast again."""
+    for name in ("sleep_when_free", "progress_update_sleep_when_free"):
+        if not isinstance(getattr(queue, name, None), float):
+            raise AttributeError(f"Gradio's queue has no {name} any more (see imse.app.serving.quiet_queue)")
+        setattr(queue, name, max(getattr(queue, name), QUEUE_POLL_SECONDS))
 
 
 def zero_gpu() -> bool:
