@@ -229,3 +229,16 @@ def test_the_lab_settings_clear_the_momentum_at_a_recovery_and_move_nothing_on_a
         method(x)
         moved = any(not torch.equal(p, before[n]) for n, p in method.trainable.items())
         assert method.last_record["skip_reason"] == "no reliable samples" and moved is official
+
+
+def test_a_lab_run_with_dpal_starts_from_the_same_prompts_for_the_same_seed():
+    """DPAL draws its prompts at random: the Lab seeds those draws with the run's seed, as bench does (they came
+    from whatever the global generator held, and a Lab run's DPAL was not reproducible)."""
+    from imse.runs.lab import LabConfig, build_run
+
+    config = LabConfig(methods=("DPAL",), corruptions=("fog",), per_domain=16, batch_size=16, seed=5)
+    first = build_run(config).methods["DPAL"].prompted.prompt.detach().clone()
+    torch.rand(7)  # whatever ran before
+    assert torch.equal(build_run(config).methods["DPAL"].prompted.prompt, first)
+    other = build_run(LabConfig(methods=("DPAL",), corruptions=("fog",), per_domain=16, batch_size=16, seed=6))
+    assert not torch.equal(other.methods["DPAL"].prompted.prompt, first)

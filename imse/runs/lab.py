@@ -123,6 +123,7 @@ def build_run(
         return clean[0]
 
     specs = run_methods(asdict(config))
+    torch.manual_seed(config.seed)  # the methods' random starts (DPAL's prompts), as bench seeds them: reproducible
     methods = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source,
                             precision=config.precision)  # fmt: skip
     frozen = copy.deepcopy(backbone)
