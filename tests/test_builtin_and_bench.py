@@ -286,16 +286,15 @@ def test_method_specs_carry_overrides():
 
 
 def test_one_learning_rate_sets_every_rate_of_a_method_at_the_official_ratio():
-    from imse.core.methods import METHODS
+    from imse.core.methods import METHODS, adaptive_methods
     from imse.runs.bench import run_bench
     from imse.runs.defaults import method_rates
-    from imse.runs.runner import ADAPTIVE
-    from imse.runs.sweep import CHECKS
+    from imse.runs.sweep import sweep_checks
 
     assert method_rates("vida", 1e-6) == {"lr": 1e-6, "adapter_lr": pytest.approx(1e-6 * 2e-7 / 5e-7)}
     assert method_rates("dpal", 3e-3) == {"lr": 3e-3, "predictor_lr": 3e-3}
     assert method_rates("imse", 1e-4) == {"lr": 1e-4}
-    assert set(ADAPTIVE) == set(METHODS) - {"source"} == set(CHECKS)  # the sweep tunes every adaptive method
+    assert set(adaptive_methods()) == set(METHODS) - {"source"} == set(sweep_checks())  # the sweep tunes them all
     # a rate given to bench (as --lr or a sweep file's) reaches the coupled one
     result = run_bench(methods=("vida",), lrs={"vida": 1e-6}, per_domain=8, batch_size=8,
                        corruptions=("fog",), progress=False)  # fmt: skip

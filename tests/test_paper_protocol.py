@@ -342,9 +342,10 @@ def test_the_reproduction_table_orders_methods_as_the_library_does_whatever_orde
 
 def test_under_the_paper_protocol_vida_is_fed_unnormalised_images_and_refused_without_its_warm_up(tmp_path):
     """docs/protocol.md rows "ViDA start" and "ViDA preprocessing"."""
+    from imse.core.methods import METHODS
     from imse.data.models import create_backbone
     from imse.runs.bench import run_bench
-    from imse.runs.protocol import PAPER_REQUIRES, method_overrides, missing_under
+    from imse.runs.protocol import method_overrides, missing_under
     from imse.runs.runner import build_methods
 
     assert method_overrides("paper", "vida", "continual") == {"preprocessing": "unit"}
@@ -357,7 +358,7 @@ def test_under_the_paper_protocol_vida_is_fed_unnormalised_images_and_refused_wi
     with torch.no_grad():
         assert torch.equal(built["paper"].model(x), backbone.model(x))  # [0, 1] straight into the ViT
         assert torch.equal(built["lab"].model(x), backbone(x))
-    why = PAPER_REQUIRES["vida"]["checkpoint"]
+    why = METHODS["vida"].paper_requires["checkpoint"]
     expected = [f"vida needs checkpoint under --protocol paper: {why}"]
     assert missing_under("paper", "vida", built["paper"].hparams) == expected
     assert missing_under("lab", "vida", built["lab"].hparams) == []

@@ -70,11 +70,12 @@ def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_ea
     rank 1 + rank 128 bottlenecks beside every qkv and proj)."""
     import torch
 
-    from imse.perf.methods import STEP_METHODS, bench_methods
+    from imse.core.methods import adaptive_methods
+    from imse.perf.methods import bench_methods
 
     result = bench_methods(torch.device("cpu"), 4, 1, "builtin")
-    assert all(result["updated"].values()) and set(result["step_s"]) == set(STEP_METHODS)
-    for name in STEP_METHODS:
+    assert all(result["updated"].values()) and tuple(result["step_s"]) == adaptive_methods()
+    for name in adaptive_methods():
         assert result["step_ratio_to_imse"][name] == result["step_s"][name] / result["step_s"]["imse"]
     from imse.data.models import BUILTIN, create_backbone
 

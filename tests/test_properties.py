@@ -28,7 +28,10 @@ from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, VALIDATION_CORRU
 from imse.data.corruptions.tables import TABLES
 from imse.data.models import BUILTIN
 from imse.data.streams import SCENARIOS
-from imse.runs.lab import MAX_BATCH, MAX_IMAGES, METHOD_CHOICES, LabConfig
+from imse.runs.defaults import method_choices
+from imse.runs.lab import MAX_BATCH, MAX_IMAGES, LabConfig
+
+METHOD_CHOICES = method_choices()  # the Lab's menu, as the app lists it
 
 SETTINGS = {
     "deadline": None,

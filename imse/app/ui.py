@@ -21,8 +21,8 @@ from imse.app.run_queue import QueueFull, RunQueue
 from imse.app.run_workers import RunWorkers
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES, hub_reachable
-from imse.runs.defaults import PRESETS, default_backbone, lab_settings
-from imse.runs.lab import METHOD_CHOICES, LabConfig, validate
+from imse.runs.defaults import PRESETS, default_backbone, lab_settings, method_choices
+from imse.runs.lab import LabConfig, validate
 
 __all__ = [
     "backbone_choices",
@@ -333,4 +333,4 @@ def end_session(request: gr.Request = None) -> None:
 
 
 def method_labels() -> list[str]:
-    return list(METHOD_CHOICES)
+    return list(method_choices())

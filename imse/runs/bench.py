@@ -33,13 +33,6 @@ from imse.runs.runner import build_methods, method_settings, run, summarise
 __all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
 
 
-def default_lr(method: str, batch_size: int) -> float:
-    cls = METHODS[method]
-    if cls.defaults.get("lr") is not None:
-        return float(cls.defaults["lr"])
-    return cls.defaults["base_lr"] * batch_size / 64
-
-
 def versions() -> dict[str, str]:
     import timm
 

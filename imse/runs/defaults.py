@@ -17,15 +17,14 @@ from imse.core.resources import asset_path
 from imse.data.models import BUILTIN
 
 __all__ = [
-    "METHOD_CHOICES",
     "parse_method",
     "PRESETS",
     "SWEEPS",
     "START_FILES",
     "Preset",
-    "COUPLED_RATES",
     "HUB_RUN_FRACTION",
     "lab_settings",
+    "method_choices",
     "method_rates",
     "run_methods",
     "tuned_settings",
@@ -75,39 +74,34 @@ def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
         return files
     entry = sweep["methods"][method]
     settings = dict(entry.get("chosen") or {"lr": entry["lr"]})
-    if "base_lr" in METHODS[method].defaults:  # TENT and SAR: lr = base_lr · batch/64, as the official code
-        settings["base_lr"] = settings.pop("lr") * 64 / sweep["protocol"]["batch_size"]
+    cls = METHODS[method]
+    if "base_lr" in cls.defaults:  # TENT and SAR: their rate scales with the batch, as the official code's
+        settings["base_lr"] = cls.base_rate(settings.pop("lr"), sweep["protocol"]["batch_size"])
     return {**files, **settings}
 
 
-# A method's other learning rates that move with its ``lr`` (the official ratio kept): a sweep's rate or ``--lr``
-# scales them too, so that one number sets every rate of the method, as it does for TENT, SAR and IMSE.
-COUPLED_RATES: dict[str, tuple[str, ...]] = {"vida": ("adapter_lr",), "dpal": ("predictor_lr",)}
-
-
 def method_rates(method: str, lr: float) -> dict[str, float]:
-    """``{"lr": lr}`` plus the method's coupled rates at the official ratio to ``lr`` (ViDA's adapters 2/5 of it)."""
+    """``{"lr": lr}`` plus the method's other rates that move with it at the official ratio (its
+    ``coupled_rates``: ViDA's adapters 2/5 of it), so that one number (a sweep's, ``--lr``) sets every rate."""
     defaults = METHODS[method].defaults
     rates = {"lr": lr}
-    for key in COUPLED_RATES.get(method, ()):
+    for key in METHODS[method].coupled_rates:
         rates[key] = float(f"{lr * defaults[key] / defaults['lr']:.6g}")
     return rates
 
 
 # -- the Lab's runs: the method menu, the default run and the story presets -------------------------------------
 
-# The Lab's method labels and what each runs (a bench spec: method@key=value:key=value).
-METHOD_CHOICES: dict[str, str] = {
-    "IMSE": "imse",
-    "IMSE, λ_dm = 0 (no diversity loss)": "imse@lambda_dm=0.0",
-    "IMSE + retrieval (top-1)": "imse@retrieval=top1",
-    "IMSE + retrieval (mix)": "imse@retrieval=mix",
-    "SAR": "sar",
-    "TENT": "tent",
-    "ViDA": "vida",
-    "DPAL": "dpal",
-    "Source": "source",
-}
+
+def method_choices() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The Lab's method menu: label -> (method, settings), from the registry (each method's ``label`` and
+    ``menu_variants``): IMSE's entries first, then the other adapting methods, those that do not adapt last."""
+    order = sorted(METHODS.values(), key=lambda cls: (cls.name != "imse", not cls.adapts))
+    choices: dict[str, tuple[str, dict[str, Any]]] = {}
+    for cls in order:
+        choices[cls.label] = (cls.name, {})
+        choices.update({label: (cls.name, dict(settings)) for label, settings in cls.menu_variants.items()})
+    return choices
 
 
 @dataclass(frozen=True)
@@ -226,7 +220,7 @@ def run_methods(settings: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]
     and τ, under the label's own settings (so "λ_dm = 0" stays 0)."""
     methods = {}
     for label in settings["methods"]:
-        name, extra = parse_method(METHOD_CHOICES[label])
+        name, extra = method_choices()[label]
         if name == "imse":
             base = dict(lr=settings["imse_lr"], lambda_dm=settings["lambda_dm"], shift_threshold=settings["tau"])
             extra = {**base, **extra}

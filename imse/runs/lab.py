@@ -27,7 +27,7 @@ from imse.data.builders import build_source, source_images
 from imse.data.models import create_backbone
 from imse.data.streams import Stream
 from imse.runs.collapse import CollapseMeter
-from imse.runs.defaults import METHOD_CHOICES, parse_method, run_methods
+from imse.runs.defaults import method_choices, run_methods
 from imse.runs.lab_config import MAX_BATCH, MAX_IMAGES, LabConfig, validate
 from imse.runs.memory import keep_freed_memory
 from imse.runs.runner import build_methods, run, summarise, top_class_share
@@ -35,7 +35,6 @@ from imse.runs.runner import build_methods, run, summarise, top_class_share
 __all__ = [
     "MAX_BATCH",
     "MAX_IMAGES",
-    "METHOD_CHOICES",
     "LabConfig",
     "LabRun",
     "LabState",
@@ -87,7 +86,7 @@ class LabState:
 
 
 def method_name(label: str) -> str:
-    return parse_method(METHOD_CHOICES[label])[0]
+    return method_choices()[label][0]
 
 
 def primary_label(methods: dict) -> str:

@@ -17,7 +17,7 @@ from imse.core.methods.base import COMMON_DEFAULTS, PRECISIONS
 from imse.data.corruptions import ALL_CORRUPTIONS
 from imse.data.models import BUILTIN, HUB_BACKBONES
 from imse.data.streams import SCENARIOS
-from imse.runs.defaults import METHOD_CHOICES, lab_settings
+from imse.runs.defaults import lab_settings, method_choices
 
 __all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "validate"]
 
@@ -101,8 +101,8 @@ def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
         problems.append(f"methods must be a list of method names, got {shown(config.methods)}")
     elif not config.methods:
         problems.append("choose at least one method")
-    elif bad := [m for m in config.methods if not choice(m, METHOD_CHOICES)]:
-        problems.append(f"unknown method(s): {listed(bad)}; choose from {', '.join(METHOD_CHOICES)}")
+    elif bad := [m for m in config.methods if not choice(m, method_choices())]:
+        problems.append(f"unknown method(s): {listed(bad)}; choose from {', '.join(method_choices())}")
     elif len(set(config.methods)) < len(config.methods):
         twice = sorted({m for m in config.methods if config.methods.count(m) > 1})
         problems.append(f"each method once: {listed(twice)} chosen more than once")

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from imse.core.images import as_float_images
+from imse.core.methods import METHODS
 from imse.data.sources import PROTOCOLS, ImageFolderSource, ImageNetCSource
 
 __all__ = [
     "PROTOCOLS",
     "RULES",
     "Rule",
-    "PAPER_REQUIRES",
     "imagenet_c_domains",
     "method_overrides",
     "missing_under",
@@ -73,12 +73,6 @@ RULES = (
          "baek85/IMSE's *_vida architectures, model_zoo/imagenet.py 100-118"),
 )  # fmt: skip
 
-# What a method cannot run without under ``paper``: setting -> why (a number without it would not be the method's).
-PAPER_REQUIRES: dict[str, dict[str, str]] = {
-    "vida": {"checkpoint": "ViDA's official run starts from its source warm-up (--checkpoint vida=FILE: the official "
-             "'source ViDA model' or one made by `python -m imse vida-warmup --preprocessing unit`)"},
-}  # fmt: skip
-
 
 def resolve(protocol: str | None, imagenet_data: bool) -> str:
     """``None`` means the default: ``paper`` on ImageNet data, ``lab`` otherwise."""
@@ -90,32 +84,17 @@ def resolve(protocol: str | None, imagenet_data: bool) -> str:
 
 
 def method_overrides(protocol: str, method: str, scenario: str) -> dict[str, Any]:
-    """What the protocol sets on a method before the run's own overrides (which still win)."""
-    if protocol != "paper":
-        return {}
-    if method == "imse":
-        settings: dict[str, Any] = {"margin_classes": 1000, "source_descriptor": "ema"}
-        if scenario != "single":
-            settings["retrieval"] = "top1"
-        if scenario == "recurring":
-            settings["lr"] = 3e-3
-        return settings
-    if method == "sar":
-        return {"margin_classes": 1000, "official_recovery": True}
-    if method == "dpal":
-        return {"margin_classes": 1000, "predict_from": "second", "official_recovery": True,
-                "similarity_divisor": "configured"}  # fmt: skip
-    if method == "vida":
-        return {"preprocessing": "unit"}
-    return {}
+    """What the protocol sets on a method before the run's own overrides (which still win): under ``paper`` the
+    method's own ``paper_settings``."""
+    return METHODS[method].paper_settings(scenario) if protocol == "paper" else {}
 
 
 def missing_under(protocol: str, method: str, settings: dict[str, Any]) -> list[str]:
     """Why ``method`` with these (final) ``settings`` cannot run under ``protocol``: one sentence per setting it
-    lacks (``PAPER_REQUIRES``); empty when it can."""
+    lacks (the method's ``paper_requires``); empty when it can."""
     if protocol != "paper":
         return []
-    needs = PAPER_REQUIRES.get(method, {})
+    needs = METHODS[method].paper_requires
     return [
         f"{method} needs {key} under --protocol paper: {why}" for key, why in needs.items() if not settings.get(key)
     ]

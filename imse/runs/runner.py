@@ -34,8 +34,6 @@ __all__ = [
     "top_class_share",
 ]
 
-ADAPTIVE = ("tent", "sar", "imse", "vida", "dpal")
-
 
 def build_methods(
     model: nn.Module,

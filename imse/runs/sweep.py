@@ -7,8 +7,8 @@ severities (default 3 and 5), and is scored by its mean accuracy over those stre
 run side by side on the *same* batches (paired), and every method gets the same learning-rate grid.
 
 Stage 1: the learning rate, ``default × LR_FACTORS`` (the same grid size for every method; a method's coupled
-rates, ViDA's adapters' and DPAL's predictors', move with it at the official ratio). Stage 2, one
-setting at a time at the chosen lr (``CHECKS``): the entropy margin's class count for the methods that filter
+rates, ViDA's adapters' and DPAL's predictors', move with it at the official ratio). Stage 2, one setting at a
+time at the chosen lr (each method's ``sweep_checks``): the entropy margin's class count for the methods that filter
 (``None`` = ours, 0.4·ln C; ``1000`` = the official code's 0.4·ln 1000, which keeps every sample of a 10-class
 model), and IMSE's λ_dm. A setting leaves its default only when validation shows a significant gain: among the
 candidates whose score is within two paired standard errors of the best (per-batch differences on the same
@@ -21,24 +21,22 @@ import math
 import statistics
 from typing import Any
 
+from imse.core.methods import METHODS, adaptive_methods
 from imse.data.models import BUILTIN
-from imse.runs.bench import default_lr, run_bench, versions
+from imse.runs.bench import run_bench, versions
 from imse.runs.defaults import method_rates
-from imse.runs.runner import ADAPTIVE
 
-__all__ = ["CHECKS", "LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "merge_sweeps", "run_sweep"]
+__all__ = ["LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "merge_sweeps", "run_sweep", "sweep_checks"]
 
 LR_FACTORS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SWEEP_SEVERITIES = (3, 5)
 SWEEP_PER_DOMAIN = 2000
-# stage 2: (setting, candidate values, the default) per method, tried in this order at the chosen lr
-CHECKS: dict[str, tuple[tuple[str, tuple, Any], ...]] = {
-    "tent": (),
-    "sar": (("margin_classes", (None, 1000), None),),
-    "imse": (("lambda_dm", (0.0, 10.0, 50.0, 200.0), 50.0), ("margin_classes", (None, 1000), None)),
-    "vida": (),
-    "dpal": (("margin_classes", (None, 1000), None),),
-}
+
+
+def sweep_checks() -> dict[str, tuple[tuple[str, tuple, Any], ...]]:
+    """Stage 2 per adaptive method: (setting, candidate values, the default), tried in this order at the chosen lr
+    (each method's own ``sweep_checks``)."""
+    return {name: METHODS[name].sweep_checks for name in adaptive_methods()}
 
 
 def _spec(method: str, settings: dict[str, Any]) -> str:
@@ -103,7 +101,7 @@ def run_sweep(
     backbone: str = BUILTIN,
     weights: str | None = None,
     data: str = "builtin",
-    methods: tuple[str, ...] = ADAPTIVE,
+    methods: tuple[str, ...] | None = None,
     severities: tuple[int, ...] = SWEEP_SEVERITIES,
     per_domain: int = SWEEP_PER_DOMAIN,
     batch_size: int = 64,
@@ -115,8 +113,10 @@ def run_sweep(
     earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sweep's JSON: per method the chosen settings (``chosen``, ``lr``), every stage's grid, run count.
-    ``earlier``: a sweep to add these methods to (``merge_sweeps``), its protocol checked before anything runs."""
-    checks = CHECKS if checks is None else checks
+    ``methods``: by default every adaptive one (``adaptive_methods``). ``earlier``: a sweep to add these methods to
+    (``merge_sweeps``), its protocol checked before anything runs."""
+    methods = adaptive_methods() if methods is None else methods
+    checks = sweep_checks() if checks is None else checks
     common = dict(
         backbone=backbone,
         weights=weights,
@@ -150,9 +150,10 @@ def run_sweep(
     if earlier is not None:
         _check_comparable(earlier["protocol"], results["protocol"])
     for method in methods:
-        if method not in ADAPTIVE:
-            raise ValueError(f"only adaptive methods have settings to tune: {ADAPTIVE}")
-        base = default_lr(method, batch_size)
+        if method not in adaptive_methods():
+            raise ValueError(f"only adaptive methods have settings to tune: {adaptive_methods()}")
+        cls = METHODS[method]
+        base = cls.learning_rate({**cls.defaults, "batch_size": batch_size})
         lrs = [float(f"{base * factor:.3g}") for factor in factors]
         stage = _stage({lr: _spec(method, method_rates(method, lr)) for lr in lrs}, severities, common, progress)
         label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))

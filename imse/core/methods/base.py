@@ -84,11 +84,50 @@ def precision_scope(precision: str, device: torch.device | str) -> Iterator[None
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
+# The official TENT/SAR rule: a rate given for batches of this size scales with the batch (lr = base_lr · B / 64).
+LR_REFERENCE_BATCH = 64
+
+
 class TTAMethod(nn.Module):
-    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``configure`` and ``step``."""
+    """Base class. Subclasses set ``name`` and ``defaults`` and implement ``configure`` and ``step``.
+
+    A method also says, as class attributes, everything the rest of the project needs to know about it (the
+    registry ``imse.core.methods.METHODS`` is the only other place it is named): ``label`` (menus and tables),
+    ``adapts`` (False: nothing to adapt, tune or time), ``coupled_rates`` (its other rates that move with ``lr`` at
+    the official ratio), ``sweep_checks`` (the validation sweep's second stage), ``menu_variants`` (more Lab menu
+    entries: label -> settings), ``paper_settings`` / ``paper_requires`` (the paper protocol) and
+    ``learning_rate`` (its lr rule)."""
 
     name: ClassVar[str] = "base"
     defaults: ClassVar[dict[str, Any]] = {}
+    label: ClassVar[str] = "base"
+    adapts: ClassVar[bool] = True
+    coupled_rates: ClassVar[tuple[str, ...]] = ()
+    # (setting, candidate values, its default): tried one at a time at the chosen lr, in this order
+    sweep_checks: ClassVar[tuple[tuple[str, tuple, Any], ...]] = ()
+    menu_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    paper_requires: ClassVar[dict[str, str]] = {}  # setting -> why the paper protocol refuses to run without it
+
+    @classmethod
+    def paper_settings(cls, scenario: str) -> dict[str, Any]:
+        """What ``--protocol paper`` sets on this method in ``scenario``: the official code's choices
+        (docs/protocol.md), before a run's own overrides."""
+        return {}
+
+    @classmethod
+    def learning_rate(cls, settings: dict[str, Any]) -> float | None:
+        """The rate the optimizer uses with these settings: ``lr`` when set, else ``base_lr · batch_size / 64``
+        (TENT's and SAR's official rule); ``None`` for a method without either."""
+        if settings.get("lr") is not None:
+            return float(settings["lr"])
+        if settings.get("base_lr") is not None:
+            return settings["base_lr"] * settings.get("batch_size", LR_REFERENCE_BATCH) / LR_REFERENCE_BATCH
+        return None
+
+    @classmethod
+    def base_rate(cls, lr: float, batch_size: int) -> float:
+        """The ``base_lr`` that gives ``lr`` at ``batch_size`` (the inverse of ``learning_rate``'s rule)."""
+        return lr * LR_REFERENCE_BATCH / batch_size
 
     def __init__(self, model: nn.Module, record_alignment: bool = False, **overrides: Any) -> None:
         super().__init__()

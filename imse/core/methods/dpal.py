@@ -110,6 +110,15 @@ def prompt_similarity_loss(noises: list[torch.Tensor]) -> torch.Tensor:
 
 class DPAL(TTAMethod):
     name = "dpal"
+    label = "DPAL"
+    coupled_rates = ("predictor_lr",)
+    sweep_checks = (("margin_classes", (None, 1000), None),)
+
+    @classmethod
+    def paper_settings(cls, scenario: str) -> dict[str, Any]:
+        return {"margin_classes": 1000, "predict_from": "second", "official_recovery": True,
+                "similarity_divisor": "configured"}  # fmt: skip
+
     defaults = {
         "lr": 0.01,  # prompts and LayerNorms (SAM over SGD)
         "predictor_lr": 0.01,

@@ -36,6 +36,25 @@ __all__ = ["IMSE"]
 
 class IMSE(SAMEntropyMethod):
     name = "imse"
+    label = "IMSE"
+    sweep_checks = (("lambda_dm", (0.0, 10.0, 50.0, 200.0), 50.0), ("margin_classes", (None, 1000), None))
+    menu_variants = {
+        "IMSE, λ_dm = 0 (no diversity loss)": {"lambda_dm": 0.0},
+        "IMSE + retrieval (top-1)": {"retrieval": "top1"},
+        "IMSE + retrieval (mix)": {"retrieval": "mix"},
+    }
+
+    @classmethod
+    def paper_settings(cls, scenario: str) -> dict[str, Any]:
+        """Retrieval (top-1) with the EMA source descriptor on every continual stream; lr 3e-3 when recurring
+        (bash/3_imse_recurring.sh); E0 = 0.4·ln 1000 for every model."""
+        settings: dict[str, Any] = {"margin_classes": 1000, "source_descriptor": "ema"}
+        if scenario != "single":
+            settings["retrieval"] = "top1"
+        if scenario == "recurring":
+            settings["lr"] = 3e-3
+        return settings
+
     defaults = {
         "lr": 7e-3,
         "lambda_dm": 50.0,

@@ -35,6 +35,13 @@ class SAR(SAMEntropyMethod):
     empty filter (the update is skipped and counted)."""
 
     name = "sar"
+    label = "SAR"
+    sweep_checks = (("margin_classes", (None, 1000), None),)
+
+    @classmethod
+    def paper_settings(cls, scenario: str) -> dict[str, Any]:
+        return {"margin_classes": 1000, "official_recovery": True}
+
     defaults = {
         "lr": None,
         "base_lr": 1e-3,
@@ -63,9 +70,7 @@ class SAR(SAMEntropyMethod):
         return params
 
     def build_optimizer(self, params: list[nn.Parameter]) -> SAM:
-        lr = self.hparams["lr"]
-        if lr is None:
-            lr = self.hparams["base_lr"] * self.hparams["batch_size"] / 64
+        lr = self.learning_rate(self.hparams)
         return self.wrap_optimizer(torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"]))
 
     def after_update(self, record: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ __all__ = ["Source"]
 
 class Source(TTAMethod):
     name = "source"
+    label = "Source"
+    adapts = False
     defaults = {"margin": 0.4, "margin_classes": None}
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ class Tent(TTAMethod):
     """SGD (momentum 0.9) at ``lr = base_lr · batch_size / 64`` unless ``lr`` is given."""
 
     name = "tent"
+    label = "TENT"
     defaults = {"lr": None, "base_lr": 1e-3, "batch_size": 64, "momentum": 0.9, "margin": 0.4, "margin_classes": None}
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -35,12 +36,8 @@ class Tent(TTAMethod):
             raise ValueError("TENT needs LayerNorm layers with affine parameters; this model has none")
         return params
 
-    def learning_rate(self) -> float:
-        lr = self.hparams["lr"]
-        return lr if lr is not None else self.hparams["base_lr"] * self.hparams["batch_size"] / 64
-
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.learning_rate(), momentum=self.hparams["momentum"])
+        return torch.optim.SGD(params, lr=self.learning_rate(self.hparams), momentum=self.hparams["momentum"])
 
     @torch.enable_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -207,6 +207,17 @@ def symmetric_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> tor
 
 class ViDA(TTAMethod):
     name = "vida"
+    label = "ViDA"
+    coupled_rates = ("adapter_lr",)
+    paper_requires = {
+        "checkpoint": "ViDA's official run starts from its source warm-up (--checkpoint vida=FILE: the official "
+        "'source ViDA model' or one made by `python -m imse vida-warmup --preprocessing unit`)"
+    }
+
+    @classmethod
+    def paper_settings(cls, scenario: str) -> dict[str, Any]:
+        return {"preprocessing": "unit"}  # the official run feeds its bare timm ViT [0, 1] images
+
     defaults = {
         "lr": 5e-7,  # the ViT's own weights
         "adapter_lr": 2e-7,
