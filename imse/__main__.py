@@ -267,7 +267,7 @@ def _soak(args: argparse.Namespace) -> int:
 def _shifts(args: argparse.Namespace) -> int:
     import json
 
-    from imse.runs.bench import run_shift_detection
+    from imse.runs.shifts import run_shift_detection
 
     result = run_shift_detection(
         backbone=args.backbone,
@@ -319,16 +319,7 @@ def _add_model_args(parser: argparse.ArgumentParser, severity: int | None = 5, b
     parser.add_argument("--device", default="cpu")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from imse.runs.defaults import PRESETS
-
-    parser = argparse.ArgumentParser(
-        prog="python -m imse",
-        description="IMSE Lab: test-time adaptation of Vision Transformers by their spectral experts.",
-    )
-    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_perf(commands) -> None:
     perf = commands.add_parser(
         "perf",
         help="speed and memory benchmarks (medians, ratios against a baseline timed in the same run)",
@@ -362,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--out", help="also write the results as JSON to this file")
     perf.set_defaults(handler=_perf)
 
+
+def _add_train_builtin(commands) -> None:
     train = commands.add_parser(
         "train-builtin",
         help="train the built-in offline ViT on Fashion-MNIST and export assets/builtin",
@@ -378,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, help="use only the first N images of each split (smoke tests)")
     train.add_argument("--restart", action="store_true", help="ignore an existing train_state.pt")
     train.set_defaults(handler=_train_builtin)
+
+
+def _add_bench(commands) -> None:
+    from imse.runs.defaults import PRESETS
 
     bench = commands.add_parser(
         "bench",
@@ -414,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the full result as JSON")
     bench.set_defaults(handler=_bench)
 
+
+def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
         "sweep",
         help="tune each method on the validation corruptions (same lr grid and images for all)",
@@ -431,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="sweep.json")
     sweep.set_defaults(handler=_sweep)
 
+
+def _add_shifts(commands) -> None:
+    from imse.core.bank import SHIFT_THRESHOLD
+
     shifts = commands.add_parser(
         "shifts",
         help="shift-detection precision/recall on continual and gradual streams, false alarms without shifts",
@@ -438,11 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(shifts)
     shifts.add_argument("--per-domain", type=int, default=500)
     shifts.add_argument("--seeds", default="0,1,2")
-    shifts.add_argument("--threshold", type=float, default=0.05)
+    shifts.add_argument("--threshold", type=float, default=SHIFT_THRESHOLD, help="τ (default: %(default)s)")
     shifts.add_argument("--stationary-batches", type=int, default=1000)
     shifts.add_argument("--out")
     shifts.set_defaults(handler=_shifts)
 
+
+def _add_reproduce(commands) -> None:
     repro = commands.add_parser(
         "reproduce",
         help="the paper's rows under its protocol (ImageNet-C/R/A), our table beside its numbers; resumable",
@@ -476,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "preprocessing, checkpoint and retrieval) and run nothing")  # fmt: skip
     repro.set_defaults(handler=_reproduce)
 
-    _add_vida_warmup(commands)
+
+def _add_soak(commands) -> None:
     soak = commands.add_parser(
         "soak",
         help="a long gradual stream through the app's run loop: no NaN/inf, flat memory, bank within capacity",
@@ -491,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--device", default="cpu")
     soak.add_argument("--out", help="also write the result as JSON")
     soak.set_defaults(handler=_soak)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m imse",
+        description="IMSE Lab: test-time adaptation of Vision Transformers by their spectral experts.",
+    )
+    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_perf, _add_train_builtin, _add_bench, _add_sweep, _add_shifts, _add_reproduce, _add_vida_warmup,
+                _add_soak):  # fmt: skip
+        add(commands)
     return parser
 
 

@@ -317,3 +317,11 @@ def test_mix_retrieval_stores_mixes_and_predicts_with_the_papers_softmax_weights
     assert set(method.source_code) == set(get_code(method.model))  # one key form for every code
     logits = method(x)
     assert logits.shape == (len(x), 10) and torch.isfinite(logits).all()
+
+
+def test_a_detection_within_one_batch_of_a_boundary_is_a_hit_and_each_boundary_is_matched_once():
+    from imse.runs.shifts import match_boundaries
+
+    assert match_boundaries([9, 10, 11, 30], [10, 20]) == (1, {20})  # 9, 10 and 11 all near 10: one hit
+    assert match_boundaries([11, 19], [10, 20]) == (2, set())
+    assert match_boundaries([], [10]) == (0, {10})
