@@ -15,7 +15,8 @@ with contextlib.suppress(ImportError):  # on ZeroGPU `spaces` goes first: it pat
 
 import gradio as gr  # noqa: E402
 
-from imse.app import serving, teach, teach_data, ui  # noqa: E402
+from imse.app import serving, teach, teach_data, ui, viz  # noqa: E402
+from imse.app.lab_stream import panel_rows  # noqa: E402
 from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
 from imse.app.theme import PAGE_CSS  # noqa: E402
 from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
@@ -104,16 +105,15 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
                     precision = gr.Dropdown(ui.precision_choices(), value="fp32", label="Precision")
             with gr.Column(scale=3):
-                empty = ui.empty_panels()
-                accuracy_plot = gr.Plot(empty[0], label="Accuracy")
-                collapse_plot = gr.Plot(empty[1], label="Collapse")
-                with gr.Row():
-                    alignment_plot = gr.Plot(empty[2], label="Expert alignment std")
-                    shift_plot = gr.Plot(empty[3], label="Singular-value shifts")
-                show_source = gr.Checkbox(False, label="Show the no-adaptation model's alignment heatmap instead")
-                with gr.Row():
-                    bank_plot = gr.Plot(empty[4], label="Domain bank")
-                    batch_plot = gr.Plot(empty[5], label="Current batch")
+                plots = {}  # the Lab's panels, one entry each in lab_stream.PANELS, laid out by their rows
+                for row in panel_rows():
+                    with gr.Row() if len(row) > 1 else contextlib.nullcontext():
+                        for panel in row:
+                            plots[panel.name] = gr.Plot(viz.empty_figure(panel.title), label=panel.label)
+                    if any(panel.name == "alignment" for panel in row):  # the switch under the heatmap it changes
+                        show_source = gr.Checkbox(
+                            False, label="Show the no-adaptation model's alignment heatmap instead"
+                        )
                 results = gr.Dataframe(  # headers wrap and the method stays pinned: every column fits the page
                     label="Results (%, mean over the run)",
                     interactive=False,
@@ -129,8 +129,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         widgets.update(precision=precision)
         settings = [widgets[name] for name in ui.SETTINGS]
         inputs = [widgets[name] for name in ui.START_INPUTS]
-        shown = dict(status=status, accuracy=accuracy_plot, collapse=collapse_plot, alignment=alignment_plot)
-        shown.update(shifts=shift_plot, bank=bank_plot, batch=batch_plot, results=results, download=download)
+        shown = dict(status=status, **plots, results=results, download=download)
         outputs = [shown[name] for name in ui.START_OUTPUTS]
         # every run enters at once and waits in the server's own queue, which tells it its place and wait (ui)
         at_once = dict(concurrency_id="runs", concurrency_limit=ui.runs_at_once())

@@ -194,3 +194,27 @@ def test_the_verdict_of_a_real_run_states_the_results_tables_numbers(finished_st
     sentence = verdict(finished_state)
     assert sentence.startswith(expected + " over 384 images; the bank stored ")
     assert sentence.endswith(" of 2 changes).")  # fog → gaussian noise → contrast
+
+
+def test_a_panel_is_one_entry_and_a_panel_added_in_a_test_is_drawn_in_every_update(tmp_path):
+    """issue 26: the panel table drives the outputs and the updates; the page lays it out by rows (app.py)."""
+    from dataclasses import fields
+
+    from imse.app.lab_stream import PANELS, Panel, lab_updates, outputs, panel_rows
+    from imse.app.serving import StopToken
+    from imse.runs.lab import LabConfig, LabState
+
+    state_fields = {field.name for field in fields(LabState)}
+    assert all(set(panel.reads) <= state_fields for panel in PANELS)  # each entry names the state it reads
+    assert [[p.name for p in row] for row in panel_rows()] == [["accuracy"], ["collapse"], ["alignment", "shifts"],
+                                                               ["bank", "batch"]]  # fmt: skip
+
+    def images_seen(state, show_source):
+        return {"data": [], "layout": {"title": {"text": f"{state.images} images, source {show_source}"}}}
+
+    table = (*PANELS, Panel("seen", "Images seen", "Seen", images_seen, ("images",), row=4))
+    assert outputs(table)[-3:] == ("seen", "results", "download")
+    config = LabConfig(methods=("Source",), corruptions=("fog",), per_domain=16, batch_size=16)
+    updates = list(lab_updates(config, True, StopToken(str(tmp_path / "stop")), str(tmp_path), table=table))
+    drawn = [update[outputs(table).index("seen")]["layout"]["title"]["text"] for update in updates]
+    assert drawn[-1] == "16 images, source True" and all(len(update) == len(outputs(table)) for update in updates)

@@ -15,8 +15,8 @@ from typing import Any
 import gradio as gr
 import torch
 
-from imse.app import run_cost, serving, viz, zerogpu
-from imse.app.lab_stream import OUTPUTS, PANEL_TITLES, lab_updates
+from imse.app import run_cost, serving, zerogpu
+from imse.app.lab_stream import OUTPUTS, lab_updates
 from imse.app.run_queue import QueueFull, RunQueue
 from imse.app.run_workers import RunWorkers
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
@@ -107,10 +107,6 @@ def precision_choices() -> list[tuple[str, str]]:
     """The Precision dropdown's (label, value) pairs; fp32 first, the default."""
     return [("fp32", "fp32"), ("tf32 (CUDA matmuls; on the CPU as fp32)", "tf32"),
             ("bf16 (autocast forwards)", "bf16")]  # fmt: skip
-
-
-def empty_panels() -> tuple:
-    return tuple(viz.empty_figure(title) for title in PANEL_TITLES)
 
 
 def as_int(value: Any, name: str) -> int:
