@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import time
 import zipfile
 
 import gradio as gr
@@ -88,43 +87,25 @@ def _running_pid(workers: RunWorkers, stream) -> int:
     return frame.f_locals["worker"].process.pid
 
 
-def _take_turns(turns, start, log, rounds: int) -> None:
-    start.wait()
-    for _ in range(rounds):
-        turns.take()
-        log.put(os.getpid())
-        time.sleep(0.05)  # a batch: long enough for the other to join the line
-        turns.give()
-
-
-def test_runs_take_the_cores_in_turn_a_batch_each_and_a_dead_holders_turn_is_taken_back():
+def test_runs_computing_at_once_share_the_cores_and_a_run_alone_takes_them_all(tmp_path):
     import multiprocessing
 
-    from imse.app.run_workers import Turns
+    import torch
 
-    context = multiprocessing.get_context("fork")  # the children run plain Python: no torch, no OpenMP
-    turns, start, log = Turns(context, 2), context.Barrier(2), context.Queue()
-    children = [context.Process(target=_take_turns, args=(turns, start, log, 3)) for _ in range(2)]
-    for child in children:
-        child.start()
-    order = [log.get(timeout=20) for _ in range(6)]
-    for child in children:
-        child.join(timeout=20)
-    assert sorted(set(order)) == sorted(child.pid for child in children)
-    assert all(first != second for first, second in zip(order, order[1:])), order  # first come, first served
+    from imse.app.run_workers import _BetweenBatches
 
-    holder = context.Process(target=_hold_a_turn_and_die, args=(turns,))
-    holder.start()
-    holder.join(timeout=20)
-    waiter = context.Process(target=_take_turns, args=(turns, context.Barrier(1), log, 1))
-    waiter.start()
-    time.sleep(0.3)
-    assert log.empty()  # the dead process still holds its turn...
-    turns.forget(holder.pid)  # ...until the server takes it back (``RunWorkers`` does when a worker died)
-    assert log.get(timeout=20) == waiter.pid
-    waiter.join(timeout=20)
-
-
-def _hold_a_turn_and_die(turns) -> None:
-    turns.take()
-    os._exit(1)
+    computing = multiprocessing.get_context("spawn").Value("i", 1)
+    between = _BetweenBatches(computing, StopToken(str(tmp_path / "stop")))
+    before = torch.get_num_threads()
+    try:
+        between.cores = 4
+        assert between.is_set() is False and torch.get_num_threads() == 4
+        computing.value = 2
+        assert between.is_set() is False and torch.get_num_threads() == 2
+        computing.value = 5
+        between.is_set()
+        assert torch.get_num_threads() == 1
+        (tmp_path / "stop").touch()
+        assert between.is_set() is True
+    finally:
+        torch.set_num_threads(before)
