@@ -14,7 +14,7 @@ import gradio as gr
 import torch
 
 from imse.app import teach_data, teach_viz
-from imse.app.ui import as_int, check_backbone
+from imse.app.ui import as_int, as_number, check_backbone
 from imse.core.spectral import spectral_layers
 from imse.data.corruptions import CORRUPTIONS
 from imse.data.models import BUILTIN, BackboneUnavailable
@@ -72,11 +72,10 @@ def _layer(backbone, layer: Any) -> str:
     return layer
 
 
-def _in_range(value: Any, name: str, low: float, high: float, cast=float):
-    try:
-        number = cast(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a number") from None
+def _in_range(value: Any, name: str, low: float, high: float, whole: bool = False):
+    """A Teach widget's number within [low, high], read by the Lab's rules (``ui.as_int``, ``ui.as_number``): a
+    whole number refuses 3.7 rather than taking it as 3, and nobody's check takes a checkbox for a number."""
+    number = as_int(value, name) if whole else as_number(value, name)
     if not low <= number <= high:  # also refuses NaN
         raise gr.Error(f"{name} must be {low:g} to {high:g}")
     return number
@@ -163,8 +162,8 @@ def experts_view(backbone_name: Any, layer: Any, scope: Any, k: Any, expert: Any
         raise gr.Error(f"scope must be one of {', '.join(SCOPES)}")
     scope_layer = layer if scope == SCOPES[0] else experts.ALL_LAYERS
     largest_rank = max(m.rank for m in spectral_layers(backbone).values())
-    k = _in_range(k, "k", 1, largest_rank, cast=int)
-    expert = _in_range(expert, "expert", 0, module.rank - 1, cast=int)
+    k = _in_range(k, "k", 1, largest_rank, whole=True)
+    expert = _in_range(expert, "expert", 0, module.rank - 1, whole=True)
     scale = _in_range(scale, "scale", 0.0, MAX_SCALE)
     image, label = _image(backbone_name, sample, upload)
 

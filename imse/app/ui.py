@@ -124,7 +124,7 @@ def as_int(value: Any, name: str) -> int:
     return int(number)
 
 
-def _as_float(value: Any, name: str) -> float:
+def as_number(value: Any, name: str) -> float:
     """A number field's value as a float; NaN and ±inf pass through, for ``validate`` to refuse by name."""
     if isinstance(value, bool):
         raise gr.Error(f"{name} must be a number")
@@ -187,9 +187,9 @@ def make_config(
             batch_size=as_int(batch_size, "batch size"),
             per_domain=as_int(per_domain, "images per domain"),
             seed=as_int(seed, "seed"),
-            imse_lr=_as_float(imse_lr, "IMSE lr"),
-            lambda_dm=_as_float(lambda_dm, "λ_dm"),
-            tau=_as_float(tau, "τ"),
+            imse_lr=as_number(imse_lr, "IMSE lr"),
+            lambda_dm=as_number(lambda_dm, "λ_dm"),
+            tau=as_number(tau, "τ"),
             rounds=as_int(rounds, "rounds"),
             device=device,
             data=BUILTIN if backbone == BUILTIN else "imagenette",
