@@ -145,6 +145,7 @@ def test_a_bf16_step_keeps_its_loss_adapted_values_and_optimiser_state_in_float3
     assert states and all(t.dtype == torch.float32 for t in states)
 
 
+@pytest.mark.slow  # IMSE through 48 images twice, with the built-in model's first SVD (~3 s on 2 cores)
 def test_bf16_accuracy_on_the_builtin_model_is_that_of_fp32():
     """The built-in model, IMSE on 48 gaussian-noise-5 images (3 batches), bf16 against fp32 on the CPU: the same
     correct count within one image and at most one prediction in 48 changed (measured here: 36 correct in each,
