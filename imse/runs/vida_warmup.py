@@ -56,6 +56,32 @@ def _held_out_accuracy(model: torch.nn.Module, backbone: str, device: str, count
     return correct / count
 
 
+def _train(model, trainable: list, source: Source, config: dict, *, progress: str | None, device: str) -> list[float]:
+    """Adam on ``trainable`` with the cross-entropy of ``model`` on random batches of ``source``; every step's loss."""
+    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config["steps"], desc=progress, unit="step")
+    for _ in range(config["steps"]):
+        indices = torch.randint(len(source), (config["batch_size"],), generator=generator).tolist()
+        images, labels = source.load(indices)
+        loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    if bar is not None:
+        bar.close()
+    return losses
+
+
 def warm_up(
     out: str | os.PathLike,
     *,
@@ -88,28 +114,9 @@ def warm_up(
     names = adapter_names(vit)
     model.requires_grad_(False).eval()
     parameters = dict(vit.named_parameters())
-    trainable = [parameters[name].requires_grad_(True) for name in names]
-    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
-    generator = torch.Generator().manual_seed(config["seed"])
-    started, losses = time.perf_counter(), []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config["steps"], desc=f"ViDA warm-up ({backbone})", unit="step")
-    for _ in range(config["steps"]):
-        indices = torch.randint(len(source), (config["batch_size"],), generator=generator).tolist()
-        images, labels = source.load(indices)
-        loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    if bar is not None:
-        bar.close()
+    started = time.perf_counter()
+    losses = _train(model, [parameters[name].requires_grad_(True) for name in names], source, config,
+                    progress=f"ViDA warm-up ({backbone})" if progress else None, device=device)  # fmt: skip
     model.eval()
     after = _held_out_accuracy(model, backbone, device, held_out)
     metadata = {"format": WARMUP_FORMAT, "backbone": backbone, "data": source.name, "images": str(len(source)),
