@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from imse.core.bank import Descriptor, DomainBank, ShiftDetector, batch_descriptor, patch_tokens
+from imse.core.bank import (
+    DESCRIPTOR_MOMENTUM,
+    SHIFT_THRESHOLD,
+    Descriptor,
+    DomainBank,
+    ShiftDetector,
+    batch_descriptor,
+    patch_tokens,
+)
 from imse.core.losses import diversity_loss
 from imse.core.methods.base import SAMEntropyMethod
 from imse.core.optim import Adam
@@ -67,8 +75,8 @@ class IMSE(SAMEntropyMethod):
         "weight_decay": 0.0,
         # continual TTA (DESIGN §1 "Domain descriptor" / "Domain bank"); retrieval None = plain IMSE
         "retrieval": None,  # None, "top1" or "mix"
-        "shift_threshold": 0.05,
-        "descriptor_momentum": 0.8,
+        "shift_threshold": SHIFT_THRESHOLD,
+        "descriptor_momentum": DESCRIPTOR_MOMENTUM,
         "batch_size": 64,  # a "full" batch: only those update the domain descriptor
         "bank_capacity": 32,
         "mix_temperature": 1.0,
