@@ -6,204 +6,16 @@ import argparse
 import sys
 import traceback
 
-
-def _perf(args: argparse.Namespace) -> int:
-    from imse.perf import ALL_BENCHMARKS, run_perf
-
-    only = ALL_BENCHMARKS if args.only is None else tuple(part.strip() for part in args.only.split(",") if part.strip())
-    models = tuple(part.strip() for part in args.models.split(",") if part.strip())
-    run_perf(
-        device=args.device,
-        repeats=args.repeats,
-        batch=args.batch,
-        only=only,
-        out=args.out,
-        models=models,
-        per_domain=args.per_domain,
-    )
-    return 0
-
-
-def _train_builtin(args: argparse.Namespace) -> int:
-    from imse.runs.builtin import train_builtin
-
-    summary = train_builtin(
-        data_dir=args.data_dir,
-        out_dir=args.out_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        device=args.device,
-        seed=args.seed,
-        resume=not args.restart,
-        limit=args.limit,
-    )
-    accuracy, seconds = summary["test_accuracy"] * 100, summary["train_seconds"]
-    print(f"test accuracy {accuracy:.2f} % after {seconds:.0f} s; wrote {args.out_dir}")
-    return 0
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def bench_settings(args: argparse.Namespace) -> dict:
-    """``bench``'s stream and methods: the flags given, else the preset's (``--preset``, default: the Lab's
-    default run, so ``python -m imse bench`` runs exactly what the app's Start runs, plus SAR)."""
-    from imse.runs.defaults import lab_settings, run_methods
-
-    preset = lab_settings(args.preset or "default", args.backbone)
-    if args.methods:
-        methods = _csv(args.methods)
-    elif args.preset:
-        methods = run_methods(preset)  # the preset's Lab methods, by their Lab labels
-    else:
-        methods = ("source", "tent", "sar", "imse")
-    corruptions = args.corruptions or preset["corruptions"]
-    if isinstance(corruptions, str) and corruptions not in ("test", "validation"):
-        corruptions = _csv(corruptions)
-    return dict(
-        methods=methods,
-        scenario=args.scenario or preset["scenario"],
-        severity=args.severity or preset["severity"],
-        per_domain=args.per_domain or preset["per_domain"],
-        batch_size=args.batch_size or preset["batch_size"],
-        corruptions=corruptions,
-        rounds=args.rounds or preset["rounds"],
-    )
-
-
-def _bench(args: argparse.Namespace) -> int:
-    import json
-
-    from imse.runs.bench import format_summary, format_table, load_lrs, run_bench
-
-    lrs = load_lrs(args.hparams)
-    for item in args.lr or []:
-        method, _, value = item.partition("=")
-        lrs[method] = float(value)
-    data, imagenet_c = args.data, None
-    if data.startswith("imagenet-c:"):
-        data, imagenet_c = "imagenet-c", data.removeprefix("imagenet-c:")
-    result = run_bench(
-        backbone=args.backbone,
-        weights=args.weights,
-        data=data,
-        seeds=tuple(int(s) for s in _csv(args.seeds)),
-        device=args.device,
-        lrs=lrs,
-        checkpoints=_pairs(args.checkpoint, "METHOD=FILE"),
-        imagenet_c=imagenet_c,
-        imagenet_val=args.imagenet_val,
-        protocol=args.protocol,
-        precision=args.precision,
-        **bench_settings(args),
-    )
-    if args.preset:
-        result["config"]["preset"] = args.preset
-    print(format_table(result))
-    print()
-    print(format_summary(result))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
-        print(f"wrote {args.out}")
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    import json
-
-    from imse.runs.sweep import run_sweep
-
-    earlier = None
-    if args.update:  # read and checked before hours of runs, not after
-        with open(args.update) as handle:
-            earlier = json.load(handle)
-        if not isinstance(earlier, dict) or not {"protocol", "methods", "versions"} <= earlier.keys():
-            raise ValueError(f"{args.update} is not a sweep's JSON (python -m imse sweep --out)")
-    result = run_sweep(
-        backbone=args.backbone,
-        weights=args.weights,
-        data=args.data,
-        methods=_csv(args.methods),
-        severities=tuple(int(s) for s in _csv(args.severities)),
-        per_domain=args.per_domain,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        earlier=earlier,
-    )
-    for method in _csv(args.methods):
-        entry = result["methods"][method]
-        print(f"{method}: chose {entry['chosen']} in {entry['runs']} runs")
-        for stage in entry["stages"]:
-            grid = ", ".join(f"{value}: {100 * acc:.2f}" for value, acc in stage["grid"].items())
-            print(f"  {stage['setting']}: {grid}")
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(f"wrote {args.out}; use it with: python -m imse bench --hparams {args.out}")
-    return 0
-
-
-def _reproduce(args: argparse.Namespace) -> int:
-    from imse.runs.reproduce import BACKBONES, describe_plan, format_reproduction, plan, reproduce
-
-    roots = {name: root for name, root in (("imagenet-c", args.imagenet_c), ("imagenet-r", args.imagenet_r),
-                                           ("imagenet-a", args.imagenet_a)) if root}  # fmt: skip
-    weights = _pairs(args.weights, "BACKBONE=FILE")
-    checkpoints = _pairs(args.checkpoint, "METHOD=FILE")
-    if args.dry_run:
-        jobs = plan(list(roots), _csv(args.backbones), _csv(args.methods), tuple(int(s) for s in _csv(args.seeds)),
-                    _csv(args.scenarios) if args.scenarios else None)  # fmt: skip
-        text = describe_plan(jobs, checkpoints, BACKBONES)
-        print(text)
-        return 2 if "\nrefused: " in text else 0
-    result = reproduce(
-        roots=roots,
-        out=args.out,
-        backbones=_csv(args.backbones),
-        methods=_csv(args.methods),
-        seeds=tuple(int(s) for s in _csv(args.seeds)),
-        scenarios=_csv(args.scenarios) if args.scenarios else None,
-        corruptions=args.corruptions if args.corruptions == "test" else _csv(args.corruptions),
-        weights=weights,
-        imagenet_val=args.imagenet_val,
-        device=args.device,
-        per_domain=args.per_domain,
-        batch_size=args.batch_size,
-        engine=args.engine,
-        address=args.address,
-        checkpoints=checkpoints,
-        precision=args.precision,
-    )
-    print(format_reproduction(result))
-    print(f"wrote {args.out} (rerun the same command to resume; finished runs are not redone)")
-    return 0
-
-
-def _vida_warmup(args: argparse.Namespace) -> int:
-    from imse.runs.vida_warmup import warm_up
-
-    made = warm_up(args.out, backbone=args.backbone, weights=args.weights, data=args.data,
-                   preprocessing=args.preprocessing, device=args.device, steps=args.steps,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed)  # fmt: skip
-    before, after = made["held_out_accuracy_before"], made["held_out_accuracy_after"]
-    held_out = f"; clean held-out accuracy {before} -> {after}" if after != "None" else ""
-    print(f"wrote {args.out}: {made['steps']} steps on {made['data']}, final loss {made['final_loss']}{held_out}")
-    print(f"use it with: python -m imse bench --methods vida --checkpoint vida={args.out}")
-    return 0
-
-
-def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
-    """``["vida=FILE", ...]`` -> ``{"vida": "FILE"}``; an item without ``=`` is refused."""
-    pairs = {}
-    for item in items or []:
-        key, equals, value = item.partition("=")
-        if not equals or not key or not value:
-            raise ValueError(f"expected {what}, got {item!r}")
-        pairs[key] = value
-    return pairs
+from imse.commands import (
+    bench_command,
+    perf_command,
+    reproduce_command,
+    shifts_command,
+    soak_command,
+    sweep_command,
+    train_builtin_command,
+    vida_warmup_command,
+)
 
 
 def _add_vida_warmup(commands) -> None:
@@ -229,70 +41,7 @@ def _add_vida_warmup(commands) -> None:
                           help="(default: %(default)s)")  # fmt: skip
     warm.add_argument("--device", default="cpu")
     warm.add_argument("--out", required=True, help="the checkpoint to write (.safetensors)")
-    warm.set_defaults(handler=_vida_warmup)
-
-
-def _soak(args: argparse.Namespace) -> int:
-    import json
-
-    from imse.data.corruptions import CORRUPTIONS
-    from imse.runs.soak import run_soak
-
-    result = run_soak(
-        per_domain=args.per_domain,
-        corruptions=tuple(_csv(args.corruptions)) if args.corruptions else CORRUPTIONS,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-    )
-    print(
-        f"gradual stream: {result['domains']} domains, {result['images']:,} images in "
-        f"{result['seconds']:.0f} s\n"
-        f"resident memory after the first domain {result['rss_after_first_domain'] / 2**20:.0f} MiB, at the end "
-        f"{result['rss_at_end'] / 2**20:.0f} MiB ({100 * result['rss_growth']:+.2f} %)\n"
-        f"non-finite values in records: {result['non_finite_count']}; bank at most {result['bank_max']} of "
-        f"{result['bank_capacity']} slots"
-    )
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
-    ok = (
-        result["non_finite_count"] == 0
-        and result["rss_growth"] <= 0.05
-        and result["bank_max"] <= result["bank_capacity"]
-    )
-    return 0 if ok else 1
-
-
-def _shifts(args: argparse.Namespace) -> int:
-    import json
-
-    from imse.runs.shifts import run_shift_detection
-
-    result = run_shift_detection(
-        backbone=args.backbone,
-        weights=args.weights,
-        data=args.data,
-        severity=args.severity,
-        per_domain=args.per_domain,
-        batch_size=args.batch_size,
-        seeds=tuple(int(s) for s in _csv(args.seeds)),
-        threshold=args.threshold,
-        stationary_batches=args.stationary_batches,
-        device=args.device,
-    )
-    print("| stream | precision | recall |\n|---|---|---|")
-    for scenario, entry in result["scenarios"].items():
-        print(f"| {scenario} | {entry['precision']:.3f} | {entry['recall']:.3f} |")
-    for name, entry in result["stationary"].items():
-        print(
-            f"no shift ({name}): {entry['false_detections']} false detections in {entry['batches']} batches "
-            f"({entry['per_1000_batches']:.1f} per 1000), max score {entry['max_score']:.4f}"
-        )
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
-    return 0
+    warm.set_defaults(handler=vida_warmup_command)
 
 
 def _add_precision(parser: argparse.ArgumentParser) -> None:
@@ -351,7 +100,7 @@ def _add_perf(commands) -> None:
         help="images per corruption of the bf16-vs-fp32 accuracy comparison (built-in stream; default: 1000)",
     )
     perf.add_argument("--out", help="also write the results as JSON to this file")
-    perf.set_defaults(handler=_perf)
+    perf.set_defaults(handler=perf_command)
 
 
 def _add_train_builtin(commands) -> None:
@@ -370,7 +119,7 @@ def _add_train_builtin(commands) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--limit", type=int, help="use only the first N images of each split (smoke tests)")
     train.add_argument("--restart", action="store_true", help="ignore an existing train_state.pt")
-    train.set_defaults(handler=_train_builtin)
+    train.set_defaults(handler=train_builtin_command)
 
 
 def _add_bench(commands) -> None:
@@ -409,7 +158,7 @@ def _add_bench(commands) -> None:
                        "--protocol paper")  # fmt: skip
     _add_precision(bench)
     bench.add_argument("--out", help="write the full result as JSON")
-    bench.set_defaults(handler=_bench)
+    bench.set_defaults(handler=bench_command)
 
 
 def _add_sweep(commands) -> None:
@@ -428,7 +177,7 @@ def _add_sweep(commands) -> None:
     sweep.add_argument("--per-domain", type=int, default=2000, help="images per corruption (default: %(default)s)")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", default="sweep.json")
-    sweep.set_defaults(handler=_sweep)
+    sweep.set_defaults(handler=sweep_command)
 
 
 def _add_shifts(commands) -> None:
@@ -444,7 +193,7 @@ def _add_shifts(commands) -> None:
     shifts.add_argument("--threshold", type=float, default=SHIFT_THRESHOLD, help="τ (default: %(default)s)")
     shifts.add_argument("--stationary-batches", type=int, default=1000)
     shifts.add_argument("--out")
-    shifts.set_defaults(handler=_shifts)
+    shifts.set_defaults(handler=shifts_command)
 
 
 def _add_reproduce(commands) -> None:
@@ -479,7 +228,7 @@ def _add_reproduce(commands) -> None:
     _add_precision(repro)
     repro.add_argument("--dry-run", action="store_true", help="print the plan (every run; each method's "
                        "preprocessing, checkpoint and retrieval) and run nothing")  # fmt: skip
-    repro.set_defaults(handler=_reproduce)
+    repro.set_defaults(handler=reproduce_command)
 
 
 def _add_soak(commands) -> None:
@@ -496,7 +245,7 @@ def _add_soak(commands) -> None:
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument("--device", default="cpu")
     soak.add_argument("--out", help="also write the result as JSON")
-    soak.set_defaults(handler=_soak)
+    soak.set_defaults(handler=soak_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

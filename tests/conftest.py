@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network and run on CPU unless a test asks for CUDA explicitly."""
 
+import math
 import os
 import tempfile
 
@@ -68,3 +69,36 @@ def layout_vit(options: dict, depth: int = 4):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     return vit
+
+
+def run_side_by_side(method, reference, schedule, seed=1):
+    """A method against a restatement of its official loop (DPAL, SAR: ``reference.threshold``/``margin``/
+    ``params``). Each ``(images, threshold, E0)`` on both; returns our records and the largest difference seen in the
+    predictions and the trainables after each batch."""
+    generator, records, worst = torch.Generator().manual_seed(seed), [], 0.0
+    for count, threshold, margin in schedule:
+        x = torch.rand(count, 3, 32, 32, generator=generator)
+        method.hparams.update(reset_threshold=threshold, margin=margin / math.log(10))
+        reference.threshold, reference.margin = threshold, margin
+        worst = max(worst, float((method(x) - reference(x)).abs().max()))
+        weights = [float((p - reference.params[n]).detach().abs().max()) for n, p in method.trainable.items()]
+        worst = max([worst, *weights])
+        records.append(dict(method.last_record))
+    return records, worst
+
+
+def assert_equal_to_float32_rounding(now, expected, path="") -> None:
+    """Equal, except floats, which may differ by float32 rounding (1e-6 relative): another thread count (another
+    machine, or runs sharing the cores) may round a float32 sum differently; counts and labels exactly."""
+    if isinstance(expected, float) and not isinstance(now, bool):
+        assert now == pytest.approx(expected, rel=1e-6, abs=1e-9), path
+    elif isinstance(expected, dict):
+        assert now.keys() == expected.keys(), path
+        for key in expected:
+            assert_equal_to_float32_rounding(now[key], expected[key], f"{path}/{key}")
+    elif isinstance(expected, list):
+        assert len(now) == len(expected), path
+        for index, (a, b) in enumerate(zip(now, expected)):
+            assert_equal_to_float32_rounding(a, b, f"{path}[{index}]")
+    else:
+        assert now == expected, path

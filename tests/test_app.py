@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_equal_to_float32_rounding
 
 ROOT = Path(__file__).resolve().parent.parent
 from imse.app.ui import START_INPUTS, START_OUTPUTS  # noqa: E402
@@ -408,22 +409,6 @@ def test_four_simultaneous_users_get_what_each_would_get_alone(app_url):
     # last bits, so every count and prediction must be equal, and every float equal to float32 rounding
     assert_equal_to_float32_rounding(together, alone)
     assert len({json_key(s) for s in together}) == len(runs)  # the runs differ: equality is not trivial
-
-
-def assert_equal_to_float32_rounding(now, expected, path="") -> None:
-    """Equal, except floats, which may differ by float32 rounding (1e-6 relative); counts and labels exactly."""
-    if isinstance(expected, float) and not isinstance(now, bool):
-        assert now == pytest.approx(expected, rel=1e-6, abs=1e-9), path
-    elif isinstance(expected, dict):
-        assert now.keys() == expected.keys(), path
-        for key in expected:
-            assert_equal_to_float32_rounding(now[key], expected[key], f"{path}/{key}")
-    elif isinstance(expected, list):
-        assert len(now) == len(expected), path
-        for index, (a, b) in enumerate(zip(now, expected)):
-            assert_equal_to_float32_rounding(a, b, f"{path}[{index}]")
-    else:
-        assert now == expected, path
 
 
 def json_key(summary):

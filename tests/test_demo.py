@@ -151,8 +151,9 @@ def test_the_labs_collapse_curves_equal_what_the_records_and_the_model_say():
 
 
 def test_one_place_holds_the_defaults_of_the_lab_the_cli_and_the_readme():
-    from imse.__main__ import bench_settings, build_parser
+    from imse.__main__ import build_parser
     from imse.app.ui import SETTINGS, settings_values
+    from imse.commands import bench_settings
 
     default = lab_settings()
     from imse.core.methods.base import COMMON_DEFAULTS

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VIT_LAYOUTS, layout_vit, tiny_vit
+from conftest import VIT_LAYOUTS, layout_vit, run_side_by_side, tiny_vit
 
 from imse.core.methods import create
 from imse.core.methods.dpal import PromptedViT
@@ -170,21 +170,6 @@ class RestatedOfficialDPAL:
             self.twin.load_state_dict(self.weights)
             self.predictor_sgd.load_state_dict(copy.deepcopy(self.predictor_state))
         return second.detach()
-
-
-def run_side_by_side(method, reference, schedule, seed=1):
-    """Each ``(images, threshold, E0)`` on both; returns our records and the largest difference seen in the
-    predictions and the trainables after each batch."""
-    generator, records, worst = torch.Generator().manual_seed(seed), [], 0.0
-    for count, threshold, margin in schedule:
-        x = torch.rand(count, 3, 32, 32, generator=generator)
-        method.hparams.update(reset_threshold=threshold, margin=margin / math.log(10))
-        reference.threshold, reference.margin = threshold, margin
-        worst = max(worst, float((method(x) - reference(x)).abs().max()))
-        weights = [float((p - reference.params[n]).detach().abs().max()) for n, p in method.trainable.items()]
-        worst = max([worst, *weights])
-        records.append(dict(method.last_record))
-    return records, worst
 
 
 E0 = 0.4 * math.log(10)

@@ -4,7 +4,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import CUDA, VIT_LAYOUTS, layout_vit, relative_error, tiny_vit
+from conftest import CUDA, VIT_LAYOUTS, layout_vit, relative_error, run_side_by_side, tiny_vit
 from torch import nn
 
 from imse.core.losses import alignment_std, softmax_entropy
@@ -336,19 +336,6 @@ class RestatedOfficialSAR:
         return logits.detach()
 
 
-def sar_side_by_side(method, reference, schedule, seed):
-    generator, records, worst = torch.Generator().manual_seed(seed), [], 0.0
-    for count, threshold, margin in schedule:
-        x = torch.rand(count, 3, 32, 32, generator=generator)
-        method.hparams.update(reset_threshold=threshold, margin=margin / math.log(10))
-        reference.threshold, reference.margin = threshold, margin
-        worst = max(worst, float((method(x) - reference(x)).abs().max()))
-        weights = [float((p - reference.params[n]).detach().abs().max()) for n, p in method.trainable.items()]
-        worst = max([worst, *weights])
-        records.append(dict(method.last_record))
-    return records, worst
-
-
 def test_sar_official_recovery_is_the_official_run_across_recoveries_and_empty_filters():
     """Side by side with the restated official loop: recoveries (threshold 100) then plain steps (0), where the
     momentum kept moves the restored weights; an empty filter (E0 ≈ 0) before and right after a recovery (the
@@ -360,13 +347,13 @@ def test_sar_official_recovery_is_the_official_run_across_recoveries_and_empty_f
     method = create("sar", tiny_vit(head_scale=20.0), **settings)
     reference = RestatedOfficialSAR(method.model, list(method.trainable), e0, 0.0, lr=0.01)
     schedule = [(8, 100.0, e0), (8, 0.0, e0), (8, 0.0, 1e-9), (8, 100.0, e0), (8, 100.0, 1e-9), (8, 0.0, e0)]
-    records, worst = sar_side_by_side(method, reference, schedule, seed=1)
+    records, worst = run_side_by_side(method, reference, schedule, seed=1)
     assert [r["recovered"] for r in records] == [True, False, False, True, True, False]
     assert [r.get("momentum_only", False) for r in records] == [False, False, True, False, True, False]
     assert worst <= 1e-7, worst
 
     method = create("sar", tiny_vit(head_scale=20.0), **settings)
     reference = RestatedOfficialSAR(method.model, list(method.trainable), e0, 0.0, lr=0.01)
-    records, worst = sar_side_by_side(method, reference, [(8, 0.0, e0), (1, 0.0, 0.97), (8, 0.0, e0)], seed=2)
+    records, worst = run_side_by_side(method, reference, [(8, 0.0, e0), (1, 0.0, 0.97), (8, 0.0, e0)], seed=2)
     assert records[1]["skip_reason"] == "no reliable samples (step 2)" and records[1]["momentum_only"]
     assert worst <= 1e-7, worst

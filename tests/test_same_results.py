@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_equal_to_float32_rounding
 
 SAVED = Path(__file__).parent / "data" / "records_before_issue26.json"
 LAB_METHODS = ("IMSE", "Source", "TENT", "SAR", "IMSE + retrieval (top-1)", "ViDA", "DPAL")
@@ -38,27 +39,11 @@ def bench_result() -> dict:
             for spec, entry in result["per_seed"][0]["methods"].items()}  # fmt: skip
 
 
-def _close(now, before, path="") -> None:
-    """Equal, floats to 1e-6 relative (another machine's thread count may round a float32 sum differently)."""
-    if isinstance(before, float):
-        assert now == pytest.approx(before, rel=1e-6, abs=1e-9), path
-    elif isinstance(before, dict):
-        assert now.keys() == before.keys(), path
-        for key in before:
-            _close(now[key], before[key], f"{path}/{key}")
-    elif isinstance(before, list):
-        assert len(now) == len(before), path
-        for index, (a, b) in enumerate(zip(now, before)):
-            _close(a, b, f"{path}[{index}]")
-    else:
-        assert now == before, path
-
-
 @pytest.mark.slow  # 7 methods through the Lab's loop and bench (~40 s on 2 cores)
 def test_a_short_lab_run_and_a_short_bench_run_give_the_records_saved_before():
     saved = json.loads(SAVED.read_text())
-    _close(lab_records(), saved["lab"], "lab")
-    _close(bench_result(), saved["bench"], "bench")
+    assert_equal_to_float32_rounding(lab_records(), saved["lab"], "lab")
+    assert_equal_to_float32_rounding(bench_result(), saved["bench"], "bench")
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
