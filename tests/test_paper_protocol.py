@@ -227,6 +227,7 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
     from safetensors.torch import save_file
 
     from imse.data import sources
+    from imse.runs import bench
     from imse.runs import reproduce as repro
 
     root = tmp_path / "imagenet-c"
@@ -243,28 +244,27 @@ def test_reproduce_runs_every_row_resumes_after_an_interruption_and_prints_the_p
                     architectures={"supervised": "vit_tiny_patch16_224"}, per_domain=4, batch_size=2,
                     weights={"supervised": str(tmp_path / "tiny.safetensors")}, progress=False,
                     imagenet_val=str(root / "fog" / "5"))  # fmt: skip
-    calls = []
+    calls, run_bench = [], bench.run_bench  # each run is one run_bench call (reproduce's default job runner)
 
-    def interrupted(job, **kwargs):
+    def interrupted(**kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt
-        calls.append(job.key)
-        return repro._run_job(job, **kwargs)
+        calls.append((kwargs["scenario"], kwargs["methods"]))
+        return run_bench(**kwargs)
 
+    monkeypatch.setattr(bench, "run_bench", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        repro.reproduce(**settings, run_job=interrupted)
-    assert sorted(json.loads(out.read_text())["runs"]) == sorted(calls)
-    resumed = []
-
-    def counted(job, **kwargs):
-        resumed.append(job.key)
-        return repro._run_job(job, **kwargs)
-
-    result = repro.reproduce(**settings, run_job=counted)
-    planned = [job.key for job in repro.plan(["imagenet-c"], ["supervised"], ["source", "imse"], [0],
-                                             ["single", "continual"])]  # fmt: skip
-    assert len(planned) == 4 and sorted(resumed) == sorted(set(planned) - set(calls))
-    assert list(result["runs"]) == planned
+        repro.reproduce(**settings)
+    saved = json.loads(out.read_text())["runs"].values()
+    assert sorted((run["job"]["scenario"], (run["job"]["method"],)) for run in saved) == sorted(calls)
+    first, calls[:] = list(calls), []
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: calls.append((kwargs["scenario"], kwargs["methods"]))
+                        or run_bench(**kwargs))  # fmt: skip
+    result = repro.reproduce(**settings)
+    jobs = repro.plan(["imagenet-c"], ["supervised"], ["source", "imse"], [0], ["single", "continual"])
+    assert len(jobs) == 4 and len(first) == len(calls) == 2  # the resumed run does the other two, once each
+    assert sorted(first + calls) == sorted((job.scenario, (job.method,)) for job in jobs)
+    assert list(result["runs"]) == [job.key for job in jobs]
     run = result["runs"]["supervised/imagenet-c/continual/imse/0"]
     assert run["settings"]["retrieval"] == "top1"
     assert [d["name"] for d in run["domains"]] == ["gaussian_noise", "shot_noise"]
