@@ -18,6 +18,15 @@ from torch import nn
 
 from imse.core.images import as_float_images
 from imse.core.resources import asset_path
+from imse.data.backbones import (
+    BUILTIN,
+    CARDS,
+    SHIPPED,
+    USER_FILE,
+    BackboneCard,
+    backbone_card,
+    hub_backbones,
+)
 
 __all__ = [
     "BUILTIN",
@@ -29,16 +38,9 @@ __all__ = [
     "load_state_dict_file",
 ]
 
-BUILTIN = "builtin"
-# Hub weights by their full timm name, tag included: the bare name maps to other weights in newer timm.
-HUB_BACKBONES: dict[str, str] = {
-    "vit_tiny_patch16_224.augreg_in21k_ft_in1k": "ViT-Ti/16 AugReg (IN-21k → IN-1k)",
-    "vit_small_patch16_224.augreg_in21k_ft_in1k": "ViT-S/16 AugReg (IN-21k → IN-1k)",
-    "vit_base_patch16_224.augreg_in21k_ft_in1k": "ViT-B/16 AugReg (IN-21k → IN-1k), the IMSE paper's",
-    "deit_small_patch16_224.fb_in1k": "DeiT-S/16 (IN-1k)",
-    "deit_base_patch16_224.fb_in1k": "DeiT-B/16 (IN-1k)",
-    "vit_base_patch16_clip_224.openai_ft_in1k": "CLIP ViT-B/16, fine-tuned on IN-1k",
-}
+# The hub backbones by their full timm name, tag included, and their labels: a view of the cards (imse.data.backbones)
+# as they stand at import, kept for the code that reads it.
+HUB_BACKBONES: dict[str, str] = hub_backbones()
 
 
 class BackboneUnavailable(RuntimeError):
@@ -170,60 +172,86 @@ def _imagenet_names(num_classes: int) -> list[str]:
 
 
 def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = None, device="cpu") -> Backbone:
-    """A ready-to-use, eval-mode backbone.
+    """A ready-to-use, eval-mode backbone, built as its card (``imse.data.backbones``) says.
 
     ``builtin``: the shipped Fashion-MNIST ViT (offline). A timm name with its weight tag (see
     ``HUB_BACKBONES``): weights from the Hugging Face hub or its local cache. Any timm ViT architecture with
-    ``weights=`` a local safetensors/``.pth`` file (e.g. an MAE fine-tuned ViT-B). Offline without weights,
-    a hub model fails within seconds with a ``BackboneUnavailable`` saying how to supply them.
+    ``weights=`` a local safetensors/``.pth`` file (e.g. an MAE fine-tuned ViT-B, whose card asks for it).
+    Offline without weights, a hub model fails within seconds with a ``BackboneUnavailable`` saying how to
+    supply them.
     """
-    if name == BUILTIN:
-        config = builtin_config()
-        model = build_builtin_vit(config)
-        source = Path(weights) if weights else asset_path("builtin", "model.safetensors")
-        _load_weights(model, load_state_dict_file(source), source, BUILTIN, strict=True)
-        backbone = Backbone(model, config["mean"], config["std"], BUILTIN, config["class_names"], config["input_size"])
-        return backbone.to(device).eval()
-
+    card = backbone_card(name)
+    if card is not None and card.weights == SHIPPED:
+        return _shipped_backbone(card, weights).to(device).eval()
+    if card is not None and card.weights == USER_FILE and weights is None:
+        raise BackboneUnavailable(
+            f"{name} ({card.label}) has no weights to download: supply yours with weights=<file> (CLI: --weights "
+            "model.safetensors or a .pth state dict)"
+        )
     import timm
 
     base = name.split(".")[0]
     if base not in timm.list_models():
-        raise ValueError(f"unknown backbone {name!r}: use 'builtin', one of {sorted(HUB_BACKBONES)}, or a timm name")
-    if weights is not None:
-        state = load_state_dict_file(weights)
-        head = state.get("head.weight")
-        # MAE's fine-tuned ViTs classify the average patch token through fc_norm (its global_pool=True)
-        pool = {"global_pool": "avg"} if "fc_norm.weight" in state else {}
-        classes = head.shape[0] if head is not None else 1000
-        model = timm.create_model(name, pretrained=False, num_classes=classes, **pool)
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        with contextlib.suppress(Exception):  # converts original (e.g. MAE/DeiT) layouts; timm's own pass through
-            state = checkpoint_filter_fn(state, model)
-        missing, unexpected = _load_weights(model, state, weights, name, strict=False)
-        if missing or unexpected:
-            raise BackboneUnavailable(
-                f"{weights} does not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
-            )
-    else:
-        if "." not in name:
-            raise ValueError(
-                f"name the hub weights with their tag (e.g. {base}.augreg_in21k_ft_in1k): the bare name {name!r} "
-                "silently maps to other weights in newer timm"
-            )
-        cached = _cached_hub_file(name)
-        if cached is None and not hub_reachable():
-            raise BackboneUnavailable(
-                f"{name} needs its weights from the Hugging Face hub, which is not reachable from here. Supply them "
-                f"with weights=<file> (CLI: --weights model.safetensors or a .pth state dict), or download them once "
-                f"on a connected machine (python -c \"import timm; timm.create_model('{name}', pretrained=True)\") "
-                "and copy the Hugging Face cache (~/.cache/huggingface) here. The offline default is 'builtin'."
-            )
-        overlay = {"file": cached} if cached else None
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+        raise ValueError(f"unknown backbone {name!r}: use one of {sorted(CARDS)}, or a timm name")
+    model = _timm_from_file(name, weights) if weights is not None else _timm_from_hub(name)
     cfg = model.pretrained_cfg
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     names = _imagenet_names(model.num_classes)
-    backbone = Backbone(model, tuple(cfg["mean"]), tuple(cfg["std"]), name, names, size)
+    backbone = Backbone(model, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), name=name, class_names=names,
+                        input_size=size)  # fmt: skip
     return backbone.to(device).eval()
+
+
+def _shipped_backbone(card: BackboneCard, weights: str | os.PathLike | None) -> Backbone:
+    """A backbone shipped under assets: the architecture, normalisation and classes its ``config.json`` holds, its
+    ``model.safetensors`` (or ``weights``, a file of the same architecture)."""
+    config = builtin_config(asset_path(card.assets))
+    model = build_builtin_vit(config)
+    source = Path(weights) if weights else asset_path(card.assets, "model.safetensors")
+    _load_weights(model, load_state_dict_file(source), source, card.name, strict=True)
+    return Backbone(model, mean=config["mean"], std=config["std"], name=card.name, class_names=config["class_names"],
+                    input_size=config["input_size"])  # fmt: skip
+
+
+def _timm_from_file(name: str, weights: str | os.PathLike) -> nn.Module:
+    """A timm architecture with the user's weights, its classifier sized and pooled as the file's."""
+    import timm
+
+    state = load_state_dict_file(weights)
+    head = state.get("head.weight")
+    # MAE's fine-tuned ViTs classify the average patch token through fc_norm (its global_pool=True)
+    pool = {"global_pool": "avg"} if "fc_norm.weight" in state else {}
+    classes = head.shape[0] if head is not None else 1000
+    model = timm.create_model(name, pretrained=False, num_classes=classes, **pool)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    with contextlib.suppress(Exception):  # converts original (e.g. MAE/DeiT) layouts; timm's own pass through
+        state = checkpoint_filter_fn(state, model)
+    missing, unexpected = _load_weights(model, state, weights, name, strict=False)
+    if missing or unexpected:
+        raise BackboneUnavailable(
+            f"{weights} does not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    return model
+
+
+def _timm_from_hub(name: str) -> nn.Module:
+    """A timm model with its tagged hub weights, from the local cache when they are there."""
+    import timm
+
+    base = name.split(".")[0]
+    if "." not in name:
+        raise ValueError(
+            f"name the hub weights with their tag (e.g. {base}.augreg_in21k_ft_in1k): the bare name {name!r} "
+            "silently maps to other weights in newer timm"
+        )
+    cached = _cached_hub_file(name)
+    if cached is None and not hub_reachable():
+        raise BackboneUnavailable(
+            f"{name} needs its weights from the Hugging Face hub, which is not reachable from here. Supply them "
+            f"with weights=<file> (CLI: --weights model.safetensors or a .pth state dict), or download them once "
+            f"on a connected machine (python -c \"import timm; timm.create_model('{name}', pretrained=True)\") "
+            "and copy the Hugging Face cache (~/.cache/huggingface) here. The offline default is 'builtin'."
+        )
+    overlay = {"file": cached} if cached else None
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
