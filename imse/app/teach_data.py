@@ -13,6 +13,7 @@ import torch
 
 from imse.core.resources import asset_path
 from imse.core.spectral import inject
+from imse.data.backbones import BUILTIN_DATA, backbone_card, backbone_data
 from imse.data.models import BUILTIN, create_backbone
 from imse.runs.explain import experts
 
@@ -44,6 +45,12 @@ def spectral_backbone(name: str = BUILTIN):
     return backbone
 
 
+def input_size(backbone_name: str) -> int:
+    """The side the backbone's images have: its card's, else the built model's (a timm name outside the cards)."""
+    card = backbone_card(backbone_name)
+    return card.input_size if card else spectral_backbone(backbone_name).input_size
+
+
 @lru_cache(maxsize=1)
 def fashion_test() -> tuple[torch.Tensor, torch.Tensor]:
     from imse.data.fashion_mnist import load_shipped, to_rgb32
@@ -68,10 +75,10 @@ def photos(size: int) -> list[tuple[torch.Tensor, str]]:
 
 
 def sample_images(backbone_name: str = BUILTIN, count: int = 6) -> list[tuple[torch.Tensor, str]]:
-    """Sample images that fit the backbone: the first test image of ``count`` Fashion-MNIST classes for the
-    built-in one, the bundled photos at the model's input size for ImageNet backbones."""
-    if backbone_name != BUILTIN:
-        return photos(spectral_backbone(backbone_name).input_size)
+    """Sample images that fit the backbone: the first test image of ``count`` Fashion-MNIST classes for one whose
+    data is the built-in set, the bundled photos at the model's input size for ImageNet backbones."""
+    if backbone_data(backbone_name) != BUILTIN_DATA:
+        return photos(input_size(backbone_name))
     from imse.data.fashion_mnist import CLASS_NAMES
 
     images, labels = fashion_test()
@@ -88,13 +95,13 @@ def sample_images(backbone_name: str = BUILTIN, count: int = 6) -> list[tuple[to
 def view_images(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Labelled clean images for views 2–4: Fashion-MNIST test images for the built-in backbone, Imagenette's
     validation images for ImageNet ones (only if already downloaded: the Lab's first run downloads it)."""
-    if backbone_name == BUILTIN:
+    if backbone_data(backbone_name) == BUILTIN_DATA:
         images, labels = fashion_test()
         return images[EVAL_IMAGES:], labels[EVAL_IMAGES:]
     from imse.data.sources import imagenette_source
 
     try:
-        source = imagenette_source(size=spectral_backbone(backbone_name).input_size)
+        source = imagenette_source(size=input_size(backbone_name))
     except RuntimeError as error:
         raise gr.Error(f"views 2–4 need Imagenette for ImageNet backbones: {error}") from None
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:VIEW_IMAGES]
@@ -135,7 +142,7 @@ def load_user_image(path: str | Path, size: int) -> torch.Tensor:
 def eval_set(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """View 1's fixed set: labelled Fashion-MNIST test images for the built-in backbone; for ImageNet backbones
     the bundled photos, scored by agreement with the unedited model (they have no ImageNet labels)."""
-    if backbone_name == BUILTIN:
+    if backbone_data(backbone_name) == BUILTIN_DATA:
         images, labels = fashion_test()
         return images[:EVAL_IMAGES], labels[:EVAL_IMAGES], "accuracy"
     backbone = spectral_backbone(backbone_name)

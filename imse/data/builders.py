@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from imse.core.images import as_float_images
-from imse.data.models import BUILTIN
+from imse.data.backbones import BUILTIN_DATA, IMAGENET_DATA, backbone_data
 
 __all__ = ["build_source", "class_subset", "for_data", "source_images"]
 
@@ -26,8 +26,8 @@ def build_source(data: str, backbone_name: str, size: int, progress=None):
 
         return SubsetLabels(ImageFolderSource(root, size=size, name=name), subset_indices(name), name=name)
 
-    if data == "builtin":
-        if backbone_name != BUILTIN:
+    if data == BUILTIN_DATA:
+        if backbone_data(backbone_name) != BUILTIN_DATA:
             raise ValueError(
                 "--data builtin is the Fashion-MNIST split of the built-in backbone; use --data "
                 "imagenette or an image folder for ImageNet backbones"
@@ -35,7 +35,7 @@ def build_source(data: str, backbone_name: str, size: int, progress=None):
         from imse.data.fashion_mnist import BuiltinSource
 
         return BuiltinSource()
-    if data == "imagenette":
+    if data == IMAGENET_DATA:
         return imagenette_source(size=size, progress=progress)
     return ImageFolderSource(data, size=size)
 
@@ -59,9 +59,9 @@ def for_data(model, data: str):
 
 
 def source_images(backbone: str, source, count: int = 2000, seed: int = 0) -> torch.Tensor:
-    """Clean source-domain images for the bank's slot 0: the built-in backbone's shipped training sample, else
-    ``count`` clean images of the chosen data (float [0, 1])."""
-    if backbone == BUILTIN:
+    """Clean source-domain images for the bank's slot 0: the shipped Fashion-MNIST training sample for a backbone
+    whose data it is (its card's), else ``count`` clean images of the chosen data (float [0, 1])."""
+    if backbone_data(backbone) == BUILTIN_DATA:
         from imse.data.fashion_mnist import load_shipped, to_rgb32
 
         images, _ = load_shipped("train_sample")

@@ -6,16 +6,17 @@ from __future__ import annotations
 import torch
 
 from imse.core.methods import METHODS, adaptive_methods, create
-from imse.data.models import BUILTIN, create_backbone
+from imse.data.backbones import SHIPPED, backbone_card
+from imse.data.models import create_backbone
 from imse.perf.timing import _time_interleaved, _vit, check
 
 
 def _model(name: str, device: torch.device) -> tuple[torch.nn.Module, int]:
-    """The built-in backbone (its shipped weights) or a random-init timm ViT, and its input side."""
-    if name == BUILTIN:
-        backbone = create_backbone(BUILTIN).to(device)
-        return backbone, backbone.input_size
-    return _vit(name, device), 224
+    """A shipped backbone (its own weights) or a random-init timm ViT, and its input side (its card's, else 224)."""
+    card = backbone_card(name)
+    if card is not None and card.weights == SHIPPED:
+        return create_backbone(name).to(device), card.input_size
+    return _vit(name, device), card.input_size if card else 224
 
 
 def bench_methods(device: torch.device, batch: int, repeats: int, model_name: str) -> dict:

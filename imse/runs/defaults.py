@@ -1,8 +1,8 @@
 """One place for the settings a run starts from: the methods' tuned hyper-parameters per backbone.
 
 The library's ``create(name, model)`` keeps the official code's defaults (the paper's, tuned on ImageNet-C for
-ViT-B/16). A run of the CLI or the Lab on a backbone with a validation sweep in ``assets/results`` starts from
-what that sweep chose instead (``python -m imse sweep``); other backbones keep the official values.
+ViT-B/16). A run of the CLI or the Lab on a backbone whose card names a validation sweep in ``assets/results``
+starts from what that sweep chose instead (``python -m imse sweep``); other backbones keep the official values.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from typing import Any
 
 from imse.core.methods import METHODS
 from imse.core.resources import asset_path
-from imse.data.models import BUILTIN
+from imse.data.backbones import BUILTIN, IMAGENET_DATA, backbone_card, backbone_data, paper_backbones
 
 __all__ = [
     "parse_method",
     "PRESETS",
-    "SWEEPS",
-    "START_FILES",
     "Preset",
     "HUB_RUN_FRACTION",
     "lab_settings",
@@ -29,14 +27,6 @@ __all__ = [
     "run_methods",
     "tuned_settings",
 ]
-
-# backbone -> its validation sweep's JSON under assets/results
-SWEEPS: dict[str, str] = {BUILTIN: "sweep_builtin.json"}
-# (backbone, method) -> a file the method starts from, under assets: ViDA's source warm-up of the built-in model
-# (``python -m imse vida-warmup``: its adapters trained on Fashion-MNIST's train split; the recipe is in the file)
-START_FILES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
-    (BUILTIN, "vida"): {"checkpoint": ("builtin", "vida_warmup.safetensors")},
-}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -56,19 +46,26 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 @functools.cache
+def _sweep_file(name: str) -> dict:
+    return json.loads(asset_path("results", name).read_text())
+
+
 def _sweep(backbone: str) -> dict | None:
-    name = SWEEPS.get(backbone)
-    return json.loads(asset_path("results", name).read_text()) if name else None
+    """The validation sweep the backbone's card names, if any."""
+    card = backbone_card(backbone)
+    return _sweep_file(card.sweep) if card and card.sweep else None
 
 
 def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
     """The settings the validation sweep chose for ``method`` on ``backbone`` (``{}``: the official defaults), and
-    the files it starts from there (``START_FILES``).
+    the files it starts from there (its card's ``start_files``).
 
     TENT's and SAR's learning rate comes back as ``base_lr`` (their rate at batch 64), so it keeps scaling with
     the batch size as the official code's does; IMSE's Adam rate does not scale.
     """
-    files = {key: str(asset_path(*parts)) for key, parts in START_FILES.get((backbone, method), {}).items()}
+    card = backbone_card(backbone)
+    starts = card.start_files.get(method, {}) if card else {}
+    files = {key: str(asset_path(*parts)) for key, parts in starts.items()}
     sweep = _sweep(backbone)
     if sweep is None or method not in sweep["methods"]:
         return files
@@ -185,16 +182,16 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# A hub backbone costs ~10x the built-in model per image (ViT-B/16: 5.2 ms against 0.6 ms per image of an IMSE step
-# on an H200): its runs stream a fifth of the images per domain, so the default run fits one ZeroGPU call of under
+# An ImageNet backbone costs ~10x the built-in model per image (ViT-B/16: 5.2 ms against 0.6 ms per image of an IMSE
+# step on an H200): its runs stream a fifth of the images per domain, so the default run fits one ZeroGPU call of under
 # a minute (``imse.app.zerogpu``) and every story fits the largest call a visitor without sign-in can make.
 HUB_RUN_FRACTION = 5
 
 
 def lab_settings(preset: str = "default", backbone: str = BUILTIN) -> dict[str, Any]:
     """The whole settings of a Lab run (``LabConfig`` fields): the default run's, the preset's on top, and IMSE's
-    lr and λ_dm as tuned for ``backbone`` (and a hub backbone's shorter domains). The Lab's widgets,
-    ``LabConfig``'s defaults and the CLI's ``bench`` defaults all come from here."""
+    lr and λ_dm as tuned for ``backbone``, and the data of its card (an ImageNet backbone's domains shorter). The
+    Lab's widgets, ``LabConfig``'s defaults and the CLI's ``bench`` defaults all come from here."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {str(preset)[:40]!r}; choose one of {', '.join(PRESETS)}")
     imse = {**METHODS["imse"].defaults, **tuned_settings(backbone, "imse")}
@@ -206,11 +203,11 @@ def lab_settings(preset: str = "default", backbone: str = BUILTIN) -> dict[str, 
         lambda_dm=float(imse["lambda_dm"]),
         tau=float(imse["shift_threshold"]),  # τ, the official value
         rounds=3,
-        data=BUILTIN if backbone == BUILTIN else "imagenette",
+        data=backbone_data(backbone),
     )
     settings.update(PRESETS["default"].settings)
     settings.update(PRESETS[preset].settings)
-    if backbone != BUILTIN:
+    if backbone_data(backbone) == IMAGENET_DATA:
         settings["per_domain"] = max(settings["batch_size"], settings["per_domain"] // HUB_RUN_FRACTION)
     return settings
 
@@ -230,7 +227,7 @@ def run_methods(settings: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]
 
 # -- which backbone the Lab opens with ---------------------------------------------------------------------------
 
-PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+PAPER_BACKBONE = paper_backbones()["supervised"].name
 
 
 def default_backbone(hub_reachable: bool, gpu: bool) -> tuple[str, str]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from imse.core.files import save_safetensors_atomic
 from imse.core.methods.vida import WARMUP_FORMAT, ViDA, adapter_names, inject_adapters
 from imse.core.spectral import find_vit
+from imse.data.backbones import BUILTIN_DATA, backbone_data
 from imse.data.fashion_mnist import BuiltinSource
 from imse.data.models import BUILTIN, create_backbone
 from imse.data.sources import ImageFolderSource, Source
@@ -34,9 +35,10 @@ WARMUP_DEFAULTS: dict[str, Any] = {"steps": 1000, "batch_size": 64, "lr": 1e-4, 
 
 
 def warmup_source(backbone: str, data: str | None, size: int) -> Source:
-    """The labelled clean training images of ``backbone``'s source domain."""
+    """The labelled clean training images of ``backbone``'s source domain (shipped for a backbone whose card's data
+    is the built-in Fashion-MNIST)."""
     if data is None:
-        if backbone != BUILTIN:
+        if backbone_data(backbone) != BUILTIN_DATA:
             raise ValueError(f"a ViDA warm-up of {backbone} needs its source training images: --data <ImageNet train "
                              "folder, <wnid>/<images>>")  # fmt: skip
         return BuiltinSource("train")
@@ -44,8 +46,8 @@ def warmup_source(backbone: str, data: str | None, size: int) -> Source:
 
 
 def _held_out_accuracy(model: torch.nn.Module, backbone: str, device: str, count: int) -> float | None:
-    """Clean accuracy on the first ``count`` images of the built-in model's test split (none for a timm ViT)."""
-    if backbone != BUILTIN or count < 1:
+    """Clean accuracy on the first ``count`` images of the built-in data's test split (none for an ImageNet ViT)."""
+    if backbone_data(backbone) != BUILTIN_DATA or count < 1:
         return None
     images, labels = BuiltinSource("test").load(range(count))
     correct = 0
