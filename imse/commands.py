@@ -146,7 +146,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def reproduce_command(args: argparse.Namespace) -> int:
-    from imse.runs.reproduce import BACKBONES, describe_plan, format_reproduction, plan, reproduce
+    from imse.runs.reproduce import describe_plan, format_reproduction, paper_architectures, plan, reproduce
 
     roots = {name: root for name, root in (("imagenet-c", args.imagenet_c), ("imagenet-r", args.imagenet_r),
                                            ("imagenet-a", args.imagenet_a)) if root}  # fmt: skip
@@ -155,7 +155,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         jobs = plan(list(roots), _csv(args.backbones), _csv(args.methods), tuple(int(s) for s in _csv(args.seeds)),
                     _csv(args.scenarios) if args.scenarios else None)  # fmt: skip
-        text = describe_plan(jobs, checkpoints, BACKBONES)
+        text = describe_plan(jobs, checkpoints, paper_architectures())
         print(text)
         return 2 if "\nrefused: " in text else 0
     result = reproduce(

@@ -16,17 +16,21 @@ from typing import Any
 
 from imse.core.files import write_atomic
 from imse.core.methods import METHODS
+from imse.data.backbones import USER_FILE, paper_backbones
 from imse.runs.engines import ENGINES, run_in_process, run_on_ray
 from imse.runs.protocol import method_overrides, missing_under
 
-__all__ = ["BACKBONES", "PAPER", "Job", "describe_plan", "format_reproduction", "method_plan", "plan", "reproduce"]
+__all__ = [
+    "PAPER",
+    "Job",
+    "describe_plan",
+    "format_reproduction",
+    "method_plan",
+    "paper_architectures",
+    "plan",
+    "reproduce",
+]
 
-# the paper's backbones: name -> timm architecture with its weight tag (MAE: the user's fine-tuned checkpoint)
-BACKBONES = {
-    "supervised": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "mae": "vit_base_patch16_224.mae",
-    "clip": "vit_base_patch16_clip_224.openai_ft_in1k",
-}
 # the paper's IMSE accuracy (%) where issue 16 quotes it: (backbone, dataset, scenario) -> accuracy
 PAPER = {
     ("supervised", "imagenet-c", "single"): 69.0,
@@ -105,6 +109,12 @@ def _run_job(
             "settings": result["config"]["settings"][job.method], "versions": result["versions"]}  # fmt: skip
 
 
+def paper_architectures() -> dict[str, str]:
+    """The paper's backbones by role (supervised, mae, clip) -> timm architecture with its weight tag: the backbone
+    cards that play them (``imse.data.backbones``)."""
+    return {role: card.name for role, card in paper_backbones().items()}
+
+
 def reproduce(
     *,
     roots: Mapping[str, str],
@@ -128,37 +138,22 @@ def reproduce(
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run every job not yet in ``out`` and return all results. ``roots``: dataset name -> folder (those given
-    decide the datasets); ``architectures`` / ``weights`` name a backbone's timm model and local checkpoint (MAE
-    needs ``weights["mae"]``). ``engine="ray"`` runs the jobs as tasks on a Ray cluster (``address``, else a
-    local one; one GPU per task when ``device`` is CUDA) and gathers the same JSON. Every method runs in
-    ``precision`` (fp32, tf32, bf16; each run's settings record it)."""
+    decide the datasets); ``architectures`` / ``weights`` name a backbone's timm model and local checkpoint (a
+    backbone whose card says its weights are the user's, MAE, needs ``weights["mae"]``). ``engine="ray"`` runs the
+    jobs as tasks on a Ray cluster (``address``, else a local one; one GPU per task when ``device`` is CUDA) and
+    gathers the same JSON. Every method runs in ``precision`` (fp32, tf32, bf16; each run's settings record it)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    architectures = {**BACKBONES, **(architectures or {})}
+    architectures = {**paper_architectures(), **(architectures or {})}
     weights = dict(weights or {})
-    unknown = [name for name in backbones if name not in architectures]
-    if unknown:
-        raise ValueError(f"unknown backbone(s) {unknown}; choose from {', '.join(architectures)}")
-    if "mae" in backbones and "mae" not in weights:
-        raise ValueError("the MAE backbone needs your fine-tuned checkpoint: --weights mae=<file>")
-    for name, root in roots.items():
-        if name not in SCENARIOS:
-            raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(SCENARIOS)}")
-        if not Path(root).expanduser().is_dir():
-            raise FileNotFoundError(f"no {name} folder at {root}")
     checkpoints = dict(checkpoints or {})
+    _refuse_what_cannot_run(roots, backbones, architectures, weights)
     refused = [why for m in methods for why in missing_under("paper", m, method_plan(m, "continual", checkpoints))]
     if refused:
         raise ValueError("; ".join(refused))
     path = Path(out)
     done: dict[str, Any] = json.loads(path.read_text())["runs"] if path.exists() else {}
     jobs = plan(list(roots), backbones, methods, seeds, scenarios)
-    todo = [job for job in jobs if job.key not in done]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="reproduce", unit="run")
 
     def kwargs(job: Job) -> dict[str, Any]:
         return dict(roots=dict(roots), architecture=architectures[job.backbone], weights=weights.get(job.backbone),
@@ -166,19 +161,54 @@ def reproduce(
                     corruptions=corruptions if isinstance(corruptions, str) else tuple(corruptions),
                     checkpoints=checkpoints, precision=precision)  # fmt: skip
 
+    todo = [job for job in jobs if job.key not in done]
+    finished = _run_jobs(todo, run_job, kwargs, engine=engine, address=address, device=device)
+    _record_as_they_finish(finished, done, path, bar=(len(jobs), len(jobs) - len(todo)) if progress else None)
+    return {"runs": {job.key: done[job.key] for job in jobs}}
+
+
+def _refuse_what_cannot_run(
+    roots: Mapping[str, str], backbones: Sequence[str], architectures: Mapping[str, str], weights: Mapping[str, str]
+) -> None:
+    """Before any work: unknown backbones, a backbone whose weights only the user has and were not given, unknown
+    datasets, missing folders."""
+    unknown = [name for name in backbones if name not in architectures]
+    if unknown:
+        raise ValueError(f"unknown backbone(s) {unknown}; choose from {', '.join(architectures)}")
+    cards = paper_backbones()
+    for name in backbones:
+        if name in cards and cards[name].weights == USER_FILE and name not in weights:
+            raise ValueError(f"the {name.upper()} backbone needs your fine-tuned checkpoint: --weights {name}=<file>")
+    for name, root in roots.items():
+        if name not in SCENARIOS:
+            raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(SCENARIOS)}")
+        if not Path(root).expanduser().is_dir():
+            raise FileNotFoundError(f"no {name} folder at {root}")
+
+
+def _run_jobs(todo: list[Job], run_job: Callable, kwargs: Callable, *, engine: str, address: str | None, device: str):
+    """``(job, result)`` as each job finishes: in this process, or as tasks on Ray (one GPU each on CUDA)."""
     if engine == "ray":
         gpus = 1.0 if str(device).startswith("cuda") else 0.0
-        finished = run_on_ray(todo, run_job, kwargs, address=address, gpus_per_job=gpus)
-    else:
-        finished = run_in_process(todo, run_job, kwargs)
+        return run_on_ray(todo, run_job, kwargs, address=address, gpus_per_job=gpus)
+    return run_in_process(todo, run_job, kwargs)
+
+
+def _record_as_they_finish(finished, done: dict[str, Any], path: Path, *, bar: tuple[int, int] | None) -> None:
+    """Each finished job into ``done`` and the output JSON at once (atomically: an interruption loses no finished
+    job); ``bar``: (jobs planned, jobs done before) for a progress bar, or None for none."""
+    shown = None
+    if bar is not None:
+        from tqdm.auto import tqdm
+
+        shown = tqdm(total=bar[0], initial=bar[1], desc="reproduce", unit="run")
     for job, result in finished:
         done[job.key] = result
         write_atomic(path, json.dumps({"runs": done}, indent=1).encode())
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return {"runs": {job.key: done[job.key] for job in jobs}}
+        if shown is not None:
+            shown.update(1)
+    if shown is not None:
+        shown.close()
 
 
 def method_plan(method: str, scenario: str, checkpoints: Mapping[str, str]) -> dict[str, Any]:
