@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -21,36 +22,79 @@ from imse.data.corruptions import blur, digital, noise, weather
 from imse.data.corruptions.ops import Draws
 from imse.data.corruptions.tables import TABLES
 
-__all__ = ["ALL_CORRUPTIONS", "CORRUPTIONS", "VALIDATION_CORRUPTIONS", "corrupt", "table_for_size"]
+__all__ = [
+    "ALL_CORRUPTIONS",
+    "CORRUPTIONS",
+    "REGISTRY",
+    "VALIDATION_CORRUPTIONS",
+    "Corruption",
+    "corrupt",
+    "corruption_names",
+    "table_for_size",
+]
 
-# The 15 test corruptions, in the standard ImageNet-C order (the continual-TTA protocol's order).
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
-# Held out for choosing hyper-parameters, never for reporting.
-VALIDATION_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + VALIDATION_CORRUPTIONS
 
-_FUNCTIONS: dict[str, Callable] = {
-    name: getattr(module, name)
-    for module in (noise, blur, weather, digital)
-    for name in module.__all__
-    if name in ALL_CORRUPTIONS
+@dataclass(frozen=True)
+class Corruption:
+    """One corruption: its batched function (``function(x, params, draws, table)``, see the family modules), the
+    parameters of severities 1..5 per table (``"cifar"``, ``"imagenet"``), and whether it is held out for choosing
+    hyper-parameters (validation) rather than reported (test)."""
+
+    name: str
+    function: Callable
+    severities: Mapping[str, tuple]
+    held_out: bool = False
+
+
+def _tabled(function: Callable, held_out: bool = False) -> Corruption:
+    """A corruption whose severities are Hendrycks' rows in ``tables.py``, under the function's name."""
+    name = function.__name__
+    return Corruption(name, function, {table: rows[name] for table, rows in TABLES.items()}, held_out)
+
+
+# The registry: the 15 test corruptions in the standard ImageNet-C order (the continual-TTA protocol's order),
+# then the 4 held out for choosing hyper-parameters, never for reporting.
+REGISTRY: dict[str, Corruption] = {
+    corruption.name: corruption
+    for corruption in (
+        _tabled(noise.gaussian_noise),
+        _tabled(noise.shot_noise),
+        _tabled(noise.impulse_noise),
+        _tabled(blur.defocus_blur),
+        _tabled(blur.glass_blur),
+        _tabled(blur.motion_blur),
+        _tabled(blur.zoom_blur),
+        _tabled(weather.snow),
+        _tabled(weather.frost),
+        _tabled(weather.fog),
+        _tabled(digital.brightness),
+        _tabled(digital.contrast),
+        _tabled(digital.elastic_transform),
+        _tabled(digital.pixelate),
+        _tabled(digital.jpeg_compression),
+        _tabled(noise.speckle_noise, held_out=True),
+        _tabled(blur.gaussian_blur, held_out=True),
+        _tabled(weather.spatter, held_out=True),
+        _tabled(digital.saturate, held_out=True),
+    )
 }
+
+
+def corruption_names(split: str = "all") -> tuple[str, ...]:
+    """The registered corruptions, in the registry's order: ``"test"``, ``"validation"`` (held out) or ``"all"``."""
+    if split not in ("all", "test", "validation"):
+        raise ValueError(f"split must be 'all', 'test' or 'validation', got {_shown(split)}")
+    wanted = {"all": (False, True), "test": (False,), "validation": (True,)}[split]
+    return tuple(name for name, corruption in REGISTRY.items() if corruption.held_out in wanted)
+
+
+# The names as registered at import, for the code that lists them
+CORRUPTIONS: tuple[str, ...] = corruption_names("test")
+VALIDATION_CORRUPTIONS: tuple[str, ...] = corruption_names("validation")
+ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + VALIDATION_CORRUPTIONS
+# Each function by name as registered at import: only tests/test_properties.py still reads it, until it wraps the
+# registry's entries instead
+_FUNCTIONS: dict[str, Callable] = {name: corruption.function for name, corruption in REGISTRY.items()}
 
 _CIFAR_MAX_SIDE = math.sqrt(32 * 224)  # ≈ 84.7: nearer to 32 than to 224 on a log scale
 
@@ -80,8 +124,8 @@ def corrupt(
     global RNG. Raises ``ValueError`` for an unknown name, a severity outside 1..5, or a bad table name, and
     ``TypeError``/``ValueError`` for anything but a dense uint8 ``[B, 3, H, W]`` tensor of at least 2×2 pixels, or a
     ``generator`` that is not a ``torch.Generator``. Nothing else: every check comes before any work."""
-    if not isinstance(name, str) or name not in _FUNCTIONS:
-        raise ValueError(f"unknown corruption {_shown(name)}; choose from {', '.join(ALL_CORRUPTIONS)}")
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"unknown corruption {_shown(name)}; choose from {', '.join(REGISTRY)}")
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
         raise ValueError(f"severity must be an integer from 1 to 5, got {_shown(severity)}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -102,9 +146,9 @@ def corrupt(
         raise ValueError(f"unknown table {_shown(table)}; choose from {sorted(TABLES)}")
     if images.shape[0] == 0:
         return images.clone()
-    params = TABLES[table][name][severity - 1]
+    params = REGISTRY[name].severities[table][severity - 1]
     draws = Draws(generator, images.device)
-    function = _FUNCTIONS[name]
+    function = REGISTRY[name].function
     if getattr(function, "works_on_uint8", False):
         return function(images, params, draws, table)
     out = function(images.to(torch.float32).div_(255), params, draws, table)
