@@ -64,19 +64,44 @@ def test_a_benchmark_result_carries_its_rows_and_the_table_is_rendered_from_them
     assert [cell.strip() for cell in lines[1].split("|")[1:-1]] == ["measure", "median", "ratio", "target", "met"]
 
 
-def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_each_adapts():
-    """On the built-in model at batch 4: every method took full updates, each ratio is its step over IMSE's,
-    and the counts equal hand counts from the model's shapes (IMSE: S of blocks 0 … depth-4; ViDA's adapters:
-    rank 1 + rank 128 bottlenecks beside every qkv and proj)."""
+class Clock:
+    """A stand-in for ``time`` in ``imse.perf.timing``: the k-th timed call lasts k seconds."""
+
+    def __init__(self) -> None:
+        self.now, self.reads = 0.0, 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        if self.reads % 2 == 0:  # a call's end: read twice per call, start and end
+            self.now += self.reads // 2
+        return self.now
+
+
+def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_each_adapts(monkeypatch):
+    """On the built-in model at batch 4: every method took full updates, each ratio is its step over IMSE's
+    (on a clock where the methods' steps, timed in the registry's order, last 1, 2, 3 … s), and the counts equal
+    hand counts from the model's shapes (IMSE: S of blocks 0 … depth-4; ViDA's adapters: rank 1 + rank 128
+    bottlenecks beside every qkv and proj)."""
     import torch
 
     from imse.core.methods import adaptive_methods
+    from imse.perf import timing
     from imse.perf.methods import bench_methods
 
+    monkeypatch.setattr(timing, "time", Clock())
     result = bench_methods(torch.device("cpu"), 4, 1, "builtin")
-    assert all(result["updated"].values()) and tuple(result["step_s"]) == adaptive_methods()
-    for name in adaptive_methods():
-        assert result["step_ratio_to_imse"][name] == result["step_s"][name] / result["step_s"]["imse"]
+    order = adaptive_methods()  # timed in this order, once each: 1 s, 2 s, 3 s … on the clock
+    assert all(result["updated"].values()) and list(result["step_s"]) == list(order)
+    assert result["step_s"] == {name: float(k) for k, name in enumerate(order, start=1)}
+    imse = order.index("imse") + 1  # IMSE's step, in seconds
+    ratios = {name: k / imse for k, name in enumerate(order, start=1)}
+    assert result["step_ratio_to_imse"] == pytest.approx(ratios, rel=1e-15)
+    others = [(k, name) for k, name in enumerate(order, start=1) if name != "imse"]
+    assert [(row["median"], row["ratio"]) for row in result["checks"][: len(others)]] == [
+        (f"{k}000 / {imse}000 ms", f"{k / imse:.2f}") for k, _ in others
+    ]
+    if order == ("tent", "sar", "imse", "vida", "dpal"):  # the registry today: the same by hand
+        assert [row["ratio"] for row in result["checks"][:4]] == ["0.33", "0.67", "1.33", "1.67"]
     from imse.data.models import BUILTIN, create_backbone
 
     vit = create_backbone(BUILTIN).model
