@@ -53,6 +53,7 @@ class Backbone(nn.Module):
     def __init__(
         self,
         model: nn.Module,
+        *,
         mean: tuple[float, ...],
         std: tuple[float, ...],
         name: str,
