@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from test_perf import Clock  # the stand-in clock: the k-th timed call lasts k s
 
 from imse.__main__ import main
 
@@ -12,13 +13,17 @@ def test_help_lists_commands():
     assert "perf" in result.stdout
 
 
-@pytest.mark.slow  # timing
-def test_perf_writes_ratios(tmp_path, capsys):
+@pytest.mark.slow  # ViT-B/16 forwards
+def test_perf_writes_ratios(tmp_path, capsys, monkeypatch):
+    from imse.perf import timing
+
+    monkeypatch.setattr(timing, "time", Clock())
     out = tmp_path / "perf.json"
     assert main(["perf", "--only", "merged", "--repeats", "1", "--batch", "1", "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
-    merged = results["merged_forward"]
-    assert merged["ratio"] == merged["merged_forward_s"] / merged["plain_forward_s"] > 0
+    merged = json.loads(out.read_text())["merged_forward"]
+    # timed once each, the timm forward first (1 s), then the merged one (2 s)
+    assert (merged["plain_forward_s"], merged["merged_forward_s"], merged["ratio"]) == (1.0, 2.0, 2.0)
+    assert merged["checks"][0]["ratio"] == "2.000" and merged["checks"][0]["met"] is False  # the target is 1.02
     assert "merged IMSE fwd / timm fwd" in capsys.readouterr().out
 
 
@@ -28,18 +33,20 @@ def test_perf_rejects_unknown_measure(capsys):
     assert "unknown measure" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # timing
-def test_perf_precision_times_bf16_and_measures_its_accuracy_cost(tmp_path, capsys):
+@pytest.mark.slow  # ViT-Tiny steps and two bench runs
+def test_perf_precision_times_bf16_and_measures_its_accuracy_cost(tmp_path, capsys, monkeypatch):
+    from imse.perf import timing
     from imse.runs.bench import run_bench
 
+    monkeypatch.setattr(timing, "time", Clock())
     out = tmp_path / "perf.json"
     argv = ["perf", "--only", "precision", "--models", "vit_tiny_patch16_224", "--batch", "2", "--repeats", "1"]
     assert main([*argv, "--per-domain", "16", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["precision"]
     assert (r["model"], r["batch"], r["all_updated"]) == ("vit_tiny_patch16_224", 2, True)
-    assert r["ratio"] == r["imse_bf16_step_s"] / r["sar_bf16_step_s"]
-    assert r["imse_bf16_images_per_s"] == 2 / r["imse_bf16_step_s"]
-    assert r["bf16_speedup"] == r["imse_fp32_step_s"] / r["imse_bf16_step_s"]
+    # timed once each, in this order: IMSE bf16 (1 s), SAR bf16 (2 s), IMSE fp32 (3 s)
+    assert (r["imse_bf16_step_s"], r["sar_bf16_step_s"], r["imse_fp32_step_s"]) == (1.0, 2.0, 3.0)
+    assert (r["ratio"], r["imse_bf16_images_per_s"], r["bf16_speedup"]) == (0.5, 2.0, 3.0)  # 1/2, batch 2 in 1 s, 3/1
     accuracy = r["accuracy"]
     assert accuracy["images"] == 15 * 16
     # the fp32 side is exactly what `python -m imse bench` reports for IMSE on the same stream
