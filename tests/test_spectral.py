@@ -184,21 +184,27 @@ def test_inference_reuses_the_merged_weight_only_while_s_is_unchanged(leading):
     def dense_reference():
         return F.linear(x.to(layer.S.dtype), (layer.U * layer.S) @ layer.Vh, layer.bias).detach()
 
+    built, weight = [], layer.weight  # every U diag(S) Vh the layer builds, through its public weight()
+    layer.weight = lambda: built.append(1) or weight()
     with torch.no_grad():
-        first = layer(x)  # first sight of these weights: factored (or dense) path, nothing kept
-        assert layer._merged is None
-        second = layer(x)
-        assert layer._merged is not None
-        kept = layer._merged[1]
-        third = layer(x)
-        assert layer._merged[1] is kept  # reused, not rebuilt
-    for y in (first, second, third):
+        dense = 0 if layer.use_factored(x.numel() // 24, input_grad=False) else 1  # the per-call route's builds
+
+        def builds(call) -> int:
+            before = len(built)
+            call()
+            return len(built) - before
+
+        outputs = []
+        # first sight of these weights: the per-call route, nothing kept; the second builds it; the third reuses it
+        assert [builds(lambda: outputs.append(layer(x))) for _ in range(3)] == [dense, 1, 0]
+    for y in outputs:
         assert relative_error(y, dense_reference()) <= 1e-5
 
     set_code(nn.Sequential(layer), {"0": layer.S.detach() * 1.1})
     with torch.no_grad():
-        assert relative_error(layer(x), dense_reference()) <= 1e-5
-        assert layer._merged is None  # the stale weight was dropped, not used
+        assert builds(lambda: outputs.append(layer(x))) == dense  # the stale weight was dropped, not used
+        assert relative_error(outputs[-1], dense_reference()) <= 1e-5
+        assert [builds(lambda: layer(x)) for _ in range(2)] == [1, 0]  # built again for the new S, then kept
 
     optimizer = torch.optim.SGD([layer.S], lr=0.1)
     layer(x).square().sum().backward()  # with autograd: never the cached weight
