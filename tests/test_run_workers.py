@@ -1,6 +1,7 @@
 """CPU runs in the server's warm worker processes (imse.app.run_workers): real spawned processes, real queues."""
 
 import json
+import multiprocessing
 import os
 import signal
 import zipfile
@@ -21,10 +22,9 @@ def workers():
     return RunWorkers(1)
 
 
-def _pid(workers: RunWorkers) -> int:
-    worker = workers._idle.get()
-    workers._idle.put(worker)
-    return worker.process.pid
+def _children() -> set[int]:
+    """The pids of this process's live child processes (the workers among them)."""
+    return {child.pid for child in multiprocessing.active_children()}
 
 
 def _records(update: tuple) -> list:
@@ -35,14 +35,14 @@ def _records(update: tuple) -> list:
 
 @pytest.mark.slow  # spawns and warms a worker (~10 s); the default suite's app tests run through workers too
 def test_a_run_in_a_worker_equals_the_same_run_here_and_the_worker_serves_the_next(workers, tmp_path):
-    pid = _pid(workers)
-    assert pid != os.getpid()
+    pids = _children()
+    assert pids and os.getpid() not in pids
     updates = list(workers.updates(CONFIG, False, StopToken(str(tmp_path / "stop")), str(tmp_path)))
     assert updates[-1][0].startswith("**finished: 256 images")
     *_, state = run_lab(CONFIG, min_interval=0.0)
     correct = [{label: m["correct"] for label, m in r["methods"].items()} for r in _records(updates[-1])]
     assert correct == [{label: m["correct"] for label, m in r["methods"].items()} for r in state.records]
-    assert _pid(workers) == pid  # warm: the same process, back in the pool
+    assert _children() == pids  # warm: the same process served it, and nothing new was spawned
 
 
 @pytest.mark.slow  # stops a long run mid-stream
@@ -71,25 +71,19 @@ def test_the_visitors_stop_and_a_refused_setting_cross_the_process(workers, tmp_
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_is_a_readable_message_and_is_replaced(tmp_path):
+    others = _children()  # the module's pool, if another test started it
     workers = RunWorkers(1)
     stream = workers.updates(LabConfig(per_domain=10_000), False, StopToken(str(tmp_path / "stop")), str(tmp_path))
     next(stream)
-    os.kill(_running_pid(workers, stream), signal.SIGKILL)
+    (running,) = _children() - others  # this pool's one worker, running the stream
+    os.kill(running, signal.SIGKILL)
     with pytest.raises(gr.Error, match="worker process ended unexpectedly"):
         list(stream)
     again = list(workers.updates(CONFIG, False, StopToken(str(tmp_path / "stop2")), str(tmp_path)))
     assert again[-1][0].startswith("**finished")
 
 
-def _running_pid(workers: RunWorkers, stream) -> int:
-    """The pid of the worker ``stream`` runs in (the one not idle in the pool)."""
-    frame = stream.gi_frame
-    return frame.f_locals["worker"].process.pid
-
-
 def test_runs_computing_at_once_share_the_cores_and_a_run_alone_takes_them_all(tmp_path):
-    import multiprocessing
-
     import torch
 
     from imse.app.run_workers import _BetweenBatches
