@@ -279,8 +279,7 @@ class SAMEntropyMethod(TTAMethod):
 
     @torch.enable_grad()
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        sam: SAM = self.optimizer
-        sam.zero_grad()
+        self.optimizer.zero_grad()
         with self.probe.capture(differentiable=self.diversity_layers, detached=self.alignment_layers()) as stats:
             logits = self.run_model(x)
         margin = self.entropy_margin(logits.shape[-1])
@@ -302,46 +301,58 @@ class SAMEntropyMethod(TTAMethod):
             record["alignment_std"] = self.alignment_record(stats)
         logits = logits.detach()
         del stats
+        if self._ascend(loss, record):
+            record["updated"] = self._descend(x, keep, margin, record)
+        return self._finish(logits, record)
 
+    def _ascend(self, loss: torch.Tensor | None, record: dict[str, Any]) -> bool:
+        """SAM's step 1 on the first pass's loss: backward, then the ascent to the perturbed weights. False (the
+        reason in ``record``) when there is nothing to follow: no reliable sample, or a non-finite loss or gradient
+        (the weights are then as they were)."""
         if loss is None:
             record["skip_reason"] = "no reliable samples"
             self.on_empty_filter(record)
-            return self._finish(logits, record)
+            return False
         record["loss"] = float(loss.detach())
         if not _finite(loss.detach()):
             record["skip_reason"] = "non-finite loss (step 1)"
-            return self._finish(logits, record)
+            return False
         loss.backward()
-        norm = sam.first_step(zero_grad=True)
-        record["grad_norm"] = float(norm)
+        sam: SAM = self.optimizer
+        record["grad_norm"] = float(sam.first_step(zero_grad=True))
         if not sam.perturbed:
             record["skip_reason"] = "non-finite gradient (step 1)"
-            return self._finish(logits, record)
+            return False
+        return True
 
-        with self.probe.capture(differentiable=self.diversity_layers) as stats2:
-            logits2 = self.run_model(x)
-        entropy2 = softmax_entropy(logits2)
-        keep2 = keep & (entropy2.detach() < margin)
-        record["num_reliable_second"] = int(keep2.sum())
-        loss2, _ = self._loss(entropy2, keep2, stats2)
-        if loss2 is None:
+    def _descend(self, x: torch.Tensor, keep: torch.Tensor, margin: float, record: dict[str, Any]) -> bool:
+        """SAM's step 2: a second pass at the perturbed weights, re-filtered inside step 1's reliable set
+        (``keep``), backward, then the weights restored and the base step taken. False (the reason in ``record``,
+        the weights restored) when a pass keeps no sample or its loss or gradient is not finite."""
+        sam: SAM = self.optimizer
+        with self.probe.capture(differentiable=self.diversity_layers) as stats:
+            logits = self.run_model(x)
+        entropy = softmax_entropy(logits)
+        keep = keep & (entropy.detach() < margin)
+        record["num_reliable_second"] = int(keep.sum())
+        loss, _ = self._loss(entropy, keep, stats)
+        if loss is None:
             sam.restore()
             record["skip_reason"] = "no reliable samples (step 2)"
             self.on_empty_filter(record)
-            return self._finish(logits, record)
-        record["loss_second"] = float(loss2.detach())
-        if not _finite(loss2.detach()):
+            return False
+        record["loss_second"] = float(loss.detach())
+        if not _finite(loss.detach()):
             sam.restore()
             record["skip_reason"] = "non-finite loss (step 2)"
-            return self._finish(logits, record)
-        loss2.backward()
+            return False
+        loss.backward()
         if not _finite(sam.grad_norm()):
             sam.restore()
             record["skip_reason"] = "non-finite gradient (step 2)"
-            return self._finish(logits, record)
+            return False
         sam.second_step(zero_grad=True)
-        record["updated"] = True
-        return self._finish(logits, record)
+        return True
 
     def _finish(self, logits: torch.Tensor, record: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         self.optimizer.zero_grad()
