@@ -12,7 +12,8 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from imse.runs.defaults import method_rates, parse_method
 from imse.runs.protocol import imagenet_c_domains, method_overrides, missing_under, official_source_images, resolve
 from imse.runs.runner import build_methods, method_settings, run, summarise
 
-__all__ = ["format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
+__all__ = ["BenchSettings", "format_summary", "format_table", "gains_over_source", "run_bench", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -44,113 +45,96 @@ def versions() -> dict[str, str]:
     }
 
 
-def run_bench(
-    *,
-    backbone: str = BUILTIN,
-    weights: str | None = None,
-    data: str = "builtin",
-    methods: tuple[str, ...] | Mapping[str, tuple[str, dict[str, Any]]] = ("source", "tent", "sar", "imse"),
-    scenario: str = "continual",
-    severity: int = 5,
-    per_domain: int = 1000,
-    batch_size: int = 64,
-    seeds: tuple[int, ...] = (0,),
-    corruptions: str | tuple[str, ...] = "test",
-    device: str = "cpu",
-    rounds: int = 3,
-    lrs: dict[str, float] | None = None,
-    checkpoints: Mapping[str, str] | None = None,
-    imagenet_c: str | None = None,
-    imagenet_val: str | None = None,
-    protocol: str | None = None,
-    progress: bool = True,
-    tuned: bool = True,
-    collapse: bool = True,
-    precision: str = "fp32",
-) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-ready result (``per_seed`` and the aggregate ``methods``).
+@dataclass(frozen=True)
+class BenchSettings:
+    """A bench run's settings: ``run_bench``'s keywords, checked and held in one place, so the steps of a run read
+    them from one object rather than a score of arguments each.
 
     Methods start from the backbone's tuned settings (``imse.defaults``; ``tuned=False``: the official ones),
     then ``lrs`` (a sweep file's or ``--lr``'s) and ``checkpoints`` (method -> the file it starts from: ViDA's
-    source warm-up), then each spec's own ``@key=value`` overrides. ``collapse``
-    adds each method's expert-alignment std in the last blocks (``imse.collapse``) to the result. ``precision``
-    (fp32, tf32, bf16: ``imse.core.methods.base``) is every method's, recorded in the config and each setting."""
-    if precision not in PRECISIONS:  # before any model or data is loaded
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if isinstance(methods, Mapping):  # label -> (method, overrides), e.g. a Lab preset's methods
-        specs = {label: (name, dict(extra)) for label, (name, extra) in methods.items()}
-    else:
-        specs = {spec: parse_method(spec) for spec in methods}
-    lrs = dict(lrs or {})
-    base = for_data(create_backbone(backbone, weights=weights, device=device), data)  # IN-R/A: 200 logits
-    protocol = resolve(protocol, imagenet_data=bool(imagenet_c or class_subset(data)))  # imse.runs.protocol
-    if imagenet_c:
-        source, pregenerated = None, imagenet_c_domains(imagenet_c, protocol, scenario, base.input_size)
-    else:
-        source, pregenerated = build_source(data, backbone, base.input_size), None
-    config = {
-        "backbone": backbone,
-        "weights": str(weights) if weights else None,
-        "data": f"imagenet-c:{imagenet_c}" if imagenet_c else data,
-        "methods": list(specs),
-        "scenario": scenario,
-        "severity": severity,
-        "per_domain": per_domain,
-        "batch_size": batch_size,
-        "seeds": list(seeds),
-        "corruptions": corruptions if isinstance(corruptions, str) else list(corruptions),
-        "rounds": rounds if scenario == "recurring" else None,
-        "device": device,
-        "protocol": protocol,
-        "precision": precision,
-    }
-    # the protocol's rules, then a sweep file's or --lr's rate, then a spec's own overrides
-    specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
-    specs = {s: (n, {**method_rates(n, lrs[n]), **extra} if n in lrs else extra) for s, (n, extra) in specs.items()}
-    files = dict(checkpoints or {})
-    specs = {s: (n, {"checkpoint": files[n], **extra} if n in files else extra) for s, (n, extra) in specs.items()}
-    clean: list[torch.Tensor] = []  # slot 0's source images, loaded once, and only if a method retrieves
+    source warm-up), then each spec's own ``@key=value`` overrides. ``collapse`` adds each method's
+    expert-alignment std in the last blocks (``imse.collapse``) to the result. ``precision`` (fp32, tf32, bf16:
+    ``imse.core.methods.base``) is every method's, recorded in the config and each setting."""
 
-    def clean_source() -> torch.Tensor | None:
-        if not clean and (imagenet_val or source is not None):
-            clean.append(official_source_images(imagenet_val, base.input_size) if imagenet_val else source_images(
-                backbone, source))  # fmt: skip
-        return clean[0] if clean else None
+    backbone: str = BUILTIN
+    weights: str | None = None
+    data: str = "builtin"
+    methods: tuple[str, ...] | Mapping[str, tuple[str, dict[str, Any]]] = ("source", "tent", "sar", "imse")
+    scenario: str = "continual"
+    severity: int = 5
+    per_domain: int = 1000
+    batch_size: int = 64
+    seeds: tuple[int, ...] = (0,)
+    corruptions: str | tuple[str, ...] = "test"
+    device: str = "cpu"
+    rounds: int = 3
+    lrs: Mapping[str, float] | None = None
+    checkpoints: Mapping[str, str] | None = None
+    imagenet_c: str | None = None
+    imagenet_val: str | None = None
+    protocol: str | None = None
+    progress: bool = True
+    tuned: bool = True
+    collapse: bool = True
+    precision: str = "fp32"
 
-    meter = None
-    if collapse:
-        blocks = METHODS["imse"].defaults["diversity_blocks"]
-        meter = CollapseMeter(base, blocks=blocks, cache=default_svd_cache())
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:  # before any model or data is loaded
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def method_specs(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """label -> (method, overrides): a mapping as given (e.g. a Lab preset's methods), else each spec parsed."""
+        if isinstance(self.methods, Mapping):
+            return {label: (name, dict(extra)) for label, (name, extra) in self.methods.items()}
+        return {spec: parse_method(spec) for spec in self.methods}
+
+    def config(self, labels: list[str], protocol: str) -> dict[str, Any]:
+        """What the result records of how it was made (each seed adds the methods' settings and rates)."""
+        corruptions = self.corruptions
+        return {
+            "backbone": self.backbone,
+            "weights": str(self.weights) if self.weights else None,
+            "data": f"imagenet-c:{self.imagenet_c}" if self.imagenet_c else self.data,
+            "methods": labels,
+            "scenario": self.scenario,
+            "severity": self.severity,
+            "per_domain": self.per_domain,
+            "batch_size": self.batch_size,
+            "seeds": list(self.seeds),
+            "corruptions": corruptions if isinstance(corruptions, str) else list(corruptions),
+            "rounds": self.rounds if self.scenario == "recurring" else None,
+            "device": self.device,
+            "protocol": protocol,
+            "precision": self.precision,
+        }
+
+
+@dataclass
+class _Shared:
+    """What every seed of a run shares, loaded once: the backbone, the protocol, each method's spec with its
+    settings layered, the images the streams are cut from, and the collapse meter."""
+
+    base: torch.nn.Module  # the backbone as the data needs it (for_data)
+    protocol: str
+    specs: dict[str, tuple[str, dict[str, Any]]]
+    source: Any  # clean images to corrupt, or None when the corrupted ones are pre-generated (ImageNet-C)
+    pregenerated: Any
+    clean_source: Callable[[], torch.Tensor | None]
+    meter: CollapseMeter | None
+
+
+def run_bench(**settings: Any) -> dict[str, Any]:
+    """Run the benchmark with ``BenchSettings(**settings)``; returns the JSON-ready result (``per_seed`` and the
+    aggregate ``methods``)."""
+    bench = BenchSettings(**settings)
+    specs = bench.method_specs()
+    shared = _load_shared(bench, specs)
+    config = bench.config(list(specs), shared.protocol)
     per_seed = []
     started = time.perf_counter()
-    for seed in seeds:
-        torch.manual_seed(seed)
-        wrapped = build_methods(base, backbone, specs, batch_size=batch_size, source_images=clean_source, tuned=tuned,
-                                precision=precision)  # fmt: skip
-        refused = [why for spec, method in wrapped.items() for why in missing_under(protocol, specs[spec][0],
-                                                                                     method.hparams)]  # fmt: skip
-        if refused:
-            raise ValueError("; ".join(refused))
-        config["settings"] = {spec: method_settings(method) for spec, method in wrapped.items()}
-        config["lr"] = {spec: s["lr"] for spec, s in config["settings"].items() if "lr" in s}
-        stream = Stream(
-            source,
-            scenario=scenario,
-            corruptions=corruptions,
-            severity=severity,
-            per_domain=per_domain,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            rounds=rounds,
-            pregenerated=pregenerated,
-            order="listed" if protocol == "paper" else "seeded",
-        )
-        summary = summarise(list(run(wrapped, stream, progress=progress, meter=meter)))
-        for name, entry in summary.items():
-            entry["num_trainable"] = wrapped[name].num_trainable()
-            entry["skipped_updates"] = wrapped[name].skipped_updates
-        per_seed.append({"seed": seed, "methods": summary})
+    for seed in bench.seeds:
+        per_seed.append({"seed": seed, "methods": _run_seed(bench, shared, seed, config)})
+    device = bench.device
     return {
         "config": config,
         "versions": versions(),
@@ -159,6 +143,88 @@ def run_bench(
         "per_seed": per_seed,
         "methods": _aggregate(per_seed),
     }
+
+
+def _load_shared(bench: BenchSettings, specs: dict[str, tuple[str, dict[str, Any]]]) -> _Shared:
+    """The backbone, the protocol and the data, loaded once for every seed (in this order: the protocol depends
+    on the data, the source images on the backbone's input size)."""
+    # for_data: ImageNet-R/A's 200 logits
+    base = for_data(create_backbone(bench.backbone, weights=bench.weights, device=bench.device), bench.data)
+    protocol = resolve(bench.protocol, imagenet_data=bool(bench.imagenet_c or class_subset(bench.data)))
+    if bench.imagenet_c:
+        source, pregenerated = None, imagenet_c_domains(bench.imagenet_c, protocol, bench.scenario, base.input_size)
+    else:
+        source, pregenerated = build_source(bench.data, bench.backbone, base.input_size), None
+    specs = _layered(specs, bench, protocol)
+    meter = None
+    if bench.collapse:
+        blocks = METHODS["imse"].defaults["diversity_blocks"]
+        meter = CollapseMeter(base, blocks=blocks, cache=default_svd_cache())
+    return _Shared(
+        base=base,
+        protocol=protocol,
+        specs=specs,
+        source=source,
+        pregenerated=pregenerated,
+        clean_source=_clean_source(bench, base, source),
+        meter=meter,
+    )
+
+
+def _layered(specs: dict[str, tuple[str, dict[str, Any]]], bench: BenchSettings, protocol: str) -> dict:
+    """Each method's settings, layered: its spec's own overrides over the protocol's rules, over a sweep file's
+    or --lr's rate, over the checkpoint file it starts from."""
+    scenario, lrs, files = bench.scenario, dict(bench.lrs or {}), dict(bench.checkpoints or {})
+    specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
+    specs = {s: (n, {**method_rates(n, lrs[n]), **extra} if n in lrs else extra) for s, (n, extra) in specs.items()}
+    return {s: (n, {"checkpoint": files[n], **extra} if n in files else extra) for s, (n, extra) in specs.items()}
+
+
+def _clean_source(bench: BenchSettings, base: torch.nn.Module, source: Any) -> Callable[[], torch.Tensor | None]:
+    """Slot 0's source images, loaded once and only if a method retrieves (most runs never need them)."""
+    clean: list[torch.Tensor] = []
+
+    def clean_source() -> torch.Tensor | None:
+        if not clean and (bench.imagenet_val or source is not None):
+            clean.append(official_source_images(bench.imagenet_val, base.input_size) if bench.imagenet_val else
+                         source_images(bench.backbone, source))  # fmt: skip
+        return clean[0] if clean else None
+
+    return clean_source
+
+
+def _run_seed(bench: BenchSettings, shared: _Shared, seed: int, config: dict[str, Any]) -> dict[str, Any]:
+    """One seed: fresh copies of the methods, one stream through all of them, each method's summary. Records the
+    methods' settings and rates in ``config`` (the same for every seed)."""
+    torch.manual_seed(seed)
+    specs, protocol = shared.specs, shared.protocol
+    wrapped = build_methods(shared.base, bench.backbone, specs, batch_size=bench.batch_size,
+                            source_images=shared.clean_source, tuned=bench.tuned,
+                            precision=bench.precision)  # fmt: skip
+    refused = [why for spec, method in wrapped.items() for why in missing_under(protocol, specs[spec][0],
+                                                                                 method.hparams)]  # fmt: skip
+    if refused:
+        raise ValueError("; ".join(refused))
+    config["settings"] = {spec: method_settings(method) for spec, method in wrapped.items()}
+    config["lr"] = {spec: s["lr"] for spec, s in config["settings"].items() if "lr" in s}
+    stream = Stream(
+        shared.source,
+        scenario=bench.scenario,
+        corruptions=bench.corruptions,
+        severity=bench.severity,
+        per_domain=bench.per_domain,
+        batch_size=bench.batch_size,
+        seed=seed,
+        device=bench.device,
+        rounds=bench.rounds,
+        pregenerated=shared.pregenerated,
+        order="listed" if protocol == "paper" else "seeded",
+    )
+    summary = summarise(list(run(wrapped, stream, progress=bench.progress, meter=shared.meter)))
+    for name, entry in summary.items():
+        entry["num_trainable"] = wrapped[name].num_trainable()
+        entry["skipped_updates"] = wrapped[name].skipped_updates
+    return summary
 
 
 def _aggregate(per_seed: list[dict]) -> dict[str, dict[str, Any]]:
