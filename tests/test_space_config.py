@@ -242,7 +242,9 @@ def test_preload_holds_the_file_the_default_hub_backbone_loads(config, monkeypat
         lookups.append((repo_id, filename, cache_dir, revision, repo_type))
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lookup)
-    assert models._cached_hub_file(backbone) is None  # nothing cached in this test: every lookup was recorded
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)  # so nothing is downloaded either
+    with pytest.raises(models.BackboneUnavailable):  # nothing cached in this test: every lookup was recorded
+        models.create_backbone(backbone)
     repo, filename, cache_dir, revision, repo_type = lookups[0]
     assert repo == _hub_repo(backbone)
     assert cache_dir is None and revision in (None, "main") and repo_type in (None, "model"), lookups[0]
