@@ -11,6 +11,8 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +58,28 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, device) -> float:
-    """Top-1 accuracy of ``model`` on uint8 images."""
-    model.eval()
+Normalise = Callable[[torch.Tensor], torch.Tensor]  # uint8 images -> the model's input
+
+
+def _normaliser(mean: list[float], std: list[float], device) -> Normalise:
+    """uint8 images (on any device) -> the model's input on ``device``, normalised with the training set's
+    statistics: one rule for training and evaluation."""
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        return (as_float_images(images.to(device)) - mean_t) / std_t
+
+    return normalise
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalise: Normalise) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images, fed through ``normalise`` (``_normaliser``)."""
+    model.eval()
     correct = 0
     for start in range(0, len(labels), 1000):
-        x = as_float_images(images[start : start + 1000].to(device))
-        logits = model((x - mean_t) / std_t)
+        logits = model(normalise(images[start : start + 1000]))
         correct += (logits.argmax(1).cpu() == labels[start : start + 1000]).sum().item()
     return correct / len(labels)
 
@@ -75,6 +89,108 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _Splits:
+    """Fashion-MNIST as read (uint8 28×28: what the exported files hold), optionally its first ``limit`` images."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def load(cls, data_dir: str | None, limit: int | None) -> _Splits:
+        train, test = load_idx_split("train", data_dir), load_idx_split("test", data_dir)
+        if limit:
+            train, test = (train[0][:limit], train[1][:limit]), (test[0][:limit], test[1][:limit])
+        return cls(train, test)
+
+    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split as the model sees it: RGB 32×32 uint8 images and int64 labels."""
+        images, labels = getattr(self, split)
+        return to_rgb32(images), torch.as_tensor(labels, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The optimiser's steps: ``epochs`` passes over ``samples`` images in batches, the rate warmed up then cosine."""
+
+    peak: float
+    epochs: int
+    batch_size: int
+    samples: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.samples / self.batch_size)
+
+    def lr(self, step: int) -> float:
+        total = self.epochs * self.steps_per_epoch
+        return _lr_at(step, total, min(total // 10, 5 * self.steps_per_epoch), self.peak)
+
+
+@dataclass
+class _Training:
+    """What training carries from step to step, saved after every epoch so that an interrupted run resumes where
+    it stopped with the same draws (the generator's state included)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    epoch: int = 0  # epochs done
+    elapsed: float = 0.0  # training seconds so far (evaluations excluded)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.elapsed = int(state["epoch"]), float(state["elapsed"])
+
+    def save(self, path: Path) -> None:
+        """Written to a temporary file, then renamed: an interruption never leaves half a state."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "elapsed": self.elapsed,
+        }
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+
+def _train_epoch(
+    training: _Training,
+    schedule: _Schedule,
+    train: tuple[torch.Tensor, torch.Tensor],
+    normalise: Normalise,
+) -> float:
+    """One pass over the shuffled, augmented training images; returns the loss's running mean at its end."""
+    from tqdm import tqdm
+
+    model, optimizer, generator = training.model, training.optimizer, training.generator
+    images, labels = train
+    started = time.perf_counter()
+    model.train()
+    order = torch.randperm(len(labels), generator=generator)
+    steps, batch_size = schedule.steps_per_epoch, schedule.batch_size
+    progress = tqdm(range(steps), desc=f"epoch {training.epoch + 1}/{schedule.epochs}", leave=False)
+    running = 0.0
+    for i in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(training.epoch * steps + i)
+        index = order[i * batch_size : (i + 1) * batch_size].to(images.device)
+        logits = model(normalise(_augment(images[index], generator)))
+        loss = F.cross_entropy(logits, labels[index], label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
+        progress.set_postfix(loss=f"{running:.3f}")
+    training.elapsed += time.perf_counter() - started
+    training.epoch += 1
+    return running
 
 
 def train_builtin(
@@ -95,94 +211,46 @@ def train_builtin(
 
     Returns the summary written into the model card.
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
-    train_images, train_labels = load_idx_split("train", data_dir)
-    test_images, test_labels = load_idx_split("test", data_dir)
-    if limit:
-        train_images, train_labels = train_images[:limit], train_labels[:limit]
-        test_images, test_labels = test_images[:limit], test_labels[:limit]
-    x_train, y_train = to_rgb32(train_images), torch.as_tensor(train_labels, dtype=torch.int64)
-    x_test, y_test = to_rgb32(test_images), torch.as_tensor(test_labels, dtype=torch.int64)
+    splits = _Splits.load(data_dir, limit)
+    x_train, y_train = splits.tensors("train")
+    x_test, y_test = splits.tensors("test")
     mean, std = _normalisation(x_train)
+    normalise = _normaliser(mean, std, device)
 
     torch.manual_seed(seed)
     model = build_builtin_vit({"architecture": ARCHITECTURE}).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(y_train) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    warmup = min(total_steps // 10, 5 * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    first_epoch, elapsed = 0, 0.0
+    training = _Training(model, optimizer, torch.Generator().manual_seed(seed))
+    schedule = _Schedule(lr, epochs, batch_size, samples=len(y_train))
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        first_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
-        print(f"resuming from {state_path} after epoch {first_epoch}")
+        training.load(state_path)
+        print(f"resuming from {state_path} after epoch {training.epoch}")
 
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    x_train_device = x_train.to(device)
-    y_train_device = y_train.to(device)
-    for epoch in range(first_epoch, epochs):
-        started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(y_train), generator=generator)
-        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        running = 0.0
-        for i in progress:
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total_steps, warmup, lr)
-            index = order[i * batch_size : (i + 1) * batch_size].to(device)
-            x = as_float_images(_augment(x_train_device[index], generator))
-            logits = model((x - mean_t) / std_t)
-            loss = F.cross_entropy(logits, y_train_device[index], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running = 0.9 * running + 0.1 * loss.item() if i else loss.item()
-            progress.set_postfix(loss=f"{running:.3f}")
-        elapsed += time.perf_counter() - started
-        accuracy = evaluate(model, x_test, y_test, mean, std, device)
-        print(f"epoch {epoch + 1}/{epochs}: loss {running:.3f}, test accuracy {accuracy:.4f}, {elapsed:.0f} s")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "epoch": epoch + 1,
-                "elapsed": elapsed,
-            },
-            state_path.with_suffix(".tmp"),
-        )
-        state_path.with_suffix(".tmp").replace(state_path)
+    train = (x_train.to(device), y_train.to(device))
+    while training.epoch < epochs:
+        running = _train_epoch(training, schedule, train, normalise)
+        accuracy = evaluate(model, x_test, y_test, normalise)
+        print(f"epoch {training.epoch}/{epochs}: loss {running:.3f}, test accuracy {accuracy:.4f}, "
+              f"{training.elapsed:.0f} s")  # fmt: skip
+        training.save(state_path)
 
-    accuracy = evaluate(model, x_test, y_test, mean, std, device)
-    summary = _export(
-        model.cpu(),
-        out,
-        mean=mean,
-        std=std,
-        accuracy=accuracy,
-        elapsed=elapsed,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        device=device,
-        seed=seed,
-        limit=limit,
-    )
+    accuracy = evaluate(model, x_test, y_test, normalise)
+    summary = _export(model.cpu(), out, mean=mean, std=std, accuracy=accuracy, elapsed=training.elapsed, epochs=epochs,
+                      batch_size=batch_size, lr=lr, device=device, seed=seed, limit=limit)  # fmt: skip
+    _save_data(out, splits, seed=seed, sample_size=sample_size)
+    return summary
+
+
+def _save_data(out: Path, splits: _Splits, *, seed: int, sample_size: int) -> None:
+    """The test split for streams, and a seeded sample of clean training images for the source descriptor."""
+    (train_images, train_labels), (test_images, test_labels) = splits.train, splits.test
     rng = np.random.RandomState(seed)
     sample = rng.choice(len(train_labels), size=min(sample_size, len(train_labels)), replace=False)
     np.savez_compressed(out / "test.npz", images=test_images, labels=test_labels)
     np.savez_compressed(out / "train_sample.npz", images=train_images[sample], labels=train_labels[sample])
-    return summary
 
 
 def _export(model, out: Path, *, mean, std, accuracy, elapsed, epochs, batch_size, lr, device, seed, limit) -> dict:
