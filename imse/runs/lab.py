@@ -169,86 +169,103 @@ def run_lab(
     # again: ~10 % of an IMSE step on 2 cores); the app hands it back when a run ends (``release_memory``)
     keep_freed_memory()
     parts = build_run(config, on_download=on_download)
-    wrapped, specs, stream, frozen = parts.methods, parts.specs, parts.stream, parts.frozen
+    wrapped, specs, frozen = parts.methods, parts.specs, parts.frozen
     primary = primary_label(wrapped)
     meter = CollapseMeter(frozen, blocks=METHODS["imse"].defaults["diversity_blocks"])
-    state = LabState(
-        config=asdict(config),
-        methods=list(wrapped),
-        class_names=list(parts.backbone.class_names),
-        layer_names=list(spectral_layers(wrapped[primary].model) or spectral_layers(frozen)),
-        total_batches=len(stream),
-    )
-    state.correct = {label: [] for label in wrapped}
-    state.expert_std = {label: [] for label in wrapped}
-    state.top_share = {label: [] for label in wrapped}
-    trained = {name.removesuffix(".S") for name in wrapped[primary].trainable}
-    state.frozen_layers = [name for name in state.layer_names if name not in trained]
+    state = _new_state(config, parts, primary)
     retrieval = next((label for label in wrapped if specs[label][1].get("retrieval")), None)
     detector = ShiftDetector(config.tau, full_batch=config.batch_size)  # the bank panel's scores without retrieval
-    last_yield = 0.0  # the first batch shows at once
-    current: dict[str, Any] = {"batch_seconds": 0.0, "alignment": None}
-
-    def update_due() -> bool:
-        """Whether the batch about to run ends with an update (judged by the last batch's time): only those
-        batches record the primary method's per-expert statistics, which cost an extra product per layer."""
-        coming = state.batch + 1 == state.total_batches
-        return coming or time.perf_counter() - last_yield + current["batch_seconds"] >= min_interval
-
+    pace = _Pace(min_interval)
     out_of_time = False
-    view = _StreamView(stream, current, wrapped[primary], update_due)
+    view = _StreamView(parts.stream, pace, wrapped[primary], lambda: pace.update_due(state))
     for record in run(wrapped, view, progress=False, meter=meter):
-        batch = current["batch"]
-        current["batch_seconds"] = time.perf_counter() - current["started"]
+        batch = pace.batch
+        pace.batch_seconds = time.perf_counter() - pace.started
         # the latest statistics only feed the next snapshot; kept in every record they would pile up (ViT-B:
         # 150 KB per batch)
-        current["alignment"] = record["methods"][primary]["step"].pop("alignment_std", None) or current["alignment"]
+        pace.alignment = record["methods"][primary]["step"].pop("alignment_std", None) or pace.alignment
         state.records.append(record)
         _count(state, record, wrapped[primary], retrieval=retrieval, batch=batch, detector=detector, frozen=frozen)
         now = time.perf_counter()
-        snapshot = functools.partial(  # this batch's view, taken for an update or when time runs out
-            _snapshot,
-            state,
-            record,
-            wrapped[primary],
-            primary=primary,
-            batch=batch,
-            alignment=current["alignment"],
-            frozen=frozen,
-            thumbnails=thumbnails,
-        )
-        if now - last_yield >= min_interval or state.batch == state.total_batches:
+        # this batch's view, taken for an update or when time runs out
+        snapshot = functools.partial(_snapshot, state, record, wrapped[primary], primary=primary, batch=batch,
+                                     alignment=pace.alignment, frozen=frozen, thumbnails=thumbnails)  # fmt: skip
+        if now - pace.last_yield >= min_interval or state.batch == state.total_batches:
             snapshot()
             state.seconds = now - started
             yield state
-            last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
+            pace.last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
         if should_stop is not None and should_stop():
             return
         if time_limit is not None and time.perf_counter() - started > time_limit and state.batch < state.total_batches:
             out_of_time = True
             snapshot()
             break
-    state.summary = summarise(state.records)
-    for label, entry in state.summary.items():
-        entry["num_trainable"] = wrapped[label].num_trainable()
-    state.finished = True
-    state.seconds = time.perf_counter() - started
-    state.message = f"finished: {state.images:,} images in {state.seconds:.1f} s"
-    if out_of_time:
-        state.message = (
-            f"stopped at the {time_limit:.0f} s limit per run: {state.images:,} of "
-            f"{state.total_batches * config.batch_size:,} images (results below are for those)"
-        )
-    state.final_methods = wrapped
+    _finish(state, wrapped, started=started, time_limit=time_limit if out_of_time else None)
     yield state
 
 
-class _StreamView:
-    """The stream as the runner sees it, noting the batch in flight (the panels show its images) and when it
-    started, and switching the shown method's statistics on for the batches that end with an update."""
+def _new_state(config: LabConfig, parts: LabRun, primary: str) -> LabState:
+    """The state before the first batch: every method's curves empty, and the spectral layers the panels show
+    (the shown method's, else the frozen reference's), with those the shown method does not adapt."""
+    wrapped = parts.methods
+    state = LabState(
+        config=asdict(config),
+        methods=list(wrapped),
+        class_names=list(parts.backbone.class_names),
+        layer_names=list(spectral_layers(wrapped[primary].model) or spectral_layers(parts.frozen)),
+        total_batches=len(parts.stream),
+    )
+    state.correct = {label: [] for label in wrapped}
+    state.expert_std = {label: [] for label in wrapped}
+    state.top_share = {label: [] for label in wrapped}
+    trained = {name.removesuffix(".S") for name in wrapped[primary].trainable}
+    state.frozen_layers = [name for name in state.layer_names if name not in trained]
+    return state
 
-    def __init__(self, stream: Stream, current: dict, shown: TTAMethod, update_due: Callable[[], bool]) -> None:
-        self.stream, self.current, self.scenario = stream, current, stream.scenario
+
+def _finish(state: LabState, methods: dict[str, TTAMethod], *, started: float, time_limit: float | None) -> None:
+    """The final state: the summary, and a message saying the run finished, or stopped at ``time_limit`` (given
+    only when it did) with results for the images seen so far."""
+    state.summary = summarise(state.records)
+    for label, entry in state.summary.items():
+        entry["num_trainable"] = methods[label].num_trainable()
+    state.finished = True
+    state.seconds = time.perf_counter() - started
+    state.message = f"finished: {state.images:,} images in {state.seconds:.1f} s"
+    if time_limit is not None:
+        state.message = (
+            f"stopped at the {time_limit:.0f} s limit per run: {state.images:,} of "
+            f"{state.total_batches * state.config['batch_size']:,} images (results below are for those)"
+        )
+    state.final_methods = methods
+
+
+@dataclass
+class _Pace:
+    """The run's pace against the caller's: when the last update went out, how long the last batch took, the
+    batch in flight (the panels show its images) and when it started, and the shown method's latest statistics."""
+
+    min_interval: float
+    last_yield: float = 0.0  # the first batch shows at once
+    batch_seconds: float = 0.0
+    batch: Any = None
+    started: float = 0.0
+    alignment: dict | None = None
+
+    def update_due(self, state: LabState) -> bool:
+        """Whether the batch about to run ends with an update (judged by the last batch's time): only those
+        batches record the primary method's per-expert statistics, which cost an extra product per layer."""
+        coming = state.batch + 1 == state.total_batches
+        return coming or time.perf_counter() - self.last_yield + self.batch_seconds >= self.min_interval
+
+
+class _StreamView:
+    """The stream as the runner sees it, noting the batch in flight and when it started (in ``pace``), and
+    switching the shown method's statistics on for the batches that end with an update."""
+
+    def __init__(self, stream: Stream, pace: _Pace, shown: TTAMethod, update_due: Callable[[], bool]) -> None:
+        self.stream, self.pace, self.scenario = stream, pace, stream.scenario
         self.shown, self.update_due = shown, update_due
 
     def __len__(self) -> int:
@@ -256,8 +273,8 @@ class _StreamView:
 
     def __iter__(self):
         for batch in self.stream:
-            self.current["batch"] = batch
-            self.current["started"] = time.perf_counter()
+            self.pace.batch = batch
+            self.pace.started = time.perf_counter()
             self.shown.record_alignment = self.update_due()
             yield batch
 
