@@ -17,8 +17,10 @@ batches), the one closest to the default is kept. The 15 test corruptions are ne
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from imse.core.methods import METHODS, adaptive_methods
@@ -117,17 +119,8 @@ def run_sweep(
     (``merge_sweeps``), its protocol checked before anything runs."""
     methods = adaptive_methods() if methods is None else methods
     checks = sweep_checks() if checks is None else checks
-    common = dict(
-        backbone=backbone,
-        weights=weights,
-        data=data,
-        scenario="continual",
-        corruptions="validation",
-        per_domain=per_domain,
-        batch_size=batch_size,
-        seeds=(seed,),
-        device=device,
-    )
+    common = dict(backbone=backbone, weights=weights, data=data, scenario="continual", corruptions="validation",
+                  per_domain=per_domain, batch_size=batch_size, seeds=(seed,), device=device)  # fmt: skip
     results: dict[str, Any] = {
         "protocol": {
             "scenario": "continual",
@@ -149,32 +142,47 @@ def run_sweep(
     }
     if earlier is not None:
         _check_comparable(earlier["protocol"], results["protocol"])
+    run_stage = functools.partial(_stage, severities=severities, common=common, progress=progress)
     for method in methods:
         if method not in adaptive_methods():
             raise ValueError(f"only adaptive methods have settings to tune: {adaptive_methods()}")
-        cls = METHODS[method]
-        base = cls.learning_rate({**cls.defaults, "batch_size": batch_size})
-        lrs = [float(f"{base * factor:.3g}") for factor in factors]
-        stage = _stage({lr: _spec(method, method_rates(method, lr)) for lr in lrs}, severities, common, progress)
-        label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))
-        chosen: dict[str, Any] = method_rates(method, float(label))
-        stages = [{"setting": "lr", **stage, "chosen": chosen["lr"]}]
-        for key, values, default in checks.get(method, ()):
-            candidates = {value: _spec(method, {**chosen, key: value}) for value in values}
-            stage = _stage(candidates, severities, common, progress)
-            label = _choose(stage, str(default), lambda k, d: 0 if k == d else 1)
-            chosen[key] = next(value for value in values if str(value) == label)
-            stages.append({"setting": key, **stage, "chosen": chosen[key]})
-        results["methods"][method] = {
-            "lr": chosen["lr"],
-            "default_lr": base,
-            "chosen": chosen,
-            "score": stages[-1]["grid"][str(chosen[stages[-1]["setting"]])],
-            "grid": stages[0]["grid"],
-            "stages": stages,
-            "runs": sum(len(s["grid"]) for s in stages),
-        }
+        results["methods"][method] = _sweep_method(
+            method, run_stage, batch_size=batch_size, factors=factors, checks=checks.get(method, ())
+        )
     return results if earlier is None else merge_sweeps(earlier, results)
+
+
+def _sweep_method(
+    method: str,
+    run_stage: Callable[[dict[Any, str]], dict[str, Any]],
+    *,
+    batch_size: int,
+    factors: tuple[float, ...],
+    checks: tuple[tuple[str, tuple, Any], ...],
+) -> dict[str, Any]:
+    """One method's stages: its learning rate on the grid around its default, then each setting of ``checks`` in
+    turn at the chosen rate (``run_stage``: every candidate on the same streams, ``_stage``)."""
+    cls = METHODS[method]
+    base = cls.learning_rate({**cls.defaults, "batch_size": batch_size})
+    lrs = [float(f"{base * factor:.3g}") for factor in factors]
+    stage = run_stage({lr: _spec(method, method_rates(method, lr)) for lr in lrs})
+    label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))
+    chosen: dict[str, Any] = method_rates(method, float(label))
+    stages = [{"setting": "lr", **stage, "chosen": chosen["lr"]}]
+    for key, values, default in checks:
+        stage = run_stage({value: _spec(method, {**chosen, key: value}) for value in values})
+        label = _choose(stage, str(default), lambda k, d: 0 if k == d else 1)
+        chosen[key] = next(value for value in values if str(value) == label)
+        stages.append({"setting": key, **stage, "chosen": chosen[key]})
+    return {
+        "lr": chosen["lr"],
+        "default_lr": base,
+        "chosen": chosen,
+        "score": stages[-1]["grid"][str(chosen[stages[-1]["setting"]])],
+        "grid": stages[0]["grid"],
+        "stages": stages,
+        "runs": sum(len(s["grid"]) for s in stages),
+    }
 
 
 # what two sweeps must share for their choices to be comparable (the device and versions may differ: noted per method)
