@@ -95,22 +95,7 @@ def bench_precision(device: torch.device, batch: int, repeats: int, model_name: 
     Accuracy: ``python -m imse bench``'s built-in continual stream (15 test corruptions x ``per_domain``,
     severity 5, seed 0) through IMSE in float32 and in bf16, on the same corrupted batches.
     """
-    from imse.runs.bench import run_bench
-
-    steps = {
-        "imse_bf16": create("imse", _vit(model_name, device), margin=1.0, precision="bf16"),
-        "sar_bf16": create("sar", _vit(model_name, device), margin=1.0, batch_size=batch, precision="bf16"),
-        "imse_fp32": create("imse", _vit(model_name, device), margin=1.0),
-    }
-    floor = step_floor(steps["sar_bf16"].model, batch)
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    t = _time_interleaved({name: lambda m=method, x=x: m(x) for name, method in steps.items()}, repeats, 1, device)
-    updated = all(method.last_record["updated"] for method in steps.values())
-    del steps, x  # free the three ViTs before the accuracy runs
-    accuracy = run_bench(
-        methods=("imse", "imse@precision=bf16"), per_domain=per_domain, device=str(device), progress=False
-    )["methods"]
-    fp32, bf16 = accuracy["imse"]["mean_accuracy"], accuracy["imse@precision=bf16"]["mean_accuracy"]
+    t, floor, updated = _bf16_steps(device, batch, repeats, model_name)
     result = {
         "model": model_name,
         "batch": batch,
@@ -122,40 +107,71 @@ def bench_precision(device: torch.device, batch: int, repeats: int, model_name: 
         "floor_ratio": floor["ratio"],
         "bf16_speedup": t["imse_fp32"] / t["imse_bf16"],
         "all_updated": updated,
-        "accuracy": {
-            "stream": f"built-in continual, 15 x {per_domain} images, severity 5, seed 0",
-            "images": sum(domain["n"] for domain in accuracy["imse"]["domains"]),
-            "fp32_mean": fp32,
-            "bf16_mean": bf16,
-            "difference_points": 100 * (bf16 - fp32),
-            "target_points": 0.3,
-        },
+        "accuracy": _bf16_accuracy(device, per_domain),
     }
-    a = result["accuracy"]
-    result["checks"] = [
+    result["checks"] = _precision_checks(result)
+    return result
+
+
+def _bf16_steps(device: torch.device, batch: int, repeats: int, model_name: str) -> tuple[dict[str, float], dict, bool]:
+    """Seconds per step of IMSE and SAR under bf16 and of IMSE in fp32 (interleaved), SAR's GEMM floor, and
+    whether all three updated. The three ViTs are freed on return, before the accuracy runs."""
+    steps = {
+        "imse_bf16": create("imse", _vit(model_name, device), margin=1.0, precision="bf16"),
+        "sar_bf16": create("sar", _vit(model_name, device), margin=1.0, batch_size=batch, precision="bf16"),
+        "imse_fp32": create("imse", _vit(model_name, device), margin=1.0),
+    }
+    floor = step_floor(steps["sar_bf16"].model, batch)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    t = _time_interleaved({name: lambda m=method, x=x: m(x) for name, method in steps.items()}, repeats, 1, device)
+    return t, floor, all(method.last_record["updated"] for method in steps.values())
+
+
+def _bf16_accuracy(device: torch.device, per_domain: int) -> dict:
+    """IMSE's mean accuracy in float32 and in bf16 on the same built-in stream (bench's), and the difference."""
+    from imse.runs.bench import run_bench
+
+    accuracy = run_bench(
+        methods=("imse", "imse@precision=bf16"), per_domain=per_domain, device=str(device), progress=False
+    )["methods"]
+    fp32, bf16 = accuracy["imse"]["mean_accuracy"], accuracy["imse@precision=bf16"]["mean_accuracy"]
+    return {
+        "stream": f"built-in continual, 15 x {per_domain} images, severity 5, seed 0",
+        "images": sum(domain["n"] for domain in accuracy["imse"]["domains"]),
+        "fp32_mean": fp32,
+        "bf16_mean": bf16,
+        "difference_points": 100 * (bf16 - fp32),
+        "target_points": 0.3,
+    }
+
+
+def _precision_checks(result: dict) -> list:
+    """The rows printed: the bf16 step ratio and speedup (reported), the accuracy difference (checked)."""
+    name, batch, a = result["model"], result["batch"], result["accuracy"]
+    imse_bf16, sar_bf16, imse_fp32 = result["imse_bf16_step_s"], result["sar_bf16_step_s"], result["imse_fp32_step_s"]
+    return [
         check(
-            f"bf16 IMSE step / bf16 SAR step ({model_name}, b{batch}; GEMM floor {floor['ratio']:.3f})",
-            f"{t['imse_bf16'] * 1e3:.0f} / {t['sar_bf16'] * 1e3:.0f} ms",
+            f"bf16 IMSE step / bf16 SAR step ({name}, b{batch}; GEMM floor {result['floor_ratio']:.3f})",
+            f"{imse_bf16 * 1e3:.0f} / {sar_bf16 * 1e3:.0f} ms",
             f"{result['ratio']:.3f}",
             "reported",
             None,
         ),
         check(
-            f"bf16 IMSE images/s; fp32 / bf16 IMSE step ({model_name}, b{batch})",
-            f"{result['imse_bf16_images_per_s']:.1f} img/s; {t['imse_fp32'] * 1e3:.0f} ms fp32",
+            f"bf16 IMSE images/s; fp32 / bf16 IMSE step ({name}, b{batch})",
+            f"{result['imse_bf16_images_per_s']:.1f} img/s; {imse_fp32 * 1e3:.0f} ms fp32",
             f"{result['bf16_speedup']:.2f}x",
             "reported",
             None,
         ),
         check(
             f"IMSE accuracy bf16 - fp32 ({a['stream']})",
-            f"{100 * bf16:.2f} / {100 * fp32:.2f} %",
+            f"{100 * a['bf16_mean']:.2f} / {100 * a['fp32_mean']:.2f} %",
             f"{a['difference_points']:+.2f} pt",
             f"|diff| <= {a['target_points']} pt",
             abs(a["difference_points"]) <= a["target_points"],
         ),
     ]
-    return result
 
 
 class RebuildEveryForward(SpectralLinear):
