@@ -347,7 +347,11 @@ def collapse_figure(state, window: int = 5) -> Figure:
     return Figure(data=data, layout=layout)
 
 
-def _markers(points: list[tuple[int, int]], scores: list, symbol: str, colour: str, name: str, verb: str) -> dict:
+def _markers(event: str, points: list[tuple[int, int]], scores: list) -> dict:
+    """The bank's ``event`` ("stored" or "retrieved") at each (batch, slot) of ``points``, on the score curve."""
+    styles = {"stored": ("triangle-down", "#2ca02c", "stored slot", "stored in"),
+              "retrieved": ("triangle-up", "#1f77b4", "retrieved slot", "retrieved")}  # fmt: skip
+    symbol, colour, name, verb = styles[event]
     return dict(type="scatter", x=[b for b, _ in points], y=[_finite(scores[b]) for b, _ in points],
                 mode="markers", marker=dict(symbol=symbol, size=11, color=colour), name=name, xaxis="x", yaxis="y",
                 text=[f"{verb} slot {s}" for _, s in points],
@@ -367,10 +371,9 @@ def bank_figure(state) -> Figure:
         data.append(dict(type="scatter", x=state.detections, y=[_finite(scores[i]) for i in state.detections],
                          mode="markers", marker=dict(symbol="x", size=10, color="red"), name="detected shift",
                          xaxis="x", yaxis="y"))  # fmt: skip
-    if state.stored:
-        data.append(_markers(state.stored, scores, "triangle-down", "#2ca02c", "stored slot", "stored in"))
-    if state.retrieved:
-        data.append(_markers(state.retrieved, scores, "triangle-up", "#1f77b4", "retrieved slot", "retrieved"))
+    for event, points in (("stored", state.stored), ("retrieved", state.retrieved)):
+        if points:
+            data.append(_markers(event, points, scores))
     data.append(dict(type="scatter", x=keep, y=[state.bank_size[j] for j in keep], mode="lines", name="bank size",
                      line=dict(color="#9467bd"), xaxis="x", yaxis="y2"))  # fmt: skip
     shapes = [

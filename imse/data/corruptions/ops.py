@@ -106,17 +106,18 @@ def pad_index(n: int, before: int, after: int, mode: str, device: torch.device |
 _TORCH_PAD_MODE = {"nearest": "replicate", "mirror": "reflect"}
 
 
-def pad2d(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> torch.Tensor:
-    """Pad the last two dims with a ``pad_index`` border mode (``F.pad`` where it has the mode: far faster
-    than a gather along the inner dims)."""
+def pad2d(x: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], mode: str) -> torch.Tensor:
+    """Pad the last two dims, ``rows`` = (top, bottom) and ``cols`` = (left, right), with a ``pad_index`` border
+    mode (``F.pad`` where it has the mode: far faster than a gather along the inner dims)."""
+    (top, bottom), (left, right) = rows, cols
     h, w = x.shape[-2:]
     torch_mode = _TORCH_PAD_MODE.get(mode)
     fits = mode != "mirror" or max(top, bottom) < h and max(left, right) < w
     if torch_mode and fits and x.ndim in (3, 4):
         return F.pad(x, (left, right, top, bottom), mode=torch_mode)
-    rows = pad_index(h, top, bottom, mode, device=x.device)
-    cols = pad_index(w, left, right, mode, device=x.device)
-    return x.index_select(-2, rows).index_select(-1, cols)
+    row_index = pad_index(h, top, bottom, mode, device=x.device)
+    col_index = pad_index(w, left, right, mode, device=x.device)
+    return x.index_select(-2, row_index).index_select(-1, col_index)
 
 
 @lru_cache(maxsize=64)
@@ -163,7 +164,7 @@ def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str = "mirror") -> 
     kh, kw = kernel.shape
     ph, pw = kh // 2, kw // 2
     h, w = x.shape[-2:]
-    padded = pad2d(x, ph, kh - 1 - ph, pw, kw - 1 - pw, mode)
+    padded = pad2d(x, (ph, kh - 1 - ph), (pw, kw - 1 - pw), mode)
     kernel = kernel.to(device=x.device, dtype=x.dtype)
     if kh * kw <= 121:
         flat = padded.reshape(-1, 1, *padded.shape[-2:])
@@ -294,7 +295,7 @@ def imagemagick_motion_blur(x: torch.Tensor, radius: float, sigma: float, angles
     dx = torch.ceil(taps[None, :] * torch.cos(radians)[:, None] - 0.5).long()  # [B, width]
     dy = torch.ceil(taps[None, :] * torch.sin(radians)[:, None] - 0.5).long()
     pad = width  # every offset lies within [-width, width]
-    padded = pad2d(x, pad, pad, pad, pad, "nearest")
+    padded = pad2d(x, (pad, pad), (pad, pad), "nearest")
     out = torch.zeros_like(x)
     for b in range(x.shape[0]):
         for i, weight in enumerate(weights):
