@@ -132,7 +132,7 @@ def teach_figures() -> list:
     retrieval = Retrieval("snow", ["clean", "fog", "snow"], [0.2, 0.05, 0.01], slot=2, shift_from_clean=True)
     return [
         teach_viz.spectrum_figure([3.0, 2.0, 1.0, 0.5], [0.6, 0.85, 0.96, 1.0], "model.blocks.0.attn.qkv", {0, 1}, 1),
-        teach_viz.rank_figure([(1, 0.3), (2, 0.6), (4, 0.8)], 0.82, 2, 0.6, "this layer", 256),
+        teach_viz.rank_figure([(1, 0.3), (2, 0.6), (4, 0.8)], 0.82, k=2, at_k=0.6, scope="this layer", images=256),
         teach_viz.top5_figure([0.1] * 10, names, "top-5"),
         teach_viz.collapse_experts_figure(view, "b5.qkv"),
         teach_viz.collapse_layers_figure(view),

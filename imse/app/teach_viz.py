@@ -85,8 +85,9 @@ def spectrum_figure(singular_values: list[float], energy: list[float], layer: st
 
 
 @_themed
-def rank_figure(curve: list[tuple[int, float]], full: float, k: int, at_k: float, scope: str, images: int):
-    """Accuracy on a fixed labelled set when only the k largest experts are kept, against k (log axis)."""
+def rank_figure(curve: list[tuple[int, float]], full: float, *, k: int, at_k: float, scope: str, images: int):
+    """Accuracy on a fixed labelled set when only the k largest experts are kept, against k (log axis): the curve's
+    points, all experts' accuracy ``full``, and ``at_k`` at the k now chosen, in ``scope`` on ``images`` images."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[c[0] for c in curve], y=[100 * c[1] for c in curve], mode="lines+markers", name="k"))
     fig.add_trace(go.Scatter(x=[k], y=[100 * at_k], mode="markers", marker=dict(size=13, color="#d62728"), name="now"))
