@@ -13,6 +13,7 @@ Examples are derandomised (the same ones on every run) and sized to keep the fil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from unittest import mock
 
@@ -30,6 +31,7 @@ from imse.data.models import BUILTIN
 from imse.data.streams import SCENARIOS
 from imse.runs.defaults import method_choices
 from imse.runs.lab import MAX_BATCH, MAX_IMAGES, LabConfig
+from imse.runs.lab_config import lab_settings_declared
 
 METHOD_CHOICES = method_choices()  # the Lab's menu, as the app lists it
 
@@ -158,14 +160,15 @@ def _checked(function):
     return wrapper
 
 
-CHECKED_FUNCTIONS = {name: _checked(function) for name, function in engine._FUNCTIONS.items()}
+# the registry with every corruption's function checked for NaN/inf (the public registry, patched for the test)
+CHECKED = {name: dataclasses.replace(c, function=_checked(c.function)) for name, c in engine.REGISTRY.items()}
 
 
 def _check_engine_call(call: dict, valid: bool) -> None:
     images = call["images"]
     before = images.clone() if isinstance(images, torch.Tensor) and not images.is_meta else None
     try:
-        with mock.patch.dict(engine._FUNCTIONS, CHECKED_FUNCTIONS):
+        with mock.patch.dict(engine.REGISTRY, CHECKED):
             out = corrupt(**call)
     except (ValueError, TypeError) as error:
         assert not valid, f"a valid call was refused: {error}"
@@ -252,8 +255,8 @@ def whole_numbers(low: int, high: int):
     return valid, invalid
 
 
-def real_numbers(low: float, high: float):
-    valid = st.one_of(st.floats(low, high, exclude_min=low == 0.0 and high != 1000), st.just(high))
+def real_numbers(low: float, high: float, open_low: bool):
+    valid = st.one_of(st.floats(low, high, exclude_min=open_low), st.just(high))
     invalid = st.one_of(
         st.floats(allow_nan=True, allow_infinity=True),
         HUGE,
@@ -308,20 +311,27 @@ DEVICE = (
     st.sampled_from(ui.device_choices()),
     st.sampled_from(["cuda", "cuda:0", "cuda:7", "meta", "mps", "CPU", "cpu ", "", "cpu:0", None, 0]) | JUNK,
 )
+DECLARED = lab_settings_declared()  # each setting's kind, limits and choices, as LabConfig declares them
+
+
+def declared_numbers(name: str):
+    """(valid, invalid) strategies for a whole-number or real setting, at its declared limits."""
+    setting = DECLARED[name]
+    if setting.kind == "whole":
+        # images per domain: valid up to 5,000, where most runs stay within the image limit (beyond, "limit")
+        return whole_numbers(int(setting.low), min(int(setting.high), 5000 if name == "per_domain" else 2**63))
+    return real_numbers(setting.low, setting.high, setting.open_low)
+
+
 # (valid, invalid) strategies per parameter, in make_config's order
 CASES = {
     "backbone": BACKBONE,
     "scenario": SCENARIO,
     "corruptions": CORRUPTION_LISTS,
-    "severity": whole_numbers(1, 5),
+    **{name: declared_numbers(name) for name in ("severity",)},
     "methods": METHOD_LISTS,
-    "batch_size": whole_numbers(1, MAX_BATCH),
-    "per_domain": whole_numbers(1, 5000),
-    "seed": whole_numbers(0, MAX_SEED),
-    "imse_lr": real_numbers(0.0, 1.0),
-    "lambda_dm": real_numbers(0.0, 1000.0),
-    "tau": real_numbers(0.0, 10.0),
-    "rounds": whole_numbers(1, 10),
+    **{name: declared_numbers(name) for name in ("batch_size", "per_domain", "seed", "imse_lr", "lambda_dm", "tau")},
+    "rounds": declared_numbers("rounds"),
     "device": DEVICE,
 }
 
@@ -392,22 +402,19 @@ def _check_config(config: LabConfig, values: dict, from_app: bool = True) -> Non
     assert config.scenario in SCENARIOS
     assert isinstance(config.corruptions, sequences) and config.corruptions
     assert all(isinstance(c, str) and c in ALL_CORRUPTIONS for c in config.corruptions)
-    for name, low, high in (
-        ("severity", 1, 5),
-        ("batch_size", 1, MAX_BATCH),
-        ("per_domain", 1, MAX_IMAGES),
-        ("seed", 0, MAX_SEED),
-        ("rounds", 1, 10),
-    ):
+    for name, setting in DECLARED.items():  # every setting within its declaration
         value = getattr(config, name)
-        assert type(value) is int and low <= value <= high, (name, value)
-    assert isinstance(config.methods, sequences) and config.methods
-    assert all(isinstance(m, str) and m in METHOD_CHOICES for m in config.methods)
-    assert len(set(config.methods)) == len(config.methods)
-    for name, low, high, open_low in (("imse_lr", 0, 1, True), ("lambda_dm", 0, 1000, False), ("tau", 0, 10, True)):
-        value = getattr(config, name)
-        assert type(value) in reals and math.isfinite(value), (name, value)
-        assert (low < value if open_low else low <= value) and value <= high, (name, value)
+        if setting.kind == "whole":
+            assert type(value) is int and setting.low <= value <= setting.high, (name, value)
+        elif setting.kind == "number":
+            assert type(value) in reals and math.isfinite(value), (name, value)
+            above = setting.low < value if setting.open_low else setting.low <= value
+            assert above and value <= setting.high, (name, value)
+        elif setting.kind == "choice":
+            assert value in setting.choices(), (name, value)
+        else:
+            assert isinstance(value, sequences) and value and all(v in setting.choices() for v in value), (name, value)
+            assert not setting.unique or len(set(value)) == len(value), (name, value)
     assert config.device in ui.device_choices()
     domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
     domains *= config.rounds if config.scenario == "recurring" else 1
@@ -642,3 +649,19 @@ def test_validate_returns_the_config_or_raises_a_readable_value_error(fields, so
     _check_config(config, {"corruptions": None}, from_app=False)
     if source_size is not None:
         assert config.per_domain <= source_size
+
+
+@pytest.mark.parametrize("name", [name for name, s in DECLARED.items() if s.kind in ("whole", "number")])
+def test_each_number_setting_is_accepted_at_its_declared_limits_and_refused_just_outside(name):
+    """Whatever LabConfig declares is what make_config enforces: the limits themselves pass (an open lower limit
+    just above it), one step beyond either is refused with a message that names the setting as declared."""
+    setting = DECLARED[name]
+    step = 1 if setting.kind == "whole" else 1e-9
+    low = setting.low + step if setting.open_low else setting.low
+    base = {**DEFAULTS, "per_domain": 1, "corruptions": ["fog"], "scenario": "single"}  # far from the image limit
+    for value in (low, setting.high):
+        value = int(value) if setting.kind == "whole" else value
+        assert getattr(_make({**base, name: value}), name) == value
+    for value in (setting.low - step if not setting.open_low else setting.low, setting.high + step):
+        with pytest.raises(gr.Error, match=setting.said):
+            _make({**base, name: int(value) if setting.kind == "whole" else value})

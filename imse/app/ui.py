@@ -19,10 +19,12 @@ from imse.app import run_cost, serving, zerogpu
 from imse.app.lab_stream import OUTPUTS, lab_updates
 from imse.app.run_queue import QueueFull, RunQueue
 from imse.app.run_workers import RunWorkers
-from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
-from imse.data.models import BUILTIN, HUB_BACKBONES, hub_reachable
+from imse.data.backbones import BUILTIN, HUB, backbone_card, backbone_data, lab_backbones
+from imse.data.corruptions import corruption_names
+from imse.data.models import hub_reachable
 from imse.runs.defaults import PRESETS, default_backbone, lab_settings, method_choices
 from imse.runs.lab import LabConfig, validate
+from imse.runs.lab_config import Setting, lab_settings_declared
 
 __all__ = [
     "backbone_choices",
@@ -33,24 +35,14 @@ __all__ = [
     "stop_lab",
 ]
 
-# the Lab's settings widgets, in the order of start_lab's parameters (and of load_preset's outputs)
-SETTINGS = (
-    "backbone",
-    "scenario",
-    "corruptions",
-    "severity",
-    "methods",
-    "batch_size",
-    "per_domain",
-    "seed",
-    "imse_lr",
-    "lambda_dm",
-    "tau",
-    "rounds",
-)
-# what /start takes and gives, by name (app.py wires its widgets in these orders; tests address them by name);
-# a newer input goes last with a default, so that a client which does not send it still calls /start as before
-START_INPUTS = (*SETTINGS, "device", "show_source", "precision")
+_DECLARED = lab_settings_declared()  # every run setting, declared once on LabConfig
+# the widgets a story preset fills (load_preset's outputs, in this order)
+SETTINGS = tuple(name for name, setting in _DECLARED.items() if setting.preset)
+# what /start takes and gives, by name (app.py wires its widgets by these names; clients may call it by name or by
+# position): every setting, and show_source. An input added later goes last, with a default, so that a client that
+# sends the older arguments by position still calls /start as before: precision came after show_source.
+_ADDED_LATER = ("precision",)
+START_INPUTS = (*(name for name in _DECLARED if name not in _ADDED_LATER), "show_source", *_ADDED_LATER)
 START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
 
@@ -60,27 +52,49 @@ def offline() -> bool:
 
 
 def backbone_choices() -> list[tuple[str, str]]:
-    """The built-in backbone first; hub models with a note (they download weights when chosen, and on a machine
-    without a GPU they adapt slowly)."""
+    """The Lab's backbones (their cards' labels, in the cards' order), a hub model's with a note: it downloads its
+    weights when chosen, and on a machine without a GPU it adapts slowly."""
     note = " — offline: needs its weights in the local cache" if offline() else " — downloads weights when started"
     if not serving.gpu_present():
         note += "; slow without a GPU (ViT-B/16: ~1 image/s)"
-    return [("built-in ViT (Fashion-MNIST, offline)", BUILTIN)] + [
-        (f"{label}{note}", name) for name, label in HUB_BACKBONES.items()
-    ]
+    cards = [backbone_card(name) for name in lab_backbones()]
+    return [(card.label + (note if card.weights == HUB else ""), card.name) for card in cards]
 
 
 def startup_backbone(timeout: float = 3.0) -> tuple[str, str]:
     """The backbone the Lab opens with, and the note shown under the title (``imse.runs.defaults.default_backbone``):
-    the hub is probed for at most ``timeout`` s, and not at all offline, so the page is up within seconds."""
+    the hub is probed for at most ``timeout`` s, and not at all offline."""
     reachable = hub_reachable(timeout)  # False at once under HF_HUB_OFFLINE
     return default_backbone(reachable, serving.gpu_present())
+
+
+@functools.cache
+def _opening_backbone() -> tuple[str, str]:
+    return startup_backbone()
+
+
+def open_page() -> tuple:
+    """A page loads: the settings widgets (``SETTINGS``) at the default run of the backbone the Lab opens with, and
+    the note that says why. The hub is probed once per server, when the first page loads — not at import, so the
+    server is up at once; until it answers the page shows the built-in model's default run, which it keeps (the
+    widgets untouched: a story clicked meanwhile stays loaded) unless the Lab opens on another backbone."""
+    backbone, note = _opening_backbone()
+    if backbone == BUILTIN:
+        return (*[gr.skip()] * len(SETTINGS), note)
+    return (*settings_values("default", backbone), note)
 
 
 def settings_values(preset: str = "default", backbone: str = BUILTIN) -> list:
     """The widget values of a preset (``SETTINGS`` order) for ``backbone``."""
     settings = lab_settings(preset, backbone)
     return [list(settings[name]) if isinstance(settings[name], tuple) else settings[name] for name in SETTINGS]
+
+
+def opening_values() -> dict[str, Any]:
+    """Every settings widget's value when the page opens: the built-in model's default run, on the GPU when one
+    is here, at the default precision."""
+    values = dict(zip(SETTINGS, settings_values("default"), strict=True))
+    return {**values, "device": device_choices()[-1], "precision": LabConfig.precision}
 
 
 def load_preset(name: Any, backbone: Any = BUILTIN) -> tuple:
@@ -155,96 +169,64 @@ def check_backbone(backbone: Any) -> str:
     return backbone
 
 
-def make_config(
-    *,
-    backbone,
-    scenario,
-    corruptions,
-    severity,
-    methods,
-    batch_size,
-    per_domain,
-    seed,
-    imse_lr,
-    lambda_dm,
-    tau,
-    rounds,
-    device,
-    precision="fp32",
-) -> LabConfig:
-    """The Lab's settings as the widgets give them (strings, floats, None), by name, into a validated LabConfig;
-    anything wrong is a readable ``gr.Error``."""
-    backbone = BUILTIN if backbone in (None, "") else backbone  # validate() refuses anything not offered
-    groups = {"test": CORRUPTIONS, "validation": VALIDATION_CORRUPTIONS}
-    chosen = _as_names(corruptions, "corruptions", groups)
+def make_config(**values: Any) -> LabConfig:
+    """The Lab's settings as the widgets (or an API client) give them, by name (strings, floats, None), into a
+    validated ``LabConfig``: each read by its declared kind; a setting left out, or a choice left empty, is the
+    default run's. Anything wrong is a readable ``gr.Error``."""
+    if unknown := sorted(set(values) - set(_DECLARED)):
+        raise gr.Error(f"unknown setting(s) {', '.join(unknown)[:200]}; the settings are {', '.join(_DECLARED)}")
+    read = {name: _read(_DECLARED[name], name, value) for name, value in values.items()}
+    read = {name: value for name, value in read.items() if value is not None}
+    backbone = read.get("backbone", LabConfig.backbone)
+    data = backbone_data(backbone) if isinstance(backbone, str) else LabConfig.data  # else validate names it
     try:
-        config = LabConfig(
-            backbone=backbone,
-            scenario=scenario,
-            corruptions=chosen,
-            severity=as_int(severity, "severity"),
-            methods=_as_names(methods, "methods"),
-            batch_size=as_int(batch_size, "batch size"),
-            per_domain=as_int(per_domain, "images per domain"),
-            seed=as_int(seed, "seed"),
-            imse_lr=as_number(imse_lr, "IMSE lr"),
-            lambda_dm=as_number(lambda_dm, "λ_dm"),
-            tau=as_number(tau, "τ"),
-            rounds=as_int(rounds, "rounds"),
-            device=device,
-            data=BUILTIN if backbone == BUILTIN else "imagenette",
-            precision="fp32" if precision in (None, "") else precision,  # validate() refuses anything else
-        )
-        return validate(config)
+        return validate(LabConfig(**read, data=data))
     except (TypeError, ValueError) as error:
         raise gr.Error(str(error)) from None
 
 
+def _read(setting: Setting, name: str, value: Any) -> Any:
+    """One widget value as its setting's kind (``None``: a choice left empty, the default's); ``validate`` then
+    checks its range and choices."""
+    if setting.kind == "whole":
+        return as_int(value, setting.said)
+    if setting.kind == "number":
+        return as_number(value, setting.said)
+    if setting.kind == "names":
+        # an API client may name a group of corruptions: corruptions="test" (or "validation")
+        groups = {split: corruption_names(split) for split in ("test", "validation")} if name == "corruptions" else {}
+        return _as_names(value, f"{setting.said}s", groups)
+    return None if value in (None, "") else value
+
+
+def setting_props(name: str, value: Any, **overrides: Any) -> dict[str, Any]:
+    """A settings widget's label, value, limits and choices as ``LabConfig`` declares them (``overrides``: what
+    only the page says, e.g. choices with longer labels)."""
+    setting = _DECLARED[name]
+    props: dict[str, Any] = {"label": setting.label, "value": list(value) if isinstance(value, tuple) else value}
+    if setting.kind == "whole":  # a real's lower limit may be open, which a widget cannot say: validate says it
+        props.update(minimum=setting.low, maximum=setting.high, precision=0)
+    if setting.choices is not None:
+        props["choices"] = list(setting.choices())
+    return {**props, **overrides}
+
+
 def start_lab(
-    backbone,
-    scenario,
-    corruptions,
-    severity,
-    methods,
-    batch_size,
-    per_domain,
-    seed,
-    imse_lr,
-    lambda_dm,
-    tau,
-    rounds,
-    device,
-    show_source,
-    precision="fp32",
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
+    **inputs: Any,
 ) -> Iterator[tuple]:
     """Stream a run: (status, 6 figures, results table, download) about once a second. A first run on
-    Imagenette downloads it once, with a progress bar. Gradio passes the widgets positionally, in START_INPUTS'
-    order (app.py wires them by name); the settings go on to ``make_config`` by keyword. ``precision`` (fp32,
-    tf32, bf16) is /start's last input and may be left out: fp32.
+    Imagenette downloads it once, with a progress bar. Gradio passes the inputs by name (``START_INPUTS``: every
+    setting of ``LabConfig``, and ``show_source``); they go on to ``make_config`` as they are. One left out is the
+    default run's (``precision``: fp32, for a client older than it).
 
     The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, wherever it
     computes (here, or in a ZeroGPU worker: a ``cuda`` run on a ZeroGPU Space is one GPU call,
     ``imse.app.zerogpu``), and the memory it held is handed back when it ends, however it ends.
     """
-    config = make_config(
-        backbone=backbone,
-        scenario=scenario,
-        corruptions=corruptions,
-        severity=severity,
-        methods=methods,
-        batch_size=batch_size,
-        per_domain=per_domain,
-        seed=seed,
-        imse_lr=imse_lr,
-        lambda_dm=lambda_dm,
-        tau=tau,
-        rounds=rounds,
-        device=device,
-        precision=precision,
-    )
-    show_source = bool(show_source)
+    show_source = bool(inputs.pop("show_source", False))
+    config = make_config(**inputs)
     session = _session(request)
     stop = RUNS.start(session)
 

@@ -1,51 +1,98 @@
-"""A Lab run's settings and their checks: ``LabConfig`` (the default run's values) and ``validate``.
+"""A Lab run's settings, declared once: ``LabConfig`` (the default run's values) and, on each field, a ``Setting``
+(its label, how messages name it, its kind and limits); ``validate`` checks a config against them.
 
-Kept apart from the run itself (``imse.runs.lab``): the UI, the API and the ZeroGPU sizing read the settings and
-their limits without the run's machinery.
+The UI lays its widgets out from these declarations (labels, limits, choices), the API takes the settings by
+these names, ``make_config`` reads each by its kind, and ``validate`` checks each against its limits: a setting
+changed here changes everywhere. Kept apart from the run itself (``imse.runs.lab``): the UI, the API and the
+ZeroGPU sizing read the settings and their limits without the run's machinery.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from imse.core.methods.base import COMMON_DEFAULTS, PRECISIONS
-from imse.data.corruptions import ALL_CORRUPTIONS
-from imse.data.models import BUILTIN, HUB_BACKBONES
+from imse.data.backbones import BUILTIN, backbone_data, lab_backbones
+from imse.data.corruptions import corruption_names
 from imse.data.streams import SCENARIOS
 from imse.runs.defaults import lab_settings, method_choices
 
-__all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "validate"]
+__all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "Setting", "lab_settings_declared", "validate"]
 
 MAX_IMAGES = 200_000  # per run: keeps a public Space's runs bounded
 MAX_BATCH = 256
+MAX_SEED = 2**32 - 1  # the stream derives generator seeds from the seed: keep them in range
 _DEFAULT = lab_settings()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one run setting is shown, read and checked. ``kind``: ``choice`` (one of ``choices()``), ``names`` (a
+    non-empty list of ``choices()``), ``whole`` or ``number`` (within ``low``..``high``). ``choices`` is called
+    when needed, so a method or backbone registered later is offered and accepted. ``preset``: a story preset
+    sets it (the device and the precision are the visitor's machine's, not the story's)."""
+
+    label: str  # the widget's label
+    said: str  # how a message names it: "batch size must be 1 to 256"
+    kind: str
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    choices: Callable[[], Sequence[str]] | None = None
+    unique: bool = False  # names: each at most once
+    preset: bool = True
+
+
+def _setting(default: Any, label: str, said: str, kind: str, **limits: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(label, said, kind, **limits)})
+
+
+def _devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 @dataclass
 class LabConfig:
-    """One Lab run's settings; the defaults are the default run's (``imse.defaults.lab_settings``)."""
+    """One Lab run's settings, in the order ``/start`` takes them; the defaults are the default run's
+    (``imse.runs.defaults.lab_settings``)."""
 
-    backbone: str = _DEFAULT["backbone"]
-    scenario: str = _DEFAULT["scenario"]
-    corruptions: tuple[str, ...] = _DEFAULT["corruptions"]
-    severity: int = _DEFAULT["severity"]
-    methods: tuple[str, ...] = _DEFAULT["methods"]
-    batch_size: int = _DEFAULT["batch_size"]
-    per_domain: int = _DEFAULT["per_domain"]
-    seed: int = _DEFAULT["seed"]
-    imse_lr: float = _DEFAULT["imse_lr"]  # the validation sweep's choice for the built-in backbone
-    lambda_dm: float = _DEFAULT["lambda_dm"]
-    tau: float = _DEFAULT["tau"]
-    device: str = "cpu"
-    rounds: int = _DEFAULT["rounds"]
-    data: str = _DEFAULT["data"]
+    backbone: str = _setting(_DEFAULT["backbone"], "Backbone", "backbone", "choice", choices=lab_backbones)
+    scenario: str = _setting(_DEFAULT["scenario"], "Scenario", "scenario", "choice", choices=lambda: SCENARIOS)
+    corruptions: tuple[str, ...] = _setting(
+        _DEFAULT["corruptions"],
+        "Corruptions (in order)",
+        "corruption",
+        "names",
+        choices=lambda: corruption_names("all"),
+    )
+    severity: int = _setting(_DEFAULT["severity"], "Severity", "severity", "whole", low=1, high=5)
+    methods: tuple[str, ...] = _setting(
+        _DEFAULT["methods"], "Methods (several = compare on the same batches)", "method", "names",
+        choices=lambda: tuple(method_choices()), unique=True,
+    )  # fmt: skip
+    batch_size: int = _setting(_DEFAULT["batch_size"], "Batch size", "batch size", "whole", low=1, high=MAX_BATCH)
+    per_domain: int = _setting(
+        _DEFAULT["per_domain"], "Images per domain", "images per domain", "whole", low=1, high=MAX_IMAGES
+    )
+    seed: int = _setting(_DEFAULT["seed"], "Seed", "seed", "whole", low=0, high=MAX_SEED)
+    # IMSE's lr and λ_dm: the validation sweep's choice for the backbone
+    imse_lr: float = _setting(_DEFAULT["imse_lr"], "IMSE lr", "IMSE lr", "number", low=0, high=1, open_low=True)
+    lambda_dm: float = _setting(_DEFAULT["lambda_dm"], "λ_dm", "λ_dm", "number", low=0, high=1000)
+    tau: float = _setting(_DEFAULT["tau"], "τ (shift)", "τ", "number", low=0, high=10, open_low=True)
+    rounds: int = _setting(_DEFAULT["rounds"], "Rounds (recurring)", "rounds", "whole", low=1, high=10)
+    device: str = _setting("cpu", "Device", "device", "choice", choices=_devices, preset=False)
     # every method's: fp32, tf32 (CUDA only; on the CPU as fp32) or bf16 autocast
-    precision: str = COMMON_DEFAULTS["precision"]
+    precision: str = _setting(
+        COMMON_DEFAULTS["precision"], "Precision", "precision", "choice", choices=lambda: PRECISIONS, preset=False
+    )
+    data: str = _DEFAULT["data"]  # follows the backbone: not a setting of its own
 
     @classmethod
     def from_preset(cls, preset: str = "default", backbone: str = BUILTIN, device: str = "cpu") -> LabConfig:
@@ -53,86 +100,84 @@ class LabConfig:
         return cls(**lab_settings(preset, backbone), device=device)
 
 
+def lab_settings_declared() -> dict[str, Setting]:
+    """Every run setting by name, in ``LabConfig``'s (and ``/start``'s) order."""
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(LabConfig) if "setting" in f.metadata}
+
+
+def _shown(value: Any) -> str:
+    try:
+        return reprlib.repr(value)
+    except Exception:  # e.g. an int beyond Python's 4300-digit str limit
+        return f"a {type(value).__name__}"
+
+
+def _listed(values: list) -> str:
+    more = f" and {len(values) - 5} more" if len(values) > 5 else ""
+    return ", ".join(_shown(v) for v in values[:5]) + more
+
+
+def _within(setting: Setting, value: Any) -> bool:
+    above = setting.low < value if setting.open_low else setting.low <= value
+    return above and value <= setting.high
+
+
+def _problem(setting: Setting, value: Any) -> str | None:
+    """What is wrong with one setting's value (``None``: nothing), in the user's words."""
+    if setting.kind == "whole":
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return (
+            None if whole and _within(setting, value) else f"{setting.said} must be {setting.low} to {setting.high:,}"
+        )
+    if setting.kind == "number":
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        real = real and not (isinstance(value, float) and not math.isfinite(value))  # an int may exceed float
+        if real and _within(setting, value):
+            return None
+        return f"{setting.said} must be in {'(' if setting.open_low else '['}{setting.low:g}, {setting.high:g}]"
+    allowed = tuple(setting.choices())
+    if setting.kind == "choice":
+        if isinstance(value, str) and value in allowed:
+            return None
+        return f"{setting.said} must be one of {', '.join(allowed)}, got {_shown(value)}"
+    return _names_problem(setting, value, allowed)
+
+
+def _names_problem(setting: Setting, value: Any, allowed: tuple) -> str | None:
+    if not isinstance(value, (tuple, list)):
+        return f"{setting.said}s must be a list of names, got {_shown(value)}"
+    if not value:
+        return f"choose at least one {setting.said}"
+    if unknown := [v for v in value if not (isinstance(v, str) and v in allowed)]:
+        return f"unknown {setting.said}(s): {_listed(unknown)}; choose from {_listed(list(allowed))}"
+    if setting.unique and len(set(value)) < len(value):
+        twice = sorted({v for v in value if value.count(v) > 1})
+        return f"each {setting.said} once: {_listed(twice)} chosen more than once"
+    return None
+
+
+def _images(config: LabConfig) -> int:
+    """How many images the run streams: every domain of its scenario, ``per_domain`` each."""
+    domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
+    return domains * (config.rounds if config.scenario == "recurring" else 1) * config.per_domain
+
+
 def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
-    """Readable ``ValueError`` for anything impossible, before any work starts: each field's type, range or
-    allowed values, then the combinations (backbone and data, the run's total size). Whatever the fields hold
-    (the app's API passes on any JSON value), it raises nothing else; user values in messages are cut short."""
-
-    def shown(value: Any) -> str:
-        try:
-            return reprlib.repr(value)
-        except Exception:  # e.g. an int beyond Python's 4300-digit str limit
-            return f"a {type(value).__name__}"
-
-    def listed(values: list) -> str:
-        more = f" and {len(values) - 5} more" if len(values) > 5 else ""
-        return ", ".join(shown(v) for v in values[:5]) + more
-
-    def whole(value: Any, low: int, high: float = math.inf) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-    def real(value: Any, low: float, high: float, open_low: bool = False) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        return (low < value if open_low else low <= value) and value <= high
-
-    def choice(value: Any, allowed) -> bool:
-        return isinstance(value, str) and value in allowed
-
-    problems = []
-    backbones = (BUILTIN, *HUB_BACKBONES)
-    if not choice(config.backbone, backbones):
-        problems.append(f"unknown backbone {shown(config.backbone)}; choose one of {', '.join(backbones)}")
-    elif config.data != (expected := BUILTIN if config.backbone == BUILTIN else "imagenette"):
-        problems.append(f"data must be {expected!r} for backbone {config.backbone!r}, got {shown(config.data)}")
-    if not choice(config.scenario, SCENARIOS):
-        problems.append(f"scenario must be one of {', '.join(SCENARIOS)}")
-    if not isinstance(config.corruptions, (tuple, list)):
-        problems.append(f"corruptions must be a list of names, got {shown(config.corruptions)}")
-    elif not config.corruptions:
-        problems.append("choose at least one corruption")
-    elif unknown := [c for c in config.corruptions if not choice(c, ALL_CORRUPTIONS)]:
-        problems.append(f"unknown corruption(s): {listed(unknown)}")
-    if not whole(config.severity, 1, 5):
-        problems.append("severity must be 1 to 5")
-    if not isinstance(config.methods, (tuple, list)):
-        problems.append(f"methods must be a list of method names, got {shown(config.methods)}")
-    elif not config.methods:
-        problems.append("choose at least one method")
-    elif bad := [m for m in config.methods if not choice(m, method_choices())]:
-        problems.append(f"unknown method(s): {listed(bad)}; choose from {', '.join(method_choices())}")
-    elif len(set(config.methods)) < len(config.methods):
-        twice = sorted({m for m in config.methods if config.methods.count(m) > 1})
-        problems.append(f"each method once: {listed(twice)} chosen more than once")
-    if not whole(config.batch_size, 1, MAX_BATCH):
-        problems.append(f"batch size must be 1 to {MAX_BATCH}")
-    if not whole(config.per_domain, 1, MAX_IMAGES):
-        problems.append(f"images per domain must be 1 to {MAX_IMAGES:,}")
-    elif source_size is not None and config.per_domain > source_size:
-        problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
-    if not whole(config.seed, 0, 2**32 - 1):  # the stream derives generator seeds from it: keep them in range
-        problems.append(f"seed must be a whole number from 0 to {2**32 - 1}")
-    if not real(config.imse_lr, 0, 1, open_low=True):
-        problems.append("IMSE lr must be in (0, 1]")
-    if not real(config.lambda_dm, 0, 1000):
-        problems.append("λ_dm must be in [0, 1000]")
-    if not real(config.tau, 0, 10, open_low=True):
-        problems.append("τ must be in (0, 10]")
-    if not whole(config.rounds, 1, 10):
-        problems.append("rounds must be 1 to 10")
-    if not choice(config.device, ("cpu", "cuda")) or (config.device == "cuda" and not torch.cuda.is_available()):
-        problems.append(f"device must be 'cpu' (or 'cuda' when a GPU is present), got {shown(config.device)}")
-    if not choice(config.precision, PRECISIONS):
-        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {shown(config.precision)}")
+    """Readable ``ValueError`` for anything impossible, before any work starts: each setting against its
+    declaration, then the combinations (backbone and data, the data's size, the run's total size). Whatever the
+    fields hold (the app's API passes on any JSON value), it raises nothing else; user values are cut short."""
+    problems = [
+        problem
+        for name, setting in lab_settings_declared().items()
+        if (problem := _problem(setting, getattr(config, name))) is not None
+    ]
     if not problems:
-        domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
-        domains *= config.rounds if config.scenario == "recurring" else 1
-        if domains * config.per_domain > MAX_IMAGES:
-            problems.append(
-                f"this run would stream {domains * config.per_domain:,} images; the limit is {MAX_IMAGES:,}"
-            )
+        if config.data != (expected := backbone_data(config.backbone)):
+            problems.append(f"data must be {expected!r} for backbone {config.backbone!r}, got {_shown(config.data)}")
+        if source_size is not None and config.per_domain > source_size:
+            problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
+        if _images(config) > MAX_IMAGES:
+            problems.append(f"this run would stream {_images(config):,} images; the limit is {MAX_IMAGES:,}")
     if problems:
         raise ValueError("; ".join(problems))
     return config
