@@ -119,3 +119,9 @@ def test_a_registered_corruption_is_listed_and_corrupts(monkeypatch):
     assert torch.equal(corrupt(images, "darken", 5), torch.full_like(images, 100))
     with pytest.raises(ValueError, match="severity must be an integer from 1 to 5"):
         corrupt(images, "darken", 6)
+    from imse.data.streams import resolve_corruptions
+    from imse.runs.lab_config import LabConfig, lab_settings_declared, validate
+
+    assert resolve_corruptions(["darken"]) == ("darken",) and resolve_corruptions("test")[-1] == "darken"
+    assert "darken" in lab_settings_declared()["corruptions"].choices()  # the Lab's menu offers it
+    assert validate(LabConfig(corruptions=("darken",))).corruptions == ("darken",)

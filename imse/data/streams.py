@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
+from imse.data.corruptions import corrupt, corruption_names
 from imse.data.sources import Source
 
 __all__ = [
@@ -55,13 +55,12 @@ class Batch:
 
 
 def resolve_corruptions(corruptions: str | Sequence[str]) -> tuple[str, ...]:
-    """``"test"`` (the 15, ImageNet-C order), ``"validation"`` (the 4 held-out ones), or explicit names."""
-    if corruptions == "test":
-        return CORRUPTIONS
-    if corruptions == "validation":
-        return VALIDATION_CORRUPTIONS
+    """``"test"`` (the 15, ImageNet-C order), ``"validation"`` (the 4 held-out ones), or explicit names (read from
+    the corruption registry when asked, so that one registered later streams too)."""
+    if corruptions in ("test", "validation"):
+        return corruption_names(corruptions)
     names = (corruptions,) if isinstance(corruptions, str) else tuple(corruptions)
-    unknown = [n for n in names if n not in CORRUPTIONS + VALIDATION_CORRUPTIONS + (CLEAN,)]
+    unknown = [n for n in names if n not in (*corruption_names("all"), CLEAN)]
     if unknown or not names:
         raise ValueError(f"unknown corruption(s) {unknown or names}; use 'test', 'validation' or names from both")
     return names

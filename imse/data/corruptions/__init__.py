@@ -92,10 +92,6 @@ def corruption_names(split: str = "all") -> tuple[str, ...]:
 CORRUPTIONS: tuple[str, ...] = corruption_names("test")
 VALIDATION_CORRUPTIONS: tuple[str, ...] = corruption_names("validation")
 ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + VALIDATION_CORRUPTIONS
-# Each function by name as registered at import: only tests/test_properties.py still reads it, until it wraps the
-# registry's entries instead
-_FUNCTIONS: dict[str, Callable] = {name: corruption.function for name, corruption in REGISTRY.items()}
-
 _CIFAR_MAX_SIDE = math.sqrt(32 * 224)  # ≈ 84.7: nearer to 32 than to 224 on a log scale
 
 
