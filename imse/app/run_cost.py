@@ -11,21 +11,13 @@ import functools
 import json
 
 from imse.core.resources import asset_path
+from imse.data.backbones import backbone_card
 from imse.runs.lab import LabConfig, method_name
+from imse.runs.lab_config import run_images
 
-__all__ = ["COST_AS", "images", "run_seconds", "seconds_per_image"]
+__all__ = ["run_seconds", "seconds_per_image"]
 
 MEASURED = {"cuda": "perf_methods_h200.json", "cpu": "perf_methods_cpu.json"}
-# Which measured architecture each backbone costs as (same shapes, or fewer FLOPs)
-COST_AS = {
-    "builtin": "builtin",
-    "vit_tiny_patch16_224.augreg_in21k_ft_in1k": "vit_small_patch16_224",
-    "vit_small_patch16_224.augreg_in21k_ft_in1k": "vit_small_patch16_224",
-    "deit_small_patch16_224.fb_in1k": "vit_small_patch16_224",
-    "vit_base_patch16_224.augreg_in21k_ft_in1k": "vit_base_patch16_224",
-    "deit_base_patch16_224.fb_in1k": "vit_base_patch16_224",
-    "vit_base_patch16_clip_224.openai_ft_in1k": "vit_base_patch16_224",
-}
 # GFLOPs per 224-px image (timm's model cards): an architecture a table lacks costs as a measured one, scaled
 GFLOPS = {"vit_small_patch16_224": 4.6, "vit_base_patch16_224": 17.6}
 
@@ -37,7 +29,7 @@ def _measured(device: str) -> dict[str, dict[str, float]]:
 
 
 def _steps(backbone: str, device: str) -> dict[str, float]:
-    table, architecture = _measured(device), COST_AS[backbone]
+    table, architecture = _measured(device), backbone_card(backbone).cost_as  # the card's
     if architecture in table:
         return table[architecture]
     near = next(name for name in GFLOPS if name in table)
@@ -53,11 +45,6 @@ def seconds_per_image(backbone: str, method: str, device: str) -> float:
     return step / 64
 
 
-def images(config: LabConfig) -> int:
-    domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
-    return domains * (config.rounds if config.scenario == "recurring" else 1) * config.per_domain
-
-
 def per_image(config: LabConfig, device: str) -> float:
     """Seconds per image of the whole run: every method, and one more forward for the Lab's own readouts."""
     methods = [method_name(label) for label in config.methods]
@@ -65,4 +52,4 @@ def per_image(config: LabConfig, device: str) -> float:
 
 
 def run_seconds(config: LabConfig, device: str) -> float:
-    return images(config) * per_image(config, device)
+    return run_images(config) * per_image(config, device)

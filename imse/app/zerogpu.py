@@ -27,6 +27,7 @@ import gradio as gr
 from imse.app import run_cost, serving
 from imse.app.lab_stream import lab_updates
 from imse.runs.lab import LabConfig
+from imse.runs.lab_config import run_images
 
 __all__ = [
     "GPU_DEVICE",
@@ -63,7 +64,7 @@ def check_fits(config: LabConfig) -> None:
     needed = request_seconds(config)
     if needed <= largest:
         return
-    domains = run_cost.images(config) // config.per_domain
+    domains = run_images(config) // config.per_domain
     fits = math.floor((largest / MARGIN - STARTUP_SECONDS) / (HALF_H200 * run_cost.per_image(config, "cuda") * domains))
     advice = (
         f"at most {fits:,} images per domain with these methods and corruptions"

@@ -47,7 +47,8 @@ class BackboneCard:
     ``config.json`` (architecture, normalisation, classes) and ``model.safetensors``. ``sweep``: its validation
     sweep's JSON under ``assets/results`` (the tuned settings runs start from). ``start_files``: method -> the
     files it starts from, ``{setting: path parts under assets}``. ``paper_role``: the paper's name for it in
-    ``python -m imse reproduce`` (supervised, mae, clip).
+    ``python -m imse reproduce`` (supervised, mae, clip). ``cost_as``: the measured architecture whose step times a
+    Lab run's cost is read from (same shapes, or more FLOPs; ``imse.app.run_cost``).
     """
 
     name: str
@@ -59,6 +60,7 @@ class BackboneCard:
     sweep: str | None = None
     start_files: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
     paper_role: str | None = None
+    cost_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.weights not in (SHIPPED, HUB, USER_FILE):
@@ -72,9 +74,9 @@ class BackboneCard:
         return self.weights in (SHIPPED, HUB)
 
 
-def _hub(name: str, label: str, paper_role: str | None = None) -> BackboneCard:
+def _hub(name: str, label: str, cost_as: str, paper_role: str | None = None) -> BackboneCard:
     """An ImageNet-1k ViT at 224 px with its weights on the hub."""
-    return BackboneCard(name, label, IMAGENET_DATA, 224, HUB, paper_role=paper_role)
+    return BackboneCard(name, label, IMAGENET_DATA, 224, HUB, paper_role=paper_role, cost_as=cost_as)
 
 
 # The registry, in the Lab's menu order (the built-in model first).
@@ -92,17 +94,24 @@ CARDS: dict[str, BackboneCard] = {
             # ViDA's source warm-up (``python -m imse vida-warmup``: its adapters trained on Fashion-MNIST's train
             # split; the recipe is in the file)
             start_files={"vida": {"checkpoint": ("builtin", "vida_warmup.safetensors")}},
+            cost_as="builtin",
         ),
-        _hub("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "ViT-Ti/16 AugReg (IN-21k → IN-1k)"),
-        _hub("vit_small_patch16_224.augreg_in21k_ft_in1k", "ViT-S/16 AugReg (IN-21k → IN-1k)"),
+        _hub("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "ViT-Ti/16 AugReg (IN-21k → IN-1k)", "vit_small_patch16_224"),
+        _hub("vit_small_patch16_224.augreg_in21k_ft_in1k", "ViT-S/16 AugReg (IN-21k → IN-1k)", "vit_small_patch16_224"),
         _hub(
             "vit_base_patch16_224.augreg_in21k_ft_in1k",
             "ViT-B/16 AugReg (IN-21k → IN-1k), the IMSE paper's",
+            "vit_base_patch16_224",
             paper_role="supervised",
         ),
-        _hub("deit_small_patch16_224.fb_in1k", "DeiT-S/16 (IN-1k)"),
-        _hub("deit_base_patch16_224.fb_in1k", "DeiT-B/16 (IN-1k)"),
-        _hub("vit_base_patch16_clip_224.openai_ft_in1k", "CLIP ViT-B/16, fine-tuned on IN-1k", paper_role="clip"),
+        _hub("deit_small_patch16_224.fb_in1k", "DeiT-S/16 (IN-1k)", "vit_small_patch16_224"),
+        _hub("deit_base_patch16_224.fb_in1k", "DeiT-B/16 (IN-1k)", "vit_base_patch16_224"),
+        _hub(
+            "vit_base_patch16_clip_224.openai_ft_in1k",
+            "CLIP ViT-B/16, fine-tuned on IN-1k",
+            "vit_base_patch16_224",
+            paper_role="clip",
+        ),
         # the paper's MAE ViT-B/16 fine-tuned on IN-1k: timm's ``.mae`` weights are the pre-trained encoder without
         # a classifier, so the fine-tuned checkpoint is the user's (facebookresearch/mae's, a .pth)
         BackboneCard(
@@ -112,6 +121,7 @@ CARDS: dict[str, BackboneCard] = {
             224,
             USER_FILE,
             paper_role="mae",
+            cost_as="vit_base_patch16_224",
         ),
     )
 }

@@ -24,7 +24,7 @@ from imse.data.corruptions import corruption_names
 from imse.data.streams import SCENARIOS
 from imse.runs.defaults import lab_settings, method_choices
 
-__all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "Setting", "lab_settings_declared", "validate"]
+__all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "Setting", "lab_settings_declared", "run_images", "validate"]
 
 MAX_IMAGES = 200_000  # per run: keeps a public Space's runs bounded
 MAX_BATCH = 256
@@ -156,7 +156,7 @@ def _names_problem(setting: Setting, value: Any, allowed: tuple) -> str | None:
     return None
 
 
-def _images(config: LabConfig) -> int:
+def run_images(config: LabConfig) -> int:
     """How many images the run streams: every domain of its scenario, ``per_domain`` each."""
     domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
     return domains * (config.rounds if config.scenario == "recurring" else 1) * config.per_domain
@@ -176,8 +176,8 @@ def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
             problems.append(f"data must be {expected!r} for backbone {config.backbone!r}, got {_shown(config.data)}")
         if source_size is not None and config.per_domain > source_size:
             problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
-        if _images(config) > MAX_IMAGES:
-            problems.append(f"this run would stream {_images(config):,} images; the limit is {MAX_IMAGES:,}")
+        if run_images(config) > MAX_IMAGES:
+            problems.append(f"this run would stream {run_images(config):,} images; the limit is {MAX_IMAGES:,}")
     if problems:
         raise ValueError("; ".join(problems))
     return config
