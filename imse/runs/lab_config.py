@@ -21,7 +21,7 @@ import torch
 from imse.core.methods.base import COMMON_DEFAULTS, PRECISIONS
 from imse.data.backbones import BUILTIN, backbone_data, lab_backbones
 from imse.data.corruptions import corruption_names
-from imse.data.streams import SCENARIOS
+from imse.data.streams import GRADUAL_SEVERITIES, SCENARIOS
 from imse.runs.defaults import lab_settings, method_choices
 
 __all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "Setting", "lab_settings_declared", "run_images", "validate"]
@@ -158,7 +158,7 @@ def _names_problem(setting: Setting, value: Any, allowed: tuple) -> str | None:
 
 def run_images(config: LabConfig) -> int:
     """How many images the run streams: every domain of its scenario, ``per_domain`` each."""
-    domains = len(config.corruptions) * (9 if config.scenario == "gradual" else 1)
+    domains = len(config.corruptions) * (len(GRADUAL_SEVERITIES) if config.scenario == "gradual" else 1)
     return domains * (config.rounds if config.scenario == "recurring" else 1) * config.per_domain
 
 
