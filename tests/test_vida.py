@@ -163,7 +163,8 @@ def test_the_augmentation_follows_the_input_size_the_official_one_is_fixed_at_22
 def _backbone(vit):
     from imse.data.models import Backbone
 
-    return Backbone(vit, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "tiny", [str(i) for i in range(10)], 32)
+    labels = [str(i) for i in range(10)]
+    return Backbone(vit, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), name="tiny", class_names=labels, input_size=32)
 
 
 def _official_checkpoint(tmp_path, seed: int = 1):
