@@ -15,49 +15,19 @@ with contextlib.suppress(ImportError):  # on ZeroGPU `spaces` goes first: it pat
 
 import gradio as gr  # noqa: E402
 
-from imse.app import serving, teach, teach_data, ui, viz  # noqa: E402
+from imse.app import serving, ui, viz  # noqa: E402
 from imse.app.lab_stream import panel_rows  # noqa: E402
 from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
+from imse.app.teach_tab import teach_tab  # noqa: E402
 from imse.app.theme import PAGE_CSS  # noqa: E402
-from imse.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS  # noqa: E402
-from imse.runs.lab import MAX_BATCH  # noqa: E402
 
-start_lab = ui.start_lab  # on a ZeroGPU Space, a cuda run is one GPU call sized to the run (imse.app.zerogpu)
-# The Teach tab's path: each view's 2–4 sentences and the formula of what it draws
-TEACH_TEXT = {
-    "experts": r"""
-**1 · Spectral experts.** SVD splits every linear layer into rank-1 experts,
-$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_i \sigma_i\, u_i v_i^\top$: expert $i$ writes along $u_i$, scaled by
-$\sigma_i$, as much as the input points along $v_i$. Keeping only the $k$ largest gives the best rank-$k$ layer;
-slide $k$ down to see how few experts carry the model, and scale one $\sigma_i$ to see what it does. IMSE adapts
-only the $\sigma_i$ — a few thousand numbers.
-""",
-    "collapse": r"""
-**2 · Collapse, measured.** An expert's *alignment* with input row $x_n$ (every token of every image) is
-$a_{n,i} = v_i^\top x_n / \lVert x_n\rVert$, and $\mathrm{Std}_i$ its spread over the batch: an expert whose
-alignment no longer varies has stopped telling images apart. **Measure** compares clean images, the same images
-corrupted, and IMSE, IMSE without its diversity term ($\lambda_{dm}=0$) and TENT as they adapt on 768 corrupted
-images. Watch the spread and the predicted classes; the view says where corruption does *not* lower the spread.
-""",
-    "step": r"""
-**3 · One IMSE step, dissected.** Samples with entropy $H(x) < E_0 = 0.4 \ln C$ are kept; the loss is
-$\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in R} H(x) \;-\; \lambda_{dm} L_{dm}$ with
-$L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i>1}\,\mathrm{Std}_i^{(\ell)}$ over the last three blocks.
-SAM first moves $\sigma$ uphill by $\rho$, takes the gradient there, and steps from the original point with Adam,
-whose first steps move each $\sigma$ by about the learning rate (the sign says which way).
-**Step** adapts on the next batch; **Reset** returns to the source $\sigma$.
-""",
-    "domains": r"""
-**4 · Domains and retrieval.** A batch's descriptor is its patch tokens' per-channel mean and variance; two
-descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} +
-\tfrac{v_b + (\mu_a-\mu_b)^2}{2 v_a} - 1\big]$, and $D > \tau$ starts a new domain. IMSE keeps the $\sigma$ it
-adapted for each domain in a bank and, on a new domain, brings back the slot whose descriptor is nearest.
-""",
-}
-LATEX = [{"left": "$", "right": "$", "display": False}]
+START = ui.opening_values()  # the built-in model's default run, until a page loads (ui.open_page)
 
-DEFAULT_BACKBONE, BACKBONE_NOTE = ui.startup_backbone()  # probes the hub ≤ 3 s (not at all offline)
-START = dict(zip(ui.SETTINGS, ui.settings_values("default", DEFAULT_BACKBONE)))
+
+def setting(name, **overrides):
+    """A settings widget's label, value, limits and choices, as LabConfig declares them (imse.runs.lab_config)."""
+    return ui.setting_props(name, START[name], **overrides)
+
 
 # Gradio's cache (uploads, downloads) is swept hourly of files older than an hour: a public Space's disk stays bounded
 with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
@@ -65,7 +35,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         "# IMSE Lab\nTest-time adaptation of a Vision Transformer by its **spectral experts** (IMSE, ICLR 2026): "
         "corrupted images stream through the model, which adapts only its singular values, live."
     )
-    gr.Markdown(BACKBONE_NOTE, elem_id="backbone-note")
+    backbone_note = gr.Markdown("", elem_id="backbone-note")  # says which backbone the Lab opens on, and why
     with gr.Tab("Lab"):
         with gr.Row():
             gr.Markdown("**Stories** — one click loads a run, says what to watch, and starts it:")
@@ -79,31 +49,21 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     start = gr.Button("Start", variant="primary")
                     stop = gr.Button("Stop")
                 status = gr.Markdown("Ready: press **Start** for the default run, or pick a story above.")
-                backbone = gr.Dropdown(ui.backbone_choices(), value=START["backbone"], label="Backbone")
-                scenario = gr.Radio(
-                    ["single", "continual", "gradual", "recurring"], value=START["scenario"], label="Scenario"
-                )
-                corruptions = gr.Dropdown(
-                    list(ALL_CORRUPTIONS), value=START["corruptions"], multiselect=True, label="Corruptions (in order)"
-                )
-                severity = gr.Slider(1, 5, value=START["severity"], step=1, label="Severity")
-                methods = gr.CheckboxGroup(
-                    ui.method_labels(), value=START["methods"], label="Methods (several = compare on the same batches)"
-                )
+                widgets = {}  # the run's settings by name: labels, limits and choices declared on LabConfig
+                widgets["backbone"] = gr.Dropdown(**setting("backbone", choices=ui.backbone_choices()))
+                widgets["scenario"] = gr.Radio(**setting("scenario"))
+                widgets["corruptions"] = gr.Dropdown(**setting("corruptions"), multiselect=True)
+                widgets["severity"] = gr.Slider(**setting("severity"), step=1)
+                widgets["methods"] = gr.CheckboxGroup(**setting("methods"))
                 with gr.Row():
-                    batch_size = gr.Number(
-                        START["batch_size"], precision=0, minimum=1, maximum=MAX_BATCH, label="Batch size"
-                    )
-                    per_domain = gr.Number(START["per_domain"], precision=0, minimum=1, label="Images per domain")
-                    seed = gr.Number(START["seed"], precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                    for name in ("batch_size", "per_domain", "seed"):
+                        widgets[name] = gr.Number(**setting(name))
                 with gr.Row():
-                    imse_lr = gr.Number(START["imse_lr"], label="IMSE lr")
-                    lambda_dm = gr.Number(START["lambda_dm"], label="λ_dm")
-                    tau = gr.Number(START["tau"], label="τ (shift)")
-                    rounds = gr.Number(START["rounds"], precision=0, minimum=1, maximum=10, label="Rounds (recurring)")
+                    for name in ("imse_lr", "lambda_dm", "tau", "rounds"):
+                        widgets[name] = gr.Number(**setting(name))
                 with gr.Row():
-                    device = gr.Dropdown(ui.device_choices(), value=ui.device_choices()[-1], label="Device")
-                    precision = gr.Dropdown(ui.precision_choices(), value="fp32", label="Precision")
+                    widgets["device"] = gr.Dropdown(**setting("device"))
+                    widgets["precision"] = gr.Dropdown(**setting("precision", choices=ui.precision_choices()))
             with gr.Column(scale=3):
                 plots = {}  # the Lab's panels, one entry each in lab_stream.PANELS, laid out by their rows
                 for row in panel_rows():
@@ -111,7 +71,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                         for panel in row:
                             plots[panel.name] = gr.Plot(viz.empty_figure(panel.title), label=panel.label)
                     if any(panel.name == "alignment" for panel in row):  # the switch under the heatmap it changes
-                        show_source = gr.Checkbox(
+                        widgets["show_source"] = gr.Checkbox(
                             False, label="Show the no-adaptation model's alignment heatmap instead"
                         )
                 results = gr.Dataframe(  # headers wrap and the method stays pinned: every column fits the page
@@ -122,130 +82,26 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     pinned_columns=1,
                 )
                 download = gr.File(label="Download the run (records JSON, spectral code, bank)", visible=False)
-        # wired by name, in the orders ui.start_lab and its API callers use (ui.START_INPUTS / START_OUTPUTS)
-        widgets = dict(backbone=backbone, scenario=scenario, corruptions=corruptions, severity=severity)
-        widgets.update(methods=methods, batch_size=batch_size, per_domain=per_domain, seed=seed, imse_lr=imse_lr)
-        widgets.update(lambda_dm=lambda_dm, tau=tau, rounds=rounds, device=device, show_source=show_source)
-        widgets.update(precision=precision)
+        # wired by name: /start takes its inputs as keyword arguments (ui.START_INPUTS, the API's names and order)
         settings = [widgets[name] for name in ui.SETTINGS]
-        inputs = [widgets[name] for name in ui.START_INPUTS]
+        inputs = {name: widgets[name] for name in ui.START_INPUTS}
         shown = dict(status=status, **plots, results=results, download=download)
         outputs = [shown[name] for name in ui.START_OUTPUTS]
         # every run enters at once and waits in the server's own queue, which tells it its place and wait (ui)
-        at_once = dict(concurrency_id="runs", concurrency_limit=ui.runs_at_once())
-        run_events = [start.click(start_lab, inputs, outputs, api_name="start", **at_once)]
+        a_run = dict(inputs_kwargs=inputs, concurrency_id="runs", concurrency_limit=ui.runs_at_once())
+        run_events = [start.click(ui.start_lab, None, outputs, api_name="start", **a_run)]
         for key, button in preset_buttons.items():
             loaded = button.click(
-                functools.partial(ui.load_preset, key), backbone, [*settings, preset_text], api_name=False
+                functools.partial(ui.load_preset, key), widgets["backbone"], [*settings, preset_text], api_name=False
             )
-            run_events.append(loaded.then(start_lab, inputs, outputs, api_name=False, **at_once))
+            run_events.append(loaded.then(ui.start_lab, None, outputs, api_name=False, **a_run))
         stop.click(ui.stop_lab, None, status, cancels=run_events, api_name="stop")
-        backbone.input(ui.backbone_defaults, backbone, [imse_lr, lambda_dm], api_name=False)
+        imse_rates = [widgets["imse_lr"], widgets["lambda_dm"]]
+        widgets["backbone"].input(ui.backbone_defaults, widgets["backbone"], imse_rates, api_name=False)
         gr.api(ui.load_preset, api_name="preset")  # a preset's settings by name (readable error for a bad name)
+        demo.load(ui.open_page, None, [*settings, backbone_note], api_name=False)  # probes the hub once, then cached
 
-    with gr.Tab("Teach: why IMSE works"):
-        ranks = teach.layer_ranks()
-        layers = list(ranks)
-        samples = [label for _, label in teach_data.sample_images()]
-        collapse_layers = teach.diversity_layers()
-        with gr.Row():
-            teach_backbone = gr.Dropdown(ui.backbone_choices(), value="builtin", label="Backbone", scale=2)
-            corruption = gr.Dropdown(list(CORRUPTIONS), value="contrast", label="Corruption (views 2–4)")
-            severity = gr.Slider(1, 5, value=3, step=1, label="Severity (views 2–4)")
-        with gr.Tab("1 · Spectral experts"):
-            gr.Markdown(TEACH_TEXT["experts"], latex_delimiters=LATEX)
-            with gr.Row():
-                with gr.Column(scale=1, min_width=280):
-                    layer = gr.Dropdown(layers, value=layers[0], label="Layer")
-                    scope = gr.Radio(list(teach.SCOPES), value=teach.SCOPES[0], label="Keep the k largest experts in")
-                    rank_k = gr.Slider(1, max(ranks.values()), value=ranks[layers[0]], step=1, label="k")
-                    expert = gr.Slider(0, ranks[layers[0]] - 1, value=0, step=1, label="Expert i")
-                    scale = gr.Slider(0.0, teach.MAX_SCALE, value=1.0, step=0.05, label="Scale σ_i by")
-                    sample = gr.Radio(samples, value=samples[0], label="Sample image")
-                    upload = gr.Image(type="filepath", label="…or upload one (PNG/JPEG/WebP, ≤ 10 MB)", height=140)
-                    preview = gr.Image(label="The image the model sees", height=110, interactive=False)
-                with gr.Column(scale=3):
-                    experts_text = gr.Markdown(elem_id="teach-experts-text")
-                    with gr.Row():
-                        spectrum_plot = gr.Plot(label="Spectrum")
-                        rank_plot = gr.Plot(label="Accuracy keeping k experts")
-                    with gr.Row():
-                        top5_base = gr.Plot(label="Top-5, all experts")
-                        top5_edited = gr.Plot(label="Top-5, edited")
-        with gr.Tab("2 · Collapse, measured"):
-            gr.Markdown(TEACH_TEXT["collapse"], latex_delimiters=LATEX)
-            with gr.Row():
-                collapse_layer = gr.Dropdown(collapse_layers, value=collapse_layers[-1], label="Layer", scale=2)
-                measure = gr.Button("Measure", variant="primary")
-            collapse_state = gr.State()
-            collapse_text = gr.Markdown(elem_id="teach-collapse-text")
-            with gr.Row():
-                collapse_experts_plot = gr.Plot(label="Per expert")
-                collapse_layers_plot = gr.Plot(label="Per layer")
-            with gr.Row():
-                collapse_history_plot = gr.Plot(label="While adapting")
-                predictions_plot = gr.Plot(label="Predicted classes")
-        with gr.Tab("3 · One IMSE step"):
-            gr.Markdown(TEACH_TEXT["step"], latex_delimiters=LATEX)
-            explorer = gr.State()
-            with gr.Row():
-                step_button = gr.Button("Step", variant="primary")
-                reset_button = gr.Button("Reset")
-            step_text = gr.Markdown(elem_id="teach-step-text")
-            with gr.Row():
-                entropy_plot = gr.Plot(label="Entropy filter")
-                loss_plot = gr.Plot(label="Objective")
-            with gr.Row():
-                moved_table = gr.Dataframe(
-                    headers=["layer", "expert", "Δσ", "σ before"], label="Experts whose σ moved most", interactive=False
-                )
-                step_predictions_plot = gr.Plot(label="Predictions")
-        with gr.Tab("4 · Domains and retrieval"):
-            gr.Markdown(TEACH_TEXT["domains"], latex_delimiters=LATEX)
-            with gr.Row():
-                stored = gr.Dropdown(
-                    list(CORRUPTIONS),
-                    value=["gaussian_noise", "defocus_blur", "snow", "contrast"],
-                    multiselect=True,
-                    label="Stored in the bank (slot 0 is always clean: the source code)",
-                    scale=3,
-                )
-                incoming = gr.Dropdown(list(CORRUPTIONS), value="snow", label="A new batch of")
-            domains_text = gr.Markdown(elem_id="teach-domains-text")
-            with gr.Row():
-                kl_plot = gr.Plot(label="KL between domains")
-                map_plot = gr.Plot(label="Domain map")
-            retrieval_plot = gr.Plot(label="Retrieval")
-
-        teach_backbone.change(
-            teach.on_backbone, teach_backbone, [layer, rank_k, expert, sample, collapse_layer], api_name=False
-        )
-        experts_inputs = [teach_backbone, layer, scope, rank_k, expert, scale, sample, upload]
-        experts_outputs = [experts_text, spectrum_plot, rank_plot, top5_base, top5_edited, preview]
-        for trigger in (layer.change, scope.change, sample.change, upload.change, rank_k.change, expert.change,
-                        scale.change, teach_backbone.change):  # fmt: skip
-            trigger(teach.experts_view, experts_inputs, experts_outputs, api_name=False, trigger_mode="always_last")
-        collapse_outputs = [collapse_state, collapse_text, collapse_experts_plot, collapse_layers_plot,
-                            collapse_history_plot, predictions_plot]  # fmt: skip
-        measure.click(
-            teach.collapse_view,
-            [teach_backbone, corruption, severity, collapse_layer],
-            collapse_outputs,
-            api_name=False,
-        )
-        collapse_layer.change(
-            teach.collapse_layer, [collapse_state, teach_backbone, collapse_layer], collapse_outputs, api_name=False
-        )
-        step_inputs = [explorer, teach_backbone, corruption, severity]
-        step_outputs = [explorer, step_text, entropy_plot, loss_plot, moved_table, step_predictions_plot]
-        step_button.click(teach.step_view, step_inputs, step_outputs, api_name=False)
-        reset_button.click(teach.step_reset, step_inputs, step_outputs, api_name=False)
-        domains_inputs = [teach_backbone, severity, stored, incoming]
-        domains_outputs = [domains_text, kl_plot, map_plot, retrieval_plot]
-        for trigger in (stored.change, incoming.change, severity.release, teach_backbone.change):
-            trigger(teach.domains_view, domains_inputs, domains_outputs, api_name=False)
-        demo.load(teach.experts_view, experts_inputs, experts_outputs, api_name=False)
-        demo.load(teach.domains_view, domains_inputs, domains_outputs, api_name=False)
+    teach_tab(demo)  # the Teach tab: its layout and its views, wired by name (imse.app.teach_tab)
 
     demo.unload(ui.end_session)  # a closed tab stops its session's run
 
