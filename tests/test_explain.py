@@ -195,7 +195,7 @@ def test_domain_map_and_retrieval_follow_the_symmetric_kl_of_the_descriptors(mod
     ma, va, mb, vb = (t.double().numpy() for t in (a.mean, a.var, b.mean, b.var))
     by_hand = np.mean((va + (ma - mb) ** 2) / (2 * vb) + (vb + (ma - mb) ** 2) / (2 * va) - 1)
     assert kl[0, 2] == pytest.approx(by_hand, rel=1e-4)
-    result = retrieve(model, domains, ["gaussian_noise", "contrast"], "contrast", images[48:96], 3)
+    result = retrieve(model, domains, ["gaussian_noise", "contrast"], "contrast", images[48:96], severity=3)
     assert result.stored == [CLEAN, "gaussian_noise", "contrast"]
     assert result.slot == int(np.argmin(result.distances))
     incoming = _descriptor_of(model, corrupt(images[48:96], "contrast", 3, generator=torch.Generator().manual_seed(1)))

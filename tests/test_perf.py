@@ -117,7 +117,7 @@ def test_the_unavoidable_compute_times_each_method_once_per_batch_of_the_config_
     domains of 100 images in batches of 32: 32, 32, 32, 4 each), doing what the Lab's run does on those batches
     (the same correct counts, batch by batch), and /start's arguments carry exactly that config."""
     from imse.app.ui import START_INPUTS
-    from imse.perf.app import _start_arguments, unavoidable_compute
+    from imse.perf.app import start_arguments, unavoidable_compute
     from imse.runs.lab import LabConfig, run_lab
 
     config = LabConfig(corruptions=("fog", "contrast"), per_domain=100, batch_size=32, severity=3)
@@ -128,7 +128,8 @@ def test_the_unavoidable_compute_times_each_method_once_per_batch_of_the_config_
     *_, state = run_lab(config, min_interval=0.0)
     lab = {label: [r["methods"][label]["correct"] for r in state.records] for label in state.methods}
     assert result["batch_correct"] == lab
-    arguments = dict(zip(START_INPUTS, _start_arguments(config)))
+    arguments = start_arguments(config)
+    assert list(arguments) == list(START_INPUTS)  # every input /start takes, by name
     assert arguments["corruptions"] == ["fog", "contrast"] and arguments["per_domain"] == 100
     assert arguments["batch_size"] == 32 and arguments["methods"] == ["IMSE", "Source"]
     assert arguments["show_source"] is False and arguments["device"] == "cpu"

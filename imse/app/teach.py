@@ -375,7 +375,7 @@ def domains_view(*, backbone: Any, severity: Any, stored: Any, incoming: Any) ->
         raise gr.Error("the bank can hold only corruptions from the list")
     domains = _domains(backbone, severity)
     images, _ = teach_data.view_images(backbone)
-    result = retrieve(model, domains, stored, incoming, images[DOMAIN_BATCH : 2 * DOMAIN_BATCH], severity)
+    result = retrieve(model, domains, stored, incoming, images[DOMAIN_BATCH : 2 * DOMAIN_BATCH], severity=severity)
     nearest = result.stored[result.slot].replace("_", " ")
     right = incoming in stored and result.stored[result.slot] == incoming
     verdict = (

@@ -108,12 +108,12 @@ def _stop_app(process) -> None:
         process.wait()
 
 
-def _start_arguments(config) -> list:
-    """/start's arguments (``imse.app.ui.START_INPUTS`` order) for a ``LabConfig``, as a client sends them."""
+def start_arguments(config) -> dict:
+    """/start's arguments by name (``imse.app.ui.START_INPUTS``) for a ``LabConfig``, as a client sends them."""
     from imse.app.ui import START_INPUTS
 
     values = {**dataclasses.asdict(config), "show_source": False}
-    return [list(values[name]) if isinstance(values[name], tuple) else values[name] for name in START_INPUTS]
+    return {name: list(values[name]) if isinstance(values[name], tuple) else values[name] for name in START_INPUTS}
 
 
 def served_run(config, timeout: float = 1800.0) -> dict:
@@ -134,10 +134,10 @@ def served_run(config, timeout: float = 1800.0) -> dict:
     try:
         client = Client(url, verbose=False)
         for _ in range(2):  # warm, as the in-process timing is: a tiny run on each of the server's two workers
-            client.predict(*_start_arguments(warm_up), api_name="/start")
-        arguments = _start_arguments(config)
+            client.predict(**start_arguments(warm_up), api_name="/start")
+        arguments = start_arguments(config)
         started = time.perf_counter()
-        job = client.submit(*arguments, api_name="/start")
+        job = client.submit(**arguments, api_name="/start")
         first = None
         while first is None and not job.done():  # a look every 50 ms until the first update, then none
             if job.outputs():

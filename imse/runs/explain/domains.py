@@ -77,8 +77,8 @@ def retrieve(
     stored: list[str],
     incoming: str,
     images: torch.Tensor,
-    severity: int,
     *,
+    severity: int,
     seed: int = 1,
 ) -> Retrieval:
     """A bank with the clean descriptor in slot 0 and ``stored`` corruptions after it; a *new* batch of
