@@ -13,7 +13,7 @@ class Toy(Tent):
 
     name = "toy"
     label = "Toy"
-    sweep_checks = (("margin", (0.4, 0.6), 0.4),)
+    sweep_checks = (("margin", (0.4, 0.6)),)
     menu_variants = {"Toy, wide margin": {"margin": 0.6}}
 
     @classmethod

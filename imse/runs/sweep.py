@@ -35,7 +35,7 @@ SWEEP_SEVERITIES = (3, 5)
 SWEEP_PER_DOMAIN = 2000
 
 
-def sweep_checks() -> dict[str, tuple[tuple[str, tuple, Any], ...]]:
+def sweep_checks() -> dict[str, tuple[tuple[str, tuple], ...]]:
     """Stage 2 per adaptive method: (setting, candidate values, the default), tried in this order at the chosen lr
     (each method's own ``sweep_checks``)."""
     return {name: METHODS[name].sweep_checks for name in adaptive_methods()}
@@ -130,7 +130,7 @@ def run_sweep(
             "batch_size": batch_size,
             "seed": seed,
             "factors": list(factors),
-            "checks": {m: [[key, list(values)] for key, values, _ in checks.get(m, ())] for m in methods},
+            "checks": {m: [[key, list(values)] for key, values in checks.get(m, ())] for m in methods},
             "score": "mean accuracy over the severities' continual streams of the four validation corruptions",
             "rule": "among candidates within 2 paired standard errors of the best score, the closest to the default",
             "backbone": backbone,
@@ -158,7 +158,7 @@ def _sweep_method(
     *,
     batch_size: int,
     factors: tuple[float, ...],
-    checks: tuple[tuple[str, tuple, Any], ...],
+    checks: tuple[tuple[str, tuple], ...],
 ) -> dict[str, Any]:
     """One method's stages: its learning rate on the grid around its default, then each setting of ``checks`` in
     turn at the chosen rate (``run_stage``: every candidate on the same streams, ``_stage``)."""
@@ -169,7 +169,8 @@ def _sweep_method(
     label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))
     chosen: dict[str, Any] = method_rates(method, float(label))
     stages = [{"setting": "lr", **stage, "chosen": chosen["lr"]}]
-    for key, values, default in checks:
+    for key, values in checks:
+        default = cls.defaults[key]  # the method's own: a tie keeps it
         stage = run_stage({value: _spec(method, {**chosen, key: value}) for value in values})
         label = _choose(stage, str(default), lambda k, d: 0 if k == d else 1)
         chosen[key] = next(value for value in values if str(value) == label)

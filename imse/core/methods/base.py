@@ -103,8 +103,8 @@ class TTAMethod(nn.Module):
     label: ClassVar[str] = "base"
     adapts: ClassVar[bool] = True
     coupled_rates: ClassVar[tuple[str, ...]] = ()
-    # (setting, candidate values, its default): tried one at a time at the chosen lr, in this order
-    sweep_checks: ClassVar[tuple[tuple[str, tuple, Any], ...]] = ()
+    # (setting, candidate values): tried one at a time at the chosen lr, in this order; a tie goes to its default
+    sweep_checks: ClassVar[tuple[tuple[str, tuple], ...]] = ()
     menu_variants: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_requires: ClassVar[dict[str, str]] = {}  # setting -> why the paper protocol refuses to run without it
 

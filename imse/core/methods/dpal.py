@@ -112,7 +112,7 @@ class DPAL(TTAMethod):
     name = "dpal"
     label = "DPAL"
     coupled_rates = ("predictor_lr",)
-    sweep_checks = (("margin_classes", (None, 1000), None),)
+    sweep_checks = (("margin_classes", (None, 1000)),)
 
     @classmethod
     def paper_settings(cls, scenario: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ __all__ = ["IMSE"]
 class IMSE(SAMEntropyMethod):
     name = "imse"
     label = "IMSE"
-    sweep_checks = (("lambda_dm", (0.0, 10.0, 50.0, 200.0), 50.0), ("margin_classes", (None, 1000), None))
+    sweep_checks = (("lambda_dm", (0.0, 10.0, 50.0, 200.0)), ("margin_classes", (None, 1000)))
     menu_variants = {
         "IMSE, λ_dm = 0 (no diversity loss)": {"lambda_dm": 0.0},
         "IMSE + retrieval (top-1)": {"retrieval": "top1"},

@@ -36,7 +36,7 @@ class SAR(SAMEntropyMethod):
 
     name = "sar"
     label = "SAR"
-    sweep_checks = (("margin_classes", (None, 1000), None),)
+    sweep_checks = (("margin_classes", (None, 1000)),)
 
     @classmethod
     def paper_settings(cls, scenario: str) -> dict[str, Any]:
