@@ -1,4 +1,4 @@
-"""Losses of entropy-based TTA and IMSE's expert-alignment statistics (DESIGN §1).
+"""Losses of entropy-based TTA and IMSE's expert-alignment statistics (the paper's formulas; docs/teach.md draws them).
 
 Everything here is a pure function of tensors, except ``AlignmentProbe``, which collects the alignment
 statistics of spectral layers during a forward pass through hooks (so the layers themselves stay plain).

@@ -73,7 +73,7 @@ class IMSE(SAMEntropyMethod):
         "diversity_ratio": 1.0,
         "betas": (0.9, 0.999),
         "weight_decay": 0.0,
-        # continual TTA (DESIGN §1 "Domain descriptor" / "Domain bank"); retrieval None = plain IMSE
+        # continual TTA (docs/domain-bank.md); retrieval None = plain IMSE
         "retrieval": None,  # None, "top1" or "mix"
         "shift_threshold": SHIFT_THRESHOLD,
         "descriptor_momentum": DESCRIPTOR_MOMENTUM,
