@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from imse.app import run_cost, serving, zerogpu
 from imse.app.lab_stream import OUTPUTS, lab_updates
 from imse.app.run_queue import QueueFull, RunQueue
 from imse.app.run_workers import RunWorkers
+from imse.core.resources import offline
 from imse.data.backbones import BUILTIN, HUB, backbone_card, backbone_data, lab_backbones
 from imse.data.corruptions import corruption_names
 from imse.data.models import hub_reachable
@@ -45,10 +45,6 @@ _ADDED_LATER = ("precision",)
 START_INPUTS = (*(name for name in _DECLARED if name not in _ADDED_LATER), "show_source", *_ADDED_LATER)
 START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def backbone_choices() -> list[tuple[str, str]]:

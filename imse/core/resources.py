@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["asset_path", "default_cache_dir"]
+__all__ = ["asset_path", "default_cache_dir", "offline"]
 
 _CANDIDATES = (
     Path(__file__).resolve().parents[1] / "assets",  # a wheel built from this repository (imse/assets)
@@ -30,3 +30,10 @@ def default_cache_dir() -> Path:
     """Where downloaded data and cached SVD factors live: ``$IMSE_CACHE``, else ``~/.cache/imse``."""
     configured = os.environ.get("IMSE_CACHE")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "imse"
+
+
+def offline() -> bool:
+    """Whether this machine is told to stay off the network: ``HF_HUB_OFFLINE`` (the Hugging Face libraries' own
+    switch) or ``IMSE_OFFLINE`` set to 1, true, yes or on. Weights, data and the hub probe all ask here."""
+    switches = (os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "IMSE_OFFLINE"))
+    return any(value in ("1", "true", "yes", "on") for value in switches)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from imse.core.images import as_float_images
-from imse.core.resources import asset_path
+from imse.core.resources import asset_path, offline
 from imse.data.backbones import (
     BUILTIN,
     CARDS,
@@ -137,8 +137,8 @@ def _load_weights(model: nn.Module, state: dict, source, name: str, strict: bool
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` s (never with HF_HUB_OFFLINE)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` s (never offline: ``offline()``)."""
+    if offline():
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):

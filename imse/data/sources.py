@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imse.core.resources import asset_path, default_cache_dir
+from imse.core.resources import asset_path, default_cache_dir, offline
 
 __all__ = [
     "IMAGENETTE_URL",
@@ -50,7 +50,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _IMAGENETTE_FOLDER = "imagenette2-320"
 _DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
-_TRUE = ("1", "true", "yes", "on")
 DownloadProgress = Callable[[int, "int | None"], None]  # (bytes so far, total bytes or None)
 
 
@@ -318,10 +317,6 @@ class ImageNetCSource(ImageFolderSource):
 # --- Imagenette -----------------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    return any(os.environ.get(variable, "").strip().lower() in _TRUE for variable in ("HF_HUB_OFFLINE", "IMSE_OFFLINE"))
-
-
 def _unavailable(reason: str, url: str, cache: Path) -> RuntimeError:
     """The error that tells a user without network access exactly how to supply the data by hand."""
     target = cache / _IMAGENETTE_FOLDER / "val"
@@ -409,7 +404,7 @@ def imagenette_source(
         return ImageFolderSource(val, size, name="imagenette")
     if target.exists():
         raise _unavailable(f"{target} exists but has no val folder; remove it or complete it", url, cache)
-    if _offline() and not url.startswith("file:"):
+    if offline() and not url.startswith("file:"):
         raise _unavailable("offline mode is on (HF_HUB_OFFLINE or IMSE_OFFLINE is set)", url, cache)
     try:
         cache.mkdir(parents=True, exist_ok=True)
