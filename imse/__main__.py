@@ -60,8 +60,8 @@ def _add_model_args(parser: argparse.ArgumentParser, severity: int | None = 5, b
     parser.add_argument("--weights", help="local weights file (safetensors or .pth state dict) for --backbone")
     parser.add_argument(
         "--data",
-        default="builtin",
-        help="'builtin', 'imagenette', an image folder (class folders), or imagenet-c:<root> (bench only)",
+        help="'builtin', 'imagenette', an image folder (class folders), or imagenet-c:<root> (bench only); default: "
+        "the backbone's own (its card's: builtin for the built-in model, imagenette for an ImageNet ViT)",
     )
     parser.add_argument("--severity", type=int, default=severity, choices=range(1, 6))
     parser.add_argument("--batch-size", type=int, default=batch_size)

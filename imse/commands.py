@@ -42,6 +42,13 @@ def train_builtin_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> str:
+    """``--data``, else the backbone's own (its card's)."""
+    from imse.data.backbones import backbone_data
+
+    return args.data or backbone_data(args.backbone)
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -81,7 +88,7 @@ def bench_command(args: argparse.Namespace) -> int:
     for item in args.lr or []:
         method, _, value = item.partition("=")
         lrs[method] = float(value)
-    data, imagenet_c = args.data, None
+    data, imagenet_c = _data(args), None
     if data.startswith("imagenet-c:"):
         data, imagenet_c = "imagenet-c", data.removeprefix("imagenet-c:")
     result = run_bench(
@@ -124,7 +131,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     result = run_sweep(
         backbone=args.backbone,
         weights=args.weights,
-        data=args.data,
+        data=_data(args),
         methods=_csv(args.methods),
         severities=tuple(int(s) for s in _csv(args.severities)),
         per_domain=args.per_domain,
@@ -245,7 +252,7 @@ def shifts_command(args: argparse.Namespace) -> int:
     result = run_shift_detection(
         backbone=args.backbone,
         weights=args.weights,
-        data=args.data,
+        data=_data(args),
         severity=args.severity,
         per_domain=args.per_domain,
         batch_size=args.batch_size,

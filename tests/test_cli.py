@@ -107,3 +107,27 @@ def test_reproduce_dry_run_prints_each_methods_preprocessing_checkpoint_and_retr
     assert main([*argv, "--checkpoint", f"vida={warm}"]) == 0
     assert f"| vida | single | [0, 1] images, no normalisation | {warm} | – |" in capsys.readouterr().out
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("backbone", "data"),
+    [
+        ("builtin", "builtin"),
+        ("vit_small_patch16_224.augreg_in21k_ft_in1k", "imagenette"),
+        ("deit_tiny_patch16_224", "imagenette"),
+    ],
+)
+def test_bench_reads_the_backbones_own_data_when_no_data_is_given(monkeypatch, backbone, data):
+    """Without --data, bench streams the data the backbone's card names (a timm name without a card: ImageNet's
+    classes, so Imagenette). Stand-in: run_bench itself, which would load weights and data; the call is what is read."""
+    import imse.runs.bench
+
+    calls = []
+
+    def run_bench(**settings):
+        calls.append(settings)
+        raise RuntimeError("stop here")  # the command prints it as its one-line error
+
+    monkeypatch.setattr(imse.runs.bench, "run_bench", run_bench)
+    assert main(["bench", "--backbone", backbone, "--methods", "source"]) == 2  # the error exit
+    assert calls[0]["data"] == data
