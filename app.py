@@ -7,6 +7,7 @@ Space: CPU by default, CUDA whenever present, and ZeroGPU (a cuda run is one @sp
 import contextlib
 import functools
 import os
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls from the server
 
@@ -18,7 +19,7 @@ import gradio as gr  # noqa: E402
 from imse.app import serving, ui, viz  # noqa: E402
 from imse.app.lab_stream import panel_rows  # noqa: E402
 from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
-from imse.app.teach_tab import teach_tab  # noqa: E402
+from imse.app.teach_tab import teach_tab, warm_up  # noqa: E402
 from imse.app.theme import PAGE_CSS  # noqa: E402
 
 START = ui.opening_values()  # the built-in model's default run, until a page loads (ui.open_page)
@@ -101,7 +102,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         gr.api(ui.load_preset, api_name="preset")  # a preset's settings by name (readable error for a bad name)
         demo.load(ui.open_page, None, [*settings, backbone_note], api_name=False)  # probes the hub once, then cached
 
-    teach_tab(demo)  # the Teach tab: its layout and its views, wired by name (imse.app.teach_tab)
+    teach_widgets = teach_tab(demo)  # the Teach tab: its layout and its views, wired by name (imse.app.teach_tab)
 
     demo.unload(ui.end_session)  # a closed tab stops its session's run
 
@@ -115,6 +116,7 @@ serving.quiet_queue(demo._queue)  # an idle server polls every 50 ms, not every 
 
 if __name__ == "__main__":
     ui.start_run_workers()  # CPU runs compute in warm worker processes, not in the server's threads
+    threading.Thread(target=warm_up, args=(teach_widgets,), name="teach-warm-up", daemon=True).start()
     # System fonts only: the default theme would fetch Google Fonts, and the page must make no outside request.
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]

@@ -21,7 +21,7 @@ from imse.data.corruptions import CORRUPTIONS
 from imse.data.models import BUILTIN, builtin_config
 from imse.runs.collapse import CollapseMeter
 
-__all__ = ["LATEX", "TEACH_TEXT", "builtin_layers", "teach_tab", "wire"]
+__all__ = ["LATEX", "TEACH_TEXT", "builtin_layers", "teach_tab", "warm_up", "wire"]
 
 # The Teach tab's path: each view's 2–4 sentences and the formula of what it draws
 TEACH_TEXT = {
@@ -230,3 +230,11 @@ def teach_tab(demo: gr.Blocks) -> Widgets:
         _domains_tab(widgets)
         _wire(demo, widgets)
     return widgets
+
+
+def warm_up(widgets: Widgets) -> None:
+    """The first views a page loads, computed once with the widgets' opening values when the server starts (not
+    at import: ``python app.py`` runs it in a thread), so that the first visitor's Teach tab answers at once: the
+    backbone's SVD, the accuracy-keeping-k curve and the domain map are then cached (about 3 s on 2 cores)."""
+    for view in (teach.experts_view, teach.domains_view):
+        view(**{name: widgets[name].value for name in inspect.signature(view).parameters})
