@@ -7,7 +7,6 @@ Space: CPU by default, CUDA whenever present, and ZeroGPU (a cuda run is one @sp
 import contextlib
 import functools
 import os
-import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls from the server
 
@@ -116,7 +115,9 @@ serving.quiet_queue(demo._queue)  # an idle server polls every 50 ms, not every 
 
 if __name__ == "__main__":
     ui.start_run_workers()  # CPU runs compute in warm worker processes, not in the server's threads
-    threading.Thread(target=warm_up, args=(teach_widgets,), name="teach-warm-up", daemon=True).start()
+    # the Teach tab's first views, once, before serving: here, not at import, and not in a thread (ZeroGPU forks
+    # this process for a GPU call: a thread mid-computation would leave its locks held in the fork)
+    warm_up(teach_widgets)
     # System fonts only: the default theme would fetch Google Fonts, and the page must make no outside request.
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]

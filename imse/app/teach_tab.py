@@ -234,7 +234,7 @@ def teach_tab(demo: gr.Blocks) -> Widgets:
 
 def warm_up(widgets: Widgets) -> None:
     """The first views a page loads, computed once with the widgets' opening values when the server starts (not
-    at import: ``python app.py`` runs it in a thread), so that the first visitor's Teach tab answers at once: the
-    backbone's SVD, the accuracy-keeping-k curve and the domain map are then cached (about 3 s on 2 cores)."""
+    at import: ``python app.py`` runs it before it serves), so that the first visitor's Teach tab answers at once:
+    the backbone's SVD, the accuracy-keeping-k curve and the domain map are then cached (about 3 s on 2 cores)."""
     for view in (teach.experts_view, teach.domains_view):
         view(**{name: widgets[name].value for name in inspect.signature(view).parameters})
