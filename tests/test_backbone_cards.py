@@ -1,16 +1,16 @@
 """A backbone is one card in ``imse.data.backbones.CARDS``, a corruption one entry in ``imse.data.corruptions.REGISTRY``
 (issue 26): a toy of each, registered inside the test alone, is read everywhere with nothing else edited."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from imse.core.resources import asset_path
 from imse.data.backbones import (
     BUILTIN,
-    BUILTIN_DATA,
     CARDS,
     IMAGENET_DATA,
-    SHIPPED,
     USER_FILE,
     BackboneCard,
     backbone_label,
@@ -23,16 +23,8 @@ from imse.data.models import BackboneUnavailable, create_backbone
 @pytest.fixture
 def shipped_toy(monkeypatch):
     """The built-in architecture and weights under another name, with the built-in model's sweep and ViDA file."""
-    card = BackboneCard(
-        "toy",
-        "Toy ViT (the built-in one, renamed)",
-        BUILTIN_DATA,
-        32,
-        SHIPPED,
-        assets="builtin",
-        sweep="sweep_builtin.json",
-        start_files={"vida": {"checkpoint": ("builtin", "vida_warmup.safetensors")}},
-        paper_role="toy",
+    card = dataclasses.replace(
+        CARDS[BUILTIN], name="toy", label="Toy ViT (the built-in one, renamed)", paper_role="toy"
     )
     monkeypatch.setitem(CARDS, "toy", card)
     return card

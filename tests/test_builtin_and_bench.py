@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from imse.__main__ import main
+from imse.data.backbones import hub_backbones
 from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.fashion_mnist import CLASS_NAMES, BuiltinSource, load_idx_split, load_shipped, to_rgb32
-from imse.data.models import HUB_BACKBONES, BackboneUnavailable, create_backbone
+from imse.data.models import BackboneUnavailable, create_backbone
 from imse.data.streams import GRADUAL_SEVERITIES, Stream, domain_sequence
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -81,7 +82,7 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
 def test_offline_hub_backbone_fails_fast_with_instructions(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "vit_base_patch16_224.augreg_in21k_ft_in1k"
-    assert name in HUB_BACKBONES
+    assert name in hub_backbones()
     started = time.perf_counter()
     with pytest.raises(BackboneUnavailable, match="--weights"):
         create_backbone(name)

@@ -232,10 +232,11 @@ def test_preload_holds_the_file_the_default_hub_backbone_loads(config, monkeypat
     import huggingface_hub
 
     from imse.data import models
+    from imse.data.backbones import hub_backbones
     from imse.runs.defaults import default_backbone
 
     backbone, _ = default_backbone(hub_reachable=True, gpu=True)
-    assert backbone in models.HUB_BACKBONES
+    assert backbone in hub_backbones()
     lookups = []
 
     def lookup(repo_id, filename, cache_dir=None, revision=None, repo_type=None):
@@ -256,6 +257,6 @@ def test_preload_holds_the_file_the_default_hub_backbone_loads(config, monkeypat
 
 
 def test_models_are_the_hub_backbones_offered(config):
-    from imse.data.models import HUB_BACKBONES
+    from imse.data.backbones import hub_backbones
 
-    assert sorted(config["models"]) == sorted(_hub_repo(name) for name in HUB_BACKBONES)
+    assert sorted(config["models"]) == sorted(_hub_repo(name) for name in hub_backbones())

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
-import torch
 
 from imse.app import run_cost, serving, zerogpu
 from imse.app.lab_stream import OUTPUTS, lab_updates
@@ -110,7 +109,8 @@ def backbone_defaults(backbone: Any) -> tuple:
 
 
 def device_choices() -> list[str]:
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    """The devices a run may use here, as LabConfig declares them (cuda only where a GPU is)."""
+    return list(_DECLARED["device"].choices())
 
 
 def precision_choices() -> list[tuple[str, str]]:
@@ -157,7 +157,7 @@ def _as_names(value: Any, name: str, groups: dict | None = None) -> tuple:
 
 def check_backbone(backbone: Any) -> str:
     """Only the offered backbones: a public app never turns free text into a model name or a path."""
-    allowed = [value for _, value in backbone_choices()]
+    allowed = list(_DECLARED["backbone"].choices())
     if backbone in (None, ""):
         return BUILTIN
     if not isinstance(backbone, str) or backbone not in allowed:

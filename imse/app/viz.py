@@ -2,21 +2,19 @@
 
 Each figure stays small (long curves are decimated, heatmaps pooled to ≤ 128 columns, thumbnails embedded as
 small PNGs) so that one live update of all panels stays well under 200 KB. The live panels are plain figure
-specs (``Figure``) rather than ``plotly.graph_objects``: they are rebuilt for every update, and validation made
-building them cost more than the adaptation itself.
+specs (``imse.app.figure.Figure``) rather than ``plotly.graph_objects``: they are rebuilt for every update.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 
-import plotly.graph_objects as go
 import torch
 
-from imse.app.theme import DIVERGING, NEUTRAL, TEMPLATE
+from imse.app.figure import Figure, empty_figure, layout_spec, subplot_title
+from imse.app.theme import DIVERGING, NEUTRAL
 from imse.runs.lab import method_name
 
 __all__ = [
@@ -34,40 +32,6 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 MAX_POINTS = 400
 
 
-class Figure(dict):
-    """A Plotly figure as plain JSON-ready data: ``{"data": [...], "layout": {...}}``.
-
-    The live panels are rebuilt several times a second; building them as ``plotly.graph_objects`` (validated
-    on every assignment, ~300 ms for the five) cost more than a batch of adaptation. This is the same figure
-    spec without the validation: ``to_json`` is what ``gr.Plot`` calls, ``to_plotly`` gives the checked object.
-    """
-
-    def to_json(self) -> str:
-        layout = {"template": TEMPLATE, **self["layout"]}  # the page-following look (imse.app.theme)
-        return json.dumps({"data": self["data"], "layout": layout}, separators=(",", ":"), allow_nan=False)
-
-    def to_plotly(self) -> go.Figure:
-        return go.Figure(self["data"], {"template": TEMPLATE, **self["layout"]})
-
-    @property
-    def title(self) -> str:
-        return self["layout"].get("title", {}).get("text", "")
-
-    @property
-    def subtitle(self) -> str:
-        return self["layout"].get("title", {}).get("subtitle", {}).get("text", "")
-
-
-def _layout(title: str, height: int, margin: tuple[int, int, int, int], subtitle: str = "", **extra) -> dict:
-    """The title pinned to the top, under the app's label badge (32 px), and what a panel draws above its plot
-    area (domain names) below it. Gradio's plot makes the top margin at least 100 px: the margins say so."""
-    left, right, top, bottom = margin
-    title = {"text": title, "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 32}}
-    if subtitle:
-        title["subtitle"] = {"text": subtitle}
-    return {"title": title, "height": height, "margin": dict(l=left, r=right, t=top, b=bottom), **extra}
-
-
 def _domain_labels(domains: list[dict]) -> list[str]:
     """One bar label per domain visit: a domain seen again (recurring rounds) gets its visit number, since bars
     that share a label would be drawn on top of each other."""
@@ -77,18 +41,6 @@ def _domain_labels(domains: list[dict]) -> list[str]:
         seen[domain["name"]] = seen.get(domain["name"], 0) + 1
         labels.append(domain["name"] + (f" ({seen[domain['name']]})" if seen[domain["name"]] > 1 else ""))
     return labels
-
-
-def _subplot_title(text: str, x: float, anchor: str = "center", y: float = 1.0) -> dict:
-    return dict(text=text, x=x, y=y, xref="paper", yref="paper", xanchor=anchor, yanchor="bottom",
-                showarrow=False, font=dict(size=14))  # fmt: skip
-
-
-def empty_figure(title: str, note: str = "press Start") -> Figure:
-    annotation = dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    layout = _layout(title, 300, (40, 10, 100, 30), annotations=[annotation])
-    layout.update(xaxis=dict(visible=False), yaxis=dict(visible=False))
-    return Figure(data=[], layout=layout)
 
 
 def _decimate(n: int) -> list[int]:
@@ -185,7 +137,7 @@ def accuracy_figure(state) -> Figure:
     shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
     so_far = "; ".join(f"{m.split(' (')[0]} {g:+.1f}" for m, g in gains.items())
     title = f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images"
-    layout = _layout(
+    layout = layout_spec(
         title,
         380,
         (50, 10, 140, 40),
@@ -193,7 +145,7 @@ def accuracy_figure(state) -> Figure:
         legend=dict(orientation="h", y=-0.22),  # below the x-axis title, also when it wraps
         barmode="group",
         shapes=shapes,
-        annotations=[*annotations, _subplot_title("per domain (%)", 0.86)],
+        annotations=[*annotations, subplot_title("per domain (%)", 0.86)],
         xaxis=dict(domain=[0, 0.64], anchor="y", title=dict(text="batch")),
         yaxis=dict(domain=[0, 1], anchor="x", range=[0, 100], title=dict(text="accuracy so far (%)")),
         xaxis2=dict(domain=[0.72, 1], anchor="y2", tickangle=-60, tickfont=dict(size=8)),
@@ -225,7 +177,7 @@ def _gain_row(layout: dict, source: str, colour: str, running: list[float], per_
     layout["annotations"] += [
         dict(text=source, xref="x3 domain", yref="y3", x=1, y=0, xanchor="right", yanchor="bottom", showarrow=False,
              font=dict(size=9)),
-        _subplot_title("vs Source (pts)", 0.86, y=0.4),
+        subplot_title("vs Source (pts)", 0.86, y=0.4),
     ]  # fmt: skip
 
 
@@ -249,7 +201,9 @@ def alignment_figure(state, show_source: bool = False) -> Figure:
         colorbar=dict(title=dict(text="std")),
         hovertemplate="layer %{y}<br>expert group %{x}<br>std %{z:.3f}<extra></extra>",
     )
-    layout = _layout(title, 420, (80, 10, 100, 40), xaxis=dict(title=dict(text="experts (largest σ first, pooled)")))
+    layout = layout_spec(
+        title, 420, (80, 10, 100, 40), xaxis=dict(title=dict(text="experts (largest σ first, pooled)"))
+    )
     return Figure(data=[heatmap], layout=layout)
 
 
@@ -278,12 +232,12 @@ def shift_figure(state) -> Figure:
                          name=name, line=dict(width=1), showlegend=False, xaxis="x2", yaxis="y2",
                          hovertemplate=name + "<br>batch %{x}<br>%{y:.2e}<extra></extra>"))  # fmt: skip
     note = "frozen: the last blocks' S never change (they carry L_dm)" if frozen else ""
-    layout = _layout(
+    layout = layout_spec(
         title,
         420,
         (110, 10, 110, 40),
         note,
-        annotations=[_subplot_title("now, per expert", 0.24), _subplot_title("‖S − S0‖/‖S0‖", 1.0, "right")],
+        annotations=[subplot_title("now, per expert", 0.24), subplot_title("‖S − S0‖/‖S0‖", 1.0, "right")],
         xaxis=dict(domain=[0, 0.47], anchor="y"),
         yaxis=dict(domain=[0, 1], anchor="x"),
         xaxis2=dict(domain=[0.7, 1], anchor="y2", title=dict(text="batch")),
@@ -328,7 +282,7 @@ def collapse_figure(state, window: int = 5) -> Figure:
     shapes += shapes2
     shapes.append(dict(type="line", xref="x2 domain", yref="y2", x0=0, x1=1, y0=100 / classes, y1=100 / classes,
                        line=dict(dash="dot", color="grey")))  # fmt: skip
-    layout = _layout(
+    layout = layout_spec(
         title,
         390,
         (60, 10, 130, 40),
@@ -336,8 +290,8 @@ def collapse_figure(state, window: int = 5) -> Figure:
         legend=dict(orientation="h", y=-0.2),
         shapes=shapes,
         annotations=[  # two short lines each: they stay apart on a phone's width too
-            _subplot_title("mean alignment std<br>(lower = collapsing)", 0.22),
-            _subplot_title(f"top class, % of a batch<br>(mean of {window}; dotted: 1/C)", 0.78),
+            subplot_title("mean alignment std<br>(lower = collapsing)", 0.22),
+            subplot_title(f"top class, % of a batch<br>(mean of {window}; dotted: 1/C)", 0.78),
         ],
         xaxis=dict(domain=[0, 0.44], anchor="y", title=dict(text="batch")),
         yaxis=dict(domain=[0, 1], anchor="x"),
@@ -387,7 +341,7 @@ def bank_figure(state) -> Figure:
                            line=dict(dash="dash", color="red")))  # fmt: skip
         annotations.append(dict(text=f"τ = {tau}", xref="x domain", yref="y", x=1, y=math.log10(tau),
                                 xanchor="right", yanchor="bottom", showarrow=False))  # fmt: skip
-    layout = _layout(
+    layout = layout_spec(
         "Domain bank",
         440,
         (60, 10, 100, 40),
@@ -441,7 +395,7 @@ def batch_figure(state) -> Figure:
         label = dict(x=x, showarrow=False, yanchor="bottom", font=dict(size=9))
         annotations.append(dict(label, y=-2, text=name(thumbs["labels"][i])))
         annotations.append(dict(label, y=below - 2, text=f"{before}<br>→ {after}"))
-    layout = _layout(
+    layout = layout_spec(
         f"The current batch: {thumbs['domain']}",
         360,
         (10, 10, 100, 10),

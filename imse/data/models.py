@@ -25,22 +25,16 @@ from imse.data.backbones import (
     USER_FILE,
     BackboneCard,
     backbone_card,
-    hub_backbones,
 )
 
 __all__ = [
     "BUILTIN",
-    "HUB_BACKBONES",
     "Backbone",
     "BackboneUnavailable",
     "create_backbone",
     "hub_reachable",
     "load_state_dict_file",
 ]
-
-# The hub backbones by their full timm name, tag included, and their labels: a view of the cards (imse.data.backbones)
-# as they stand at import, kept for the code that reads it.
-HUB_BACKBONES: dict[str, str] = hub_backbones()
 
 
 class BackboneUnavailable(RuntimeError):
@@ -175,8 +169,8 @@ def _imagenet_names(num_classes: int) -> list[str]:
 def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = None, device="cpu") -> Backbone:
     """A ready-to-use, eval-mode backbone, built as its card (``imse.data.backbones``) says.
 
-    ``builtin``: the shipped Fashion-MNIST ViT (offline). A timm name with its weight tag (see
-    ``HUB_BACKBONES``): weights from the Hugging Face hub or its local cache. Any timm ViT architecture with
+    ``builtin``: the shipped Fashion-MNIST ViT (offline). A timm name with its weight tag (the hub cards,
+    ``imse.data.backbones``): weights from the Hugging Face hub or its local cache. Any timm ViT architecture with
     ``weights=`` a local safetensors/``.pth`` file (e.g. an MAE fine-tuned ViT-B, whose card asks for it).
     Offline without weights, a hub model fails within seconds with a ``BackboneUnavailable`` saying how to
     supply them.
