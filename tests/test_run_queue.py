@@ -1,6 +1,7 @@
 """The server's run queue: order, slots, each waiting visitor's place and expected wait, computed by hand."""
 
 import threading
+import time
 
 import pytest
 
@@ -62,6 +63,28 @@ def test_waiting_yields_places_until_admitted_by_another_thread():
     places = list(queue.waiting(waiting, poll=0.1))
     assert places and all(place == 1 for place, _ in places)
     assert queue.place(waiting) is None and queue.counts() == (1, 0)
+
+
+def test_a_waiter_is_told_news_at_once_but_not_every_join_that_wakes_it():
+    """Each update a waiting visitor receives costs the server its outputs' postprocessing: joins behind it, which
+    wake every waiter, tell it nothing; a move up tells it at once, long before the next poll."""
+    queue = RunQueue(slots=1, places=10, seconds_per_work=1.0)
+    running, ahead, waiter = queue.join(5), queue.join(5), queue.join(5)
+    told = []
+    reader = threading.Thread(target=lambda: told.extend(place for place, _ in queue.waiting(waiter, poll=30.0)))
+    reader.start()
+    for _ in range(5):  # others arrive behind it: each join wakes it
+        queue.join(5)
+        time.sleep(0.02)
+    assert told == [2]
+    moved = time.monotonic()
+    queue.leave(ahead)
+    while len(told) < 2 and time.monotonic() - moved < 5:
+        time.sleep(0.01)
+    assert told == [2, 1] and time.monotonic() - moved < 5  # told at once, not after the 30 s poll
+    queue.leave(running)
+    reader.join(timeout=5)
+    assert not reader.is_alive() and told == [2, 1] and queue.place(waiter) is None
 
 
 def test_gradios_queue_polls_every_50_ms_not_every_millisecond_and_a_renamed_setting_is_loud():

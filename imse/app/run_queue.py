@@ -86,12 +86,21 @@ class RunQueue:
             return index + 1, expected_start(remaining, ahead, self.slots)
 
     def waiting(self, ticket: Ticket, poll: float = 1.0) -> Iterator[tuple[int, float]]:
-        """Yield the ticket's place at once and then about every ``poll`` seconds, until it is admitted."""
-        while (where := self.place(ticket)) is not None:
-            yield where
+        """Yield the ticket's place at once, then when it moves up or ``poll`` seconds have passed, until it is
+        admitted. Every join and leave wakes all waiters; each tells its visitor only news, since each update
+        a visitor receives costs the server its outputs' postprocessing (~5–8 ms on 2 cores): a dozen
+        visitors arriving at once woke each waiter a dozen times in their first second."""
+        told = self.place(ticket)
+        while told is not None:
+            yield told
+            deadline = self._clock() + poll
             with self._lock:
-                if ticket in self._waiting:
-                    self._lock.wait(poll)
+                while ticket in self._waiting and self._waiting.index(ticket) + 1 == told[0]:
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
+            told = self.place(ticket)
 
     def leave(self, ticket: Ticket, completed: bool = False) -> None:
         """Give the place or slot back; a completed run's time teaches the rate (an average over runs)."""
