@@ -25,24 +25,60 @@ def test_expected_start_is_when_enough_slots_have_come_free():
 
 
 def test_places_and_waits_follow_the_order_the_runs_came_in():
+    """The rate is machine-seconds per unit of work: two runs computing at once each get half of every second, and
+    while anyone waits each run ahead takes `slots` (here 2) times its machine-seconds."""
     clock = Clock()
     queue = RunQueue(slots=2, places=3, seconds_per_work=0.5, clock=clock)
-    a, b = queue.join(20), queue.join(40)  # 10 s and 20 s: both compute at once
-    c, d = queue.join(10), queue.join(30)  # 5 s and 15 s: they wait
+    a, b = queue.join(20), queue.join(40)  # 10 and 20 machine-seconds: both compute at once
+    c, d = queue.join(10), queue.join(30)  # 5 and 15 machine-seconds: they wait
     assert queue.counts() == (2, 2)
     assert queue.place(a) is None and queue.place(b) is None
-    clock.now += 4  # a has 6 s left, b 16 s
-    assert queue.place(c) == (1, 6.0)
-    assert queue.place(d) == (2, 11.0)  # c takes a's slot at 6 s and ends at 11 s, before b frees its slot at 16 s
+    clock.now += 4  # a and b have had 2 machine-seconds each: a has 8 left, 16 s at half the machine; b 18, 36 s
+    assert queue.place(c) == (1, 16.0)
+    assert queue.place(d) == (2, 26.0)  # c takes a's slot at 16 s and ends at 16 + 2 x 5 = 26 s, before b's at 36 s
     e = queue.join(2)
     with pytest.raises(QueueFull):
         queue.join(2)
-    queue.leave(a, completed=True)  # took 4 s for 20 units: the rate becomes (0.5 + 0.2) / 2
-    assert queue.seconds_per_work == pytest.approx(0.35)
-    assert queue.place(c) is None  # c computes in a's slot: 3.5 s left; b has 40 x 0.35 - 4 = 10 s left
-    assert queue.place(d) == (1, pytest.approx(3.5))
-    assert queue.place(e) == (2, pytest.approx(10.0))  # d takes c's slot at 3.5 s; b's slot frees first, at 10 s
+    clock.now += 16  # a and b have had 10 machine-seconds each
+    queue.leave(a, completed=True)  # 10 machine-seconds for 20 units: 0.5, the rate it had
+    assert queue.seconds_per_work == 0.5
+    assert queue.place(c) is None  # c computes in a's slot: 5 machine-seconds, 10 s; b has 10 left, 20 s
+    assert queue.place(d) == (1, 10.0)
+    assert queue.place(e) == (2, 20.0)  # d takes c's slot at 10 s and ends at 40 s; b's slot frees at 20 s
     assert queue.counts() == (2, 2)
+    clock.now += 3  # c and b share: 1.5 machine-seconds each; c has 3.5 left, 7 s
+    assert queue.place(d) == (1, 7.0)
+
+
+def test_the_rate_is_the_median_of_the_last_runs_so_one_slow_run_does_not_skew_it():
+    """The first run after a start waits for the workers' warm-up: 4 machine-seconds a unit, then runs take 1."""
+    clock = Clock()
+    queue = RunQueue(slots=1, places=1, seconds_per_work=1.0, clock=clock)
+    rates = []
+    for seconds in (4, 1, 1, 1, 1, 1, 1):
+        run = queue.join(1)
+        clock.now += seconds
+        queue.leave(run, completed=True)
+        rates.append(queue.seconds_per_work)
+    assert rates == [4, 2.5, 1, 1, 1, 1, 1]  # halving towards each run (the rule before) said 2.5, 1.75, 1.38, 1.19
+
+
+def test_a_run_alone_and_runs_in_a_crowd_teach_the_same_rate():
+    """A run with the machine to itself took 12 s for 6 units: 2 machine-seconds each. Behind two such runs sharing
+    the machine the next waits 2 x 12 s (a rate learned from wall time told 12 s, half the wait), and the two,
+    each 24 s in wall time, teach the same rate as the run alone."""
+    clock = Clock()
+    queue = RunQueue(slots=2, places=4, seconds_per_work=2.0, clock=clock)
+    alone = queue.join(6)
+    clock.now += 12
+    queue.leave(alone, completed=True)
+    assert queue.seconds_per_work == 2.0
+    first, second, waiter = queue.join(6), queue.join(6), queue.join(6)
+    assert queue.place(waiter) == (1, 24.0)
+    clock.now += 24
+    queue.leave(first, completed=True)
+    queue.leave(second, completed=True)
+    assert queue.seconds_per_work == 2.0 and queue.place(waiter) is None
 
 
 def test_a_visitor_who_leaves_while_waiting_frees_its_place_and_the_next_moves_up():

@@ -247,9 +247,8 @@ def runs_at_once() -> int:
 def _run_queue() -> RunQueue:
     """The server's queue of runs computing here (made on first use, with the host's limits)."""
     slots, places = serving.limit("IMSE_MAX_CONCURRENT_RUNS"), serving.limit("IMSE_MAX_QUEUE")
-    # work: a run's CPU-measured seconds alone; with every slot busy the runs share the cores, so each takes
-    # about `slots` times as long (the prior; finished runs correct it)
-    return RunQueue(slots, places, seconds_per_work=float(slots))
+    # work: a run's CPU-measured step seconds alone (the prior: 1 machine-second each; finished runs correct it)
+    return RunQueue(slots, places, seconds_per_work=1.0)
 
 
 def _queued_updates(config: LabConfig, show_source: bool, stop: serving.StopToken, downloading) -> Iterator[tuple]:
