@@ -111,7 +111,7 @@ def test_streamed_run_matches_the_cli(app_url):
     the CLI computes."""
     from imse.runs.bench import run_bench
 
-    job = client(app_url).submit(**SHORT, api_name="/start")
+    job = client(app_url).submit(**{**SHORT, "per_domain": 64}, api_name="/start")  # a batch per domain
     updates = list(job)
     final = job.outputs()[-1]
     assert len(updates) >= 2  # streamed, not one final answer
@@ -126,7 +126,7 @@ def test_streamed_run_matches_the_cli(app_url):
         methods=("imse", "source"),
         scenario="continual",
         corruptions=["fog", "gaussian_noise", "contrast"],
-        per_domain=128,
+        per_domain=64,
         batch_size=64,
         seeds=(0,),
         progress=False,

@@ -306,7 +306,7 @@ def test_mix_retrieval_stores_mixes_and_predicts_with_the_papers_softmax_weights
         "imse", create_backbone("builtin"), retrieval="mix", lr=7e-4, source_images=source_images, batch_size=64,
         mix_temperature=temperature,
     )  # fmt: skip
-    stream = Stream(source, "continual", ["clean", "fog", "clean"], per_domain=256)
+    stream = Stream(source, "continual", ["clean", "fog", "clean"], per_domain=128)
     shifts = 0
     for batch in stream:
         x = batch.images.float() / 255
