@@ -111,7 +111,8 @@ def test_streamed_run_matches_the_cli(app_url):
     the CLI computes."""
     from imse.runs.bench import run_bench
 
-    job = client(app_url).submit(**{**SHORT, "per_domain": 64}, api_name="/start")  # a batch per domain
+    run = {**SHORT, "per_domain": 64}  # a batch per domain
+    job = client(app_url).submit(**run, api_name="/start")
     updates = list(job)
     final = job.outputs()[-1]
     assert len(updates) >= 2  # streamed, not one final answer
@@ -124,11 +125,12 @@ def test_streamed_run_matches_the_cli(app_url):
     assert Path(download).suffix == ".zip" and Path(download).stat().st_size > 0
     cli = run_bench(
         methods=("imse", "source"),
-        scenario="continual",
-        corruptions=["fog", "gaussian_noise", "contrast"],
-        per_domain=64,
-        batch_size=64,
-        seeds=(0,),
+        scenario=run["scenario"],
+        corruptions=run["corruptions"],
+        severity=run["severity"],
+        per_domain=run["per_domain"],
+        batch_size=run["batch_size"],
+        seeds=(run["seed"],),
         progress=False,
     )
     for row, name in zip(rows, ("imse", "source")):
