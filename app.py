@@ -15,11 +15,12 @@ with contextlib.suppress(ImportError):  # on ZeroGPU `spaces` goes first: it pat
 
 import gradio as gr  # noqa: E402
 
-from imse.app import serving, ui, viz  # noqa: E402
+from imse.app import serving, ui, viz, your_images  # noqa: E402
 from imse.app.lab_stream import panel_rows  # noqa: E402
 from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
 from imse.app.teach_tab import teach_tab, warm_up  # noqa: E402
 from imse.app.theme import PAGE_CSS  # noqa: E402
+from imse.data.upload_files import UploadLimits  # noqa: E402
 
 START = ui.opening_values()  # the built-in model's default run, until a page loads (ui.open_page)
 
@@ -50,7 +51,25 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     stop = gr.Button("Stop")
                 status = gr.Markdown("Ready: press **Start** for the default run, or pick a story above.")
                 widgets = {}  # the run's settings by name: labels, limits and choices declared on LabConfig
-                widgets["backbone"] = gr.Dropdown(**setting("backbone", choices=ui.backbone_choices()))
+                widgets["backbone"] = gr.Dropdown(**setting("backbone", choices=ui.backbone_choices()),
+                                                  allow_custom_value=True)  # fmt: skip
+                images = gr.Radio([("the backbone's own", "own"), ("yours (upload)", "upload")], value="own",
+                                  label="Images", elem_id="images-choice")  # fmt: skip
+                with gr.Group(visible=False) as upload_box:
+                    widgets["upload"] = gr.File(
+                        label="A .zip (images · CLASS/images · DOMAIN/images · DOMAIN/CLASS/images) or image files",
+                        file_count="multiple",
+                        file_types=[".zip", "image"],
+                        elem_id="your-images",
+                    )
+                    widgets["upload_streams"] = gr.Radio(**setting("upload_streams", choices=[
+                        ("as they are: your domains are the shifts", "as-is"),
+                        ("through the corruptions below: each one a domain", "corrupted")]))  # fmt: skip
+                    widgets["upload_labels"] = gr.Radio(**setting("upload_labels", choices=[
+                        ("from the class folders", "folders"), ("none: run unlabelled", "none")]))  # fmt: skip
+                    upload_found = gr.Markdown("", elem_id="upload-found")
+                    upload_preview = gr.Gallery(label="As the model will see them", columns=4, height="auto",
+                                                object_fit="contain", elem_id="upload-preview")  # fmt: skip
                 widgets["scenario"] = gr.Radio(**setting("scenario"))
                 widgets["corruptions"] = gr.Dropdown(**setting("corruptions"), multiselect=True)
                 widgets["severity"] = gr.Slider(**setting("severity"), step=1)
@@ -96,6 +115,10 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
             )
             run_events.append(loaded.then(ui.start_lab, None, outputs, api_name=False, **a_run))
         stop.click(ui.stop_lab, None, status, cancels=run_events, api_name="stop")
+        images.change(your_images.choose_images, images, [upload_box, widgets["upload"]], api_name=False)
+        checked = [widgets["upload"], widgets["backbone"], widgets["upload_labels"]]
+        for changed in checked:  # said back before anything runs: what was found, a few images as the model sees them
+            changed.change(your_images.check_upload, checked, [upload_found, upload_preview], api_name=False)
         imse_rates = [widgets["imse_lr"], widgets["lambda_dm"]]
         widgets["backbone"].input(ui.backbone_defaults, widgets["backbone"], imse_rates, api_name=False)
         gr.api(ui.load_preset, api_name="preset")  # a preset's settings by name (readable error for a bad name)
@@ -128,5 +151,7 @@ if __name__ == "__main__":
         theme=theme,
         css=PAGE_CSS,  # the figures follow the visitor's light or dark theme (imse.app.theme)
         show_error=False,
-        max_file_size=MAX_UPLOAD_BYTES,  # refused by the server before the upload reaches any code of ours
+        # refused by the server before an upload reaches any code of ours: the larger of the Teach tab's image and the
+        # Lab's upload limits (each checks its own again)
+        max_file_size=max(MAX_UPLOAD_BYTES, UploadLimits.from_environment().max_bytes),
     )

@@ -56,12 +56,15 @@ def _add_precision(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, severity: int | None = 5, batch_size: int | None = 64) -> None:
-    parser.add_argument("--backbone", default="builtin", help="'builtin' or a timm name with its weight tag")
+    parser.add_argument("--backbone", default="builtin",
+                        help="'builtin' or any timm ViT tag (a timm name with its weight tag, e.g. "
+                        "deit_tiny_patch16_224.fb_in1k)")  # fmt: skip
     parser.add_argument("--weights", help="local weights file (safetensors or .pth state dict) for --backbone")
     parser.add_argument(
         "--data",
-        help="'builtin', 'imagenette', an image folder (class folders), or imagenet-c:<root> (bench only); default: "
-        "the backbone's own (its card's: builtin for the built-in model, imagenette for an ImageNet ViT)",
+        help="'builtin', 'imagenette', your own images (a folder or .zip: images; CLASS/images; DOMAIN/images; "
+        "DOMAIN/CLASS/images; class folders named after the model's classes), or imagenet-c:<root> (bench only); "
+        "default: the backbone's own (its card's: builtin for the built-in model, imagenette for an ImageNet ViT)",
     )
     parser.add_argument("--severity", type=int, default=severity, choices=range(1, 6))
     parser.add_argument("--batch-size", type=int, default=batch_size)
@@ -156,6 +159,12 @@ def _add_bench(commands) -> None:
                        help="the file a method starts from: vida=FILE, its source warm-up (python -m imse "
                        "vida-warmup, or the official 'source ViDA model'); required for ViDA under "
                        "--protocol paper")  # fmt: skip
+    bench.add_argument("--upload-streams", choices=("as-is", "corrupted"), default="as-is",
+                       help="your own images (--data PATH): as they are, your domains being the shifts, or through "
+                       "--corruptions, each a domain over all of them (default: %(default)s)")  # fmt: skip
+    bench.add_argument("--unlabelled", action="store_true",
+                       help="your own images: ignore their class folders (reports agreement with Source, confidence "
+                       "and entropy instead of accuracy)")  # fmt: skip
     _add_precision(bench)
     bench.add_argument("--out", help="write the full result as JSON")
     bench.set_defaults(handler=bench_command)

@@ -103,6 +103,8 @@ def bench_command(args: argparse.Namespace) -> int:
         imagenet_val=args.imagenet_val,
         protocol=args.protocol,
         precision=args.precision,
+        upload_streams=args.upload_streams,
+        unlabelled=args.unlabelled,
         **bench_settings(args),
     )
     if args.preset:

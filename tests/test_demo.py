@@ -326,7 +326,7 @@ def test_the_space_path_runs_the_lab_end_to_end_from_local_mirrors(space_mirrors
     config = LabConfig.from_preset("default", backbone=backbone)
     config.corruptions, config.per_domain, config.batch_size, config.methods = ("gaussian_noise",), 6, 3, ("Source",)
     downloaded = []
-    *_, state = run_lab(config, min_interval=0.0, thumbnails=1, on_download=lambda d, t: downloaded.append((d, t)))
+    *_, state = run_lab(config, min_interval=0.0, thumbnails=1, on_download=lambda d, t, _: downloaded.append((d, t)))
     assert state.finished and state.images == 6 and state.class_names[0].startswith("tench")
     assert downloaded and downloaded[-1][0] == downloaded[-1][1] == space_mirrors.stat().st_size
     space_mirrors.unlink()

@@ -231,7 +231,8 @@ def test_lab_config_takes_a_precision_and_refuses_an_unknown_one_readably():
 
 
 def test_start_takes_precision_last_with_a_default_so_older_clients_still_call_it():
-    assert ui.START_INPUTS[-2:] == ("show_source", "precision")
+    # precision came after show_source, then the visitor's own images (their upload, how it streams, its labels)
+    assert ui.START_INPUTS[-5:] == ("show_source", "precision", "upload", "upload_streams", "upload_labels")
     assert ui.make_config().precision == "fp32"  # left out: the default run's
     assert [value for _, value in ui.precision_choices()] == list(PRECISIONS)
 
@@ -249,10 +250,12 @@ def test_the_served_start_fills_in_fp32_for_a_client_that_sends_the_older_argume
 
     parameters = app.demo.get_api_info()["named_endpoints"]["/start"]["parameters"]
     published = ["backbone", "scenario", "corruptions", "severity", "methods", "batch_size", "per_domain", "seed",
-                 "imse_lr", "lambda_dm", "tau", "rounds", "device", "show_source", "precision"]  # fmt: skip
+                 "imse_lr", "lambda_dm", "tau", "rounds", "device", "show_source", "precision", "upload",
+                 "upload_streams", "upload_labels"]  # fmt: skip
     assert [p["parameter_name"] for p in parameters] == published  # what existing clients call it by
-    older = tuple(range(len(ui.START_INPUTS) - 1))
-    assert construct_args(parameters, older, {}) == [*older, "fp32"]
+    older = tuple(range(published.index("precision")))
+    # an older client's arguments: fp32, no upload (the backbone's own data), the upload settings' defaults
+    assert construct_args(parameters, older, {}) == [*older, "fp32", None, "as-is", "folders"]
 
 
 def test_the_lab_run_builds_its_methods_in_the_configs_precision():

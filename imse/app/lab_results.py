@@ -16,7 +16,12 @@ from imse.core.codes import save_code
 from imse.core.spectral import spectral_layers
 from imse.runs.lab import LabState, method_name, primary_label
 
-__all__ = ["export_run", "summary_rows", "verdict"]
+__all__ = ["NO_LABELS", "export_run", "summary_rows", "verdict"]
+
+NO_LABELS = (
+    "none: the images had no labels, so no accuracy is known; each method's agreement with Source (the unadapted "
+    "model), its mean confidence and entropy, and its most-predicted-class share stand in for it"
+)
 
 
 def export_run(state: LabState, directory: str | Path) -> Path:
@@ -32,6 +37,8 @@ def export_run(state: LabState, directory: str | Path) -> Path:
         clean["methods"] = {
             label: {
                 "correct": r["correct"],
+                "confidence": r["confidence"],
+                "entropy": r["entropy"],
                 "seconds": r["seconds"],
                 "step": r["step"],
             }
@@ -43,7 +50,10 @@ def export_run(state: LabState, directory: str | Path) -> Path:
     # a directory of its own per export: runs of several users finishing in the same second never collide
     archive = Path(tempfile.mkdtemp(prefix="run-", dir=directory)) / "imse-lab-run.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("records.json", json.dumps({"config": state.config, "summary": state.summary, "records": records}))
+        run = {"config": state.config, "summary": state.summary, "records": records}
+        if not state.labelled:
+            run["labels"] = NO_LABELS
+        zf.writestr("records.json", json.dumps(run))
         # through the library's own writers, so that load_code / load_bank take them back
         if spectral_layers(methods[primary].model):
             buffer = save_code(
@@ -61,22 +71,28 @@ def export_run(state: LabState, directory: str | Path) -> Path:
 
 
 def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
-    """The results table: one row per method, per-domain accuracy (%), the mean, the gain over Source (points),
-    the collapse readouts (mean expert-alignment std in the last blocks, share of the most-predicted class) and
-    the values each method adapts, with their ratio to IMSE's when IMSE ran (ViDA trains every ViT weight)."""
+    """The results table: one row per method, per-domain accuracy (%), the mean, the gain over Source (points) —
+    without labels, agreement with Source (%) per domain and its mean, mean confidence and entropy instead —, the
+    collapse readouts (mean expert-alignment std in the last blocks, share of the most-predicted class) and the
+    values each method adapts, with their ratio to IMSE's when IMSE ran (ViDA trains every ViT weight)."""
     if not state.summary:
         return ["method"], []
     first = next(iter(state.summary.values()))
-    headers = ["method"] + [f"{d['name']}-{d['severity']}" for d in first["domains"]] + ["mean"]
+    key = "accuracy" if state.labelled else "agreement"
+    headers = ["method"] + [_column(d) for d in first["domains"]]
+    headers += ["mean"] if state.labelled else ["mean agreement with Source", "confidence (%)", "entropy (nats)"]
     source = next((label for label in state.summary if method_name(label) == "source"), None)
     imse = next((label for label in state.summary if method_name(label) == "imse"), None)
-    headers += (["vs Source (pts)"] if source else []) + ["expert std", "top-class share (%)", "trainable values"]
+    gain = source and state.labelled
+    headers += (["vs Source (pts)"] if gain else []) + ["expert std", "top-class share (%)", "trainable values"]
     headers += ["× IMSE's"] if imse else []
     rows = []
     for label, entry in state.summary.items():
-        row = [label] + [round(100 * d["accuracy"], 1) for d in entry["domains"]]
-        row.append(round(100 * entry["mean_accuracy"], 2))
-        if source:
+        row = [label] + [round(100 * d[key], 1) for d in entry["domains"]]
+        row.append(round(100 * entry[f"mean_{key}"], 2))
+        if not state.labelled:
+            row += [round(100 * entry["mean_confidence"], 1), round(entry["mean_entropy"], 3)]
+        if gain:
             row.append(round(100 * (entry["mean_accuracy"] - state.summary[source]["mean_accuracy"]), 2))
         std = entry.get("mean_expert_std")
         row += [None if std is None else round(std, 4), round(100 * entry["mean_top_class_share"], 1)]
@@ -87,6 +103,11 @@ def summary_rows(state: LabState) -> tuple[list[str], list[list[Any]]]:
             row.append(round(trainable / reference, 1) if trainable is not None and reference else None)
         rows.append(row)
     return headers, rows
+
+
+def _column(domain: dict[str, Any]) -> str:
+    """A domain's column: a corruption with its severity, or one's own domain by its name (severity 0)."""
+    return f"{domain['name']}-{domain['severity']}" if domain["severity"] else domain["name"]
 
 
 def _versus(gain: float, other: str) -> str:
@@ -126,6 +147,24 @@ def _comparison(state: LabState) -> str:
     return f"{lead} {_versus(top - means[against], against)} ({scores})"
 
 
+def _agreements(state: LabState) -> str:
+    """Without labels: that there were none, and each adapting method's agreement with Source and confidence
+    (the results table's numbers, rounded to one decimal)."""
+    source = state.reference
+    others = [label for label in state.summary if label != source]
+    entry = state.summary[source]
+    parts = [
+        f"{label} agreed with Source on {100 * state.summary[label]['mean_agreement']:.1f} % of its answers "
+        f"(confidence {100 * state.summary[label]['mean_confidence']:.1f} %)"
+        for label in others
+    ]
+    said = "; ".join(parts) if parts else "only Source ran"
+    return (
+        f"Your images have no labels, so no accuracy is known: {said}; Source's confidence "
+        f"{100 * entry['mean_confidence']:.1f} %"
+    )
+
+
 def _bank(state: LabState) -> str:
     """What the bank did, from the first retrieving method's records (``runner.bank_summary``), or nothing."""
     banks = [(label, entry["bank"]) for label, entry in state.summary.items() if entry.get("bank")]
@@ -151,7 +190,7 @@ def verdict(state: LabState) -> str:
     their difference, so that the sentence adds up as read."""
     if not state.finished or not state.summary:
         raise ValueError("the run has not finished")
-    text = _comparison(state)
+    text = _comparison(state) if state.labelled else _agreements(state)
     if state.batch < state.total_batches:
         text = (
             f"Cut short by the time limit after {state.batch} of {state.total_batches} batches "

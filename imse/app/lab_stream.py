@@ -86,7 +86,7 @@ def lab_updates(
     show_source: bool,
     stop: serving.StopToken,
     exports: str,
-    on_download: Callable[[int, int | None], None] | None = None,
+    on_download: Callable[[int, int | None, str], None] | None = None,
     *,
     table: tuple[Panel, ...] = PANELS,
 ) -> Iterator[tuple]:

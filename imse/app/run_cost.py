@@ -1,4 +1,5 @@
-"""What a Lab run costs before it starts: seconds per image from the methods' measured steps, times its images.
+"""What a Lab run costs before it starts: seconds per image from the methods' measured steps, times its images;
+for a backbone or method nobody measured, an estimate from its FLOPs and its declared passes per step.
 
 Read from the shipped measurements (``python -m imse perf --only methods``: each method's step at batch 64, fp32),
 on an H200 (``cuda``) and on 2 CPU cores (``cpu``). A ZeroGPU call's requested duration (``imse.app.zerogpu``) and a
@@ -9,17 +10,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
+from imse.core.methods import METHODS
 from imse.core.resources import asset_path
 from imse.data.backbones import backbone_card
+from imse.data.vit_tags import forward_gflops
 from imse.runs.lab import LabConfig, method_name
 from imse.runs.lab_config import run_images
 
 __all__ = ["run_seconds", "seconds_per_image"]
 
 MEASURED = {"cuda": "perf_methods_h200.json", "cpu": "perf_methods_cpu.json"}
-# GFLOPs per 224-px image (timm's model cards): an architecture a table lacks costs as a measured one, scaled
-GFLOPS = {"vit_small_patch16_224": 4.6, "vit_base_patch16_224": 17.6}
 
 
 @functools.cache
@@ -29,20 +31,28 @@ def _measured(device: str) -> dict[str, dict[str, float]]:
 
 
 def _steps(backbone: str, device: str) -> dict[str, float]:
-    table, architecture = _measured(device), backbone_card(backbone).cost_as  # the card's
-    if architecture in table:
-        return table[architecture]
-    near = next(name for name in GFLOPS if name in table)
-    scale = GFLOPS[architecture] / GFLOPS[near]
+    """Each measured method's seconds per batch-64 step on ``backbone``: its card's measured architecture
+    (``cost_as``), else the measured architecture nearest in FLOPs, scaled by the FLOPs of one image's forward
+    (``forward_gflops``, from the shapes: any timm ViT tag has an estimate)."""
+    table = _measured(device)
+    card = backbone_card(backbone)
+    if card is not None and card.cost_as in table:
+        return table[card.cost_as]
+    flops = forward_gflops(backbone)
+    near = min(table, key=lambda measured: abs(math.log(forward_gflops(measured) / flops)))
+    scale = flops / forward_gflops(near)
     return {method: seconds * scale for method, seconds in table[near].items()}
 
 
 def seconds_per_image(backbone: str, method: str, device: str) -> float:
-    """One method's seconds per image (batch 64). Source costs one forward: a third of TENT's step (a forward
-    and its backward)."""
+    """One method's seconds per image (batch 64). A method the measurements lack (one registered later) costs what
+    it declares: its ``step_passes`` forward-equivalents, each a third of TENT's step (a forward and its
+    backward)."""
     steps = _steps(backbone, "cuda" if device == "cuda" else "cpu")
-    step = steps["tent"] / 3 if method == "source" else steps[method]
-    return step / 64
+    if method in steps:
+        return steps[method] / 64
+    per_pass = steps["tent"] / METHODS["tent"].step_passes
+    return per_pass * METHODS[method].step_passes / 64
 
 
 def per_image(config: LabConfig, device: str) -> float:

@@ -67,8 +67,8 @@ def _serve(tasks, results, computing, parent: int) -> None:
 
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
-    def downloading(done: int, total: int | None) -> None:
-        results.put(("download", (done, total)))
+    def downloading(done: int, total: int | None, what: str) -> None:
+        results.put(("download", (done, total, what)))
 
     warm = LabConfig(corruptions=("fog",), per_domain=64, methods=("IMSE", "Source"))
     never = serving.StopToken(os.devnull + ".never")  # a path that never exists: the warm-up runs through
@@ -140,7 +140,7 @@ class RunWorkers:
         show_source: bool,
         stop: serving.StopToken,
         exports: str,
-        on_download: Callable[[int, int | None], None] | None = None,
+        on_download: Callable[[int, int | None, str], None] | None = None,
     ) -> Iterator[tuple]:
         """``lab_updates`` of the run, computed by a worker. The worker never waits for the page: when several
         updates are ready, only the newest goes on. A caller that stops listening halts the run at its next

@@ -6,7 +6,8 @@ The limits are the host's settings (environment variables), never something a vi
 - ``IMSE_MAX_RUN_SECONDS`` (600): a run stops after this long, with the results so far;
 - ``IMSE_MAX_CONCURRENT_RUNS`` (2): runs computing at once; more wait in the queue;
 - ``IMSE_MAX_QUEUE`` (16): requests waiting at most; the next one is refused with "queue full";
-- ``IMSE_EXPORT_MAX_AGE`` (3600): seconds a run's download is kept on disk;
+- ``IMSE_EXPORT_MAX_AGE`` (3600): seconds a run's download, and a visitor's prepared upload, is kept on disk (an
+  upload goes as soon as its browser session ends);
 - ``IMSE_ZEROGPU_MAX_SECONDS`` (120): the longest GPU call a ZeroGPU run may request (the daily allowance of a
   visitor who is not signed in); a larger run is refused before it starts (``imse.app.zerogpu``).
 """
@@ -14,6 +15,7 @@ The limits are the host's settings (environment variables), never something a vi
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +25,9 @@ from pathlib import Path
 
 __all__ = [
     "SessionRuns",
+    "forget_uploads",
+    "prune_uploads",
+    "upload_dir",
     "StopToken",
     "export_dir",
     "gpu_present",
@@ -160,6 +165,34 @@ class SessionRuns:
     def active(self) -> int:
         with self._lock:
             return sum(len(tokens) for tokens in self._runs.values())
+
+
+def upload_dir(session: str) -> Path:
+    """The folder a browser session's uploads are prepared in (``imse.data.uploads``): nothing of an upload is
+    written anywhere else. Named by a digest of the session, so no visitor's string becomes a path."""
+    folder = Path(_scratch("uploads")) / hashlib.sha256(session.encode()).hexdigest()[:32]
+    folder.mkdir(exist_ok=True)
+    os.utime(folder)  # in use: the age-based prune counts from the last use
+    return folder
+
+
+def forget_uploads(session: str) -> None:
+    """A session ended: its prepared uploads go with it."""
+    folder = Path(_scratch("uploads")) / hashlib.sha256(session.encode()).hexdigest()[:32]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def prune_uploads(max_age: float) -> int:
+    """Delete the upload folders of sessions unused for ``max_age`` seconds (a tab that never said goodbye)."""
+    removed = 0
+    for folder in Path(_scratch("uploads")).iterdir():
+        try:
+            if time.time() - folder.stat().st_mtime > max_age:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def prune_exports(directory: str | Path, max_age: float) -> int:

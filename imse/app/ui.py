@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from imse.app import run_cost, serving, zerogpu
+from imse.app import run_cost, serving, your_images, zerogpu
 from imse.app.lab_stream import OUTPUTS, lab_updates
 from imse.app.run_queue import QueueFull, RunQueue
 from imse.app.run_workers import RunWorkers
@@ -40,7 +40,9 @@ SETTINGS = tuple(name for name, setting in _DECLARED.items() if setting.preset)
 # what /start takes and gives, by name (app.py wires its widgets by these names; clients may call it by name or by
 # position): every setting, and show_source. An input added later goes last, with a default, so that a client that
 # sends the older arguments by position still calls /start as before: precision came after show_source.
-_ADDED_LATER = ("precision",)
+# precision came after show_source, then a visitor's own images: the upload (none: the backbone's own data), how it
+# streams and its labels.
+_ADDED_LATER = ("precision", "upload", "upload_streams", "upload_labels")
 START_INPUTS = (*(name for name in _DECLARED if name not in _ADDED_LATER), "show_source", *_ADDED_LATER)
 START_OUTPUTS = OUTPUTS
 RUNS = serving.SessionRuns()
@@ -89,7 +91,8 @@ def opening_values() -> dict[str, Any]:
     """Every settings widget's value when the page opens: the built-in model's default run, on the GPU when one
     is here, at the default precision."""
     values = dict(zip(SETTINGS, settings_values("default"), strict=True))
-    return {**values, "device": device_choices()[-1], "precision": LabConfig.precision}
+    others = {name: getattr(LabConfig, name) for name in _DECLARED if name not in SETTINGS}  # a preset's not
+    return {**values, **others, "device": device_choices()[-1]}
 
 
 def load_preset(name: Any, backbone: Any = BUILTIN) -> tuple:
@@ -156,25 +159,30 @@ def _as_names(value: Any, name: str, groups: dict | None = None) -> tuple:
 
 
 def check_backbone(backbone: Any) -> str:
-    """Only the offered backbones: a public app never turns free text into a model name or a path."""
-    allowed = list(_DECLARED["backbone"].choices())
+    """The offered backbones, or any timm ViT tag that passes ``imse.data.vit_tags`` (a name timm lists with weights,
+    a ViT, small enough): free text never becomes a path, nor a model outside timm's list."""
+    setting = _DECLARED["backbone"]
     if backbone in (None, ""):
         return BUILTIN
-    if not isinstance(backbone, str) or backbone not in allowed:
-        raise gr.Error(f"unknown backbone {str(backbone)[:80]!r}; choose one of: {', '.join(allowed)}")
+    if not isinstance(backbone, str):
+        raise gr.Error(f"unknown backbone {str(backbone)[:80]!r}; choose one of: {', '.join(setting.choices())}")
+    if backbone not in setting.choices() and (problem := setting.other(backbone)) is not None:
+        raise gr.Error(problem)
     return backbone
 
 
-def make_config(**values: Any) -> LabConfig:
+def make_config(data: str | None = None, **values: Any) -> LabConfig:
     """The Lab's settings as the widgets (or an API client) give them, by name (strings, floats, None), into a
     validated ``LabConfig``: each read by its declared kind; a setting left out, or a choice left empty, is the
-    default run's. Anything wrong is a readable ``gr.Error``."""
+    default run's. ``data``: the server's (a visitor's prepared upload), else the backbone's own. Anything wrong is
+    a readable ``gr.Error``."""
     if unknown := sorted(set(values) - set(_DECLARED)):
         raise gr.Error(f"unknown setting(s) {', '.join(unknown)[:200]}; the settings are {', '.join(_DECLARED)}")
     read = {name: _read(_DECLARED[name], name, value) for name, value in values.items()}
     read = {name: value for name, value in read.items() if value is not None}
     backbone = read.get("backbone", LabConfig.backbone)
-    data = backbone_data(backbone) if isinstance(backbone, str) else LabConfig.data  # else validate names it
+    if data is None:
+        data = backbone_data(backbone) if isinstance(backbone, str) else LabConfig.data  # else validate names it
     try:
         return validate(LabConfig(**read, data=data))
     except (TypeError, ValueError) as error:
@@ -210,24 +218,31 @@ def setting_props(name: str, value: Any, **overrides: Any) -> dict[str, Any]:
 def start_lab(
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
+    upload: Any = None,  # named, with its default: API clients may leave it out (the backbone's own data)
     **inputs: Any,
 ) -> Iterator[tuple]:
-    """Stream a run: (status, 6 figures, results table, download) about once a second. A first run on
-    Imagenette downloads it once, with a progress bar. Gradio passes the inputs by name (``START_INPUTS``: every
-    setting of ``LabConfig``, and ``show_source``); they go on to ``make_config`` as they are. One left out is the
-    default run's (``precision``: fp32, for a client older than it).
+    """Stream a run: (status, every panel, results table, download) about once a second. A first download (hub
+    weights, Imagenette) shows a progress bar. Gradio passes the inputs by name (``START_INPUTS``: every setting of
+    ``LabConfig``, ``show_source`` and ``upload``); they go on to ``make_config`` as they are. One left out is the
+    default run's (``precision``: fp32, for a client older than it). ``upload`` (a .zip or image files, as the page
+    or ``gradio_client.handle_file`` sends them): the visitor's own images, prepared in the session's folder (or
+    found there, checked on upload), instead of the backbone's own data.
 
     The run belongs to the visitor's session: Stop or closing the tab ends it at the next batch, wherever it
     computes (here, or in a ZeroGPU worker: a ``cuda`` run on a ZeroGPU Space is one GPU call,
     ``imse.app.zerogpu``), and the memory it held is handed back when it ends, however it ends.
     """
     show_source = bool(inputs.pop("show_source", False))
-    config = make_config(**inputs)
     session = _session(request)
+    data = None
+    if your_images.upload_paths(upload):  # prepared in the session's folder, or found there (checked on upload)
+        backbone = check_backbone(inputs.get("backbone"))
+        data = your_images.prepared_data(upload, backbone, inputs.get("upload_labels") or "folders", session, progress)
+    config = make_config(data, **inputs)
     stop = RUNS.start(session)
 
-    def downloading(done: int, total: int | None) -> None:
-        progress((done, total) if total else None, desc="Downloading Imagenette (once; then cached)", unit="B")
+    def downloading(done: int, total: int | None, what: str) -> None:
+        progress((done, total) if total else None, desc=what, unit="B")
 
     try:
         if serving.zero_gpu() and config.device == "cuda":  # computes in a GPU worker, queued by ZeroGPU
@@ -301,8 +316,9 @@ def stop_lab(request: gr.Request = None) -> str:
 
 
 def end_session(request: gr.Request = None) -> None:
-    """A closed tab: stop whatever that session still had running."""
+    """A closed tab: stop whatever that session still had running, and delete its uploads."""
     RUNS.stop(_session(request))
+    serving.forget_uploads(_session(request))
 
 
 def method_labels() -> list[str]:

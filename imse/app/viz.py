@@ -77,17 +77,23 @@ def _source_label(state) -> str | None:
 
 
 def gains_over_source(state) -> dict[str, float]:
-    """Each adapting method's accuracy so far minus Source's, in points (empty without Source or batches)."""
+    """Each adapting method's accuracy so far minus Source's, in points (empty without Source, batches or labels)."""
     source = _source_label(state)
-    if source is None or not state.seen:
+    if source is None or not state.seen or not state.labelled:
         return {}
     base = state.correct[source][-1]
     return {m: 100 * (state.correct[m][-1] - base) / state.seen[-1] for m in state.methods if m != source}
 
 
+def _counts(state) -> dict[str, list[int]]:
+    """The cumulative counts the accuracy panel draws: right answers, or without labels answers equal to Source's."""
+    return state.correct if state.labelled else state.agree
+
+
 def _per_domain(state, method: str) -> list[float]:
-    """The method's accuracy (%) on each domain visit, from the cumulative counts (a visit has ≥ 1 image)."""
-    correct, seen = [0, *state.correct[method]], [0, *state.seen]
+    """The method's accuracy (%), or agreement with Source without labels, on each domain visit, from the
+    cumulative counts (a visit has ≥ 1 image)."""
+    correct, seen = [0, *_counts(state)[method]], [0, *state.seen]
     return [100 * (correct[d["end"] + 1] - correct[d["start"]]) / (seen[d["end"] + 1] - seen[d["start"]])
             for d in state.domains]  # fmt: skip
 
@@ -115,7 +121,7 @@ def accuracy_figure(state) -> Figure:
     baseline = _per_domain(state, source) if source else []
     for i, method in enumerate(state.methods):
         colour = COLOURS[i % len(COLOURS)]
-        accuracy = state.accuracy(method)
+        accuracy = state.accuracy(method) if state.labelled else state.agreement(method)
         name = f"{method}: {gains[method]:+.1f} pts vs Source" if method in gains else method
         data.append(dict(type="scatter", x=keep, y=[100 * accuracy[j] for j in keep], name=name, mode="lines",
                          line=dict(color=colour), legendgroup=method, xaxis="x", yaxis="y"))  # fmt: skip
@@ -137,17 +143,27 @@ def accuracy_figure(state) -> Figure:
     shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
     so_far = "; ".join(f"{m.split(' (')[0]} {g:+.1f}" for m, g in gains.items())
     title = f"Online accuracy — batch {state.batch}/{state.total_batches}, {state.images:,} images"
+    if not state.labelled:
+        title = f"No labels: agreement with Source — batch {state.batch}/{state.total_batches}, {state.images:,} images"
+    subtitle = f"gain over Source so far (points): {so_far}" if so_far else ""
+    if not state.labelled:
+        subtitle = "your images have no labels: each method's answers that equal the unadapted model's (Source)"
     layout = layout_spec(
         title,
         380,
         (50, 10, 140, 40),
-        f"gain over Source so far (points): {so_far}" if so_far else "",
+        subtitle,
         legend=dict(orientation="h", y=-0.22),  # below the x-axis title, also when it wraps
         barmode="group",
         shapes=shapes,
         annotations=[*annotations, subplot_title("per domain (%)", 0.86)],
         xaxis=dict(domain=[0, 0.64], anchor="y", title=dict(text="batch")),
-        yaxis=dict(domain=[0, 1], anchor="x", range=[0, 100], title=dict(text="accuracy so far (%)")),
+        yaxis=dict(
+            domain=[0, 1],
+            anchor="x",
+            range=[0, 100],
+            title=dict(text="accuracy so far (%)" if state.labelled else "agreement with Source (%)"),
+        ),
         xaxis2=dict(domain=[0.72, 1], anchor="y2", tickangle=-60, tickfont=dict(size=8)),
         yaxis2=dict(domain=[0, 1], anchor="x2"),
     )
@@ -380,6 +396,8 @@ def batch_figure(state) -> Figure:
     names = state.class_names
 
     def name(i):
+        if i is not None and i < 0:  # UNLABELLED: a user's image without a class
+            return "no label"
         return names[i][:10] if i is not None and 0 <= i < len(names) else str(i)
 
     below = size + 40  # room for two lines of labels between the rows
@@ -399,7 +417,9 @@ def batch_figure(state) -> Figure:
         f"The current batch: {thumbs['domain']}",
         360,
         (10, 10, 100, 10),
-        "top: clean (label) · bottom: corrupted (prediction before → after)",
+        "top: your image as it is (label) · bottom: the same (prediction before → after)"
+        if thumbs.get("as_is")
+        else "top: clean (label) · bottom: corrupted (prediction before → after)",
         annotations=annotations,
         xaxis=dict(visible=False),
         yaxis=dict(visible=False, autorange="reversed", scaleanchor="x"),

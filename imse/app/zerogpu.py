@@ -64,7 +64,7 @@ def check_fits(config: LabConfig) -> None:
     needed = request_seconds(config)
     if needed <= largest:
         return
-    domains = run_images(config) // config.per_domain
+    domains = max(1, math.ceil(run_images(config) / config.per_domain))  # one's own domains may hold fewer
     fits = math.floor((largest / MARGIN - STARTUP_SECONDS) / (HALF_H200 * run_cost.per_image(config, "cuda") * domains))
     advice = (
         f"at most {fits:,} images per domain with these methods and corruptions"
@@ -97,8 +97,8 @@ _PREPARED: set[tuple[str, str]] = set()
 
 
 def prepare(config: LabConfig, on_download=None) -> None:
-    """Download the run's data (``on_download(done, total)`` follows it) and fill the SVD cache in the server
-    process, once per backbone, so that the GPU call spends its time adapting."""
+    """Download the run's weights and data (``on_download(done, total, what)`` follows them) and fill the SVD cache
+    in the server process, once per backbone, so that the GPU call spends its time adapting."""
     from imse.core.spectral import inject
     from imse.core.svd_cache import default_svd_cache
     from imse.data.builders import build_source
@@ -106,8 +106,14 @@ def prepare(config: LabConfig, on_download=None) -> None:
 
     if (config.backbone, config.data) in _PREPARED:
         return
-    model = create_backbone(config.backbone, device="cpu")
-    build_source(config.data, config.backbone, model.input_size, progress=on_download)
+    model = create_backbone(config.backbone, device="cpu", on_download=on_download)
+    data_progress = None
+    if on_download is not None:
+
+        def data_progress(done: int, total: int | None) -> None:
+            on_download(done, total, "Downloading Imagenette (once; then cached)")
+
+    build_source(config.data, config.backbone, model.input_size, progress=data_progress)
     inject(copy.deepcopy(model), cache=default_svd_cache())
     _PREPARED.add((config.backbone, config.data))
 

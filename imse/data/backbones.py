@@ -48,7 +48,9 @@ class BackboneCard:
     sweep's JSON under ``assets/results`` (the tuned settings runs start from). ``start_files``: method -> the
     files it starts from, ``{setting: path parts under assets}``. ``paper_role``: the paper's name for it in
     ``python -m imse reproduce`` (supervised, mae, clip). ``cost_as``: the measured architecture whose step times a
-    Lab run's cost is read from (same shapes, or more FLOPs; ``imse.app.run_cost``).
+    Lab run's cost is read from (same shapes, or more FLOPs; ``imse.app.run_cost``). ``pad_small``: a user's image
+    no larger than ``input_size`` is centred on black, as the model's training images were (the built-in model: 28-px
+    Fashion-MNIST padded to 32), instead of resized and cropped (``imse.data.uploads``).
     """
 
     name: str
@@ -61,6 +63,7 @@ class BackboneCard:
     start_files: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
     paper_role: str | None = None
     cost_as: str | None = None
+    pad_small: bool = False
 
     def __post_init__(self) -> None:
         if self.weights not in (SHIPPED, HUB, USER_FILE):
@@ -95,6 +98,7 @@ CARDS: dict[str, BackboneCard] = {
             # split; the recipe is in the file)
             start_files={"vida": {"checkpoint": ("builtin", "vida_warmup.safetensors")}},
             cost_as="builtin",
+            pad_small=True,
         ),
         _hub("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "ViT-Ti/16 AugReg (IN-21k → IN-1k)", "vit_small_patch16_224"),
         _hub("vit_small_patch16_224.augreg_in21k_ft_in1k", "ViT-S/16 AugReg (IN-21k → IN-1k)", "vit_small_patch16_224"),

@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import socket
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -21,11 +23,15 @@ from imse.core.resources import asset_path, offline
 from imse.data.backbones import (
     BUILTIN,
     CARDS,
+    IMAGENET_DATA,
     SHIPPED,
     USER_FILE,
     BackboneCard,
     backbone_card,
 )
+from imse.data.upload_layout import ClassMatch
+from imse.data.uploads import ModelView
+from imse.data.vit_tags import imagenet_class_synonyms, inspect_vit
 
 __all__ = [
     "BUILTIN",
@@ -34,7 +40,10 @@ __all__ = [
     "create_backbone",
     "hub_reachable",
     "load_state_dict_file",
+    "model_view",
 ]
+
+Download = Callable[[int, "int | None", str], None]  # (bytes so far, total bytes or None, what downloads)
 
 
 class BackboneUnavailable(RuntimeError):
@@ -158,22 +167,51 @@ def _cached_hub_file(model_name: str) -> str | None:
     return None
 
 
-def _imagenet_names(num_classes: int) -> list[str]:
-    if num_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        return list(ImageNetInfo().label_descriptions())
-    return [str(i) for i in range(num_classes)]
+@lru_cache(maxsize=4)
+def _imagenet_match(subset: str) -> ClassMatch:
+    return ClassMatch.of(imagenet_class_synonyms(subset))
 
 
-def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = None, device="cpu") -> Backbone:
+def model_view(name: str) -> ModelView:
+    """How the backbone ``name`` sees an image (input size, small images padded or resized) and its classes'
+    names, without building it: a shipped card's ``config.json``, an ImageNet card's, or any timm ViT tag's
+    configuration (``imse.data.vit_tags``: an unknown tag, another architecture or a model too large is refused
+    here, before any download)."""
+    card = backbone_card(name)
+    if card is not None and card.weights == SHIPPED:
+        config = builtin_config(asset_path(card.assets))
+        names = config["class_names"]
+        match = ClassMatch.of([[class_name] for class_name in names])
+        return ModelView(config["input_size"], card.pad_small, match, f"{card.name}:" + "|".join(names))
+    if card is not None and card.data == IMAGENET_DATA and card.weights == USER_FILE:
+        return ModelView(card.input_size, card.pad_small, _imagenet_match("imagenet-1k"), "imagenet-1k")
+    info = inspect_vit(name)
+    return ModelView(info.input_size, False, _imagenet_match(info.imagenet_subset), info.imagenet_subset)
+
+
+def _class_names(name: str, num_classes: int) -> list[str]:
+    """What the classes are called: the tag's own ImageNet subset (``imse.data.vit_tags``), else ImageNet-1k's for
+    a 1000-way head (a user's weights file for a timm architecture), else their numbers."""
+    try:
+        subset = inspect_vit(name).imagenet_subset
+    except ValueError:  # not a tag (a user's file for an architecture): its head's size says
+        subset = "imagenet-1k" if num_classes == 1000 else None
+    if subset is None:
+        return [str(i) for i in range(num_classes)]
+    names = [synonyms[1] if len(synonyms) > 1 else synonyms[0] for synonyms in imagenet_class_synonyms(subset)]
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def create_backbone(
+    name: str = BUILTIN, weights: str | os.PathLike | None = None, device="cpu", *, on_download: Download | None = None
+) -> Backbone:
     """A ready-to-use, eval-mode backbone, built as its card (``imse.data.backbones``) says.
 
-    ``builtin``: the shipped Fashion-MNIST ViT (offline). A timm name with its weight tag (the hub cards,
-    ``imse.data.backbones``): weights from the Hugging Face hub or its local cache. Any timm ViT architecture with
-    ``weights=`` a local safetensors/``.pth`` file (e.g. an MAE fine-tuned ViT-B, whose card asks for it).
-    Offline without weights, a hub model fails within seconds with a ``BackboneUnavailable`` saying how to
-    supply them.
+    ``builtin``: the shipped Fashion-MNIST ViT (offline). Any timm ViT tag (the hub cards, or any other: checked
+    before download by ``imse.data.vit_tags``): weights from the Hugging Face hub or its local cache,
+    ``on_download(done, total, what)`` following a download. Any timm ViT architecture with ``weights=`` a local
+    safetensors/``.pth`` file (e.g. an MAE fine-tuned ViT-B, whose card asks for it). Offline without weights, a
+    hub model fails within seconds with a ``BackboneUnavailable`` saying how to supply them.
     """
     card = backbone_card(name)
     if card is not None and card.weights == SHIPPED:
@@ -188,10 +226,10 @@ def create_backbone(name: str = BUILTIN, weights: str | os.PathLike | None = Non
     base = name.split(".")[0]
     if base not in timm.list_models():
         raise ValueError(f"unknown backbone {name!r}: use one of {sorted(CARDS)}, or a timm name")
-    model = _timm_from_file(name, weights) if weights is not None else _timm_from_hub(name)
+    model = _timm_from_file(name, weights) if weights is not None else _timm_from_hub(name, on_download)
     cfg = model.pretrained_cfg
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    names = _imagenet_names(model.num_classes)
+    names = _class_names(name, model.num_classes)
     backbone = Backbone(model, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), name=name, class_names=names,
                         input_size=size)  # fmt: skip
     return backbone.to(device).eval()
@@ -230,7 +268,39 @@ def _timm_from_file(name: str, weights: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _timm_from_hub(name: str) -> nn.Module:
+def _relay(on_download: Download, what: str):
+    """A tqdm class that also tells ``on_download`` (the Lab's progress bar) how far a hub download is."""
+    from tqdm.auto import tqdm
+
+    class Relay(tqdm):
+        def update(self, n=1):
+            shown = super().update(n)
+            on_download(int(self.n), int(self.total) if self.total else None, what)
+            return shown
+
+    return Relay
+
+
+def _download_weights(name: str, on_download: Download | None) -> str:
+    """The tag's weights file, downloaded once into the hub's cache (``on_download`` follows it)."""
+    import timm
+    from huggingface_hub import hf_hub_download
+
+    repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    if not repo:
+        raise BackboneUnavailable(f"{name} has no weights on the Hugging Face hub that timm knows of")
+    what = f"Downloading {name}'s weights (once; then cached)"
+    extra = {"tqdm_class": _relay(on_download, what)} if on_download else {}
+    errors = []
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return hf_hub_download(repo, filename, **extra)
+        except Exception as error:  # the hub's own errors: missing file, network, disk
+            errors.append(f"{filename}: {type(error).__name__}")
+    raise BackboneUnavailable(f"{name}'s weights could not be downloaded from {repo} ({'; '.join(errors)})")
+
+
+def _timm_from_hub(name: str, on_download: Download | None = None) -> nn.Module:
     """A timm model with its tagged hub weights, from the local cache when they are there."""
     import timm
 
@@ -240,6 +310,7 @@ def _timm_from_hub(name: str) -> nn.Module:
             f"name the hub weights with their tag (e.g. {base}.augreg_in21k_ft_in1k): the bare name {name!r} "
             "silently maps to other weights in newer timm"
         )
+    inspect_vit(name)  # an unknown tag, another architecture or a model too large: refused before any download
     cached = _cached_hub_file(name)
     if cached is None and not hub_reachable():
         raise BackboneUnavailable(
@@ -248,5 +319,5 @@ def _timm_from_hub(name: str) -> nn.Module:
             f"on a connected machine (python -c \"import timm; timm.create_model('{name}', pretrained=True)\") "
             "and copy the Hugging Face cache (~/.cache/huggingface) here. The offline default is 'builtin'."
         )
-    overlay = {"file": cached} if cached else None
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    weights = cached or _download_weights(name, on_download)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights})

@@ -143,8 +143,10 @@ class Source:
     """What the stream needs from a dataset: labelled clean images by index, at a fixed square size.
 
     ``load`` returns uint8 images ``[n, 3, size, size]`` and int64 labels ``[n]`` in the order of ``indices``;
-    the same indices always give the same tensors."""
+    the same indices always give the same tensors. ``labelled`` is False for a user's images without classes (their
+    labels are all -1)."""
 
+    labelled = True
     name: str
     num_classes: int
     class_names: list[str]

@@ -18,6 +18,7 @@ from imse.data.corruptions import corrupt, corruption_names
 from imse.data.sources import Source
 
 __all__ = [
+    "AS_THEY_ARE",
     "CLEAN",
     "GRADUAL_SEVERITIES",
     "SCENARIOS",
@@ -25,6 +26,7 @@ __all__ = [
     "Domain",
     "Stream",
     "domain_sequence",
+    "own_domains",
     "resolve_corruptions",
 ]
 
@@ -33,14 +35,19 @@ CLEAN = "clean"  # a pseudo-corruption: the images as they are (no-shift streams
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
 
+AS_THEY_ARE = 0  # the severity of a user's own domain: its images as they are, named by its folder
+
+
 @dataclass(frozen=True)
 class Domain:
+    """A corruption at a severity (``fog``, 5), or a user's own domain as it is (its folder's name, ``AS_THEY_ARE``)."""
+
     corruption: str
     severity: int
 
     @property
     def name(self) -> str:
-        return f"{self.corruption}-{self.severity}"
+        return self.corruption if self.severity == AS_THEY_ARE else f"{self.corruption}-{self.severity}"
 
 
 @dataclass
@@ -86,12 +93,29 @@ def domain_sequence(
     return once
 
 
+def own_domains(names: Sequence[str], scenario: str, rounds: int = 3) -> list[Domain]:
+    """A user's own domains as they are, in the given order: once (``single``, ``continual``) or ``rounds`` times
+    (``recurring``). ``gradual`` steps through a corruption's severities, which one's own domains do not have."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose from {SCENARIOS}")
+    if scenario == "gradual":
+        raise ValueError(
+            "the gradual scenario steps through corruption severities; your images as they are have none: choose "
+            "single, continual or recurring, or stream your images through the corruptions"
+        )
+    once = [Domain(name, AS_THEY_ARE) for name in names]
+    return once * rounds if scenario == "recurring" else once
+
+
 class Stream:
     """Batches of corrupted images, domain after domain.
 
     Each domain shows the same ``per_domain`` images of the source (a seeded subset, so domain accuracies are
     comparable), in a seeded order of its own. ``pregenerated`` replaces on-the-fly corruption by a source of
     already corrupted images per domain (e.g. ImageNet-C on disk).
+
+    ``domains`` (a user's own, ``own_domains``) replaces the corruptions: each comes from ``pregenerated(domain)``
+    and streams ``min(per_domain, its images)`` of them.
 
     ``order="listed"`` (the paper protocol, as the official code's unshuffled loader): the first ``per_domain``
     images in the source's own order; for ``recurring``, round *r* takes instead the disjoint slice
@@ -113,6 +137,7 @@ class Stream:
         keep_clean: bool = False,
         pregenerated: Callable[[Domain], Source] | None = None,
         order: str = "seeded",
+        domains: Sequence[Domain] | None = None,
     ) -> None:
         if batch_size < 1 or per_domain < 1:
             raise ValueError("batch_size and per_domain must be positive")
@@ -122,7 +147,10 @@ class Stream:
             raise ValueError("a stream needs a source of clean images or a pregenerated one per domain")
         self.source = source
         self.scenario = scenario
-        self.domains = domain_sequence(scenario, corruptions, severity, rounds)
+        if domains is not None and pregenerated is None:
+            raise ValueError("a stream of one's own domains reads each from pregenerated(domain)")
+        self.own = domains is not None
+        self.domains = list(domains) if self.own else domain_sequence(scenario, corruptions, severity, rounds)
         self.per_domain = per_domain
         self.batch_size = batch_size
         self.seed = seed
@@ -135,12 +163,11 @@ class Stream:
     def _indices(self, available: int, domain_index: int) -> list[int]:
         if self.order == "listed":
             return self._listed(available, domain_index)
-        if self.per_domain > available:
+        count = min(self.per_domain, available) if self.own else self.per_domain
+        if count > available:
             raise ValueError(f"per_domain={self.per_domain} but the source has only {available} images")
-        subset = torch.randperm(available, generator=torch.Generator().manual_seed(self.seed))[: self.per_domain]
-        order = torch.randperm(
-            self.per_domain, generator=torch.Generator().manual_seed(self.seed * 1000 + domain_index + 1)
-        )
+        subset = torch.randperm(available, generator=torch.Generator().manual_seed(self.seed))[:count]
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 1000 + domain_index + 1))
         return subset[order].tolist()
 
     def _listed(self, available: int, domain_index: int) -> list[int]:
@@ -159,10 +186,18 @@ class Stream:
         return permutation[round_ * self.per_domain : end].tolist()
 
     def batches_per_domain(self) -> int:
+        """Batches of a corruption's domain (one's own domains may hold fewer images: ``domain_batches``)."""
         return -(-self.per_domain // self.batch_size)
 
+    def domain_batches(self) -> list[int]:
+        """How many batches each domain streams, in order."""
+        if not self.own:
+            return [self.batches_per_domain()] * len(self.domains)
+        sizes = [min(self.per_domain, len(self.pregenerated(domain))) for domain in self.domains]
+        return [-(-size // self.batch_size) for size in sizes]
+
     def __len__(self) -> int:
-        return len(self.domains) * self.batches_per_domain()
+        return sum(self.domain_batches())
 
     def __iter__(self) -> Iterator[Batch]:
         batch_index = 0
@@ -172,7 +207,7 @@ class Stream:
             for start in range(0, len(indices), self.batch_size):
                 clean, labels = source.load(indices[start : start + self.batch_size])
                 clean, labels = clean.to(self.device), labels.to(self.device)
-                if self.pregenerated or domain.corruption == CLEAN:
+                if self.pregenerated or domain.corruption == CLEAN:  # one's own domains come as they are
                     images = clean
                 else:
                     generator = torch.Generator(self.device).manual_seed(

@@ -23,11 +23,22 @@ from imse import __version__
 from imse.core.methods import METHODS
 from imse.core.methods.base import PRECISIONS
 from imse.core.svd_cache import default_svd_cache
-from imse.data.builders import build_source, class_subset, for_data, source_images
+from imse.data.builders import (
+    build_source,
+    class_subset,
+    for_data,
+    resolve_data,
+    slot0_source,
+    source_images,
+    stream_parts,
+    upload_folder,
+)
 from imse.data.models import BUILTIN, create_backbone
 from imse.data.streams import Stream
+from imse.data.uploads import AS_IS, load_prepared
+from imse.runs.bench_tables import format_summary, format_table, gains_over_source
 from imse.runs.collapse import CollapseMeter
-from imse.runs.defaults import method_rates, parse_method
+from imse.runs.defaults import method_rates, parse_method, with_source
 from imse.runs.protocol import imagenet_c_domains, method_overrides, missing_under, official_source_images, resolve
 from imse.runs.runner import build_methods, method_settings, run, summarise
 
@@ -77,6 +88,8 @@ class BenchSettings:
     tuned: bool = True
     collapse: bool = True
     precision: str = "fp32"
+    upload_streams: str = AS_IS  # one's own images (--data PATH): as they are, or through the corruptions
+    unlabelled: bool = False  # one's own images: ignore their class folders
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:  # before any model or data is loaded
@@ -106,6 +119,7 @@ class BenchSettings:
             "device": self.device,
             "protocol": protocol,
             "precision": self.precision,
+            "upload_streams": self.upload_streams,
         }
 
 
@@ -116,6 +130,7 @@ class _Shared:
 
     base: torch.nn.Module  # the backbone as the data needs it (for_data)
     protocol: str
+    data: str  # as build_source names it (one's own folder or zip: upload:<its prepared folder>)
     specs: dict[str, tuple[str, dict[str, Any]]]
     source: Any  # clean images to corrupt, or None when the corrupted ones are pre-generated (ImageNet-C)
     pregenerated: Any
@@ -129,7 +144,10 @@ def run_bench(**settings: Any) -> dict[str, Any]:
     bench = BenchSettings(**settings)
     specs = bench.method_specs()
     shared = _load_shared(bench, specs)
-    config = bench.config(list(specs), shared.protocol)
+    config = bench.config(list(shared.specs), shared.protocol)
+    if (folder := upload_folder(shared.data)) is not None:
+        upload = load_prepared(folder)
+        config["upload"] = {"found": upload.summary(), "domains": upload.domains, "labelled": upload.labelled}
     per_seed = []
     started = time.perf_counter()
     for seed in bench.seeds:
@@ -151,11 +169,12 @@ def _load_shared(bench: BenchSettings, specs: dict[str, tuple[str, dict[str, Any
     # for_data: ImageNet-R/A's 200 logits
     base = for_data(create_backbone(bench.backbone, weights=bench.weights, device=bench.device), bench.data)
     protocol = resolve(bench.protocol, imagenet_data=bool(bench.imagenet_c or class_subset(bench.data)))
+    data = bench.data if bench.imagenet_c else resolve_data(bench.data, bench.backbone, labelled=not bench.unlabelled)
     if bench.imagenet_c:
         source, pregenerated = None, imagenet_c_domains(bench.imagenet_c, protocol, bench.scenario, base.input_size)
     else:
-        source, pregenerated = build_source(bench.data, bench.backbone, base.input_size), None
-    specs = _layered(specs, bench, protocol)
+        source, pregenerated = build_source(data, bench.backbone, base.input_size), None
+    specs = _layered(specs if source is None or source.labelled else with_source(specs), bench, protocol)
     meter = None
     if bench.collapse:
         blocks = METHODS["imse"].defaults["diversity_blocks"]
@@ -163,10 +182,11 @@ def _load_shared(bench: BenchSettings, specs: dict[str, tuple[str, dict[str, Any
     return _Shared(
         base=base,
         protocol=protocol,
+        data=data,
         specs=specs,
         source=source,
         pregenerated=pregenerated,
-        clean_source=_clean_source(bench, base, source),
+        clean_source=_clean_source(bench, base, _slot0(bench, data, source)),
         meter=meter,
     )
 
@@ -178,6 +198,14 @@ def _layered(specs: dict[str, tuple[str, dict[str, Any]]], bench: BenchSettings,
     specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
     specs = {s: (n, {**method_rates(n, lrs[n]), **extra} if n in lrs else extra) for s, (n, extra) in specs.items()}
     return {s: (n, {"checkpoint": files[n], **extra} if n in files else extra) for s, (n, extra) in specs.items()}
+
+
+def _slot0(bench: BenchSettings, data: str, source: Any) -> Any:
+    """Where slot 0's clean images come from (``slot0_source``): the stream's clean source, or an upload's first
+    domain when it streams as it is; none for pre-generated ImageNet-C (``--imagenet-val`` then)."""
+    if source is None:
+        return None
+    return slot0_source(stream_parts(data, source, bench.upload_streams, bench.scenario, bench.rounds))
 
 
 def _clean_source(bench: BenchSettings, base: torch.nn.Module, source: Any) -> Callable[[], torch.Tensor | None]:
@@ -207,8 +235,9 @@ def _run_seed(bench: BenchSettings, shared: _Shared, seed: int, config: dict[str
         raise ValueError("; ".join(refused))
     config["settings"] = {spec: method_settings(method) for spec, method in wrapped.items()}
     config["lr"] = {spec: s["lr"] for spec, s in config["settings"].items() if "lr" in s}
+    parts = stream_parts(shared.data, shared.source, bench.upload_streams, bench.scenario, bench.rounds)
     stream = Stream(
-        shared.source,
+        **{"pregenerated": shared.pregenerated, **parts},
         scenario=bench.scenario,
         corruptions=bench.corruptions,
         severity=bench.severity,
@@ -217,184 +246,57 @@ def _run_seed(bench: BenchSettings, shared: _Shared, seed: int, config: dict[str
         seed=seed,
         device=bench.device,
         rounds=bench.rounds,
-        pregenerated=shared.pregenerated,
         order="listed" if protocol == "paper" else "seeded",
     )
-    summary = summarise(list(run(wrapped, stream, progress=bench.progress, meter=shared.meter)))
+    reference = next((label for label, (name, _) in specs.items() if name == "source"), None)
+    records = list(run(wrapped, stream, progress=bench.progress, meter=shared.meter))
+    summary = summarise(records, reference=reference)
     for name, entry in summary.items():
         entry["num_trainable"] = wrapped[name].num_trainable()
         entry["skipped_updates"] = wrapped[name].skipped_updates
     return summary
 
 
+_DOMAIN_KEYS = ("accuracy", "agreement", "confidence", "entropy", "top_class_share", "expert_std")
+
+
+def _fmean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation over seeds (0 for one seed); None when a value is missing (no labels)."""
+    if any(value is None for value in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _aggregate_domain(runs: list[dict], i: int) -> dict[str, Any]:
+    first = runs[0]["domains"][i]
+    domain = {"name": first["name"], "severity": first["severity"], "n": first["n"]}
+    for key in _DOMAIN_KEYS:
+        if all(key in r["domains"][i] for r in runs):
+            domain[key], std = _fmean_std([r["domains"][i][key] for r in runs])
+            if key == "accuracy":
+                domain["accuracy_std"] = std
+    return domain
+
+
 def _aggregate(per_seed: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per method, over the seeds: each domain's means, every ``mean_*`` readout's mean and its std over the seeds,
+    the bank's totals, trainable values and speed."""
     out = {}
     for name in per_seed[0]["methods"]:
         runs = [seed["methods"][name] for seed in per_seed]
-        means = [r["mean_accuracy"] for r in runs]
-        domains = []
-        for i, domain in enumerate(runs[0]["domains"]):
-            accuracies = [r["domains"][i]["accuracy"] for r in runs]
-            domains.append(
-                {
-                    "name": domain["name"],
-                    "severity": domain["severity"],
-                    "n": domain["n"],
-                    "accuracy": statistics.fmean(accuracies),
-                    "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                }
-            )
-            for key in ("top_class_share", "expert_std"):
-                if all(key in r["domains"][i] for r in runs):
-                    domains[-1][key] = statistics.fmean(r["domains"][i][key] for r in runs)
         speeds = [r["images_per_s"] for r in runs if r["images_per_s"]]
-        out[name] = {
-            "domains": domains,
-            "mean_accuracy": statistics.fmean(means),
-            "mean_accuracy_std": statistics.stdev(means) if len(means) > 1 else 0.0,
+        entry = {
+            "domains": [_aggregate_domain(runs, i) for i in range(len(runs[0]["domains"]))],
             "num_trainable": runs[0]["num_trainable"],
             "images_per_s": statistics.fmean(speeds) if speeds else None,
         }
+        for key in _DOMAIN_KEYS:
+            if all(f"mean_{key}" in r for r in runs):
+                entry[f"mean_{key}"], entry[f"mean_{key}_std"] = _fmean_std([r[f"mean_{key}"] for r in runs])
         if all("bank" in r for r in runs):  # totals over the seeds
-            out[name]["bank"] = {key: sum(r["bank"][key] for r in runs) for key in runs[0]["bank"]}
-        for key in ("mean_top_class_share", "mean_expert_std"):
-            values = [r[key] for r in runs if key in r]
-            if len(values) == len(runs):
-                out[name][key] = statistics.fmean(values)
-                out[name][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry["bank"] = {key: sum(r["bank"][key] for r in runs) for key in runs[0]["bank"]}
+        out[name] = entry
     return out
-
-
-def format_table(result: dict[str, Any], max_columns: int = 16) -> str:
-    """Markdown: rows = methods, columns = domains (accuracy %, mean over seeds) + mean ± std over seeds.
-    Long streams (gradual: 135 domains) are summarised per corruption so the table stays readable."""
-    methods = result["methods"]
-    first = next(iter(methods.values()))
-    domains = first["domains"]
-    if result["config"]["scenario"] == "recurring":
-        return _format_rounds(result)
-    grouped = len(domains) > max_columns
-    if grouped:
-        names = list(dict.fromkeys(d["name"] for d in domains))
-        headers = [f"{n}" for n in names]
-    else:
-        headers = [f"{d['name']}-{d['severity']}" for d in domains]
-    lines = [
-        "| method | " + " | ".join(headers) + " | mean |",
-        "|---|" + "---|" * len(headers) + "---|",
-    ]
-    for name, entry in methods.items():
-        if grouped:
-            cells = []
-            for corruption in headers:
-                values = [d["accuracy"] for d in entry["domains"] if d["name"] == corruption]
-                cells.append(f"{100 * statistics.fmean(values):.1f}")
-        else:
-            cells = [f"{100 * d['accuracy']:.1f}" for d in entry["domains"]]
-        std = entry["mean_accuracy_std"]
-        mean = f"{100 * entry['mean_accuracy']:.1f}" + (f" ± {100 * std:.1f}" if len(result["per_seed"]) > 1 else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
-    cfg = result["config"]
-    lines.append(
-        f"\n{cfg['scenario']}, "
-        + ("severities 1-5-1" if cfg["scenario"] == "gradual" else f"severity {cfg['severity']}")
-        + f", {cfg['per_domain']} images per domain, batch "
-        f"{cfg['batch_size']}, seeds {cfg['seeds']}, backbone {cfg['backbone']}, data {cfg['data']}"
-        + (" (columns: mean over each corruption's severities)" if grouped else "")
-    )
-    return "\n".join(lines)
-
-
-def _source_key(result: dict[str, Any]) -> str | None:
-    return next((key for key in result["methods"] if key.lower() == "source"), None)
-
-
-def gains_over_source(result: dict[str, Any]) -> dict[str, list[float]]:
-    """Per method, its mean accuracy minus Source's in each seed, in points (paired: same batches)."""
-    source = _source_key(result)
-    if source is None:
-        return {}
-    seeds = result["per_seed"]
-    return {
-        name: [100 * (s["methods"][name]["mean_accuracy"] - s["methods"][source]["mean_accuracy"]) for s in seeds]
-        for name in result["methods"]
-        if name != source
-    }
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """Markdown, one row per method: mean accuracy, gain over Source (points, mean ± std of the per-seed paired
-    differences), and the collapse readouts — mean expert-alignment std of the last blocks and the share of the
-    most-predicted class (mean over domains) — each ± std over seeds — and the values the method adapts."""
-    several = len(result["per_seed"]) > 1
-
-    def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
-        return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if several else "")
-
-    gains = gains_over_source(result)
-    lines = [
-        "| method | accuracy (%) | vs Source (points) | expert-alignment std | most-predicted class (%) | trainable |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, entry in result["methods"].items():
-        gain = "–"
-        if name in gains:
-            values = gains[name]
-            gain = pm(statistics.fmean(values), statistics.stdev(values) if several else 0.0, 1.0)
-            gain = gain if gain.startswith("-") else "+" + gain
-        std = "–"
-        if "mean_expert_std" in entry:
-            std = pm(entry["mean_expert_std"], entry["mean_expert_std_std"], 1.0, 4)
-        share = (
-            pm(entry["mean_top_class_share"], entry["mean_top_class_share_std"])
-            if "mean_top_class_share" in entry
-            else "–"
-        )
-        trainable = f"{entry['num_trainable']:,}" if "num_trainable" in entry else "–"
-        accuracy = pm(entry["mean_accuracy"], entry["mean_accuracy_std"])
-        lines.append(f"| {name} | {accuracy} | {gain} | {std} | {share} | {trainable} |")
-    for name, entry in result["methods"].items():
-        if "bank" in entry:
-            b = entry["bank"]
-            lines.append(
-                f"\n{name}, over {len(result['per_seed'])} seed(s): {b['detections']} detections found "
-                f"{b['boundaries_detected']} of {b['boundaries']} domain boundaries; of the retrievals where a code of "
-                f"the incoming corruption was stored ({b['retrievals_with_own_code_stored']}), "
-                f"{b['retrieved_same_corruption']} brought that code back; the others retrieved another "
-                f"corruption's code {b['retrieved_other_corruption']} times, the source's {b['retrieved_source']}."
-            )
-    return "\n".join(lines)
-
-
-def _format_rounds(result: dict[str, Any]) -> str:
-    """Recurring streams: one column per round (mean accuracy over that round's domains, mean ± std over seeds)."""
-    cfg = result["config"]
-    rounds = cfg["rounds"]
-    per_round = len(next(iter(result["methods"].values()))["domains"]) // rounds
-    lines = [
-        "| method | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " | mean |",
-        "|---|" + "---|" * (rounds + 1),
-    ]
-    for name in result["methods"]:
-        cells = []
-        for r in range(rounds):
-            values = [
-                statistics.fmean(
-                    d["accuracy"] for d in seed["methods"][name]["domains"][r * per_round : (r + 1) * per_round]
-                )
-                for seed in result["per_seed"]
-            ]
-            std = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
-            cells.append(f"{100 * statistics.fmean(values):.1f}{std}")
-        entry = result["methods"][name]
-        std = f" ± {100 * entry['mean_accuracy_std']:.1f}" if len(result["per_seed"]) > 1 else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * entry['mean_accuracy']:.1f}{std} |")
-    lines.append(
-        f"\nrecurring, {rounds} rounds x {per_round} domains, severity {cfg['severity']}, {cfg['per_domain']} "
-        f"images per domain, batch {cfg['batch_size']}, seeds {cfg['seeds']}, backbone {cfg['backbone']}, "
-        f"data {cfg['data']}"
-    )
-    return "\n".join(lines)
 
 
 def load_lrs(path: str | None) -> dict[str, float]:

@@ -212,6 +212,14 @@ def lab_settings(preset: str = "default", backbone: str = BUILTIN) -> dict[str, 
     return settings
 
 
+def with_source(specs: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``specs`` with Source first when none of them is Source. Images without labels have no accuracy: what a run
+    can report is each method's agreement with the unadapted model, so it must run (the Lab and bench alike)."""
+    if any(name == "source" for name, _ in specs.values()):
+        return specs
+    return {METHODS["source"].label: ("source", {}), **specs}
+
+
 def run_methods(settings: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """The methods of a Lab run by label, as ``(method, overrides)``: every IMSE variant gets the run's lr, λ_dm
     and τ, under the label's own settings (so "λ_dm = 0" stays 0)."""

@@ -23,11 +23,11 @@ from imse.core.methods import METHODS
 from imse.core.methods.base import TTAMethod
 from imse.core.spectral import inject, spectral_layers
 from imse.core.svd_cache import default_svd_cache
-from imse.data.builders import build_source, source_images
+from imse.data.builders import build_source, slot0_source, source_images, stream_parts
 from imse.data.models import create_backbone
-from imse.data.streams import Stream
+from imse.data.streams import AS_THEY_ARE, Stream
 from imse.runs.collapse import CollapseMeter
-from imse.runs.defaults import method_choices, run_methods
+from imse.runs.defaults import method_choices, run_methods, with_source
 from imse.runs.lab_config import MAX_BATCH, MAX_IMAGES, LabConfig, validate
 from imse.runs.memory import keep_freed_memory
 from imse.runs.runner import build_methods, run, summarise, top_class_share
@@ -59,6 +59,9 @@ class LabState:
     images: int = 0
     correct: dict[str, list[int]] = field(default_factory=dict)  # per method, cumulative correct after each batch
     seen: list[int] = field(default_factory=list)  # cumulative images after each batch
+    labelled: bool = True  # False: a user's images without labels (agreement with Source instead of accuracy)
+    reference: str | None = None  # the Source method's label, when Source runs: agreement is measured against it
+    agree: dict[str, list[int]] = field(default_factory=dict)  # per method, cumulative answers equal to Source's
     domains: list[dict] = field(default_factory=list)  # {name, start, end} in batch indices
     alignment: list[list[float]] | None = None  # layers × experts (primary method, current batch)
     alignment_source: list[list[float]] | None = None  # same for the frozen model, on the domain's first update
@@ -84,6 +87,10 @@ class LabState:
     def accuracy(self, method: str) -> list[float]:
         return [c / n for c, n in zip(self.correct[method], self.seen)]
 
+    def agreement(self, method: str) -> list[float]:
+        """The share of the answers so far equal to Source's (the unadapted model's)."""
+        return [a / n for a, n in zip(self.agree.get(method, []), self.seen)]
+
 
 def method_name(label: str) -> str:
     return method_choices()[label][0]
@@ -104,31 +111,38 @@ class LabRun:
     specs: dict[str, tuple[str, dict]]
     stream: Stream
     frozen: torch.nn.Module
+    labelled: bool = True
 
 
 def build_run(
-    config: LabConfig, *, on_download: Callable[[int, int | None], None] | None = None, keep_clean: bool = True
+    config: LabConfig, *, on_download: Callable[[int, int | None, str], None] | None = None, keep_clean: bool = True
 ) -> LabRun:
     """Build a validated run's parts as Start does (``run_lab`` streams them; ``imse.perf`` times the same methods
-    on the same batches alone)."""
-    backbone = create_backbone(config.backbone, device=config.device)
-    source = build_source(config.data, config.backbone, backbone.input_size, progress=on_download)
+    on the same batches alone). ``on_download(done, total, what)`` follows a first download (weights, Imagenette).
+    Images without labels (a user's upload) always run Source beside the chosen methods: agreement with it is what
+    such a run can report."""
+    backbone = create_backbone(config.backbone, device=config.device, on_download=on_download)
+    data_progress = None if on_download is None else functools.partial(_imagenette_progress, on_download)
+    source = build_source(config.data, config.backbone, backbone.input_size, progress=data_progress)
     validate(config, len(source))
+    labelled = source.labelled
+    parts = stream_parts(config.data, source, config.upload_streams, config.scenario, config.rounds)
     clean: list[torch.Tensor] = []
 
     def clean_source() -> torch.Tensor:  # slot 0's images, loaded once and only if a method retrieves
         if not clean:
-            clean.append(source_images(config.backbone, source))
+            clean.append(source_images(config.backbone, slot0_source(parts)))
         return clean[0]
 
     specs = run_methods(asdict(config))
+    specs = specs if labelled else with_source(specs)
     torch.manual_seed(config.seed)  # the methods' random starts (DPAL's prompts), as bench seeds them: reproducible
     methods = build_methods(backbone, config.backbone, specs, batch_size=config.batch_size, source_images=clean_source,
                             precision=config.precision)  # fmt: skip
     frozen = copy.deepcopy(backbone)
     inject(frozen, cache=default_svd_cache())
     stream = Stream(
-        source,
+        **parts,
         scenario=config.scenario,
         corruptions=config.corruptions,
         severity=config.severity,
@@ -139,7 +153,11 @@ def build_run(
         rounds=config.rounds,
         keep_clean=keep_clean,
     )
-    return LabRun(backbone, methods, specs, stream, frozen)
+    return LabRun(backbone, methods, specs, stream, frozen, labelled)
+
+
+def _imagenette_progress(on_download, done: int, total: int | None) -> None:
+    on_download(done, total, "Downloading Imagenette (once; then cached)")
 
 
 # The app's pace: a panel update after at least this much computing. Each update costs a heatmap snapshot here and
@@ -154,15 +172,15 @@ def run_lab(
     thumbnails: int = 6,
     time_limit: float | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_download: Callable[[int, int | None], None] | None = None,
+    on_download: Callable[[int, int | None, str], None] | None = None,
 ) -> Iterator[LabState]:
     """Stream the run, yielding the state after at least ``min_interval`` seconds of computing since the
     caller last got it (and at the end), so drawing updates never takes more than its share.
 
     Stopping is cooperative and happens between batches: the caller closes the generator, or ``should_stop()``
     turns true (the run ends without a final state: nobody is listening), or the run has taken ``time_limit``
-    seconds (it finishes early, with the results so far and a message saying so). ``on_download(done, total)``
-    follows a first download of the data (Imagenette).
+    seconds (it finishes early, with the results so far and a message saying so). ``on_download(done, total,
+    what)`` follows a first download (the weights, Imagenette).
     """
     started = time.perf_counter()
     # freed memory stays in the process while the run computes (each step would page-fault its activations in
@@ -215,8 +233,11 @@ def _new_state(config: LabConfig, parts: LabRun, primary: str) -> LabState:
         class_names=list(parts.backbone.class_names),
         layer_names=list(spectral_layers(wrapped[primary].model) or spectral_layers(parts.frozen)),
         total_batches=len(parts.stream),
+        labelled=parts.labelled,
+        reference=next((label for label, (name, _) in parts.specs.items() if name == "source"), None),
     )
     state.correct = {label: [] for label in wrapped}
+    state.agree = {label: [] for label in wrapped} if state.reference else {}
     state.expert_std = {label: [] for label in wrapped}
     state.top_share = {label: [] for label in wrapped}
     trained = {name.removesuffix(".S") for name in wrapped[primary].trainable}
@@ -227,7 +248,7 @@ def _new_state(config: LabConfig, parts: LabRun, primary: str) -> LabState:
 def _finish(state: LabState, methods: dict[str, TTAMethod], *, started: float, time_limit: float | None) -> None:
     """The final state: the summary, and a message saying the run finished, or stopped at ``time_limit`` (given
     only when it did) with results for the images seen so far."""
-    state.summary = summarise(state.records)
+    state.summary = summarise(state.records, reference=state.reference)
     for label, entry in state.summary.items():
         entry["num_trainable"] = methods[label].num_trainable()
     state.finished = True
@@ -295,9 +316,13 @@ def _count(state, record, method, *, retrieval, batch, detector, frozen) -> None
     state.batch = index + 1
     state.images += record["n"]
     state.seen.append(state.images)
+    shared = record["methods"][state.reference]["predictions"] if state.reference else None
     for label, result in record["methods"].items():
         previous = state.correct[label][-1] if state.correct[label] else 0
-        state.correct[label].append(previous + result["correct"])
+        state.correct[label].append(previous + (result["correct"] or 0))  # None: no labels (accuracy not shown)
+        if shared is not None:
+            agreeing = sum(a == b for a, b in zip(result["predictions"], shared))
+            state.agree[label].append((state.agree[label][-1] if state.agree[label] else 0) + agreeing)
         stds = result.get("expert_std")
         state.expert_std[label].append(sum(stds) / len(stds) if stds else None)
         state.top_share[label].append(top_class_share(result["predictions"]))
@@ -358,4 +383,5 @@ def _snapshot(state, record, method, *, primary, batch, alignment, frozen, thumb
         "before": record["methods"][primary]["predictions"][:k],  # step-1 (pre-update) predictions
         "after": method.model(x[:k]).argmax(-1).tolist(),  # the adapted model, after this batch's update
         "domain": record["domain"],
+        "as_is": record["severity"] == AS_THEY_ARE,  # one's own domain: the two rows are the same image
     }

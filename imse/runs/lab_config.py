@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from imse.core.methods.base import COMMON_DEFAULTS, PRECISIONS
-from imse.data.backbones import BUILTIN, backbone_data, lab_backbones
+from imse.data.backbones import BUILTIN, IMAGENET_DATA, backbone_card, backbone_data, lab_backbones
+from imse.data.builders import upload_folder
 from imse.data.corruptions import corruption_names
 from imse.data.streams import GRADUAL_SEVERITIES, SCENARIOS
+from imse.data.uploads import AS_IS, UPLOAD_STREAMS, load_prepared
 from imse.runs.defaults import lab_settings, method_choices
 
 __all__ = ["MAX_BATCH", "MAX_IMAGES", "LabConfig", "Setting", "lab_settings_declared", "run_images", "validate"]
@@ -48,10 +50,26 @@ class Setting:
     choices: Callable[[], Sequence[str]] | None = None
     unique: bool = False  # names: each at most once
     preset: bool = True
+    # a choice that also takes values beyond ``choices()`` (any timm ViT tag): what is wrong with one, or None
+    other: Callable[[str], str | None] | None = None
 
 
 def _setting(default: Any, label: str, said: str, kind: str, **limits: Any) -> Any:
     return field(default=default, metadata={"setting": Setting(label, said, kind, **limits)})
+
+
+def _other_backbone(name: str) -> str | None:
+    """Why a backbone the menu does not list cannot run (``imse.data.vit_tags``: any timm ViT tag may)."""
+    from imse.data.vit_tags import inspect_vit
+
+    try:
+        inspect_vit(name)
+    except ValueError as error:
+        return f"backbone: {error}"
+    return None
+
+
+LABELS = ("folders", "none")  # an upload's labels: from its class folders, or none (run unlabelled)
 
 
 def _devices() -> tuple[str, ...]:
@@ -63,7 +81,10 @@ class LabConfig:
     """One Lab run's settings, in the order ``/start`` takes them; the defaults are the default run's
     (``imse.runs.defaults.lab_settings``)."""
 
-    backbone: str = _setting(_DEFAULT["backbone"], "Backbone", "backbone", "choice", choices=lab_backbones)
+    backbone: str = _setting(
+        _DEFAULT["backbone"], "Backbone (or type any timm ViT tag)", "backbone", "choice", choices=lab_backbones,
+        other=_other_backbone,
+    )  # fmt: skip
     scenario: str = _setting(_DEFAULT["scenario"], "Scenario", "scenario", "choice", choices=lambda: SCENARIOS)
     corruptions: tuple[str, ...] = _setting(
         _DEFAULT["corruptions"],
@@ -92,7 +113,15 @@ class LabConfig:
     precision: str = _setting(
         COMMON_DEFAULTS["precision"], "Precision", "precision", "choice", choices=lambda: PRECISIONS, preset=False
     )
-    data: str = _DEFAULT["data"]  # follows the backbone: not a setting of its own
+    # a user's upload (``data`` = ``upload:<folder>``): its images as they are, or through the corruptions; its labels
+    # from its class folders, or none
+    upload_streams: str = _setting(
+        AS_IS, "Your images stream", "how your images stream", "choice", choices=lambda: UPLOAD_STREAMS, preset=False
+    )
+    upload_labels: str = _setting(
+        LABELS[0], "Labels of your images", "labels", "choice", choices=lambda: LABELS, preset=False
+    )
+    data: str = _DEFAULT["data"]  # the backbone's own, or ``upload:<folder>``: not a setting of its own
 
     @classmethod
     def from_preset(cls, preset: str = "default", backbone: str = BUILTIN, device: str = "cpu") -> LabConfig:
@@ -139,6 +168,8 @@ def _problem(setting: Setting, value: Any) -> str | None:
     if setting.kind == "choice":
         if isinstance(value, str) and value in allowed:
             return None
+        if isinstance(value, str) and setting.other is not None:
+            return setting.other(value)
         return f"{setting.said} must be one of {', '.join(allowed)}, got {_shown(value)}"
     return _names_problem(setting, value, allowed)
 
@@ -157,9 +188,64 @@ def _names_problem(setting: Setting, value: Any, allowed: tuple) -> str | None:
 
 
 def run_images(config: LabConfig) -> int:
-    """How many images the run streams: every domain of its scenario, ``per_domain`` each."""
+    """How many images the run streams: every domain of its scenario, ``per_domain`` each (a user's own domain, as
+    it is: at most its images)."""
+    rounds = config.rounds if config.scenario == "recurring" else 1
+    folder = upload_folder(config.data)
+    if folder is not None and config.upload_streams == AS_IS:
+        return rounds * sum(min(config.per_domain, size) for size in load_prepared(folder).domain_sizes())
     domains = len(config.corruptions) * (len(GRADUAL_SEVERITIES) if config.scenario == "gradual" else 1)
-    return domains * (config.rounds if config.scenario == "recurring" else 1) * config.per_domain
+    return domains * rounds * config.per_domain
+
+
+def _data_problems(config: LabConfig, source_size: int | None) -> list[str]:
+    """The data against the backbone: its own (an ImageNet-1k classifier's, for Imagenette's labels), or an upload
+    prepared for this backbone; and enough images for the domains."""
+    folder = upload_folder(config.data)
+    if folder is not None:
+        problems = _upload_problems(config, folder)
+    elif config.data != (expected := backbone_data(config.backbone)):
+        problems = [f"data must be {expected!r} for backbone {config.backbone!r}, got {_shown(config.data)}"]
+    else:
+        problems = _own_data_problems(config)
+    as_is = folder is not None and config.upload_streams == AS_IS  # each domain streams what it has
+    if not problems and not as_is and source_size is not None and config.per_domain > source_size:
+        problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
+    return problems
+
+
+def _own_data_problems(config: LabConfig) -> list[str]:
+    """A timm tag outside the cards has ImageNet-1k's data (Imagenette) only if it classifies ImageNet-1k."""
+    if config.data != IMAGENET_DATA or backbone_card(config.backbone) is not None:
+        return []
+    from imse.data.vit_tags import inspect_vit
+
+    info = inspect_vit(config.backbone)
+    if info.imagenet_1k:
+        return []
+    return [
+        f"{config.backbone} classifies {info.num_classes:,} classes ({info.imagenet_subset}), not ImageNet-1k's, "
+        "which its own data (Imagenette) is labelled with: run it on your images"
+    ]
+
+
+def _upload_problems(config: LabConfig, folder: str) -> list[str]:
+    """An upload must have been prepared for this backbone; as it is, it has no severities to step through."""
+    from imse.data.models import model_view
+
+    try:
+        upload = load_prepared(folder)
+    except FileNotFoundError as error:
+        return [str(error)]
+    view = model_view(config.backbone)
+    if upload.manifest.get("classes_id") != view.classes_id or upload.size != view.input_size:
+        return [f"your images were prepared for another model: upload them again for {config.backbone}"]
+    if config.upload_streams == AS_IS and config.scenario == "gradual":
+        return [
+            "the gradual scenario steps through corruption severities; your images as they are have none: choose "
+            "single, continual or recurring, or stream your images through the corruptions"
+        ]
+    return []
 
 
 def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
@@ -172,12 +258,9 @@ def validate(config: LabConfig, source_size: int | None = None) -> LabConfig:
         if (problem := _problem(setting, getattr(config, name))) is not None
     ]
     if not problems:
-        if config.data != (expected := backbone_data(config.backbone)):
-            problems.append(f"data must be {expected!r} for backbone {config.backbone!r}, got {_shown(config.data)}")
-        if source_size is not None and config.per_domain > source_size:
-            problems.append(f"images per domain must be at most {source_size} (the data has {source_size} images)")
-        if run_images(config) > MAX_IMAGES:
-            problems.append(f"this run would stream {run_images(config):,} images; the limit is {MAX_IMAGES:,}")
+        problems += _data_problems(config, source_size)
+    if not problems and run_images(config) > MAX_IMAGES:
+        problems.append(f"this run would stream {run_images(config):,} images; the limit is {MAX_IMAGES:,}")
     if problems:
         raise ValueError("; ".join(problems))
     return config

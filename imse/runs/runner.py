@@ -78,8 +78,10 @@ def method_settings(method: TTAMethod) -> dict[str, Any]:
 class MethodResult(TypedDict, total=False):
     """One method's part of a batch record."""
 
-    correct: int  # right answers among the batch's pre-update predictions
+    correct: int | None  # right answers among the batch's pre-update predictions; None: the images have no labels
     predictions: list[int]
+    confidence: float  # mean over the batch of the top class's probability
+    entropy: float  # mean over the batch of the prediction's entropy (nats)
     seconds: float  # the method's wall time on this batch
     step: StepRecord  # the method's own record of the call
     expert_std: list[float]  # per layer of the last blocks, with a CollapseMeter
@@ -94,6 +96,7 @@ class BatchRecord(TypedDict):
     severity: int
     domain_index: int  # position of the domain in the stream (a revisited domain gets a new index)
     n: int  # images in the batch
+    labelled: bool  # False: a user's images without classes (no accuracy: agreement, confidence, entropy instead)
     methods: dict[str, MethodResult]  # by label
 
 
@@ -117,6 +120,7 @@ def run(
             for method in methods.values():
                 method.reset()
         x = as_float_images(batch.images)  # the stream's uint8 frames, as every entry point reads them
+        labelled = bool((batch.labels >= 0).all())  # a user's upload without classes is labelled -1 (UNLABELLED)
         record: BatchRecord = {
             "batch_index": batch.batch_index,
             "domain": batch.domain.name,
@@ -124,6 +128,7 @@ def run(
             "severity": batch.domain.severity,
             "domain_index": batch.domain_index,
             "n": int(batch.labels.numel()),
+            "labelled": labelled,
             "methods": {},
         }
         for name, method in methods.items():
@@ -136,8 +141,9 @@ def run(
                 torch.cuda.synchronize(predictions.device)
             seconds = time.perf_counter() - started
             record["methods"][name] = {
-                "correct": int((predictions == batch.labels).sum()),
+                "correct": int((predictions == batch.labels).sum()) if labelled else None,
                 "predictions": predictions.tolist(),
+                **_certainty(logits),
                 "seconds": seconds,
                 "step": method.last_record,
             }
@@ -148,6 +154,14 @@ def run(
         yield record
     if bar is not None:
         bar.close()
+
+
+@torch.no_grad()
+def _certainty(logits: torch.Tensor) -> dict[str, float]:
+    """What a method's answers say without labels: the mean top-class probability and the mean entropy."""
+    log_p = logits.detach().float().log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return {"confidence": float(log_p.max(-1).values.exp().mean()), "entropy": float(entropy.mean())}
 
 
 def top_class_share(predictions: list[int]) -> float:
@@ -198,50 +212,75 @@ def bank_summary(records: list[dict[str, Any]], name: str) -> dict[str, Any] | N
     }
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: per-domain ``{name, severity, n, accuracy, top_class_share[, expert_std]}`` (domains in
-    stream order; a domain seen in several rounds of a recurring stream is listed once per round), the means
-    over domains, images/s, the correct count of every batch (paired comparisons need them). ``expert_std`` is
-    the mean over the domain's batches of the mean over layers."""
+class _Tally:
+    """One method's counts on one domain while ``summarise`` reads the records."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.entry = {"name": record["corruption"], "severity": record["severity"], "n": 0}
+        self.correct: int | None = 0
+        self.predictions: list[int] = []
+        self.agreeing = 0
+        self.confidence = self.entropy = 0.0
+        self.stds: list[float] = []
+
+    def add(self, record: dict[str, Any], result: dict[str, Any], reference: list[int] | None) -> None:
+        n = record["n"]
+        self.entry["n"] += n
+        self.correct = None if result["correct"] is None or self.correct is None else self.correct + result["correct"]
+        self.predictions.extend(result["predictions"])
+        if reference is not None:
+            self.agreeing += sum(a == b for a, b in zip(result["predictions"], reference))
+        self.confidence += result["confidence"] * n
+        self.entropy += result["entropy"] * n
+        if result.get("expert_std"):
+            self.stds.append(sum(result["expert_std"]) / len(result["expert_std"]))
+
+    def domain(self, with_reference: bool) -> dict[str, Any]:
+        """The domain's entry: accuracy (None without labels), agreement with the reference, confidence, entropy,
+        top-class share and, when measured, the mean expert-alignment std."""
+        n = self.entry["n"]
+        entry = {**self.entry, "accuracy": None if self.correct is None else self.correct / n}
+        if with_reference:
+            entry["agreement"] = self.agreeing / n
+        entry.update(confidence=self.confidence / n, entropy=self.entropy / n,
+                     top_class_share=top_class_share(self.predictions))  # fmt: skip
+        if self.stds:
+            entry["expert_std"] = sum(self.stds) / len(self.stds)
+        return entry
+
+
+def _mean(domains: list[dict[str, Any]], key: str) -> float | None:
+    values = [domain.get(key) for domain in domains]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def summarise(records: list[dict[str, Any]], reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per method: per-domain ``{name, severity, n, accuracy, [agreement,] confidence, entropy, top_class_share[,
+    expert_std]}`` (domains in stream order; a domain seen in several rounds of a recurring stream is listed once
+    per round), their means over domains (``mean_accuracy`` …), images/s and every batch's correct count (paired
+    comparisons need them). ``accuracy`` is None for images without labels. ``agreement``: the share of answers
+    equal to the ``reference`` method's (Source's, the unadapted model), when it ran. ``expert_std`` is the mean
+    over the domain's batches of the mean over layers."""
+    tallies: dict[str, dict[int, _Tally]] = {}
     out: dict[str, dict[str, Any]] = {}
     for record in records:
-        for name, result in record["methods"].items():
-            entry = out.setdefault(name, {"domains": [], "seconds": 0.0, "images": 0, "batch_correct": [], "_open": {}})
+        answers = record["methods"]
+        shared = answers[reference]["predictions"] if reference in answers else None
+        for name, result in answers.items():
+            entry = out.setdefault(name, {"seconds": 0.0, "images": 0, "batch_correct": []})
             entry["batch_correct"].append(result["correct"])
-            key = record["domain_index"]
-            if key not in entry["_open"]:
-                entry["_open"][key] = {
-                    "name": record["corruption"],
-                    "severity": record["severity"],
-                    "n": 0,
-                    "correct": 0,
-                    "_predictions": [],
-                    "_std": [],
-                }
-                entry["domains"].append(entry["_open"][key])
-            domain = entry["_open"][key]
-            domain["n"] += record["n"]
-            domain["correct"] += result["correct"]
-            domain["_predictions"].extend(result["predictions"])
-            if result.get("expert_std"):
-                domain["_std"].append(sum(result["expert_std"]) / len(result["expert_std"]))
             entry["seconds"] += result["seconds"]
             entry["images"] += record["n"]
-    for entry in out.values():
-        entry.pop("_open")
-        for domain in entry["domains"]:
-            domain["accuracy"] = domain.pop("correct") / domain["n"]
-            domain["top_class_share"] = top_class_share(domain.pop("_predictions"))
-            stds = domain.pop("_std")
-            if stds:
-                domain["expert_std"] = sum(stds) / len(stds)
-        domains = entry["domains"]
-        entry["mean_accuracy"] = sum(d["accuracy"] for d in domains) / len(domains)
-        entry["mean_top_class_share"] = sum(d["top_class_share"] for d in domains) / len(domains)
-        if all("expert_std" in d for d in domains):
-            entry["mean_expert_std"] = sum(d["expert_std"] for d in domains) / len(domains)
-        entry["images_per_s"] = entry["images"] / entry["seconds"] if entry["seconds"] else None
+            per_domain = tallies.setdefault(name, {})
+            tally = per_domain.setdefault(record["domain_index"], _Tally(record))
+            tally.add(record, result, shared)
     for name, entry in out.items():
+        domains = [tally.domain(reference in records[0]["methods"]) for tally in tallies[name].values()]
+        entry["domains"] = domains
+        for key in ("accuracy", "agreement", "confidence", "entropy", "top_class_share", "expert_std"):
+            if all(key in domain for domain in domains):
+                entry[f"mean_{key}"] = _mean(domains, key)
+        entry["images_per_s"] = entry["images"] / entry["seconds"] if entry["seconds"] else None
         bank = bank_summary(records, name)
         if bank is not None:
             entry["bank"] = bank

@@ -107,6 +107,9 @@ class TTAMethod(nn.Module):
     sweep_checks: ClassVar[tuple[tuple[str, tuple], ...]] = ()
     menu_variants: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_requires: ClassVar[dict[str, str]] = {}  # setting -> why the paper protocol refuses to run without it
+    # a step's cost in forward passes (a backward counts two): what a Lab run's estimate reads for a method that
+    # no measurement lists (``imse.app.run_cost``)
+    step_passes: ClassVar[float] = 3.0
 
     @classmethod
     def paper_settings(cls, scenario: str) -> dict[str, Any]:
@@ -250,6 +253,7 @@ class SAMEntropyMethod(TTAMethod):
 
     diversity_layers: list[str] = []  # spectral layers whose alignment std must keep its graph
     diversity_weight: float = 0.0
+    step_passes = 6.0  # two forwards, each with its backward
 
     def diversity(self, stats: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The term to *maximise* (IMSE's ``L_dm``), subtracted with ``diversity_weight``; SAR has none."""

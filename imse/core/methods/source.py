@@ -16,6 +16,7 @@ class Source(TTAMethod):
     name = "source"
     label = "Source"
     adapts = False
+    step_passes = 1.0  # a forward
     defaults = {"margin": 0.4, "margin_classes": None}
 
     @torch.no_grad()
