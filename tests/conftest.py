@@ -102,3 +102,18 @@ def assert_equal_to_float32_rounding(now, expected, path="") -> None:
             assert_equal_to_float32_rounding(a, b, f"{path}[{index}]")
     else:
         assert now == expected, path
+
+
+@pytest.fixture(scope="session")
+def app():
+    """``python app.py`` as users launch it, once for every test module that drives it: (process, url)."""
+    from served import launch_app, stop_app
+
+    process, url = launch_app()
+    yield process, url
+    stop_app(process)
+
+
+@pytest.fixture(scope="session")
+def app_url(app):
+    return app[1]

@@ -3,7 +3,6 @@
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_equal_to_float32_rounding
+from served import client, launch_app, output, stop_app
 
 ROOT = Path(__file__).resolve().parent.parent
-from imse.app.ui import START_INPUTS, START_OUTPUTS  # noqa: E402
+from imse.app.ui import START_INPUTS  # noqa: E402
 from imse.runs.defaults import lab_settings  # noqa: E402
 
 LAB = lab_settings()  # the app's own IMSE lr and λ_dm, so the CLI (same defaults) must give the same numbers
@@ -34,7 +34,10 @@ SHORT = dict(
     rounds=3,
     device="cpu",
     show_source=False,
-    precision="fp32",  # /start's last input (a client may leave it out: tests/test_precision.py)
+    precision="fp32",  # a client may leave it out, and what follows (tests/test_precision.py)
+    upload=None,  # the backbone's own data
+    upload_streams="as-is",
+    upload_labels="folders",
 )
 
 
@@ -43,67 +46,6 @@ def start_args(base: dict = SHORT, **changes) -> list:
     values = {**base, **changes}
     assert values.keys() == set(START_INPUTS)
     return [values[name] for name in START_INPUTS]
-
-
-def output(outputs, name: str):
-    """One of /start's outputs by name (an update's value when it comes as an update)."""
-    value = outputs[START_OUTPUTS.index(name)]
-    return value["value"] if isinstance(value, dict) and "value" in value else value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_app(**settings):
-    """``python app.py`` on a free port (offline, no analytics, fast tab-close detection); (process, url)."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    env.update(GRADIO_HEARTBEAT_INTERVAL="1", **{k: str(v) for k, v in settings.items()})
-    process = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"app exited: {process.stdout.read()}")
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app did not start within 90 s")
-    return process, f"http://127.0.0.1:{port}/"
-
-
-def stop_app(process):
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-@pytest.fixture(scope="module")
-def app():
-    process, url = launch_app()
-    yield process, url
-    stop_app(process)
-
-
-@pytest.fixture(scope="module")
-def app_url(app):
-    return app[1]
-
-
-def client(url):
-    from gradio_client import Client
-
-    return Client(url, verbose=False)
 
 
 def test_streamed_run_matches_the_cli(app_url):

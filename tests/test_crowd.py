@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_app import client, family, launch_app, output, start_args, stop_app
+from served import client, launch_app, output, stop_app
+from test_app import family, start_args
 
 from imse.runs.memory import resident_bytes
 

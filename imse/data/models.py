@@ -273,9 +273,12 @@ def _relay(on_download: Download, what: str):
     from tqdm.auto import tqdm
 
     class Relay(tqdm):
+        done = 0  # counted here: a bar the hub disabled (HF_HUB_DISABLE_PROGRESS_BARS) counts nothing itself
+
         def update(self, n=1):
             shown = super().update(n)
-            on_download(int(self.n), int(self.total) if self.total else None, what)
+            self.done += n or 0
+            on_download(int(self.done), int(self.total) if self.total else None, what)
             return shown
 
     return Relay
