@@ -14,6 +14,7 @@ from typing import Any
 
 from imse.core.codes import save_code
 from imse.core.spectral import spectral_layers
+from imse.data.builders import UPLOAD
 from imse.runs.lab import LabState, method_name, primary_label
 
 __all__ = ["NO_LABELS", "export_run", "summary_rows", "verdict"]
@@ -50,7 +51,10 @@ def export_run(state: LabState, directory: str | Path) -> Path:
     # a directory of its own per export: runs of several users finishing in the same second never collide
     archive = Path(tempfile.mkdtemp(prefix="run-", dir=directory)) / "imse-lab-run.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        run = {"config": state.config, "summary": state.summary, "records": records}
+        config = dict(state.config)
+        if str(config.get("data", "")).startswith(UPLOAD):  # the server's folder is nobody's business
+            config["data"] = "your upload"
+        run = {"config": config, "summary": state.summary, "records": records}
         if not state.labelled:
             run["labels"] = NO_LABELS
         zf.writestr("records.json", json.dumps(run))

@@ -187,8 +187,8 @@ def _key(fingerprint: str, view: ModelView, labelled: bool) -> str:
 def load_prepared(folder: str | os.PathLike) -> PreparedUpload:
     """A folder ``prepare_upload`` wrote (a readable error for anything else)."""
     folder = Path(folder)
-    if not (folder / "manifest.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no prepared upload (its session may have ended): upload it again")
+    if not (folder / "manifest.json").is_file():  # the message names no server path: a visitor may read it
+        raise FileNotFoundError("your images are no longer on the server (their session ended): upload them again")
     return PreparedUpload(folder)
 
 
