@@ -126,7 +126,7 @@ def _add_train_builtin(commands) -> None:
 
 
 def _add_bench(commands) -> None:
-    from imse.runs.defaults import PRESETS
+    from imse.runs.defaults import COMPARED, PRESETS
 
     bench = commands.add_parser(
         "bench",
@@ -138,7 +138,7 @@ def _add_bench(commands) -> None:
         "--preset",
         choices=tuple(PRESETS),
         help="a Lab story's stream and methods (default: the Lab's default run's stream; methods "
-        "source,tent,sar,imse); flags given explicitly win",
+        f"{','.join(COMPARED)}); flags given explicitly win",
     )
     bench.add_argument("--methods", help="comma-separated, e.g. source,imse,imse@retrieval=top1")
     bench.add_argument("--scenario", choices=("single", "continual", "gradual", "recurring"))
@@ -179,7 +179,7 @@ def _add_sweep(commands) -> None:
         "validation corruptions at each severity; the best mean accuracy wins. Writes every grid as JSON.",
     )
     _add_model_args(sweep)
-    sweep.add_argument("--methods", default="tent,sar,imse,vida,dpal")
+    sweep.add_argument("--methods", help="comma-separated (default: every adapting method in the registry)")
     sweep.add_argument("--update", metavar="SWEEP_JSON", help="add these methods to an earlier sweep of the same "
                        "protocol (refused if it differs); --out gets the merged file")  # fmt: skip
     sweep.add_argument("--severities", default="3,5", help="comma-separated (default: %(default)s)")
@@ -206,6 +206,8 @@ def _add_shifts(commands) -> None:
 
 
 def _add_reproduce(commands) -> None:
+    from imse.runs.defaults import COMPARED
+
     repro = commands.add_parser(
         "reproduce",
         help="the paper's rows under its protocol (ImageNet-C/R/A), our table beside its numbers; resumable",
@@ -218,7 +220,7 @@ def _add_reproduce(commands) -> None:
     repro.add_argument("--imagenet-a", metavar="ROOT", help="ImageNet-A (wnid folders)")
     repro.add_argument("--backbones", default="supervised", help="comma-separated: supervised, clip, mae")
     repro.add_argument("--weights", action="append", metavar="BACKBONE=FILE", help="a local checkpoint (mae needs one)")
-    repro.add_argument("--methods", default="source,tent,sar,imse", help="comma-separated methods")
+    repro.add_argument("--methods", default=",".join(COMPARED), help="comma-separated methods (default: %(default)s)")
     repro.add_argument("--scenarios", help="only these rows, e.g. single,continual (default: all)")
     repro.add_argument("--corruptions", default="test", help="ImageNet-C: 'test' (the 15) or comma-separated names")
     repro.add_argument("--seeds", default="0", help="comma-separated seeds")

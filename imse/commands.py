@@ -56,7 +56,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def bench_settings(args: argparse.Namespace) -> dict:
     """``bench``'s stream and methods: the flags given, else the preset's (``--preset``, default: the Lab's
     default run, so ``python -m imse bench`` runs exactly what the app's Start runs, plus SAR)."""
-    from imse.runs.defaults import lab_settings, run_methods
+    from imse.runs.defaults import COMPARED, lab_settings, run_methods
 
     preset = lab_settings(args.preset or "default", args.backbone)
     if args.methods:
@@ -64,7 +64,7 @@ def bench_settings(args: argparse.Namespace) -> dict:
     elif args.preset:
         methods = run_methods(preset)  # the preset's Lab methods, by their Lab labels
     else:
-        methods = ("source", "tent", "sar", "imse")
+        methods = COMPARED
     corruptions = args.corruptions or preset["corruptions"]
     if isinstance(corruptions, str) and corruptions not in ("test", "validation"):
         corruptions = _csv(corruptions)
@@ -130,11 +130,14 @@ def sweep_command(args: argparse.Namespace) -> int:
             earlier = json.load(handle)
         if not isinstance(earlier, dict) or not {"protocol", "methods", "versions"} <= earlier.keys():
             raise ValueError(f"{args.update} is not a sweep's JSON (python -m imse sweep --out)")
+    from imse.core.methods import adaptive_methods
+
+    methods = _csv(args.methods) if args.methods else adaptive_methods()  # by default every adapting method
     result = run_sweep(
         backbone=args.backbone,
         weights=args.weights,
         data=_data(args),
-        methods=_csv(args.methods),
+        methods=methods,
         severities=tuple(int(s) for s in _csv(args.severities)),
         per_domain=args.per_domain,
         batch_size=args.batch_size,
@@ -142,7 +145,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         device=args.device,
         earlier=earlier,
     )
-    for method in _csv(args.methods):
+    for method in methods:
         entry = result["methods"][method]
         print(f"{method}: chose {entry['chosen']} in {entry['runs']} runs")
         for stage in entry["stages"]:

@@ -105,8 +105,9 @@ def test_a_registered_corruption_is_listed_and_corrupts(monkeypatch):
 
     halves = (0.9, 0.8, 0.7, 0.6, 0.5)
     monkeypatch.setitem(REGISTRY, "darken", Corruption("darken", darken, {"cifar": halves, "imagenet": halves}))
-    assert corruption_names("test")[-1] == "darken" and corruption_names()[-1] == "darken"
-    assert "darken" not in corruption_names("validation")
+    # a corruption registered later is an extra: offered (all) but never one of ImageNet-C's 15 nor held out
+    assert corruption_names("extra") == ("darken",) and corruption_names()[-1] == "darken"
+    assert "darken" not in corruption_names("test") + corruption_names("validation")
     images = torch.full((2, 3, 8, 8), 200, dtype=torch.uint8)
     assert torch.equal(corrupt(images, "darken", 5), torch.full_like(images, 100))
     with pytest.raises(ValueError, match="severity must be an integer from 1 to 5"):
@@ -114,6 +115,6 @@ def test_a_registered_corruption_is_listed_and_corrupts(monkeypatch):
     from imse.data.streams import resolve_corruptions
     from imse.runs.lab_config import LabConfig, lab_settings_declared, validate
 
-    assert resolve_corruptions(["darken"]) == ("darken",) and resolve_corruptions("test")[-1] == "darken"
+    assert resolve_corruptions(["darken"]) == ("darken",) and "darken" not in resolve_corruptions("test")
     assert "darken" in lab_settings_declared()["corruptions"].choices()  # the Lab's menu offers it
     assert validate(LabConfig(corruptions=("darken",))).corruptions == ("darken",)

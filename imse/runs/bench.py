@@ -38,7 +38,7 @@ from imse.data.streams import Stream
 from imse.data.uploads import AS_IS, load_prepared
 from imse.runs.bench_tables import format_summary, format_table, gains_over_source
 from imse.runs.collapse import CollapseMeter
-from imse.runs.defaults import method_rates, parse_method, with_source
+from imse.runs.defaults import COMPARED, method_rates, parse_method, with_source
 from imse.runs.protocol import imagenet_c_domains, method_overrides, missing_under, official_source_images, resolve
 from imse.runs.runner import build_methods, method_settings, run, summarise
 
@@ -70,7 +70,7 @@ class BenchSettings:
     backbone: str = BUILTIN
     weights: str | None = None
     data: str = "builtin"
-    methods: tuple[str, ...] | Mapping[str, tuple[str, dict[str, Any]]] = ("source", "tent", "sar", "imse")
+    methods: tuple[str, ...] | Mapping[str, tuple[str, dict[str, Any]]] = COMPARED
     scenario: str = "continual"
     severity: int = 5
     per_domain: int = 1000

@@ -212,6 +212,12 @@ def lab_settings(preset: str = "default", backbone: str = BUILTIN) -> dict[str, 
     return settings
 
 
+# The default comparison of bench and reproduce: Source, the two entropy methods the paper builds on, and IMSE. One
+# place: the CLI's help, bench's and reproduce's defaults read it (the sweep's default is every adapting method in
+# the registry, ``adaptive_methods()``, so a method registered later is tuned without being named).
+COMPARED = ("source", "tent", "sar", "imse")
+
+
 def with_source(specs: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, tuple[str, dict[str, Any]]]:
     """``specs`` with Source first when none of them is Source. Images without labels have no accuracy: what a run
     can report is each method's agreement with the unadapted model, so it must run (the Lab and bench alike)."""

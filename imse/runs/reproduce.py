@@ -17,6 +17,7 @@ from typing import Any
 from imse.core.files import write_atomic
 from imse.core.methods import METHODS
 from imse.data.backbones import USER_FILE, paper_backbones
+from imse.runs.defaults import COMPARED
 from imse.runs.engines import ENGINES, run_in_process, run_on_ray
 from imse.runs.protocol import method_overrides, missing_under
 
@@ -120,7 +121,7 @@ def reproduce(
     roots: Mapping[str, str],
     out: str | Path,
     backbones: Sequence[str] = ("supervised",),
-    methods: Sequence[str] = ("source", "tent", "sar", "imse"),
+    methods: Sequence[str] = COMPARED,
     seeds: Sequence[int] = (0,),
     scenarios: Sequence[str] | None = None,
     corruptions: str | Sequence[str] = "test",

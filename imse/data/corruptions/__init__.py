@@ -27,6 +27,7 @@ __all__ = [
     "CORRUPTIONS",
     "REGISTRY",
     "VALIDATION_CORRUPTIONS",
+    "KINDS",
     "Corruption",
     "corrupt",
     "corruption_names",
@@ -34,64 +35,78 @@ __all__ = [
 ]
 
 
+# A corruption's kind: one of ImageNet-C's 15, reported (``test``); one of the 4 held out for choosing
+# hyper-parameters, never reported (``validation``); or any other, registered later (``extra``: offered in the Lab and
+# bench, never part of the paper's protocol, ``reproduce --imagenet-c`` or the sweep). The first two are fixed sets.
+KINDS = ("test", "validation", "extra")
+
+
 @dataclass(frozen=True)
 class Corruption:
     """One corruption: its batched function (``function(x, params, draws, table)``, see the family modules), the
-    parameters of severities 1..5 per table (``"cifar"``, ``"imagenet"``), and whether it is held out for choosing
-    hyper-parameters (validation) rather than reported (test)."""
+    parameters of severities 1..5 per table (``"cifar"``, ``"imagenet"``), and its kind (``KINDS``): a corruption
+    registered later is ``extra`` unless it says otherwise."""
 
     name: str
     function: Callable
     severities: Mapping[str, tuple]
-    held_out: bool = False
+    kind: str = "extra"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    @property
+    def held_out(self) -> bool:
+        return self.kind == "validation"
 
 
-def _tabled(function: Callable, held_out: bool = False) -> Corruption:
+def _tabled(function: Callable, kind: str = "extra") -> Corruption:
     """A corruption whose severities are Hendrycks' rows in ``tables.py``, under the function's name."""
     name = function.__name__
-    return Corruption(name, function, {table: rows[name] for table, rows in TABLES.items()}, held_out)
+    return Corruption(name, function, {table: rows[name] for table, rows in TABLES.items()}, kind)
 
 
-# The registry: the 15 test corruptions in the standard ImageNet-C order (the continual-TTA protocol's order),
-# then the 4 held out for choosing hyper-parameters, never for reporting.
+# The registry: ImageNet-C's 15 test corruptions in its standard order (the continual-TTA protocol's order), then the
+# 4 held out for choosing hyper-parameters, never for reporting; a corruption added later goes after them (extra).
 REGISTRY: dict[str, Corruption] = {
     corruption.name: corruption
     for corruption in (
-        _tabled(noise.gaussian_noise),
-        _tabled(noise.shot_noise),
-        _tabled(noise.impulse_noise),
-        _tabled(blur.defocus_blur),
-        _tabled(blur.glass_blur),
-        _tabled(blur.motion_blur),
-        _tabled(blur.zoom_blur),
-        _tabled(weather.snow),
-        _tabled(weather.frost),
-        _tabled(weather.fog),
-        _tabled(digital.brightness),
-        _tabled(digital.contrast),
-        _tabled(digital.elastic_transform),
-        _tabled(digital.pixelate),
-        _tabled(digital.jpeg_compression),
-        _tabled(noise.speckle_noise, held_out=True),
-        _tabled(blur.gaussian_blur, held_out=True),
-        _tabled(weather.spatter, held_out=True),
-        _tabled(digital.saturate, held_out=True),
+        _tabled(noise.gaussian_noise, "test"),
+        _tabled(noise.shot_noise, "test"),
+        _tabled(noise.impulse_noise, "test"),
+        _tabled(blur.defocus_blur, "test"),
+        _tabled(blur.glass_blur, "test"),
+        _tabled(blur.motion_blur, "test"),
+        _tabled(blur.zoom_blur, "test"),
+        _tabled(weather.snow, "test"),
+        _tabled(weather.frost, "test"),
+        _tabled(weather.fog, "test"),
+        _tabled(digital.brightness, "test"),
+        _tabled(digital.contrast, "test"),
+        _tabled(digital.elastic_transform, "test"),
+        _tabled(digital.pixelate, "test"),
+        _tabled(digital.jpeg_compression, "test"),
+        _tabled(noise.speckle_noise, "validation"),
+        _tabled(blur.gaussian_blur, "validation"),
+        _tabled(weather.spatter, "validation"),
+        _tabled(digital.saturate, "validation"),
     )
 }
 
 
 def corruption_names(split: str = "all") -> tuple[str, ...]:
-    """The registered corruptions, in the registry's order: ``"test"``, ``"validation"`` (held out) or ``"all"``."""
-    if split not in ("all", "test", "validation"):
-        raise ValueError(f"split must be 'all', 'test' or 'validation', got {_shown(split)}")
-    wanted = {"all": (False, True), "test": (False,), "validation": (True,)}[split]
-    return tuple(name for name, corruption in REGISTRY.items() if corruption.held_out in wanted)
+    """The registered corruptions of a kind, in the registry's order: ``"test"`` (ImageNet-C's 15), ``"validation"``
+    (the 4 held out), ``"extra"`` (registered later) or ``"all"``."""
+    if split not in ("all", *KINDS):
+        raise ValueError(f"split must be 'all', 'test', 'validation' or 'extra', got {_shown(split)}")
+    return tuple(name for name, corruption in REGISTRY.items() if split in ("all", corruption.kind))
 
 
 # The names as registered at import, for the code that lists them
 CORRUPTIONS: tuple[str, ...] = corruption_names("test")
 VALIDATION_CORRUPTIONS: tuple[str, ...] = corruption_names("validation")
-ALL_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS + VALIDATION_CORRUPTIONS
+ALL_CORRUPTIONS: tuple[str, ...] = corruption_names("all")
 _CIFAR_MAX_SIDE = math.sqrt(32 * 224)  # ≈ 84.7: nearer to 32 than to 224 on a log scale
 
 
