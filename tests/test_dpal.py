@@ -12,11 +12,14 @@ from imse.core.methods import create
 from imse.core.methods.dpal import PromptedViT
 
 
-def restated_forward(prompted, x):
+def restated_forward(prompted, x, normalise=True):
     """models/dpal_transformer.py forward_features + forward_head, written out: [prompt, CLS, patches]; before block
-    i > 0 the deep prompt replaces the prompt; after each block the predictor's output leaves the CLS token."""
+    i > 0 the deep prompt replaces the prompt; after each block the predictor's output leaves the CLS token.
+    ``normalise=False``: the images go in as they are (the official ViDA/DPAL runs on a bare timm ViT)."""
     vit, P = prompted.vit, prompted.num_prompts
-    h = vit._pos_embed(vit.patch_embed(prompted.normalize(x)))
+    if normalise and hasattr(prompted.model, "normalize"):  # a Backbone: the official loader's normalisation
+        x = prompted.model.normalize(x)
+    h = vit._pos_embed(vit.patch_embed(x))
     h = torch.cat((prompted.prompt.expand(len(x), -1, -1), h), 1)
     noises = []
     for i, block in enumerate(vit.blocks):
@@ -227,3 +230,18 @@ def test_a_lab_run_with_dpal_starts_from_the_same_prompts_for_the_same_seed():
     assert torch.equal(build_run(config).methods["DPAL"].prompted.prompt, first)
     other = build_run(LabConfig(methods=("DPAL",), corruptions=("fog",), per_domain=16, batch_size=16, seed=6))
     assert not torch.equal(other.methods["DPAL"].prompted.prompt, first)
+
+
+def test_dpal_with_unit_preprocessing_feeds_the_vit_the_images_as_they_are():
+    """``preprocessing="unit"``: the prompted ViT gets the [0, 1] images, as the backbone's own forward then does.
+    Measured against the restated forward on those images: 0.0. Before, PromptedViT normalised anyway: 1.7 in the
+    logits (the prompted logits were the normalised run's)."""
+    from imse.data.models import Backbone
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = [str(i) for i in range(10)]
+    backbone = Backbone(tiny_vit(), mean=(0.5,) * 3, std=(0.25,) * 3, name="tiny", class_names=labels, input_size=32)
+    method = create("dpal", backbone, preprocessing="unit", reset_threshold=0.0)
+    expected, _ = restated_forward(copy.deepcopy(method.prompted), x, normalise=False)
+    worst = float((method(x) - expected.detach()).abs().max())
+    assert worst <= 1e-6, worst

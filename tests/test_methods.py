@@ -359,3 +359,30 @@ def test_sar_official_recovery_is_the_official_run_across_recoveries_and_empty_f
     records, worst = run_side_by_side(method, reference, [(8, 0.0, e0), (1, 0.0, 0.97), (8, 0.0, e0)], seed=2)
     assert records[1]["skip_reason"] == "no reliable samples (step 2)" and records[1]["momentum_only"]
     assert worst <= 1e-7, worst
+
+
+@pytest.mark.parametrize("preprocessing", ["backbone", "unit"])
+def test_every_forward_of_every_method_feeds_the_vit_what_preprocessing_says(preprocessing):
+    """Every ViT forward of a step (the student's, ViDA's teacher on its augmentations, DPAL's prompted passes):
+    ``unit`` feeds the [0, 1] images as they are, ``backbone`` its normalisation (mean 0.5, std 0.25: values
+    below 0). Each method's own forward sees exactly the batch, or its normalisation. DPAL normalised under
+    ``unit`` (issue 35 item 3)."""
+    from timm.layers import PatchEmbed
+
+    from imse.data.models import Backbone
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = [str(i) for i in range(10)]
+    for name in ALL:
+        backbone = Backbone(tiny_vit(head_scale=20.0), mean=(0.5,) * 3, std=(0.25,) * 3, name="tiny",
+                            class_names=labels, input_size=32)  # fmt: skip
+        expected = x if preprocessing == "unit" else backbone.normalize(x)
+        method = create(name, backbone, preprocessing=preprocessing, **NO_RECOVERY.get(name, {}))
+        seen = []
+        for module in method.modules():
+            if isinstance(module, PatchEmbed):
+                module.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+        method(x)
+        assert seen and any(torch.equal(images, expected) for images in seen), name
+        for images in seen:
+            assert (images.min() >= 0 and images.max() <= 1) if preprocessing == "unit" else images.min() < 0, name

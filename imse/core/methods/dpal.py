@@ -79,7 +79,11 @@ class PromptedViT(nn.Module):
                 setattr(self, attribute, getattr(model, attribute))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.normalize(x) if hasattr(self.model, "normalize") else x
+        """The backbone's input normalisation, unless a method switched it off (``preprocessing="unit"``), the rule
+        of ``Backbone.forward`` and ``imse.core.bank.patch_tokens``."""
+        if hasattr(self.model, "normalize") and getattr(self.model, "normalise_input", True):
+            return self.model.normalize(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit, count = self.vit, self.num_prompts
