@@ -255,14 +255,14 @@ def official_dpal_names(prompted) -> list[str]:
 def test_dpal_under_the_paper_protocol_is_the_official_network_on_clip_and_mae_layouts(layout):
     """Side by side with the restated official loop on the published network (``restated_forward``: no norm_pre,
     the CLS token in the average) adapting the official selection (norm_pre, which that network never reads,
-    stays put; fc_norm moves), six steps on a 12-block ViT. Measured: bit-equal (0.0) on CPU. Before (timm's
-    network, the blocks' LayerNorms alone): 1.1 in the logits on the pre-norm layout, 0.29 on the average-pool
+    stays put; fc_norm moves), four steps on a 12-block ViT. Measured: bit-equal (0.0) on CPU. Before (timm's
+    network, the blocks' LayerNorms alone): 6.1 in the logits on the pre-norm layout, 0.075 on the average-pool
     one."""
     e0 = 0.4 * math.log(1000)  # every sample reliable
     settings = {**PAPER, **DPAL.paper_settings("continual"), "margin_classes": None}
     method = create("dpal", layout_vit(VIT_LAYOUTS[layout], depth=12, head_scale=10.0), **settings)
     reference = RestatedOfficialDPAL(method.prompted, official_dpal_names(method.prompted), e0, 0.0, batch_size=8)
-    records, worst = run_side_by_side(method, reference, [(8, 0.0, e0)] * 6)
+    records, worst = run_side_by_side(method, reference, [(8, 0.0, e0)] * 4)
     assert all(r["updated"] for r in records) and worst <= 1e-7, worst
 
 

@@ -410,8 +410,8 @@ def test_each_protocol_adapts_the_layernorms_docs_say_on_every_vit_layout(option
 @pytest.mark.parametrize("layout", ["pre-norm (CLIP)", "average pool (MAE)"])
 def test_sar_under_the_paper_protocol_is_the_official_run_on_clip_and_mae_layouts(layout):
     """Side by side with the restated official loop adapting the restated official selection, five steps on a
-    12-block ViT. Measured: bit-equal (0.0) on CPU. Before (the blocks' LayerNorms alone): 0.053 in the logits on
-    the pre-norm layout, 0.031 on the average-pool one."""
+    12-block ViT. Measured: bit-equal (0.0) on CPU. Before (the blocks' LayerNorms alone): 0.077 in the logits on
+    the pre-norm layout, 0.039 on the average-pool one."""
     e0 = 0.4 * math.log(1000)  # every sample reliable
     settings = {**METHODS["sar"].paper_settings("continual"), "margin_classes": None, "lr": 0.01}
     method = create("sar", layout_vit(VIT_LAYOUTS[layout], depth=12, head_scale=10.0), **settings)
@@ -436,7 +436,8 @@ def test_every_forward_of_every_method_feeds_the_vit_what_preprocessing_says(pre
         backbone = Backbone(tiny_vit(head_scale=20.0), mean=(0.5,) * 3, std=(0.25,) * 3, name="tiny",
                             class_names=labels, input_size=32)  # fmt: skip
         expected = x if preprocessing == "unit" else backbone.normalize(x)
-        method = create(name, backbone, preprocessing=preprocessing, **NO_RECOVERY.get(name, {}))
+        quick = {"vida": {"augmentations": 2}}.get(name, {})  # the teacher's views: two show it as well as ten
+        method = create(name, backbone, preprocessing=preprocessing, **quick, **NO_RECOVERY.get(name, {}))
         seen = []
         for module in method.modules():
             if isinstance(module, PatchEmbed):
