@@ -54,9 +54,9 @@ VIT_LAYOUTS = {
 }
 
 
-def layout_vit(options: dict, depth: int = 4):
+def layout_vit(options: dict, depth: int = 4, head_scale: float = 1.0):
     """A small timm ViT in one of ``VIT_LAYOUTS``, its LayerNorms drawn away from the identity (a skipped norm
-    must show)."""
+    must show); ``head_scale`` as ``tiny_vit``'s."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -68,6 +68,7 @@ def layout_vit(options: dict, depth: int = 4):
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
+        vit.head.weight.mul_(head_scale)
     return vit
 
 

@@ -168,7 +168,8 @@ def test_docs_protocol_shows_every_rule_of_the_code():
 
 
 def test_the_paper_protocol_hands_dpal_and_sar_the_official_recovery_and_dpal_the_configured_batch_size():
-    """docs/protocol.md, "DPAL, SAR and ViDA beside their official code": what each protocol sets on them."""
+    """docs/protocol.md, "DPAL, SAR and ViDA beside their official code" and "The paper's other backbones": what
+    each protocol sets on them."""
     from conftest import tiny_vit
 
     from imse.runs.protocol import method_overrides
@@ -182,6 +183,7 @@ def test_the_paper_protocol_hands_dpal_and_sar_the_official_recovery_and_dpal_th
         dpal = built["dpal"].hparams
         assert dpal["official_recovery"] is official and dpal["batch_size"] == 16
         assert dpal["similarity_divisor"] == ("configured" if official else "batch")
+        assert built["sar"].hparams["official_norms"] is official and dpal["official_forward"] is official
 
 
 def test_bench_on_imagenet_r_scores_200_classes_with_the_paper_protocol(tmp_path):

@@ -167,6 +167,13 @@ def _backbone(vit):
     return Backbone(vit, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), name="tiny", class_names=labels, input_size=32)
 
 
+def official_name(name: str) -> str:
+    """Our name of a ViDA weight -> the official one (inject_vida.py 11-26)."""
+    theirs = {"linear": "linear_vida", "down_low": "vida_down", "up_low": "vida_up", "down_high": "vida_down2",
+              "up_high": "vida_up2"}  # fmt: skip
+    return ".".join(theirs.get(part, part) for part in name.split("."))
+
+
 def _official_checkpoint(tmp_path, seed: int = 1):
     """A file as the official code writes one, restated from what it does: the whole model with ViDA injected
     (inject_vida.py 11-26: the layer as ``linear_vida``, rank r1 ``vida_down``/``vida_up``, rank r2
@@ -178,14 +185,11 @@ def _official_checkpoint(tmp_path, seed: int = 1):
     inject_adapters(vit)
     torch.manual_seed(seed)
     ours, official = {}, {}
-    theirs = {"linear": "linear_vida", "down_low": "vida_down", "up_low": "vida_up", "down_high": "vida_down2",
-              "up_high": "vida_up2"}  # fmt: skip
     for name, value in vit.state_dict().items():
         if any(f".{part}." in name for part in ("down_low", "up_low", "down_high", "up_high")):
             value = torch.randn_like(value) * 0.02
             ours[name] = value
-        parts = name.split(".")
-        official["module." + ".".join(theirs.get(part, part) for part in parts)] = value.clone()
+        official["module." + official_name(name)] = value.clone()
     path = tmp_path / "imagenet_vit_vida.pt"
     torch.save(official, path)
     return path, ours
@@ -254,3 +258,60 @@ def test_the_warm_up_trains_only_the_adapters_and_its_file_is_what_vida_starts_f
 
     plain = create_backbone("builtin").model.state_dict()  # the ViT itself did not move
     assert all(torch.equal(vit.state_dict()[ours(name)], value) for name, value in plain.items())
+
+
+# -- checkpoints saved behind a RobustBench-style normaliser (issue 35 item 4) --------------------------------------
+
+
+def _normaliser_checkpoint(tmp_path, mean, std, name="normalised.pt", data_parallel=True):
+    """A file as the IMSE repository writes one, restated from what it does: the ViDA model behind RobustBench's
+    normaliser (robustbench/model_zoo/architectures/utils_architectures.py 8-26: ``normalize`` holds ``mean`` and
+    ``std`` buffers [1, 3, 1, 1], ``model`` the ViT) behind ``torch.nn.DataParallel`` (method/vida.py 217), its
+    state dict saved (as the commented-out line 253 does): ``module.normalize.mean`` and ``.std`` beside
+    ``module.model.<the official names>``; ``data_parallel=False``: the wrapper saved as it is (``normalize.mean``,
+    ``model.…``)."""
+    path, _ = _official_checkpoint(tmp_path)
+    state = {key.replace("module.", "module.model.", 1): value for key, value in torch.load(path).items()}
+    state["module.normalize.mean"] = torch.tensor(mean).view(1, 3, 1, 1)
+    state["module.normalize.std"] = torch.tensor(std).view(1, 3, 1, 1)
+    saved = state if data_parallel else {key.removeprefix("module."): value for key, value in state.items()}
+    torch.save(saved, tmp_path / name)
+    return tmp_path / name, state
+
+
+def restated_imse_loading(state, x):
+    """The IMSE repository's loader (method/vida.py 237-250), restated: each of the model's names, or the same name
+    with ``module.model`` read as ``module``, takes the file's value, the normaliser's buffers included; the
+    model then normalises with them (utils_architectures.py 16-17). Returns its logits on ``x``."""
+    from imse.core.methods.vida import inject_adapters
+
+    vit = tiny_vit(head_scale=5.0)
+    inject_adapters(vit)
+    vit.load_state_dict({key: state[f"module.model.{official_name(key)}"] for key in vit.state_dict()})
+    with torch.no_grad():
+        return vit((x - state["module.normalize.mean"]) / state["module.normalize.std"])
+
+
+def test_a_checkpoint_behind_a_normaliser_loads_and_its_buffers_set_the_preprocessing(tmp_path):
+    """Mean 0 and std 1: trained on [0, 1] images (``unit``); the backbone's own statistics: its normalisation
+    (``backbone``); other statistics: refused. Each file (behind DataParallel or not) loads into the network the
+    IMSE loader builds from it: 0.0 apart. Before: refused ("has weights this ViT lacks (e.g. normalize.mean)"),
+    and every .pt file read as ``unit``."""
+    from imse.core.methods.vida import read_warmup
+
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    files = (((0.0,) * 3, (1.0,) * 3, "unit", True), ((0.5,) * 3, (0.5,) * 3, "backbone", True),
+             ((0.5,) * 3, (0.5,) * 3, "backbone", False))  # fmt: skip
+    for index, (mean, std, preprocessing, data_parallel) in enumerate(files):
+        path, state = _normaliser_checkpoint(tmp_path, mean, std, f"{index}.pt", data_parallel)
+        assert read_warmup(path)[1]["preprocessing"] == preprocessing
+        method = create("vida", _backbone(tiny_vit(head_scale=5.0)), checkpoint=str(path), preprocessing=preprocessing)
+        with torch.no_grad():
+            worst = float((method.model(x) - restated_imse_loading(state, x)).abs().max())
+        assert worst <= 1e-6, (preprocessing, worst)
+        other = "backbone" if preprocessing == "unit" else "unit"
+        with pytest.raises(ValueError, match=f"trained with preprocessing='{preprocessing}'"):
+            create("vida", _backbone(tiny_vit()), checkpoint=str(path), preprocessing=other)
+    path, _ = _normaliser_checkpoint(tmp_path, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet.pt")
+    with pytest.raises(ValueError, match="normalised with mean .*0.485.* the backbone's own: mean .*0.5"):
+        create("vida", _backbone(tiny_vit()), checkpoint=str(path))

@@ -62,6 +62,15 @@ RULES = (
          "SGD's momentum survives (as DPAL's); an empty filter still steps (momentum only)", "EMA and momentum "
          "cleared after a reset; an empty filter skips the update",
          "mr-eggplant/SAR sar.py 50-61, 83-104; sam.py 65-67"),
+    Rule("SAR and DPAL's LayerNorms", "the official selection: every LayerNorm outside the last three blocks but "
+         "the final norm, so CLIP's norm_pre and MAE's fc_norm too (SAR official_norms; DPAL official_forward, "
+         "whose network never reads norm_pre: it stays)", "the LayerNorms below the last three blocks: blocks "
+         "0..depth-4 and CLIP's norm_pre; MAE's fc_norm (its final norm, after the pool) stays, as the final norm "
+         "does", "mr-eggplant/SAR sar.py 109-138; yushuntang/DPAL dpal.py 158-198"),
+    Rule("DPAL's network", "the published DPAL ViT (official_forward): no norm_pre; MAE's average pool takes the CLS "
+         "token in with the patches (and every prompt but the first)", "timm's ViT around the prompts: CLIP's "
+         "norm_pre, and the head's pool sees the model's own tokens", "yushuntang/DPAL models/dpal_transformer.py "
+         "74-91"),
     Rule("ViDA start", "its source warm-up, required (--checkpoint vida=FILE: the official 'source ViDA model', or "
          "one made by python -m imse vida-warmup); without one the run is refused", "the warm-up the backbone ships "
          "(built-in model), else the adapters as initialised (up-projections zero: ViDA then answers as Source)",

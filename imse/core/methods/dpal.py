@@ -5,8 +5,8 @@ goes in front of the CLS token after the position embedding and, before each lat
 its own replaces it; after every block a predictor MLP (zero-initialised) reads the prompt token's output and its
 output is subtracted from the CLS token. The loss is the reliable samples' entropy (``E0 = margin · ln C``) plus
 ``(reliable / batch) ·`` the negated mean cosine similarity between the samples' predictor outputs, averaged over
-blocks. The predictors take a plain SGD step on the first pass's gradient; the prompts and the LayerNorms of the
-first ``depth − frozen_blocks`` blocks take SAM's two passes over SGD (second pass: entropy of the samples still
+blocks. The predictors take a plain SGD step on the first pass's gradient; the prompts and the LayerNorms below the
+last ``frozen_blocks`` blocks take SAM's two passes over SGD (second pass: entropy of the samples still
 reliable); SAR's recovery (EMA 0.9 of the second loss below 0.2 → back to the initial state, the EMA kept, as the
 official ``forward`` restores it). Every lr 0.01, momentum 0.9, ρ 0.05.
 
@@ -24,6 +24,11 @@ Deviations, on purpose (the lab protocol; ``--protocol paper`` sets the official
 - The similarity weight is ``reliable / the batch's size``. ``similarity_divisor="configured"``: ``reliable /
   batch_size``, the configured batch size, as the official ``args.test_batch_size`` (dpal.py 113); they differ
   on a short last batch.
+- The network is timm's around the prompts, and the LayerNorms adapted are those below the frozen blocks (CLIP's
+  ``norm_pre`` too, not MAE's ``fc_norm``). ``official_forward=True``: the published network (no ``norm_pre``;
+  MAE's average pool takes the CLS token in; ``PromptedViT``) and the official selection (dpal.py 158-198: every
+  LayerNorm outside the frozen blocks but the final ``norm``; ``fc_norm`` moves, ``norm_pre`` is selected but
+  never read, so it stays). On a plain ViT both are the same.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from torch import nn
 from imse.core.images import as_float_images
 from imse.core.losses import entropy_margin, softmax_entropy
 from imse.core.methods.base import TTAMethod
-from imse.core.methods.tent import layernorm_params
+from imse.core.methods.norms import lower_norm_params
 from imse.core.sam import SAM, momentum_step
 from imse.core.spectral import find_vit
 
@@ -48,11 +53,19 @@ __all__ = ["DPAL", "PromptedViT", "prompt_similarity_loss"]
 
 class PromptedViT(nn.Module):
     """A backbone (or bare timm ViT) with DPAL's prompt tokens and predictors; ``forward`` returns the logits and
-    keeps the predictors' outputs of that pass in ``noises`` (one ``[B, d]`` tensor per block)."""
+    keeps the predictors' outputs of that pass in ``noises`` (one ``[B, d]`` tensor per block).
 
-    def __init__(self, model: nn.Module, num_prompts: int = 1) -> None:
+    Ours runs timm's network around the prompts (CLIP's ``norm_pre``, patch dropout, the head's pooling of the
+    model's own tokens). ``official_forward=True`` runs the published one (models/dpal_transformer.py 74-91): no
+    ``norm_pre`` and no patch dropout; ``norm`` on every token; an average pool (MAE) over every token from
+    ``num_prefix_tokens`` on in the prompted layout [prompts, CLS, patches], so the CLS token (and every prompt
+    but the first) joins the patches; ``fc_norm``, the head. On a plain ViT (class-token pool, no norm_pre) the
+    two are the same network."""
+
+    def __init__(self, model: nn.Module, num_prompts: int = 1, official_forward: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.official_forward = official_forward
         _, vit = find_vit(model)
         self.vit = vit
         dim, depth = vit.embed_dim, len(vit.blocks)
@@ -79,12 +92,17 @@ class PromptedViT(nn.Module):
                 setattr(self, attribute, getattr(model, attribute))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.normalize(x) if hasattr(self.model, "normalize") else x
+        """The backbone's input normalisation, unless a method switched it off (``preprocessing="unit"``), the rule
+        of ``Backbone.forward`` and ``imse.core.bank.patch_tokens``."""
+        if hasattr(self.model, "normalize") and getattr(self.model, "normalise_input", True):
+            return self.model.normalize(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit, count = self.vit, self.num_prompts
-        # timm's forward_features up to the blocks, every option included (CLIP's norm_pre, patch dropout)
-        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))))
+        tokens = vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))
+        if not self.official_forward:  # timm's forward_features up to the blocks (CLIP's norm_pre, patch dropout)
+            tokens = vit.norm_pre(vit.patch_drop(tokens))
         batch = tokens.shape[0]
         tokens = torch.cat((self.prompt.expand(batch, -1, -1), tokens), dim=1)  # [prompt, CLS, patches]
         noises = []
@@ -97,8 +115,21 @@ class PromptedViT(nn.Module):
             cls = tokens[:, count] - noise
             tokens = torch.cat((tokens[:, :count], cls[:, None], tokens[:, count + 1 :]), dim=1)
         self.noises = noises
+        if self.official_forward:
+            return self._official_head(tokens)
         # the prompts leave before timm's head: its pooling (the CLS token, or MAE's average) sees the model's tokens
         return vit.forward_head(vit.norm(tokens[:, count:]))
+
+    def _official_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """models/dpal_transformer.py 83, 87-91: ``norm`` on every token, the pool in the prompted layout (the
+        average from ``num_prefix_tokens`` on, else the CLS token), ``fc_norm``, the head."""
+        vit = self.vit
+        tokens = vit.norm(tokens)
+        if vit.global_pool == "avg":
+            tokens = tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+        elif vit.global_pool:
+            tokens = tokens[:, self.num_prompts]
+        return vit.head(vit.fc_norm(tokens))
 
 
 def prompt_similarity_loss(noises: list[torch.Tensor]) -> torch.Tensor:
@@ -117,7 +148,7 @@ class DPAL(TTAMethod):
     @classmethod
     def paper_settings(cls, scenario: str) -> dict[str, Any]:
         return {"margin_classes": 1000, "predict_from": "second", "official_recovery": True,
-                "similarity_divisor": "configured"}  # fmt: skip
+                "similarity_divisor": "configured", "official_forward": True}  # fmt: skip
 
     defaults = {
         "lr": 0.01,  # prompts and LayerNorms (SAM over SGD)
@@ -134,6 +165,7 @@ class DPAL(TTAMethod):
         "official_recovery": False,  # True: the official recovery and empty-set step (see the module's docstring)
         "similarity_divisor": "batch",  # "configured": reliable / batch_size (the official)
         "batch_size": None,  # the run's configured batch size (the runner sets it)
+        "official_forward": False,  # True: the published network and LayerNorms (PromptedViT, the module's docstring)
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -144,11 +176,10 @@ class DPAL(TTAMethod):
             raise ValueError(f"similarity_divisor must be 'batch' or 'configured', got {divisor!r}")
         if divisor == "configured" and not self.hparams["batch_size"]:
             raise ValueError("similarity_divisor='configured' needs batch_size (the run's configured batch size)")
-        self.prompted = PromptedViT(model, self.hparams["num_prompts"])
-        vit = self.prompted.vit
+        official = self.hparams["official_forward"]
+        self.prompted = PromptedViT(model, self.hparams["num_prompts"], official_forward=official)
         params = {"prompt": self.prompted.prompt, "deep_prompts": self.prompted.deep_prompts}
-        for index in range(len(vit.blocks) - self.hparams["frozen_blocks"]):
-            params.update(layernorm_params(vit.blocks[index], prefix=f"blocks.{index}"))
+        params.update(lower_norm_params(self.prompted.vit, self.hparams["frozen_blocks"], official))
         self.sam_names = list(params)
         params.update({f"predictors.{name}": p for name, p in self.prompted.predictors.named_parameters()})
         self.ema: float | None = None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imse.core.methods.base import SAMEntropyMethod
-from imse.core.methods.tent import layernorm_params
+from imse.core.methods.norms import lower_norm_params
 from imse.core.sam import SAM, momentum_step
 from imse.core.spectral import find_vit
 
@@ -16,7 +16,7 @@ __all__ = ["SAR"]
 
 
 class SAR(SAMEntropyMethod):
-    """LayerNorm affine of blocks ``0 .. depth-1-frozen_blocks`` (not the final norm); SAM over SGD (momentum
+    """LayerNorm affine below the last ``frozen_blocks`` blocks (not the final norm); SAM over SGD (momentum
     0.9) at ``lr = base_lr · batch_size / 64``; the model is reset to its initial state when the EMA (0.9) of
     the step-2 loss falls below ``reset_threshold`` (a sign of collapse to confident, wrong predictions).
 
@@ -32,7 +32,12 @@ class SAR(SAMEntropyMethod):
       no sample is NaN and back-propagates zeros: sar.py 83, 91, 96-97): SGD's momentum alone moves the weights.
 
     Ours (the default, the lab protocol) clears the EMA and SGD's momentum at a reset, and moves nothing on an
-    empty filter (the update is skipped and counted)."""
+    empty filter (the update is skipped and counted).
+
+    Which LayerNorms (``imse.core.methods.norms.lower_norm_params``): ours, those below the frozen blocks (CLIP's
+    ``norm_pre`` too, not MAE's ``fc_norm``); ``official_norms=True`` (the paper protocol), the official
+    collect_params' (sar.py 109-138): every one outside the frozen blocks but the final ``norm``, so ``fc_norm``
+    too."""
 
     name = "sar"
     label = "SAR"
@@ -40,7 +45,7 @@ class SAR(SAMEntropyMethod):
 
     @classmethod
     def paper_settings(cls, scenario: str) -> dict[str, Any]:
-        return {"margin_classes": 1000, "official_recovery": True}
+        return {"margin_classes": 1000, "official_recovery": True, "official_norms": True}
 
     defaults = {
         "lr": None,
@@ -54,20 +59,13 @@ class SAR(SAMEntropyMethod):
         "reset_threshold": 0.2,
         "ema_momentum": 0.9,
         "official_recovery": False,
+        "official_norms": False,  # True: the official collect_params' LayerNorms (MAE's fc_norm too)
     }
 
     def configure(self, model: nn.Module) -> dict[str, nn.Parameter]:
         prefix, vit = find_vit(model)
-        depth = len(vit.blocks)
-        adapted = depth - self.hparams["frozen_blocks"]
-        if adapted < 1:
-            raise ValueError(f"SAR adapts blocks 0..depth-1-{self.hparams['frozen_blocks']}; this ViT has {depth}")
-        params = {}
-        for index in range(adapted):
-            block_prefix = f"{prefix}.blocks.{index}" if prefix else f"blocks.{index}"
-            params.update(layernorm_params(vit.blocks[index], prefix=block_prefix))
         self.ema: float | None = None
-        return params
+        return lower_norm_params(vit, self.hparams["frozen_blocks"], self.hparams["official_norms"], prefix)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> SAM:
         lr = self.learning_rate(self.hparams)

@@ -1,4 +1,9 @@
-"""TENT (Wang et al. 2021): entropy minimisation on every sample, adapting all LayerNorm affine parameters."""
+"""TENT (Wang et al. 2021): entropy minimisation on every sample, adapting all LayerNorm affine parameters.
+
+Every LayerNorm, as the IMSE repository's tent.py (75-92, 122-123), whose ViT rows the paper reports: CLIP's
+``norm_pre``, MAE's ``fc_norm`` and the final ``norm`` too, under both protocols. (github DequanWang/tent tent.py
+64-80 takes BatchNorm2d layers alone: on a ViT it would adapt nothing.)
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,9 @@ from torch import nn
 
 from imse.core.losses import softmax_entropy
 from imse.core.methods.base import TTAMethod
+from imse.core.methods.norms import layernorm_params
 
-__all__ = ["Tent", "layernorm_params"]
-
-
-def layernorm_params(module: nn.Module, prefix: str = "") -> dict[str, nn.Parameter]:
-    """Affine weight and bias of every LayerNorm under ``module``, by qualified name."""
-    params = {}
-    for name, sub in module.named_modules(prefix=prefix):
-        if isinstance(sub, nn.LayerNorm):
-            for pname, param in sub.named_parameters(recurse=False):
-                params[f"{name}.{pname}" if name else pname] = param
-    return params
+__all__ = ["Tent"]
 
 
 class Tent(TTAMethod):

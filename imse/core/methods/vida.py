@@ -100,21 +100,35 @@ def adapter_names(vit: nn.Module) -> list[str]:
 
 
 def _official_key(key: str) -> str:
-    for prefix in ("module.model.", "module."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-            break
-    key = f".{key}"
+    # DataParallel's ``module.``, then RobustBench's normaliser's ``model.`` (a timm ViT has no module of that name)
+    key = f".{key.removeprefix('module.').removeprefix('model.')}"
     for theirs, ours in _OFFICIAL_PARTS.items():
         key = key.replace(theirs, ours)
     return key[1:]
 
 
+def _floats(values: torch.Tensor) -> str:
+    return ", ".join(f"{value:.9g}" for value in values.double().flatten().tolist())
+
+
+def _trained_inputs(state: dict[str, torch.Tensor], path: Path) -> dict[str, str]:
+    """The inputs an official file's network was trained on, read from the normaliser it was saved behind
+    (RobustBench's ``normalize.mean`` and ``.std``, taken out of ``state``): mean 0 and std 1, or no normaliser
+    (the bare timm ViT of ViDA's own run), mean [0, 1] images (``unit``); other values, images normalised with
+    them (``backbone``, the statistics as ``mean`` and ``std``)."""
+    mean, std = state.pop("normalize.mean", None), state.pop("normalize.std", None)
+    if (mean is None) != (std is None):
+        raise ValueError(f"{path} holds one of the normaliser's mean and std, not both")
+    if mean is None or (bool((mean == 0).all()) and bool((std == 1).all())):
+        return {"format": "official", "preprocessing": "unit"}
+    return {"format": "official", "preprocessing": "backbone", "mean": _floats(mean), "std": _floats(std)}
+
+
 def read_warmup(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A source warm-up's weights by name relative to the ViT, and how it was made: this project's file
-    (``imse vida-warmup``: safetensors, the adapters only, its recipe as metadata) or the official checkpoint
-    (``.pt``, the whole model, loaded with ``weights_only=True``: no pickled code runs; trained on [0, 1] images,
-    ``preprocessing="unit"``), its names mapped to ours."""
+    (``imse vida-warmup``: safetensors, the adapters only, its recipe as metadata) or an official checkpoint
+    (``.pt``, the whole model, loaded with ``weights_only=True``: no pickled code runs), its names mapped to ours
+    and its inputs read from the normaliser it was saved behind, if any (``_trained_inputs``)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no ViDA warm-up checkpoint at {path} (make one: python -m imse vida-warmup)")
@@ -133,7 +147,8 @@ def read_warmup(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {_official_key(key): value for key, value in state.items()}, {"format": "official", "preprocessing": "unit"}
+    state = {_official_key(key): value for key, value in state.items()}
+    return state, _trained_inputs(state, path)
 
 
 def load_warmup(vit: nn.Module, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> list[str]:
@@ -205,6 +220,19 @@ def symmetric_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> tor
     ).sum(-1)
 
 
+@torch.no_grad()
+def _normalisation(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std ``model`` normalises its images with, read from its ``normalize`` on a black and a white
+    image (whatever wraps the backbone); a model without one: mean 0, std 1."""
+    if not hasattr(model, "normalize"):
+        return torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)
+    device = next(model.parameters()).device
+    black, white = (model.normalize(torch.full((1, channels, 1, 1), value, device=device)).double().flatten().cpu()
+                    for value in (0.0, 1.0))  # fmt: skip
+    std = 1 / (white - black)
+    return -black * std, std
+
+
 class ViDA(TTAMethod):
     name = "vida"
     label = "ViDA"
@@ -240,11 +268,7 @@ class ViDA(TTAMethod):
         if self.hparams["checkpoint"] is not None:
             checkpoint = str(self.hparams["checkpoint"])
             state, made = read_warmup(checkpoint)
-            if made.get("preprocessing", "backbone") != self.hparams["preprocessing"]:
-                raise ValueError(
-                    f"{checkpoint} was trained with preprocessing={made['preprocessing']!r}; this ViDA "
-                    f"runs with {self.hparams['preprocessing']!r} (a warm-up fits the inputs it saw)"
-                )
+            self._check_inputs(model, made, checkpoint)
             load_warmup(find_vit(model)[1], state, checkpoint)
         model.requires_grad_(True)
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
@@ -256,6 +280,24 @@ class ViDA(TTAMethod):
         rate = {True: self.hparams["adapter_ema"], False: self.hparams["ema"]}
         self._ema_pairs = [(teacher[name], p, rate[self.is_adapter(name)]) for name, p in model.named_parameters()]
         return dict(model.named_parameters())
+
+    def _check_inputs(self, model: nn.Module, made: dict[str, str], checkpoint: str) -> None:
+        """A warm-up fits the inputs it saw: refused when this run feeds others (another preprocessing, or a
+        normalisation with other statistics than the file's normaliser holds)."""
+        trained = made.get("preprocessing", "backbone")
+        if trained != self.hparams["preprocessing"]:
+            raise ValueError(f"{checkpoint} was trained with preprocessing={trained!r}; this ViDA runs with "
+                             f"{self.hparams['preprocessing']!r} (a warm-up fits the inputs it saw)")  # fmt: skip
+        if trained != "backbone" or "mean" not in made:
+            return
+        theirs = [
+            torch.tensor([float(v) for v in made[key].split(",")], dtype=torch.float64) for key in ("mean", "std")
+        ]
+        own = _normalisation(model, len(theirs[0]))
+        if any(a.shape != b.shape or not torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(own, theirs)):
+            shown = [", ".join(f"{v:.4g}" for v in values.tolist()) for values in (*theirs, *own)]
+            raise ValueError(f"{checkpoint} was trained on images normalised with mean ({shown[0]}) and std "
+                             f"({shown[1]}); the backbone's own: mean ({shown[2]}), std ({shown[3]})")  # fmt: skip
 
     @staticmethod
     def is_adapter(name: str) -> bool:
