@@ -15,7 +15,7 @@ with contextlib.suppress(ImportError):  # on ZeroGPU `spaces` goes first: it pat
 
 import gradio as gr  # noqa: E402
 
-from imse.app import serving, ui, viz, your_images  # noqa: E402
+from imse.app import errors, serving, ui, viz, your_images  # noqa: E402
 from imse.app.lab_stream import panel_rows  # noqa: E402
 from imse.app.teach_data import MAX_UPLOAD_BYTES  # noqa: E402
 from imse.app.teach_tab import teach_tab, warm_up  # noqa: E402
@@ -129,6 +129,8 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
     teach_widgets = teach_tab(demo)  # the Teach tab: its layout and its views, wired by name (imse.app.teach_tab)
 
     demo.unload(ui.end_session)  # a closed tab stops its session's run
+
+errors.readable_events(demo)  # any event's unexpected error reaches the page as a sentence; the server logs it
 
 # Runs: at most IMSE_MAX_CONCURRENT_RUNS compute at once and IMSE_MAX_QUEUE wait in the server's run queue, which
 # tells each its place and wait (imse.app.run_queue); the next is refused ("queue is full"). Other event kinds: groups

@@ -15,6 +15,7 @@ at most as many runs compute as there are workers.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 import torch
 
-from imse.app import serving
+from imse.app import errors, serving
 from imse.runs.lab import LabConfig
 
 __all__ = ["RunWorkers"]
@@ -84,9 +85,10 @@ def _serve(tasks, results, computing, parent: int) -> None:
             for update in lab_updates(config, show_source, between, exports, downloading):
                 results.put(("update", update))
             results.put(("end", None))
-        except BaseException as error:  # noqa: BLE001 (a gr.Error crosses whole; anything else as its text)
+        except BaseException as error:  # noqa: BLE001 (a gr.Error crosses whole; anything else as a sentence)
             if not isinstance(error, gr.Error):
-                error = gr.Error(f"the run failed: {type(error).__name__}: {error}")
+                logging.getLogger("imse.app").exception("The run failed in its worker")  # the server's stderr
+                error = errors.readable_error("The run", error)
             results.put(("error", error))
 
 
