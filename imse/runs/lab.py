@@ -30,7 +30,7 @@ from imse.runs.collapse import CollapseMeter
 from imse.runs.defaults import method_choices, run_methods, with_source
 from imse.runs.lab_config import MAX_BATCH, MAX_IMAGES, LabConfig, validate
 from imse.runs.memory import keep_freed_memory
-from imse.runs.runner import build_methods, run, summarise, top_class_share
+from imse.runs.runner import build_methods, run_batch, summarise, top_class_share
 
 __all__ = [
     "MAX_BATCH",
@@ -187,39 +187,38 @@ def run_lab(
     # again: ~10 % of an IMSE step on 2 cores); the app hands it back when a run ends (``release_memory``)
     keep_freed_memory()
     parts = build_run(config, on_download=on_download)
-    wrapped, specs, frozen = parts.methods, parts.specs, parts.frozen
-    primary = primary_label(wrapped)
-    meter = CollapseMeter(frozen, blocks=METHODS["imse"].defaults["diversity_blocks"])
+    primary = primary_label(parts.methods)
+    shown = parts.methods[primary]
+    meter = CollapseMeter(parts.frozen, blocks=METHODS["imse"].defaults["diversity_blocks"])
     state = _new_state(config, parts, primary)
-    retrieval = next((label for label in wrapped if specs[label][1].get("retrieval")), None)
-    detector = ShiftDetector(config.tau, full_batch=config.batch_size)  # the bank panel's scores without retrieval
+    bank = _BankReadout(parts, config)
     pace = _Pace(min_interval)
     out_of_time = False
-    view = _StreamView(parts.stream, pace, wrapped[primary], lambda: pace.update_due(state))
-    for record in run(wrapped, view, progress=False, meter=meter):
-        batch = pace.batch
-        pace.batch_seconds = time.perf_counter() - pace.started
-        # the latest statistics only feed the next snapshot; kept in every record they would pile up (ViT-B:
-        # 150 KB per batch)
-        pace.alignment = record["methods"][primary]["step"].pop("alignment_std", None) or pace.alignment
+    for batch in parts.stream:
+        # only a batch that ends with an update records the shown method's per-expert statistics (the heatmap's):
+        # they cost an extra product per layer
+        shown.record_alignment = pace.update_due(state)
+        record = pace.timed(run_batch, parts.methods, batch, parts.stream.scenario, meter)
+        pace.keep_alignment(record["methods"][primary]["step"])
         state.records.append(record)
-        _count(state, record, wrapped[primary], retrieval=retrieval, batch=batch, detector=detector, frozen=frozen)
-        now = time.perf_counter()
-        # this batch's view, taken for an update or when time runs out
-        snapshot = functools.partial(_snapshot, state, record, wrapped[primary], primary=primary, batch=batch,
-                                     alignment=pace.alignment, frozen=frozen, thumbnails=thumbnails)  # fmt: skip
-        if now - pace.last_yield >= min_interval or state.batch == state.total_batches:
-            snapshot()
-            state.seconds = now - started
+        _count_answers(state, record)
+        _count_drift(state, shown)
+        bank.count(state, record, batch)
+        out_of_time = time_limit is not None and time.perf_counter() - started > time_limit
+        out_of_time = out_of_time and state.batch < state.total_batches
+        update = pace.update_now(state)
+        if update or out_of_time:  # this batch's view: heatmaps, thumbnails
+            _snapshot(state, record, shown, primary=primary, batch=batch, alignment=pace.alignment,
+                      frozen=parts.frozen, thumbnails=thumbnails)  # fmt: skip
+        if update:
+            state.seconds = time.perf_counter() - started
             yield state
             pace.last_yield = time.perf_counter()  # count compute time only: drawing the update is the caller's time
         if should_stop is not None and should_stop():
             return
-        if time_limit is not None and time.perf_counter() - started > time_limit and state.batch < state.total_batches:
-            out_of_time = True
-            snapshot()
+        if out_of_time:
             break
-    _finish(state, wrapped, started=started, time_limit=time_limit if out_of_time else None)
+    _finish(state, parts.methods, started=started, time_limit=time_limit if out_of_time else None)
     yield state
 
 
@@ -264,40 +263,60 @@ def _finish(state: LabState, methods: dict[str, TTAMethod], *, started: float, t
 
 @dataclass
 class _Pace:
-    """The run's pace against the caller's: when the last update went out, how long the last batch took, the
-    batch in flight (the panels show its images) and when it started, and the shown method's latest statistics."""
+    """The run's pace against the caller's: when the last update went out, how long the last batch took, and the
+    shown method's latest per-expert statistics (the heatmap's, kept until the next update draws them)."""
 
     min_interval: float
     last_yield: float = 0.0  # the first batch shows at once
     batch_seconds: float = 0.0
-    batch: Any = None
-    started: float = 0.0
     alignment: dict | None = None
 
     def update_due(self, state: LabState) -> bool:
-        """Whether the batch about to run ends with an update (judged by the last batch's time): only those
-        batches record the primary method's per-expert statistics, which cost an extra product per layer."""
+        """Whether the batch about to run will end with an update (judged by the last batch's time)."""
         coming = state.batch + 1 == state.total_batches
         return coming or time.perf_counter() - self.last_yield + self.batch_seconds >= self.min_interval
 
+    def update_now(self, state: LabState) -> bool:
+        """Whether the batch just counted ends with an update: the interval has passed, or it was the last."""
+        return time.perf_counter() - self.last_yield >= self.min_interval or state.batch == state.total_batches
 
-class _StreamView:
-    """The stream as the runner sees it, noting the batch in flight and when it started (in ``pace``), and
-    switching the shown method's statistics on for the batches that end with an update."""
+    def timed(self, work: Callable, *args: Any) -> Any:
+        started = time.perf_counter()
+        result = work(*args)
+        self.batch_seconds = time.perf_counter() - started
+        return result
 
-    def __init__(self, stream: Stream, pace: _Pace, shown: TTAMethod, update_due: Callable[[], bool]) -> None:
-        self.stream, self.pace, self.scenario = stream, pace, stream.scenario
-        self.shown, self.update_due = shown, update_due
+    def keep_alignment(self, step: dict) -> None:
+        """Take the statistics out of the record: kept in every record they would pile up (ViT-B: 150 KB a batch)."""
+        self.alignment = step.pop("alignment_std", None) or self.alignment
 
-    def __len__(self) -> int:
-        return len(self.stream)
 
-    def __iter__(self):
-        for batch in self.stream:
-            self.pace.batch = batch
-            self.pace.started = time.perf_counter()
-            self.shown.record_alignment = self.update_due()
-            yield batch
+class _BankReadout:
+    """The bank panel's numbers: the retrieving method's own events (its shift scores, stored and retrieved slots),
+    or, when no method retrieves, an independent detector's scores on the same descriptors."""
+
+    def __init__(self, parts: LabRun, config: LabConfig) -> None:
+        self.retrieval = next((label for label, (_, extra) in parts.specs.items() if extra.get("retrieval")), None)
+        self.detector = ShiftDetector(config.tau, full_batch=config.batch_size)
+        self.frozen = parts.frozen
+
+    @torch.no_grad()
+    def count(self, state: LabState, record: dict, batch) -> None:
+        index = record["batch_index"]
+        if self.retrieval is not None:
+            events = record["methods"][self.retrieval]["step"]
+            score, shift = events.get("shift_score"), events.get("shift_detected")
+            if events.get("stored_slot") is not None:
+                state.stored.append((index, events["stored_slot"]))
+            if events.get("retrieved_slot") is not None:
+                state.retrieved.append((index, events["retrieved_slot"]))
+            state.bank_size.append(events.get("bank_size", 0))
+        else:
+            score, shift, _ = self.detector.watch(self.frozen, batch.images)
+            state.bank_size.append(0)
+        state.shift_scores.append(score)
+        if shift:
+            state.detections.append(index)
 
 
 def _pool(values: torch.Tensor, columns: int = 128, digits: int = 4) -> list[float]:
@@ -309,9 +328,9 @@ def _pool(values: torch.Tensor, columns: int = 128, digits: int = 4) -> list[flo
     return [round(v, digits) for v in values.tolist()]
 
 
-@torch.no_grad()
-def _count(state, record, method, *, retrieval, batch, detector, frozen) -> None:
-    """What every batch adds to the curves: accuracy, domains, singular-value drift, shift scores and events."""
+def _count_answers(state: LabState, record: dict) -> None:
+    """What a batch adds to the answers' curves: right answers (or, without labels, answers equal to Source's),
+    collapse readouts, and the domain it belongs to."""
     index = record["batch_index"]
     state.batch = index + 1
     state.images += record["n"]
@@ -329,28 +348,18 @@ def _count(state, record, method, *, retrieval, batch, detector, frozen) -> None
     if not state.domains or state.domains[-1]["index"] != record["domain_index"]:
         state.domains.append({"name": record["domain"], "index": record["domain_index"], "start": index, "end": index})
     state.domains[-1]["end"] = index
-    spectral = spectral_layers(method.model)
+
+
+@torch.no_grad()
+def _count_drift(state: LabState, shown: TTAMethod) -> None:
+    """How far the shown method's singular values have moved: ‖S − S0‖/‖S0‖ per layer (a norm ratio: a mean of
+    |ΔS/S0| is dominated by the near-zero σ of rank-deficient layers, where it reached 2.2)."""
+    spectral = spectral_layers(shown.model)
     if spectral:
-        # a norm ratio: a mean of |ΔS/S0| is dominated by the near-zero σ of rank-deficient layers (it reached 2.2)
         shifts = torch.stack(
             [(layer.S - layer.S0).norm() / layer.S0.norm().clamp_min(1e-12) for layer in spectral.values()]
         )
         state.shift_history.append(shifts.tolist())
-    # bank panel: the retrieval method's own events, else an independent detector on the same descriptors
-    if retrieval is not None:
-        events = record["methods"][retrieval]["step"]
-        score, shift = events.get("shift_score"), events.get("shift_detected")
-        if events.get("stored_slot") is not None:
-            state.stored.append((index, events["stored_slot"]))
-        if events.get("retrieved_slot") is not None:
-            state.retrieved.append((index, events["retrieved_slot"]))
-        state.bank_size.append(events.get("bank_size", 0))
-    else:
-        score, shift, _ = detector.watch(frozen, batch.images)
-        state.bank_size.append(0)
-    state.shift_scores.append(score)
-    if shift:
-        state.detections.append(index)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch import nn
 from imse.core.images import as_float_images
 from imse.core.methods import METHODS, create
 from imse.core.methods.base import StepRecord, TTAMethod
-from imse.data.streams import Stream
+from imse.data.streams import Batch, Stream
 from imse.runs.collapse import CollapseMeter
 from imse.runs.defaults import tuned_settings
 
@@ -30,6 +30,7 @@ __all__ = [
     "build_methods",
     "method_settings",
     "run",
+    "run_batch",
     "summarise",
     "top_class_share",
 ]
@@ -106,54 +107,62 @@ def run(
     progress: bool = False,
     meter: CollapseMeter | None = None,
 ) -> Iterator[BatchRecord]:
-    """Yield one record per batch (``BatchRecord``): domain, severity, batch size and, per method, correct count,
-    predictions, step record and seconds. In the ``single`` scenario every method is reset before each domain.
-    With a ``meter``, each method's record also holds its per-layer expert-alignment std (``expert_std``, the
-    collapse metric) from the forward pass its predictions came from."""
+    """Yield one record per batch of ``stream`` (``run_batch``), every method fed the same batch."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(stream), desc=f"{stream.scenario} ({', '.join(methods)})", unit="batch")
     for batch in stream:
-        if stream.scenario == "single" and batch.first_of_domain and batch.domain_index > 0:
-            for method in methods.values():
-                method.reset()
-        x = as_float_images(batch.images)  # the stream's uint8 frames, as every entry point reads them
-        labelled = bool((batch.labels >= 0).all())  # a user's upload without classes is labelled -1 (UNLABELLED)
-        record: BatchRecord = {
-            "batch_index": batch.batch_index,
-            "domain": batch.domain.name,
-            "corruption": batch.domain.corruption,
-            "severity": batch.domain.severity,
-            "domain_index": batch.domain_index,
-            "n": int(batch.labels.numel()),
-            "labelled": labelled,
-            "methods": {},
-        }
-        for name, method in methods.items():
-            started = time.perf_counter()
-            measured = meter.measure(method.model, method.probe) if meter is not None else contextlib.nullcontext([])
-            with measured as expert_std:
-                logits = method(x)
-            predictions = logits.argmax(-1)
-            if predictions.is_cuda:
-                torch.cuda.synchronize(predictions.device)
-            seconds = time.perf_counter() - started
-            record["methods"][name] = {
-                "correct": int((predictions == batch.labels).sum()) if labelled else None,
-                "predictions": predictions.tolist(),
-                **_certainty(logits),
-                "seconds": seconds,
-                "step": method.last_record,
-            }
-            if meter is not None:
-                record["methods"][name]["expert_std"] = expert_std
+        yield run_batch(methods, batch, stream.scenario, meter)
         if bar is not None:
             bar.update(1)
-        yield record
     if bar is not None:
         bar.close()
+
+
+def run_batch(
+    methods: Mapping[str, TTAMethod], batch: Batch, scenario: str, meter: CollapseMeter | None = None
+) -> BatchRecord:
+    """One batch through every method: its record (``BatchRecord``): domain, severity, batch size and, per method,
+    correct count (None without labels), predictions, confidence and entropy, step record and seconds. In the
+    ``single`` scenario every method is reset before each domain. With a ``meter``, each method's record also holds
+    its per-layer expert-alignment std (``expert_std``, the collapse metric) from the forward pass its predictions
+    came from."""
+    if scenario == "single" and batch.first_of_domain and batch.domain_index > 0:
+        for method in methods.values():
+            method.reset()
+    x = as_float_images(batch.images)  # the stream's uint8 frames, as every entry point reads them
+    labelled = bool((batch.labels >= 0).all())  # a user's upload without classes is labelled -1 (UNLABELLED)
+    record: BatchRecord = {
+        "batch_index": batch.batch_index,
+        "domain": batch.domain.name,
+        "corruption": batch.domain.corruption,
+        "severity": batch.domain.severity,
+        "domain_index": batch.domain_index,
+        "n": int(batch.labels.numel()),
+        "labelled": labelled,
+        "methods": {},
+    }
+    for name, method in methods.items():
+        started = time.perf_counter()
+        measured = meter.measure(method.model, method.probe) if meter is not None else contextlib.nullcontext([])
+        with measured as expert_std:
+            logits = method(x)
+        predictions = logits.argmax(-1)
+        if predictions.is_cuda:
+            torch.cuda.synchronize(predictions.device)
+        seconds = time.perf_counter() - started
+        record["methods"][name] = {
+            "correct": int((predictions == batch.labels).sum()) if labelled else None,
+            "predictions": predictions.tolist(),
+            **_certainty(logits),
+            "seconds": seconds,
+            "step": method.last_record,
+        }
+        if meter is not None:
+            record["methods"][name]["expert_std"] = expert_std
+    return record
 
 
 @torch.no_grad()
