@@ -139,6 +139,9 @@ def _assert_lab_and_tests(results: dict, sizes) -> None:
     assert builtin["config"]["per_domain"] == sizes.lab_settings["per_domain"]
     request = hub["zerogpu"]  # Gradio is installed here: the request its ZeroGPU call would make
     assert request["margin"] == pytest.approx(request["requested_s"] / request["needed_s"])
+    from imse.perf.lab_runs import zerogpu_request  # what a session without Gradio has computed afterwards
+
+    assert zerogpu_request(json.loads(json.dumps(hub, default=str)))["zerogpu"] == pytest.approx(request)
     if results["precision_choice"]["chosen"] != "fp32":
         assert {(b, p) for b, p in lab} == {(b, p) for b in ("builtin", TOY_HUB)
                                             for p in ("fp32", results["precision_choice"]["chosen"])}  # fmt: skip

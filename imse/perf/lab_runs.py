@@ -119,20 +119,25 @@ def bench_lab_default(device: torch.device, backbone: str, precision: str = "fp3
         said = f"<= {held:.0f} s" if held else "reported"
         result["checks"] = [check(measure, f"{run['seconds']:.1f} s", "-", said, met)]
         return result
-    result.update(_zerogpu_request(config, run["seconds"]))
+    result.update(zerogpu_request(result))
     result["checks"] = [check(f"{measure} (random weights, photos as stand-ins)", f"{run['seconds']:.1f} s",
                               *_request_cells(result))]  # fmt: skip
     return result
 
 
-def _zerogpu_request(config, seconds: float) -> dict:
-    """What the run's ZeroGPU call would request, and the margin over what this run needs there (half an H200:
-    zerogpu's own factor over this full GPU, plus its start-up allowance); empty without Gradio."""
+def zerogpu_request(result: dict) -> dict:
+    """What a hub run's ZeroGPU call would request (``result``: a ``bench_lab_default`` result, or one read back
+    from the suite's JSON), and the margin over what the run needs there: zerogpu's own factor for half an H200 over
+    the full GPU measured, plus its start-up allowance. Needs Gradio: the GPU image has none, so a GPU session's
+    JSON says so and this is called again where Gradio is (docs/performance.md)."""
+    from imse.runs.lab import LabConfig
+
     try:
         from imse.app import zerogpu
-    except ImportError as error:  # the GPU image has no Gradio
+    except ImportError as error:
         return {"zerogpu": f"not computed here ({error})"}
-    needed = zerogpu.STARTUP_SECONDS + zerogpu.HALF_H200 * seconds
+    config = LabConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    needed = zerogpu.STARTUP_SECONDS + zerogpu.HALF_H200 * result["seconds"]
     requested = zerogpu.request_seconds(config)
     return {"zerogpu": {"requested_s": requested, "needed_s": needed, "margin": requested / needed}}
 
