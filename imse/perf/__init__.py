@@ -4,7 +4,9 @@ Machines here are shared and noisy, so every figure is a median over repeats, th
 timed interleaved (A, B, A, B, ...), and only ratios are compared with targets. One module per kind of
 benchmark (``steps``, ``memory``, ``data``, ``app``), each returning a result that carries its own rows and
 targets (``checks``); the cost model of the step ratio in ``floors``, the timing helpers in ``timing``; this
-module runs the selection and renders the table from those rows.
+module runs the selection and renders the table from those rows. ``suite`` (with ``suite_costs``, ``suite_pieces``,
+``suite_run``) runs them all as one planned, budgeted GPU run, with the accuracy per precision (``accuracy``), the
+Lab's default runs (``lab_runs``) and the CUDA tests (``cuda_tests``): ``perf --suite``.
 """
 
 from __future__ import annotations

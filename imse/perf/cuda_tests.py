@@ -41,7 +41,8 @@ def run_tests(arguments: list[str], *, seconds: float, log: Path | None = None, 
     command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                *arguments]  # fmt: skip
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               encoding="utf-8", errors="replace")  # fmt: skip
     lines: list[str] = []
     reader = threading.Thread(target=_read, args=(process, lines, log), daemon=True)
     reader.start()
@@ -52,8 +53,8 @@ def run_tests(arguments: list[str], *, seconds: float, log: Path | None = None, 
         process.kill()
         process.wait()
         timed_out = True
-    reader.join()
-    result = _outcomes(lines)
+    reader.join(timeout=5.0)  # a process the tests started may still hold the pipe: what was read is kept
+    result = _outcomes(list(lines))
     result.update(command=command, seconds=time.perf_counter() - started, timed_out=timed_out,
                   returncode=process.returncode, limit_s=seconds)  # fmt: skip
     result["checks"] = _rows(result)

@@ -106,13 +106,8 @@ def bench_memory(
 
 
 def _peak(method: str, *, model_name: str, batch: int, device: str, precision: str, fresh_process: bool) -> int:
-    """``_peak_step_bytes`` here (the allocator's memory handed back first), or in a fresh interpreter."""
+    """``_peak_step_bytes`` in this process or in a fresh interpreter."""
     if not fresh_process:
-        import gc
-
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
         return _peak_step_bytes(method, model_name, batch, device, precision)
     import subprocess
     import sys
