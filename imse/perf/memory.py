@@ -55,9 +55,11 @@ def bench_memory(
     peak memory of one IMSE step vs one SAR step in ``precision``. On the CPU each step runs in a fresh process
     (the resident set's peak would carry the other's); CUDA's allocator counts its peak in this process
     (``fresh_process`` overrides either)."""
+    from imse.core.svd_cache import default_svd_cache
+
     original = _vit(model_name, device)
     injected = copy.deepcopy(original)
-    inject(injected)
+    inject(injected, cache=default_svd_cache())
     linear = [m for m in original.modules() if isinstance(m, torch.nn.Linear) and m is not original.head]
     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linear)
     factor_bytes = sum(
