@@ -130,7 +130,7 @@ class Costs:
         if method.startswith("rebuild_"):
             base = self.call(model, "imse" if method == "rebuild_step" else "forward", batch)
             return base + rebuild * (6 if method == "rebuild_step" else 1) * self.rates.gemm_s_per_mac
-        macs_share, element_share, pass_share = SHARES[method]
+        macs_share, element_share, pass_share = SHARES.get(method, SHARES["sar"])  # one registered later: as SAR
         macs = floor["imse_macs"] if macs_share is None else macs_share * floor["sar_macs"]
         passes = 2 * shape.blocks  # SAR: two SAM passes through every block
         values = passes * batch * shape.tokens * shape.width
