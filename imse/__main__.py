@@ -82,28 +82,63 @@ def _add_perf(commands) -> None:
         "corruption vs the step it feeds, the app's live run and its figures, and the app's cold start.",
     )
     perf.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    perf.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default: 5)")
-    perf.add_argument("--batch", type=int, default=64, help="adaptation batch size (default: 64)")
+    perf.add_argument(
+        "--suite",
+        action="store_true",
+        help="every GPU number in one run (issue 37): each method's step per backbone and precision, IMSE vs SAR "
+        "and vs the official layer in fp32/tf32/bf16, the accuracy per precision over 3 seeds and the precision "
+        "it chooses, the Lab's default runs, merged inference, corruption vs step, peak memory, then the CUDA "
+        "tests for the time left; prints its plan and estimate first, writes --out (JSON) and a .md table beside "
+        "it after every piece (docs/performance.md says how a GPU session runs it)",
+    )
+    perf.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the suite at tiny sizes (stand-in ViTs at 32 px, a few images): every code path in about a minute "
+        "on a CPU, numbers not worth reporting",
+    )
+    perf.add_argument(
+        "--budget",
+        type=float,
+        help="the suite's seconds: a piece whose estimate no longer fits is skipped, the CUDA tests get what is "
+        "left (default: 360, --smoke 60)",
+    )
+    perf.add_argument("--repeats", type=int, help="timed repeats per measurement (default: 5)")
+    perf.add_argument("--batch", type=int, help="adaptation batch size (default: 64)")
     perf.add_argument(
         "--only",
         help="comma-separated subset of: merged, step, small, precision, svd, memory, stream, corruptions, lab, "
         "startup, teach, methods (every method's step vs IMSE's; --models builtin works for it) (default: all; "
-        "on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min)",
+        "on 2 CPU cores the step benchmark at batch 64 alone takes ~15 min); with --suite, of its stages: "
+        "methods, step, official, accuracy, lab, merged, stream, memory, tests",
     )
     perf.add_argument(
         "--models",
-        default="vit_small_patch16_224,vit_base_patch16_224",
         help="timm ViTs of the step and small-batch benchmarks; the last one also runs the bf16 benchmark "
-        "(default: ViT-S/16 and ViT-B/16)",
+        "(default: vit_small_patch16_224,vit_base_patch16_224)",
     )
     perf.add_argument(
         "--per-domain",
         type=int,
-        default=1000,
         help="images per corruption of the bf16-vs-fp32 accuracy comparison (built-in stream; default: 1000)",
     )
-    perf.add_argument("--out", help="also write the results as JSON to this file")
+    perf.add_argument(
+        "--out", help="also write the results as JSON to this file (--suite: default perf_suite_<device>.json)"
+    )
     perf.set_defaults(handler=perf_command)
+
+
+def _check_perf(parser, args) -> None:
+    """The suite sizes itself: the single benchmarks' sizes do not apply to it, nor its budget to them."""
+    suite = args.suite or args.smoke
+    sizing = [f"--{name.replace('_', '-')}" for name in ("repeats", "batch", "models", "per_domain")
+              if getattr(args, name) is not None]  # fmt: skip
+    if suite and sizing:
+        parser.error(f"--suite sizes itself ({', '.join(sizing)} do not apply; --smoke makes it tiny)")
+    if not suite and args.budget is not None:
+        parser.error("--budget applies to --suite")
+    if args.budget is not None and args.budget <= 0:
+        parser.error("--budget must be positive")
 
 
 def _add_train_builtin(commands) -> None:
@@ -280,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "only", None):
         from imse.perf import ALL_BENCHMARKS
+        from imse.perf.suite import STAGES
 
-        unknown = {part.strip() for part in args.only.split(",") if part.strip()} - set(ALL_BENCHMARKS)
+        known = STAGES if args.suite or args.smoke else ALL_BENCHMARKS
+        unknown = {part.strip() for part in args.only.split(",") if part.strip()} - set(known)
         if unknown:
             parser.error(f"--only: unknown measure(s) {sorted(unknown)}")
+    if getattr(args, "command", None) == "perf":
+        _check_perf(parser, args)
     for option in ("repeats", "batch", "batch_size", "per_domain", "epochs"):
         if getattr(args, option, 1) is not None and getattr(args, option, 1) < 1:
             parser.error(f"--{option.replace('_', '-')} must be positive")

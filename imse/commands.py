@@ -7,20 +7,32 @@ import argparse
 
 
 def perf_command(args: argparse.Namespace) -> int:
-    from imse.perf import ALL_BENCHMARKS, run_perf
+    from imse.perf import ALL_BENCHMARKS, STEP_MODELS, run_perf
 
-    only = ALL_BENCHMARKS if args.only is None else tuple(part.strip() for part in args.only.split(",") if part.strip())
-    models = tuple(part.strip() for part in args.models.split(",") if part.strip())
+    only = None if args.only is None else tuple(part.strip() for part in args.only.split(",") if part.strip())
+    if args.suite or args.smoke:
+        return _perf_suite(args, only)
+    models = STEP_MODELS if args.models is None else tuple(m.strip() for m in args.models.split(",") if m.strip())
     run_perf(
         device=args.device,
-        repeats=args.repeats,
-        batch=args.batch,
-        only=only,
+        repeats=5 if args.repeats is None else args.repeats,
+        batch=64 if args.batch is None else args.batch,
+        only=ALL_BENCHMARKS if only is None else only,
         out=args.out,
         models=models,
-        per_domain=args.per_domain,
+        per_domain=1000 if args.per_domain is None else args.per_domain,
     )
     return 0
+
+
+def _perf_suite(args: argparse.Namespace, only: tuple[str, ...] | None) -> int:
+    """The suite (``imse.perf.suite``): GPU sizes, or the smoke's; exit status 1 when a piece failed."""
+    from imse.perf.suite import GPU, SMOKE, STAGES
+    from imse.perf.suite_run import run_suite
+
+    results = run_suite(device=args.device, sizes=SMOKE if args.smoke else GPU, out=args.out,
+                        stages=STAGES if only is None else only, budget_s=args.budget)  # fmt: skip
+    return 1 if results.get("failures") else 0
 
 
 def train_builtin_command(args: argparse.Namespace) -> int:

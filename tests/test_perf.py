@@ -78,30 +78,31 @@ class Clock:
 
 
 def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_each_adapts(monkeypatch):
-    """On the built-in model at batch 4: every method took full updates, each ratio is its step over IMSE's
-    (on a clock where the methods' steps, timed in the registry's order, last 1, 2, 3 … s), and the counts equal
-    hand counts from the model's shapes (IMSE: S of blocks 0 … depth-4; ViDA's adapters: rank 1 + rank 128
-    bottlenecks beside every qkv and proj)."""
+    """On the built-in model at batch 4: every adaptive method took full updates and Source's forward none, each
+    ratio is its call over IMSE's (on a clock where the methods' calls, timed in the registry's order, last 1, 2,
+    3 … s), and the counts equal hand counts from the model's shapes (IMSE: S of blocks 0 … depth-4; ViDA's
+    adapters: rank 1 + rank 128 bottlenecks beside every qkv and proj)."""
     import torch
 
-    from imse.core.methods import adaptive_methods
+    from imse.core.methods import METHODS, adaptive_methods
     from imse.perf import timing
     from imse.perf.methods import bench_methods
 
     monkeypatch.setattr(timing, "time", Clock())
     result = bench_methods(torch.device("cpu"), 4, 1, "builtin")
-    order = adaptive_methods()  # timed in this order, once each: 1 s, 2 s, 3 s … on the clock
-    assert all(result["updated"].values()) and list(result["step_s"]) == list(order)
+    order = tuple(METHODS)  # timed in this order, once each: 1 s, 2 s, 3 s … on the clock
+    assert list(result["step_s"]) == list(order) and result["precision"] == "fp32"
+    assert all(result["updated"][name] for name in adaptive_methods()) and result["updated"]["source"] is False
     assert result["step_s"] == {name: float(k) for k, name in enumerate(order, start=1)}
     imse = order.index("imse") + 1  # IMSE's step, in seconds
     ratios = {name: k / imse for k, name in enumerate(order, start=1)}
     assert result["step_ratio_to_imse"] == pytest.approx(ratios, rel=1e-15)
     others = [(k, name) for k, name in enumerate(order, start=1) if name != "imse"]
     assert [(row["median"], row["ratio"]) for row in result["checks"][: len(others)]] == [
-        (f"{k}000 / {imse}000 ms", f"{k / imse:.2f}") for k, _ in others
+        (f"{k}000.0 / {imse}000.0 ms", f"{k / imse:.2f}") for k, _ in others
     ]
-    if order == ("tent", "sar", "imse", "vida", "dpal"):  # the registry today: the same by hand
-        assert [row["ratio"] for row in result["checks"][:4]] == ["0.33", "0.67", "1.33", "1.67"]
+    if order == ("source", "tent", "sar", "imse", "vida", "dpal"):  # the registry today: the same by hand
+        assert [row["ratio"] for row in result["checks"][:5]] == ["0.25", "0.50", "0.75", "1.25", "1.50"]
     from imse.data.models import BUILTIN, create_backbone
 
     vit = create_backbone(BUILTIN).model
@@ -109,7 +110,8 @@ def test_the_methods_benchmark_times_every_step_against_imses_and_counts_what_ea
     assert result["trainable"]["imse"] == (depth - 3) * 4 * d  # qkv, proj, fc1, fc2: min(out, in) = d each
     qkv, proj = (1 + 128) * (d + 3 * d), (1 + 128) * (d + d)
     assert result["vida_adapter_values"] == depth * (qkv + proj)
-    assert [row["measure"].split(" ")[0] for row in result["checks"][:4]] == ["tent", "sar", "vida", "dpal"]
+    assert result["trainable"]["source"] == 0
+    assert [row["measure"].split(" ")[0] for row in result["checks"][:5]] == ["source", "tent", "sar", "vida", "dpal"]
 
 
 def test_the_unavoidable_compute_times_each_method_once_per_batch_of_the_config_on_the_labs_batches():

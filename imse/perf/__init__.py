@@ -4,7 +4,9 @@ Machines here are shared and noisy, so every figure is a median over repeats, th
 timed interleaved (A, B, A, B, ...), and only ratios are compared with targets. One module per kind of
 benchmark (``steps``, ``memory``, ``data``, ``app``), each returning a result that carries its own rows and
 targets (``checks``); the cost model of the step ratio in ``floors``, the timing helpers in ``timing``; this
-module runs the selection and renders the table from those rows.
+module runs the selection and renders the table from those rows. ``suite`` (with ``suite_costs``, ``suite_pieces``,
+``suite_run``) runs them all as one planned, budgeted GPU run, with the accuracy per precision (``accuracy``), the
+Lab's default runs (``lab_runs``) and the CUDA tests (``cuda_tests``): ``perf --suite``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from imse.perf.methods import bench_methods
 from imse.perf.steps import bench_merged_forward, bench_precision, bench_small_batch, bench_step
 from imse.perf.teach import bench_teach
 
-__all__ = ["ALL_BENCHMARKS", "STEP_MODELS", "checks_of", "format_table", "run_perf", "step_floor"]
+__all__ = ["ALL_BENCHMARKS", "STEP_MODELS", "checks_of", "environment", "format_table", "run_perf", "step_floor"]
 
 ALL_BENCHMARKS = (
     "merged", "step", "small", "precision", "svd", "memory", "stream", "corruptions", "lab", "startup", "teach",
@@ -55,13 +57,7 @@ def run_perf(
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(ALL_BENCHMARKS)}")
     dev = torch.device(device)
-    results: dict[str, Any] = {
-        "versions": {"imse": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "repeats": repeats,
-    }
+    results: dict[str, Any] = {**environment(dev), "repeats": repeats}
     if "merged" in only:
         results["merged_forward"] = bench_merged_forward(dev, batch, repeats, "vit_small_patch16_224")
     if "step" in only:
@@ -91,6 +87,16 @@ def run_perf(
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
     return results
+
+
+def environment(device: torch.device) -> dict:
+    """What a result was measured with: versions, the device and its name, torch's threads."""
+    return {
+        "versions": {"imse": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+    }
 
 
 def checks_of(results: dict) -> list[dict]:

@@ -9,7 +9,7 @@ import torch
 
 from imse.core.methods import create
 from imse.core.spectral import inject, spectral_layers
-from imse.perf.timing import _vit, check
+from imse.perf.timing import _vit, check, images_for
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:
@@ -17,13 +17,14 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _peak_step_bytes(method: str, model_name: str, batch: int, device: str) -> int:
-    """Peak memory one adaptation step adds on top of the set-up method (CUDA: allocator peak; CPU: the
-    process's peak resident set, reset through /proc/self/clear_refs, run in a fresh process by the caller)."""
+def _peak_step_bytes(method: str, model_name: str, batch: int, device: str, precision: str = "fp32") -> int:
+    """Peak memory one adaptation step adds on top of the set-up method (CUDA: the allocator's peak, exact in any
+    process; CPU: the process's peak resident set, reset through /proc/self/clear_refs, which only a fresh process
+    measures alone: ``bench_memory`` runs it in one)."""
     dev = torch.device(device)
     overrides = {"batch_size": batch} if method == "sar" else {}
-    adapter = create(method, _vit(model_name, dev), margin=1.0, **overrides)
-    x = torch.randn(batch, 3, 224, 224, device=dev)
+    adapter = create(method, _vit(model_name, dev), margin=1.0, precision=precision, **overrides)
+    x = images_for(adapter.model, batch, dev)
     adapter(x)  # warm: optimiser state exists, as in a stream
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -43,15 +44,22 @@ def _peak_step_bytes(method: str, model_name: str, batch: int, device: str) -> i
     return resident_bytes(field="VmHWM") - before
 
 
-def bench_memory(device: torch.device, batch: int, model_name: str = "vit_base_patch16_224") -> dict:
+def bench_memory(
+    device: torch.device,
+    batch: int,
+    model_name: str = "vit_base_patch16_224",
+    precision: str = "fp32",
+    fresh_process: bool | None = None,
+) -> dict:
     """Parameter+buffer bytes of the injected model vs the original (and the floor: U and Vh alone), and the
-    peak memory of one IMSE step vs one SAR step (each in a fresh process so neither inherits the other's)."""
-    import subprocess
-    import sys
+    peak memory of one IMSE step vs one SAR step in ``precision``. On the CPU each step runs in a fresh process
+    (the resident set's peak would carry the other's); CUDA's allocator counts its peak in this process
+    (``fresh_process`` overrides either)."""
+    from imse.core.svd_cache import default_svd_cache
 
     original = _vit(model_name, device)
     injected = copy.deepcopy(original)
-    inject(injected)
+    inject(injected, cache=default_svd_cache())
     linear = [m for m in original.modules() if isinstance(m, torch.nn.Linear) and m is not original.head]
     linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linear)
     factor_bytes = sum(
@@ -67,19 +75,18 @@ def bench_memory(device: torch.device, batch: int, model_name: str = "vit_base_p
         "floor_ratio": (original_bytes - linear_bytes + factor_bytes) / original_bytes,
         "target": 1.36,
     }
-    peaks = {}
-    for method in ("sar", "imse"):
-        code = (
-            "import json, sys; from imse.perf.memory import _peak_step_bytes; "
-            f"print(json.dumps(_peak_step_bytes({method!r}, {model_name!r}, {batch}, {str(device)!r})))"
-        )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        peaks[method] = int(done.stdout.strip().splitlines()[-1])
+    fresh_process = device.type != "cuda" if fresh_process is None else fresh_process
+    step = {"model_name": model_name, "batch": batch, "device": str(device), "precision": precision}
+    peaks = {method: _peak(method, fresh_process=fresh_process, **step) for method in ("sar", "imse")}
     result.update(
+        precision=precision,
+        measured_in="a fresh process per step" if fresh_process else "this process",
         step_batch=batch,
         sar_step_peak_bytes=peaks["sar"],
         imse_step_peak_bytes=peaks["imse"],
-        step_peak_ratio=peaks["imse"] / peaks["sar"],
+        # None when SAR's step added nothing measurable (a process's resident peak, when an earlier step's freed
+        # memory served it)
+        step_peak_ratio=peaks["imse"] / peaks["sar"] if peaks["sar"] > 0 else None,
     )
     result["checks"] = [
         check(
@@ -90,11 +97,24 @@ def bench_memory(device: torch.device, batch: int, model_name: str = "vit_base_p
             result["ratio"] <= result["target"],
         ),
         check(
-            f"peak memory of a step: IMSE / SAR ({model_name}, b{batch})",
+            f"peak memory of a step: IMSE / SAR ({model_name}, b{batch}, {precision}; {result['measured_in']})",
             f"{peaks['imse'] / 2**20:.0f} / {peaks['sar'] / 2**20:.0f} MiB",
-            f"{result['step_peak_ratio']:.2f}",
+            "-" if result["step_peak_ratio"] is None else f"{result['step_peak_ratio']:.2f}",
             "reported",
             None,
         ),
     ]
     return result
+
+
+def _peak(method: str, *, model_name: str, batch: int, device: str, precision: str, fresh_process: bool) -> int:
+    """``_peak_step_bytes`` in this process or in a fresh interpreter."""
+    if not fresh_process:
+        return _peak_step_bytes(method, model_name, batch, device, precision)
+    import subprocess
+    import sys
+
+    arguments = f"{method!r}, {model_name!r}, {batch}, {device!r}, {precision!r}"
+    code = f"from imse.perf.memory import _peak_step_bytes; print(_peak_step_bytes({arguments}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
