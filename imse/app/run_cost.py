@@ -25,16 +25,21 @@ MEASURED = {"cuda": "perf_methods_h200.json", "cpu": "perf_methods_cpu.json"}
 
 
 @functools.cache
-def _measured(device: str) -> dict[str, dict[str, float]]:
+def _measured(device: str, precision: str = "fp32") -> dict[str, dict[str, float]]:
+    """Model -> method -> seconds per batch-64 step, in ``precision`` where the measurements have it (``perf
+    --suite`` measures each; older files only fp32, which stands in for the others)."""
     data = json.loads(asset_path("results", MEASURED[device]).read_text())
-    return {entry["model"]: entry["step_s"] for entry in data["method_steps"] if entry["batch"] == 64}
+    steps = [entry for entry in data["method_steps"] if entry["batch"] == 64]
+    chosen = [entry for entry in steps if entry.get("precision", "fp32") == precision]
+    fallback = [entry for entry in steps if entry.get("precision", "fp32") == "fp32"]
+    return {entry["model"]: entry["step_s"] for entry in (chosen or fallback)}
 
 
-def _steps(backbone: str, device: str) -> dict[str, float]:
+def _steps(backbone: str, device: str, precision: str = "fp32") -> dict[str, float]:
     """Each measured method's seconds per batch-64 step on ``backbone``: its card's measured architecture
     (``cost_as``), else the measured architecture nearest in FLOPs, scaled by the FLOPs of one image's forward
     (``forward_gflops``, from the shapes: any timm ViT tag has an estimate)."""
-    table = _measured(device)
+    table = _measured(device, precision)
     card = backbone_card(backbone)
     if card is not None and card.cost_as in table:
         return table[card.cost_as]
@@ -44,11 +49,11 @@ def _steps(backbone: str, device: str) -> dict[str, float]:
     return {method: seconds * scale for method, seconds in table[near].items()}
 
 
-def seconds_per_image(backbone: str, method: str, device: str) -> float:
+def seconds_per_image(backbone: str, method: str, device: str, precision: str = "fp32") -> float:
     """One method's seconds per image (batch 64). A method the measurements lack (one registered later) costs what
     it declares: its ``step_passes`` forward-equivalents, each a third of TENT's step (a forward and its
     backward)."""
-    steps = _steps(backbone, "cuda" if device == "cuda" else "cpu")
+    steps = _steps(backbone, "cuda" if device == "cuda" else "cpu", precision)
     if method in steps:
         return steps[method] / 64
     per_pass = steps["tent"] / METHODS["tent"].step_passes
@@ -58,7 +63,7 @@ def seconds_per_image(backbone: str, method: str, device: str) -> float:
 def per_image(config: LabConfig, device: str) -> float:
     """Seconds per image of the whole run: every method, and one more forward for the Lab's own readouts."""
     methods = [method_name(label) for label in config.methods]
-    return sum(seconds_per_image(config.backbone, m, device) for m in methods + ["source"])
+    return sum(seconds_per_image(config.backbone, m, device, config.precision) for m in methods + ["source"])
 
 
 def run_seconds(config: LabConfig, device: str) -> float:

@@ -192,12 +192,16 @@ def _load_shared(bench: BenchSettings, specs: dict[str, tuple[str, dict[str, Any
 
 
 def _layered(specs: dict[str, tuple[str, dict[str, Any]]], bench: BenchSettings, protocol: str) -> dict:
-    """Each method's settings, layered: its spec's own overrides over the protocol's rules, over a sweep file's
-    or --lr's rate, over the checkpoint file it starts from."""
-    scenario, lrs, files = bench.scenario, dict(bench.lrs or {}), dict(bench.checkpoints or {})
-    specs = {spec: (n, {**method_overrides(protocol, n, scenario), **extra}) for spec, (n, extra) in specs.items()}
-    specs = {s: (n, {**method_rates(n, lrs[n]), **extra} if n in lrs else extra) for s, (n, extra) in specs.items()}
-    return {s: (n, {"checkpoint": files[n], **extra} if n in files else extra) for s, (n, extra) in specs.items()}
+    """Each method's settings, layered (a later layer wins): the checkpoint file it starts from, a sweep file's or
+    --lr's rate, the protocol's rules, and its spec's own overrides (``imse@lr=0.01``)."""
+    lrs, files = dict(bench.lrs or {}), dict(bench.checkpoints or {})
+    layered = {}
+    for spec, (name, own) in specs.items():
+        checkpoint = {"checkpoint": files[name]} if name in files else {}
+        rates = method_rates(name, lrs[name]) if name in lrs else {}
+        rules = method_overrides(protocol, name, bench.scenario)
+        layered[spec] = (name, {**checkpoint, **rates, **rules, **own})
+    return layered
 
 
 def _slot0(bench: BenchSettings, data: str, source: Any) -> Any:

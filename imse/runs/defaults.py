@@ -72,7 +72,7 @@ def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
     entry = sweep["methods"][method]
     settings = dict(entry.get("chosen") or {"lr": entry["lr"]})
     cls = METHODS[method]
-    if "base_lr" in cls.defaults:  # TENT and SAR: their rate scales with the batch, as the official code's
+    if cls.rate_scales_with_batch():  # TENT and SAR: kept as their rate at batch 64, as the official code's
         settings["base_lr"] = cls.base_rate(settings.pop("lr"), sweep["protocol"]["batch_size"])
     return {**files, **settings}
 

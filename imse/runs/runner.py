@@ -54,17 +54,22 @@ def build_methods(
     methods = {}
     for label, (name, extra) in specs.items():
         overrides: dict[str, Any] = dict(tuned_settings(backbone, name)) if tuned else {}
-        if "batch_size" in METHODS[name.lower()].defaults:  # TENT, SAR (lr scaling), IMSE (a full batch)
+        if METHODS[name.lower()].takes_batch_size():
             overrides["batch_size"] = batch_size
         if precision is not None:
             overrides["precision"] = precision
-        if "lr" in extra:  # an explicit rate replaces the tuned one, whichever form that took
+        if _explicit_rate(extra):  # it replaces the tuned one, whichever form that took (lr, or base_lr for TENT/SAR)
             overrides.pop("base_lr", None)
         if extra.get("retrieval") and source_images is not None and "source_images" not in extra:
             overrides["source_images"] = source_images()
         overrides.update(extra)
         methods[label] = create(name, copy.deepcopy(model), **overrides)
     return methods
+
+
+def _explicit_rate(extra: dict[str, Any]) -> bool:
+    """Whether a spec sets the learning rate itself (``imse@lr=0.01``, a sweep file's or ``--lr``'s rate)."""
+    return "lr" in extra
 
 
 def method_settings(method: TTAMethod) -> dict[str, Any]:

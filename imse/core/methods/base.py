@@ -128,6 +128,18 @@ class TTAMethod(nn.Module):
         return None
 
     @classmethod
+    def rate_scales_with_batch(cls) -> bool:
+        """Whether this method's rate follows the batch size (TENT's and SAR's official rule: a ``base_lr`` for
+        batches of 64); IMSE's Adam rate does not."""
+        return "base_lr" in cls.defaults
+
+    @classmethod
+    def takes_batch_size(cls) -> bool:
+        """Whether this method reads the stream's batch size (TENT and SAR scale their rate by it, IMSE detects
+        shifts only on full batches)."""
+        return "batch_size" in cls.defaults
+
+    @classmethod
     def base_rate(cls, lr: float, batch_size: int) -> float:
         """The ``base_lr`` that gives ``lr`` at ``batch_size`` (the inverse of ``learning_rate``'s rule)."""
         return lr * LR_REFERENCE_BATCH / batch_size
