@@ -90,7 +90,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                 for row in panel_rows():
                     with gr.Row() if len(row) > 1 else contextlib.nullcontext():
                         for panel in row:
-                            plots[panel.name] = gr.Plot(viz.empty_figure(panel.title), label=panel.label)
+                            plots[panel.name] = gr.Plot(viz.empty_figure(panel.empty_title), label=panel.label)
                     if any(panel.name == "alignment" for panel in row):  # the switch under the heatmap it changes
                         widgets["show_source"] = gr.Checkbox(
                             False, label="Show the no-adaptation model's alignment heatmap instead"

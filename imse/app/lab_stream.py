@@ -25,12 +25,13 @@ __all__ = ["OUTPUTS", "PANELS", "Panel", "lab_updates", "outputs", "panel_rows",
 
 @dataclass(frozen=True)
 class Panel:
-    """One figure of the Lab, all in one entry: the output's name (``/start`` answers by it), the title of its
-    empty figure, the plot's label on the page, what draws it from the run's ``LabState`` (and the "show the
-    no-adaptation model" switch), the ``LabState`` fields it reads, and its row (a row's panels sit side by side)."""
+    """One figure of the Lab, all in one entry: the output's name (``/start`` answers by it), the title its figure
+    shows before a run (``empty_title``; a run's figure titles itself), the plot's label on the page, what draws
+    it from the run's ``LabState`` (and the "show the no-adaptation model" switch), the ``LabState`` fields it
+    reads, and its row (a row's panels sit side by side)."""
 
     name: str
-    title: str
+    empty_title: str
     label: str
     draw: Callable[[Any, bool], Any]
     reads: tuple[str, ...]

@@ -26,10 +26,11 @@ __all__ = ["PRECISIONS", "SAMEntropyMethod", "StepRecord", "TTAMethod", "precisi
 
 class StepRecord(TypedDict, total=False):
     """What one ``method(x)`` call records (``method.last_record``): plain numbers, JSON-ready. Every method
-    sets the first four; the SAM-entropy methods (SAR, IMSE) the losses and the skip; IMSE with retrieval the
-    bank's events; ``record_alignment=True`` adds every spectral layer's per-expert alignment std."""
+    sets the first four; a method that updates, its losses and whether (and why not) it updated; a method with a
+    domain bank (IMSE with retrieval), the bank's events; ``record_alignment=True`` adds every spectral layer's
+    per-expert alignment std."""
 
-    method: str  # "source", "tent", "sar", "imse"
+    method: str  # the method's registry name (``imse.core.methods.METHODS``)
     step: int  # calls so far, this one included
     batch_size: int
     skipped_updates: int  # updates skipped so far (no reliable sample, non-finite loss or gradient)

@@ -20,8 +20,9 @@ def shot_noise(x: torch.Tensor, c: float, draws: Draws, table: str) -> torch.Ten
 
 
 def impulse_noise(images: torch.Tensor, c: float, draws: Draws, table: str) -> torch.Tensor:
-    """Salt and pepper (``skimage.util.random_noise(mode='s&p', amount=c)``): each value is replaced with
-    probability ``c``, half of them by 255, half by 0. Works on the uint8 images directly (no arithmetic)."""
+    """ImageNet-C's impulse noise, which Hendrycks' generator makes as skimage's salt-and-pepper
+    (``skimage.util.random_noise(mode='s&p', amount=c)``): each value is replaced with probability ``c``, half of
+    them by 255, half by 0. Works on the uint8 images directly (no arithmetic)."""
     u = draws.uniform(images.shape)
     # u < c: replaced (probability c); among those, u < c/2: salt — independent halves, as two draws would be.
     salt = (u < c / 2).to(torch.uint8).mul_(255)
