@@ -221,6 +221,7 @@ def _add_sweep(commands) -> None:
     sweep.add_argument("--per-domain", type=int, default=2000, help="images per corruption (default: %(default)s)")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--out", default="sweep.json")
+    sweep.add_argument("--dry-run", action="store_true", help="print each method's grid and checks, run nothing")
     sweep.set_defaults(handler=sweep_command)
 
 

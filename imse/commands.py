@@ -131,6 +131,20 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_sweep_plan(methods: tuple[str, ...], args: argparse.Namespace) -> int:
+    from imse.runs.sweep import plan_sweep
+
+    severities = _csv(args.severities)
+    for method, entry in plan_sweep(methods, batch_size=args.batch_size).items():
+        checks = "; ".join(f"then {key} in {list(values)}" for key, values in entry["checks"].items())
+        runs = len(entry["lrs"]) + sum(len(values) for values in entry["checks"].values())
+        print(
+            f"{method}: lr in {entry['lrs']}{'; ' + checks if checks else ''} ({runs} settings, each with Source "
+            f"on the 4 validation corruptions at severities {', '.join(severities)}, {args.per_domain} images each)"
+        )
+    return 0
+
+
 def sweep_command(args: argparse.Namespace) -> int:
     import json
 
@@ -145,6 +159,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     from imse.core.methods import adaptive_methods
 
     methods = _csv(args.methods) if args.methods else adaptive_methods()  # by default every adapting method
+    if args.dry_run:
+        return _print_sweep_plan(methods, args)
     result = run_sweep(
         backbone=args.backbone,
         weights=args.weights,

@@ -28,7 +28,15 @@ from imse.data.models import BUILTIN
 from imse.runs.bench import run_bench, versions
 from imse.runs.defaults import method_rates
 
-__all__ = ["LR_FACTORS", "SWEEP_PER_DOMAIN", "SWEEP_SEVERITIES", "merge_sweeps", "run_sweep", "sweep_checks"]
+__all__ = [
+    "LR_FACTORS",
+    "SWEEP_PER_DOMAIN",
+    "SWEEP_SEVERITIES",
+    "merge_sweeps",
+    "plan_sweep",
+    "run_sweep",
+    "sweep_checks",
+]
 
 LR_FACTORS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SWEEP_SEVERITIES = (3, 5)
@@ -152,6 +160,27 @@ def run_sweep(
     return results if earlier is None else merge_sweeps(earlier, results)
 
 
+def plan_sweep(
+    methods: tuple[str, ...] | None = None, *, batch_size: int = 64, factors: tuple[float, ...] = LR_FACTORS
+) -> dict[str, dict[str, Any]]:
+    """What a sweep would run, before it runs (``sweep --dry-run``): per method its learning-rate grid around its
+    default and the settings checked after it, with their candidates; ``methods``: by default every adaptive one."""
+    methods = adaptive_methods() if methods is None else methods
+    plan = {}
+    for method in methods:
+        if method not in adaptive_methods():
+            raise ValueError(f"only adaptive methods have settings to tune: {adaptive_methods()}")
+        plan[method] = {"lrs": _lr_grid(method, batch_size, factors), "checks": dict(sweep_checks()[method])}
+    return plan
+
+
+def _lr_grid(method: str, batch_size: int, factors: tuple[float, ...]) -> list[float]:
+    """The rates a sweep tries: the method's default rate at this batch size times each factor."""
+    cls = METHODS[method]
+    base = cls.learning_rate({**cls.defaults, "batch_size": batch_size})
+    return [float(f"{base * factor:.3g}") for factor in factors]
+
+
 def _sweep_method(
     method: str,
     run_stage: Callable[[dict[Any, str]], dict[str, Any]],
@@ -164,8 +193,7 @@ def _sweep_method(
     turn at the chosen rate (``run_stage``: every candidate on the same streams, ``_stage``)."""
     cls = METHODS[method]
     base = cls.learning_rate({**cls.defaults, "batch_size": batch_size})
-    lrs = [float(f"{base * factor:.3g}") for factor in factors]
-    stage = run_stage({lr: _spec(method, method_rates(method, lr)) for lr in lrs})
+    stage = run_stage({lr: _spec(method, method_rates(method, lr)) for lr in _lr_grid(method, batch_size, factors)})
     label = _choose(stage, str(base), lambda key, d: abs(math.log(float(key) / float(d))))
     chosen: dict[str, Any] = method_rates(method, float(label))
     stages = [{"setting": "lr", **stage, "chosen": chosen["lr"]}]
