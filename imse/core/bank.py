@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from imse.core.files import save_safetensors_atomic
-from imse.core.images import as_float_images
+from imse.core.images import vit_input
 from imse.core.spectral import find_vit
 
 __all__ = [
@@ -71,9 +71,7 @@ def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     every entry point reads them (``imse.core.images``).
 
     ``model`` is a ``Backbone`` (its normalisation is applied first, unless switched off) or a bare timm ViT."""
-    x = as_float_images(x)
-    if hasattr(model, "normalize") and getattr(model, "normalise_input", True):
-        x = model.normalize(x)
+    x = vit_input(model, x)
     _, vit = find_vit(model)
     tokens = vit.patch_embed(x)
     tokens = vit._pos_embed(tokens)

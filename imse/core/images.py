@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_float_images"]
+__all__ = ["as_float_images", "vit_input"]
 
 
 def as_float_images(x: torch.Tensor) -> torch.Tensor:
@@ -21,3 +21,14 @@ def as_float_images(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.float().div_(255)
     raise TypeError(f"images must be float in [0, 1] or uint8 in [0, 255], got dtype {x.dtype}")
+
+
+def vit_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the ViT inside ``model`` is fed: images in [0, 1] through the backbone's normalisation (its ``normalize``),
+    unless a method switched it off (``normalise_input = False``: ``preprocessing="unit"``, the official ViDA run's
+    bare ViT); a bare timm ViT, as they are. One rule for every forward: the backbone's, the bank's descriptors,
+    DPAL's prompted network."""
+    x = as_float_images(x)
+    if hasattr(model, "normalize") and getattr(model, "normalise_input", True):
+        return model.normalize(x)
+    return x

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imse.core.images import as_float_images
+from imse.core.images import vit_input
 from imse.core.resources import asset_path, offline
 from imse.data.backbones import (
     BUILTIN,
@@ -83,8 +83,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images in [0, 1] (float) or [0, 255] (uint8); see ``imse.core.images``."""
-        x = as_float_images(x)
-        return self.model(self.normalize(x) if self.normalise_input else x)
+        return self.model(vit_input(self, x))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, input_size={self.input_size}, classes={self.num_classes}"

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imse.core.images import as_float_images
+from imse.core.images import vit_input
 from imse.core.losses import entropy_margin, softmax_entropy
 from imse.core.methods.base import TTAMethod
 from imse.core.methods.norms import lower_norm_params
@@ -92,15 +92,13 @@ class PromptedViT(nn.Module):
                 setattr(self, attribute, getattr(model, attribute))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's input normalisation, unless a method switched it off (``preprocessing="unit"``), the rule
-        of ``Backbone.forward`` and ``imse.core.bank.patch_tokens``."""
-        if hasattr(self.model, "normalize") and getattr(self.model, "normalise_input", True):
-            return self.model.normalize(x)
-        return x
+        """What the ViT is fed: the backbone's normalisation unless a method switched it off (``preprocessing=
+        "unit"``): ``imse.core.images.vit_input``, the one rule of every forward."""
+        return vit_input(self.model, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit, count = self.vit, self.num_prompts
-        tokens = vit._pos_embed(vit.patch_embed(self.normalize(as_float_images(x))))
+        tokens = vit._pos_embed(vit.patch_embed(self.normalize(x)))
         if not self.official_forward:  # timm's forward_features up to the blocks (CLIP's norm_pre, patch dropout)
             tokens = vit.norm_pre(vit.patch_drop(tokens))
         batch = tokens.shape[0]
