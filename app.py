@@ -44,29 +44,38 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                 key: gr.Button(f"▶ {preset.title}", size="sm") for key, preset in ui.PRESETS.items() if key != "default"
             }
         preset_text = gr.Markdown("")
+        widgets = {}  # the run's settings by name: labels, limits and choices declared on LabConfig
+        # which images stream: the backbone's own, or the visitor's (said back before anything runs), above the run
+        images = gr.Radio([("the backbone's own", "own"), ("yours (upload a .zip or images)", "upload")], value="own",
+                          label="Images", elem_id="images-choice")  # fmt: skip
+        with gr.Group(visible=False) as upload_box:
+            with gr.Row(equal_height=False):
+                widgets["upload"] = gr.File(
+                    label="A .zip (images · CLASS/images · DOMAIN/images · DOMAIN/CLASS/images) or image files",
+                    file_count="multiple",
+                    file_types=[".zip", "image"],
+                    elem_id="your-images",
+                    scale=2,
+                    height=150,
+                )
+                with gr.Column(scale=1, min_width=240):
+                    widgets["upload_streams"] = gr.Radio(**setting("upload_streams", choices=[
+                        ("as they are: your domains are the shifts", "as-is"),
+                        ("through the chosen corruptions: each one a domain", "corrupted")]))  # fmt: skip
+                    widgets["upload_labels"] = gr.Radio(**setting("upload_labels", choices=[
+                        ("from the class folders", "folders"), ("none: run unlabelled", "none")]))  # fmt: skip
+            upload_found = gr.Markdown("Choose a .zip or image files.", elem_id="upload-found")
+            upload_preview = gr.Gallery(label="A few of your images, as the model will see them", columns=8, rows=1,
+                                        height=170, object_fit="contain", elem_id="upload-preview",
+                                        allow_preview=False)  # fmt: skip
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
                     stop = gr.Button("Stop")
                 status = gr.Markdown("Ready: press **Start** for the default run, or pick a story above.")
-                widgets = {}  # the run's settings by name: labels, limits and choices declared on LabConfig
                 widgets["backbone"] = gr.Dropdown(**setting("backbone", choices=ui.backbone_choices()),
                                                   allow_custom_value=True)  # fmt: skip
-                images = gr.Radio([("the backbone's own", "own"), ("yours (upload)", "upload")], value="own",
-                                  label="Images", elem_id="images-choice")  # fmt: skip
-                with gr.Group(visible=False) as upload_box:
-                    widgets["upload"] = gr.File(
-                        label="A .zip (images · CLASS/images · DOMAIN/images · DOMAIN/CLASS/images) or image files",
-                        file_count="multiple",
-                        file_types=[".zip", "image"],
-                        elem_id="your-images",
-                    )
-                    widgets["upload_streams"] = gr.Radio(**setting("upload_streams", choices=[
-                        ("as they are: your domains are the shifts", "as-is"),
-                        ("through the corruptions below: each one a domain", "corrupted")]))  # fmt: skip
-                    widgets["upload_labels"] = gr.Radio(**setting("upload_labels", choices=[
-                        ("from the class folders", "folders"), ("none: run unlabelled", "none")]))  # fmt: skip
                 widgets["scenario"] = gr.Radio(**setting("scenario"))
                 widgets["corruptions"] = gr.Dropdown(**setting("corruptions"), multiselect=True)
                 widgets["severity"] = gr.Slider(**setting("severity"), step=1)
@@ -81,11 +90,6 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
                     widgets["device"] = gr.Dropdown(**setting("device"))
                     widgets["precision"] = gr.Dropdown(**setting("precision", choices=ui.precision_choices()))
             with gr.Column(scale=3):
-                with gr.Group(visible=False) as upload_said:  # what an upload holds, said before anything runs
-                    upload_found = gr.Markdown("Choose a .zip or image files on the left.", elem_id="upload-found")
-                    upload_preview = gr.Gallery(label="A few of your images, as the model will see them", columns=8,
-                                                rows=1, height=170, object_fit="contain", elem_id="upload-preview",
-                                                allow_preview=False)  # fmt: skip
                 plots = {}  # the Lab's panels, one entry each in lab_stream.PANELS, laid out by their rows
                 for row in panel_rows():
                     with gr.Row() if len(row) > 1 else contextlib.nullcontext():
@@ -117,7 +121,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
             )
             run_events.append(loaded.then(ui.start_lab, None, outputs, api_name=False, **a_run))
         stop.click(ui.stop_lab, None, status, cancels=run_events, api_name="stop")
-        images.change(your_images.choose_images, images, [upload_box, upload_said, widgets["upload"]], api_name=False)
+        images.change(your_images.choose_images, images, [upload_box, widgets["upload"]], api_name=False)
         checked = [widgets["upload"], widgets["backbone"], widgets["upload_labels"]]
         for changed in checked:  # said back before anything runs: what was found, a few images as the model sees them
             changed.change(your_images.check_upload, checked, [upload_found, upload_preview], api_name=False)

@@ -266,7 +266,7 @@ def test_browser_uploads_a_zip_sees_what_it_holds_and_a_run_on_it(app_url, tmp_p
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.on("request", lambda r: None if r.url.startswith((app_url, "data:", "blob:")) else outside.append(r.url))
         page.goto(app_url)
-        page.get_by_label("yours (upload)").check()
+        page.get_by_label("yours (upload a .zip or images)").check()
         page.locator("#your-images input[type=file]").set_input_files(str(path))
         found = page.locator("#upload-found")
         found.filter(has_text="Found:").wait_for(timeout=120_000)

@@ -83,11 +83,11 @@ def _preview(upload: PreparedUpload) -> list[tuple[Image.Image, str]]:
 
 
 def choose_images(images: str):
-    """The Images choice: the upload's box and what it holds shown for "upload"; "own" hides and empties them (a run
-    streams an upload exactly when one is there, in the page as in the API)."""
+    """The Images choice: the upload's box (the file, how it streams, what it holds) shown for "upload"; "own"
+    hides and empties it (a run streams an upload exactly when one is there, in the page as in the API)."""
     if images == "upload":
-        return gr.update(visible=True), gr.update(visible=True), gr.skip()
-    return gr.update(visible=False), gr.update(visible=False), None
+        return gr.update(visible=True), gr.skip()
+    return gr.update(visible=False), None
 
 
 def check_upload(
@@ -100,7 +100,7 @@ def check_upload(
     """Said back before anything runs: what the upload holds (or why it is refused) and a few of its images as the
     model will see them. A refusal is shown, not raised: the visitor reads it where the summary goes."""
     if not upload_paths(upload):
-        return "Choose a .zip or image files on the left.", []
+        return "Choose a .zip or image files.", []
     session = getattr(request, "session_hash", None) or "local"
     try:
         prepared = _prepare(upload, str(backbone or "builtin"), str(upload_labels or "folders"), session, progress)
