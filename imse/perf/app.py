@@ -182,7 +182,7 @@ def unavoidable_compute(config) -> dict:
 
 
 def _in_process_run(config) -> dict:
-    """The run in this process as ``run_lab`` yields it, the app's six figures built for every update: time to the
+    """The run in this process as ``run_lab`` yields it, every panel's figure built for every update: time to the
     first update (warm: a first tiny run loads everything), the whole run, and the figures' build and payload."""
     from imse.app import viz
     from imse.runs.lab import LabConfig, run_lab

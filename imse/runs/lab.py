@@ -161,7 +161,8 @@ def _imagenette_progress(on_download, done: int, total: int | None) -> None:
 
 
 # The app's pace: a panel update after at least this much computing. Each update costs a heatmap snapshot here and
-# six figures in the browser; at 1 s the default run's 2 cores spend their time adapting, and the page still moves.
+# every panel's figure in the browser; at 1 s the default run's 2 cores spend their time adapting, and the page still
+# moves.
 UPDATE_INTERVAL = 1.0
 
 
