@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from imse.app import viz
+from imse.app import accuracy_panel, viz
 from imse.app.lab_results import summary_rows, verdict
 from imse.runs.lab import LabConfig, LabState, run_lab
 
@@ -180,11 +180,12 @@ def test_the_gain_row_draws_each_methods_points_over_source_on_an_axis_fitted_to
 
 
 def test_a_three_point_gain_fills_most_of_its_axis_where_accuracy_shows_it_as_a_sliver():
-    low, high = viz.fitted_range([0.4, 3.0, 2.2])
+    low, high = accuracy_panel.fitted_range([0.4, 3.0, 2.2])
     assert (low, high) == pytest.approx((-0.45, 3.45))
     assert 3.0 / (high - low) > 0.75 and 3.0 / 100 < 0.05  # vs the accuracy axis, 0–100
-    assert viz.fitted_range([-2.0, -0.5]) == pytest.approx([-2.3, 0.3])  # below Source: zero stays in view
-    assert viz.fitted_range([0.1]) == pytest.approx([-0.6, 0.7])  # at least a point tall: noise is not magnified
+    assert accuracy_panel.fitted_range([-2.0, -0.5]) == pytest.approx([-2.3, 0.3])  # below Source: zero stays in view
+    # at least a point tall: noise is not magnified
+    assert accuracy_panel.fitted_range([0.1]) == pytest.approx([-0.6, 0.7])
 
 
 def test_without_source_or_alone_there_is_no_gain_row():

@@ -13,9 +13,18 @@ import math
 
 import torch
 
-from imse.app.figure import Figure, empty_figure, layout_spec, subplot_title
+from imse.app.accuracy_panel import accuracy_figure
+from imse.app.figure import (
+    COLOURS,
+    Figure,
+    decimate,
+    domain_marks,
+    empty_figure,
+    finite,
+    layout_spec,
+    subplot_title,
+)
 from imse.app.theme import DIVERGING, NEUTRAL
-from imse.runs.lab import method_name
 
 __all__ = [
     "Figure",
@@ -27,206 +36,6 @@ __all__ = [
     "empty_figure",
     "shift_figure",
 ]
-
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-MAX_POINTS = 400
-
-
-def _domain_labels(domains: list[dict]) -> list[str]:
-    """One bar label per domain visit: a domain seen again (recurring rounds) gets its visit number, since bars
-    that share a label would be drawn on top of each other."""
-    seen: dict[str, int] = {}
-    labels = []
-    for domain in domains:
-        seen[domain["name"]] = seen.get(domain["name"], 0) + 1
-        labels.append(domain["name"] + (f" ({seen[domain['name']]})" if seen[domain["name"]] > 1 else ""))
-    return labels
-
-
-def _decimate(n: int) -> list[int]:
-    if n <= MAX_POINTS:
-        return list(range(n))
-    step = n / MAX_POINTS
-    return sorted({int(i * step) for i in range(MAX_POINTS)} | {n - 1})
-
-
-def _finite(value: float | None) -> float | None:
-    """JSON has no NaN/inf: a non-finite value becomes a gap in the curve."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _domain_marks(domains: list[dict], xref: str = "x", label: bool = True) -> tuple[list[dict], list[dict]]:
-    """Alternate domains shaded, names on top (shapes, annotations)."""
-    shapes = [
-        dict(type="rect", xref=xref, yref="paper", x0=d["start"] - 0.5, x1=d["end"] + 0.5, y0=0, y1=1,
-             fillcolor="grey", opacity=0.12, line_width=0)
-        for i, d in enumerate(domains) if i % 2
-    ]  # fmt: skip
-    annotations = []
-    if label and len(domains) <= 30:
-        annotations = [
-            dict(x=(d["start"] + d["end"]) / 2, y=1.0, xref=xref, yref="paper", text=d["name"].replace("_", " "),
-                 showarrow=False, textangle=-60, font=dict(size=8), yanchor="bottom")
-            for d in domains
-        ]  # fmt: skip
-    return shapes, annotations
-
-
-def _source_label(state) -> str | None:
-    return next((m for m in state.methods if method_name(m) == "source"), None)  # as the results table finds it
-
-
-def gains_over_source(state) -> dict[str, float]:
-    """Each adapting method's accuracy so far minus Source's, in points (empty without Source, batches or labels)."""
-    source = _source_label(state)
-    if source is None or not state.seen or not state.labelled:
-        return {}
-    base = state.correct[source][-1]
-    return {m: 100 * (state.correct[m][-1] - base) / state.seen[-1] for m in state.methods if m != source}
-
-
-def _counts(state) -> dict[str, list[int]]:
-    """The cumulative counts the accuracy panel draws: right answers, or without labels answers equal to Source's."""
-    return state.correct if state.labelled else state.agree
-
-
-def _per_domain(state, method: str) -> list[float]:
-    """The method's accuracy (%), or agreement with Source without labels, on each domain visit, from the
-    cumulative counts (a visit has ≥ 1 image)."""
-    correct, seen = [0, *_counts(state)[method]], [0, *state.seen]
-    return [100 * (correct[d["end"] + 1] - correct[d["start"]]) / (seen[d["end"] + 1] - seen[d["start"]])
-            for d in state.domains]  # fmt: skip
-
-
-def fitted_range(values: list[float], floor: float = 1.0) -> list[float]:
-    """An axis fitted to the gains, zero always in view and at least ``floor`` points tall, with a margin: a
-    3-point gain fills most of it (on the 0–100 accuracy axis it is a hair's breadth)."""
-    lo, hi = min([0.0, *values]), max([0.0, *values])
-    if hi - lo < floor:
-        middle = (lo + hi) / 2
-        lo, hi = min(lo, middle - floor / 2), max(hi, middle + floor / 2)
-    pad = 0.15 * (hi - lo)
-    return [lo - pad, hi + pad]
-
-
-def accuracy_figure(state) -> Figure:
-    """Running online accuracy per method over batches (domains shaded and labelled) and per-domain bars. With
-    Source in the run, a second row draws each method's gain over Source in points, running and per domain,
-    on an axis fitted to the gains, Source being its zero line; the legend and the title say the gain so far.
-    Without labels, each method's agreement with Source stands in for accuracy, and the title says so."""
-    gains = gains_over_source(state)
-    data, gain_row = _accuracy_traces(state, gains)
-    title, subtitle = _accuracy_words(state, gains)
-    return Figure(data=data, layout=_accuracy_layout(state, title, subtitle, gain_row))
-
-
-def _accuracy_traces(state, gains: dict[str, float]) -> tuple[list[dict], dict | None]:
-    """Each method's running curve and per-domain bars, and with gains its gain curve and bars; and what the gain
-    row's axes need (Source, its colour, every gain drawn) or None."""
-    keep = _decimate(len(state.seen))
-    source = _source_label(state) if gains else None
-    labels = _domain_labels(state.domains)
-    baseline = _per_domain(state, source) if source else []
-    data, running, per_domain = [], [], []
-    for i, method in enumerate(state.methods):
-        colour = COLOURS[i % len(COLOURS)]
-        accuracy = state.accuracy(method) if state.labelled else state.agreement(method)
-        name = f"{method}: {gains[method]:+.1f} pts vs Source" if method in gains else method
-        data.append(dict(type="scatter", x=keep, y=[100 * accuracy[j] for j in keep], name=name, mode="lines",
-                         line=dict(color=colour), legendgroup=method, xaxis="x", yaxis="y"))  # fmt: skip
-        bars = _per_domain(state, method)
-        data.append(dict(type="bar", x=labels, y=bars, name=method, marker=dict(color=colour), showlegend=False,
-                         legendgroup=method, xaxis="x2", yaxis="y2"))  # fmt: skip
-        if method not in gains:
-            continue
-        gain = [100 * (state.correct[method][j] - state.correct[source][j]) / state.seen[j] for j in keep]
-        domain_gain = [b - s for b, s in zip(bars, baseline)]
-        running += gain
-        per_domain += domain_gain
-        data.append(dict(type="scatter", x=keep, y=gain, name=method, mode="lines", line=dict(color=colour),
-                         showlegend=False, legendgroup=method, xaxis="x3", yaxis="y3",
-                         hovertemplate=f"{method}<br>batch %{{x}}<br>%{{y:.2f}} pts<extra></extra>"))  # fmt: skip
-        data.append(dict(type="bar", x=labels, y=domain_gain, name=method, marker=dict(color=colour),
-                         showlegend=False, legendgroup=method, xaxis="x4", yaxis="y4", textposition="outside",
-                         text=[f"{g:+.1f}" for g in domain_gain], cliponaxis=False, textfont=dict(size=9)))  # fmt: skip
-    if not gains:
-        return data, None
-    colour = COLOURS[state.methods.index(source) % len(COLOURS)]
-    return data, dict(source=source, colour=colour, running=running, per_domain=per_domain)
-
-
-def _accuracy_words(state, gains: dict[str, float]) -> tuple[str, str]:
-    """The panel's title and subtitle: where the run is and the gains so far, or that there are no labels."""
-    progress = f"batch {state.batch}/{state.total_batches}, {state.images:,} images"
-    if not state.labelled:
-        said = "your images have no labels: each method's answers that equal the unadapted model's (Source)"
-        return f"No labels: agreement with Source — {progress}", said
-    so_far = "; ".join(f"{m.split(' (')[0]} {g:+.1f}" for m, g in gains.items())
-    return f"Online accuracy — {progress}", f"gain over Source so far (points): {so_far}" if so_far else ""
-
-
-def _accuracy_layout(state, title: str, subtitle: str, gain_row: dict | None) -> dict:
-    """The whole layout, in one place: accuracy (running, per domain) across the panel, or with gains, accuracy
-    above and the gains below, each gain axis fitted to its own values, Source its dashed zero line; the batch
-    axis shared and the domain names written once, under the lowest row."""
-    shapes, annotations = _domain_marks(state.domains, xref="x", label=True)
-    top = [0.5, 1] if gain_row else [0, 1]
-    below = dict(showticklabels=False, title=None) if gain_row else dict(title=dict(text="batch"))
-    axes = dict(
-        xaxis=dict(domain=[0, 0.64], anchor="y", **below),
-        yaxis=dict(domain=top, anchor="x", range=[0, 100],
-                   title=dict(text="accuracy so far (%)" if state.labelled else "agreement with Source (%)")),
-        xaxis2=dict(domain=[0.72, 1], anchor="y2", tickangle=-60, tickfont=dict(size=8),
-                    **({"showticklabels": False} if gain_row else {})),
-        yaxis2=dict(domain=top, anchor="x2"),
-    )  # fmt: skip
-    annotations = [*annotations, subplot_title("per domain (%)", 0.86)]
-    extra = {}
-    if gain_row:
-        axes.update(_gain_axes(gain_row["running"], gain_row["per_domain"]))
-        shapes = shapes + [
-            dict(
-                type="line",
-                xref=f"x{axis} domain",
-                yref=f"y{axis}",
-                x0=0,
-                x1=1,
-                y0=0,
-                y1=0,
-                line=dict(color=gain_row["colour"], dash="dash", width=1.5),
-            )
-            for axis in ("3", "4")
-        ]
-        annotations += [
-            dict(text=gain_row["source"], xref="x3 domain", yref="y3", x=1, y=0, xanchor="right", yanchor="bottom",
-                 showarrow=False, font=dict(size=9)),
-            subplot_title("vs Source (pts)", 0.86, y=0.4),
-        ]  # fmt: skip
-        # the gains' labels are hidden where the bars are too narrow for them (a phone): the axis still reads
-        extra["uniformtext"] = dict(minsize=8, mode="hide")
-    return layout_spec(
-        title,
-        560 if gain_row else 380,
-        (50, 10, 140, 40),
-        subtitle,
-        legend=dict(orientation="h", y=-0.16 if gain_row else -0.22),  # below the x-axis title, also when it wraps
-        barmode="group",
-        shapes=shapes,
-        annotations=annotations,
-        **axes,
-        **extra,
-    )
-
-
-def _gain_axes(running: list[float], per_domain: list[float]) -> dict:
-    """The gain row's axes, under the accuracy's: running gains against the shared batch axis, per-domain gains."""
-    return dict(
-        xaxis3=dict(domain=[0, 0.64], anchor="y3", matches="x", title=dict(text="batch")),
-        yaxis3=dict(domain=[0, 0.4], anchor="x3", range=fitted_range(running), zeroline=False,
-                    title=dict(text="gain over Source (pts)")),
-        xaxis4=dict(domain=[0.72, 1], anchor="y4", matches="x2", tickangle=-60, tickfont=dict(size=8)),
-        yaxis4=dict(domain=[0, 0.4], anchor="x4", range=fitted_range(per_domain), zeroline=False),
-    )  # fmt: skip
 
 
 def _short(name: str) -> str:
@@ -241,7 +50,7 @@ def alignment_figure(state, show_source: bool = False) -> Figure:
         return empty_figure(title, "no spectral layers to show" if state.batch else "press Start")
     heatmap = dict(
         type="heatmap",
-        z=[[_finite(v) for v in row] for row in matrix],
+        z=[[finite(v) for v in row] for row in matrix],
         y=[_short(n) for n in state.layer_names[: len(matrix)]],
         colorscale="Viridis",
         zmin=0.0,
@@ -267,16 +76,16 @@ def shift_figure(state) -> Figure:
     frozen = set(state.frozen_layers)
     rows = [_short(n) + (" · frozen" if n in frozen else "") for n in state.layer_names[: len(state.shift_rel)]]
     data = [
-        dict(type="heatmap", z=[[_finite(v) for v in row] for row in state.shift_rel],
+        dict(type="heatmap", z=[[finite(v) for v in row] for row in state.shift_rel],
              y=rows, colorscale=DIVERGING, zmid=0.0,
              zmin=-bound, zmax=bound, colorbar=dict(x=0.5, len=0.9, thickness=10), xaxis="x", yaxis="y",
              hovertemplate="layer %{y}<br>expert group %{x}<br>ΔS/S0 %{z:.2e}<extra></extra>")
     ]  # fmt: skip
     history = state.shift_history
-    keep = _decimate(len(history))
+    keep = decimate(len(history))
     for layer in range(len(history[0]) if history else 0):
         name = _short(state.layer_names[layer])
-        data.append(dict(type="scatter", x=keep, y=[_finite(history[j][layer]) for j in keep], mode="lines",
+        data.append(dict(type="scatter", x=keep, y=[finite(history[j][layer]) for j in keep], mode="lines",
                          name=name, line=dict(width=1), showlegend=False, xaxis="x2", yaxis="y2",
                          hovertemplate=name + "<br>batch %{x}<br>%{y:.2e}<extra></extra>"))  # fmt: skip
     note = "frozen: the last blocks' S never change (they carry L_dm)" if frozen else ""
@@ -312,21 +121,21 @@ def collapse_figure(state, window: int = 5) -> Figure:
     title = "Collapse"
     if not state.seen:
         return empty_figure(title)
-    keep = _decimate(len(state.seen))
+    keep = decimate(len(state.seen))
     data = []
     for i, method in enumerate(state.methods):
         colour = COLOURS[i % len(COLOURS)]
         stds = state.expert_std.get(method, [])
         share = _rolling(state.top_share.get(method, []), window)
-        data.append(dict(type="scatter", x=keep, y=[_finite(stds[j]) for j in keep],
+        data.append(dict(type="scatter", x=keep, y=[finite(stds[j]) for j in keep],
                          mode="lines", name=method, line=dict(color=colour), xaxis="x", yaxis="y",
                          legendgroup=method))  # fmt: skip
         data.append(dict(type="scatter", x=keep, y=[100 * share[j] for j in keep], mode="lines",
                          name=method, line=dict(color=colour), showlegend=False, xaxis="x2", yaxis="y2",
                          legendgroup=method))  # fmt: skip
     classes = len(state.class_names)
-    shapes, _ = _domain_marks(state.domains, xref="x", label=False)
-    shapes2, _ = _domain_marks(state.domains, xref="x2", label=False)
+    shapes, _ = domain_marks(state.domains, xref="x", label=False)
+    shapes2, _ = domain_marks(state.domains, xref="x2", label=False)
     shapes += shapes2
     shapes.append(dict(type="line", xref="x2 domain", yref="y2", x0=0, x1=1, y0=100 / classes, y1=100 / classes,
                        line=dict(dash="dot", color="grey")))  # fmt: skip
@@ -354,7 +163,7 @@ def _markers(event: str, points: list[tuple[int, int]], scores: list) -> dict:
     styles = {"stored": ("triangle-down", "#2ca02c", "stored slot", "stored in"),
               "retrieved": ("triangle-up", "#1f77b4", "retrieved slot", "retrieved")}  # fmt: skip
     symbol, colour, name, verb = styles[event]
-    return dict(type="scatter", x=[b for b, _ in points], y=[_finite(scores[b]) for b, _ in points],
+    return dict(type="scatter", x=[b for b, _ in points], y=[finite(scores[b]) for b, _ in points],
                 mode="markers", marker=dict(symbol=symbol, size=11, color=colour), name=name, xaxis="x", yaxis="y",
                 text=[f"{verb} slot {s}" for _, s in points],
                 hovertemplate="batch %{x}<br>%{text}<extra></extra>")  # fmt: skip
@@ -364,13 +173,13 @@ def bank_figure(state) -> Figure:
     """Shift score per batch with the τ line, detections, stored/retrieved slots, true boundaries, bank size."""
     tau = state.config["tau"]
     scores = state.shift_scores
-    keep = _decimate(len(scores))
+    keep = decimate(len(scores))
     data = [
-        dict(type="scatter", x=keep, y=[_finite(scores[j]) for j in keep], mode="lines", name="shift score D",
+        dict(type="scatter", x=keep, y=[finite(scores[j]) for j in keep], mode="lines", name="shift score D",
              line=dict(color=NEUTRAL), xaxis="x", yaxis="y")
     ]  # fmt: skip
     if state.detections:
-        data.append(dict(type="scatter", x=state.detections, y=[_finite(scores[i]) for i in state.detections],
+        data.append(dict(type="scatter", x=state.detections, y=[finite(scores[i]) for i in state.detections],
                          mode="markers", marker=dict(symbol="x", size=10, color="red"), name="detected shift",
                          xaxis="x", yaxis="y"))  # fmt: skip
     for event, points in (("stored", state.stored), ("retrieved", state.retrieved)):
