@@ -60,11 +60,7 @@ def bench_memory(
     original = _vit(model_name, device)
     injected = copy.deepcopy(original)
     inject(injected, cache=default_svd_cache())
-    linear = [m for m in original.modules() if isinstance(m, torch.nn.Linear) and m is not original.head]
-    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linear)
-    factor_bytes = sum(
-        (layer.U.numel() + layer.Vh.numel()) * layer.U.element_size() for layer in spectral_layers(injected).values()
-    )
+    linear_bytes, factor_bytes = _linear_and_factor_bytes(original, injected)
     original_bytes, injected_bytes = _tensor_bytes(original), _tensor_bytes(injected)
     result = {
         "model": model_name,
@@ -105,6 +101,14 @@ def bench_memory(
         ),
     ]
     return result
+
+
+def _linear_and_factor_bytes(original: torch.nn.Module, injected: torch.nn.Module) -> tuple[int, int]:
+    """The bytes of the linear weights (the head aside) and of the spectral factors U and Vh replacing them."""
+    linear = [m for m in original.modules() if isinstance(m, torch.nn.Linear) and m is not original.head]
+    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linear)
+    layers = spectral_layers(injected).values()
+    return linear_bytes, sum((layer.U.numel() + layer.Vh.numel()) * layer.U.element_size() for layer in layers)
 
 
 def _peak(method: str, *, model_name: str, batch: int, device: str, precision: str, fresh_process: bool) -> int:
