@@ -455,14 +455,17 @@ def test_no_path_from_the_api_reaches_the_servers_files(app_url, tmp_path):
             assert response.status_code != 200 or "root:" not in response.text and "gr.Blocks" not in response.text
     for backbone in ("/etc/passwd", "../../weights.pth", "vit_base_patch16_224"):  # untagged: other weights
         # Gradio's dropdown refuses it first; imse.ui refuses it again for direct callers
-        with pytest.raises(AppError, match="unknown backbone|not in the list of choices"):
+        with pytest.raises(AppError, match="unknown backbone|not in the list of choices|is not a timm tag"):
             client(app_url).predict(*start_args(backbone=backbone), api_name="/start")
     api = client(app_url).view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == {"/start", "/stop", "/preset"}  # the Teach tab's events are not an API
-    big = tmp_path / "big.png"
-    big.write_bytes(b"\x89PNG" + b"\0" * (11 * 2**20))
+    from imse.data.upload_files import UploadLimits
+
+    big = tmp_path / "big.zip"  # past the largest upload the server takes (the Lab's zip limit), sparse on disk
+    big.write_bytes(b"PK\x03\x04")
+    os.truncate(big, int(UploadLimits.from_environment().max_bytes) + 2**20)
     with big.open("rb") as handle:
-        response = httpx.post(app_url + "gradio_api/upload", files={"files": handle}, timeout=30)
+        response = httpx.post(app_url + "gradio_api/upload", files={"files": handle}, timeout=60)
     assert response.status_code == 413  # refused by the server before any code of ours sees it
 
 
@@ -498,7 +501,8 @@ def test_limits_time_per_run_and_queue_size():
 
 def test_the_labs_settings_widgets_show_what_labconfig_declares(monkeypatch):
     """Each settings widget's label, limits and choices are its LabConfig declaration's; /start and the story
-    buttons take exactly the declared settings (and show_source). Builds the app's Blocks, serves nothing."""
+    buttons take exactly the declared settings (and show_source, and the upload). Builds the app's Blocks, serves
+    nothing."""
     from imse.runs.lab_config import lab_settings_declared
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -513,7 +517,8 @@ def test_the_labs_settings_widgets_show_what_labconfig_declares(monkeypatch):
         if setting.choices is not None:
             assert [value for _, value in widget.choices] == list(setting.choices()), name
     start = app.demo.get_api_info()["named_endpoints"]["/start"]["parameters"]
-    expected = [*(name for name in declared if name != "precision"), "show_source", "precision"]
+    later = ("precision", "upload", "upload_streams", "upload_labels")  # each added after /start was published
+    expected = [*(name for name in declared if name not in later), "show_source", *later]
     assert [p["parameter_name"] for p in start] == expected
 
 

@@ -100,14 +100,14 @@ def load_preset(name: Any, backbone: Any = BUILTIN) -> tuple:
     that is not a preset)."""
     if not isinstance(name, str) or name not in PRESETS:
         raise gr.Error(f"unknown preset {str(name)[:40]!r}; choose one of: {', '.join(PRESETS)}")
-    backbone = check_backbone(backbone)
+    backbone = check_backbone(backbone, typed=True)
     preset = PRESETS[name]
     return (*settings_values(name, backbone), f"**{preset.title}.** {preset.watch}")
 
 
 def backbone_defaults(backbone: Any) -> tuple:
     """A newly chosen backbone's tuned IMSE lr and λ_dm for the number fields."""
-    settings = lab_settings("default", check_backbone(backbone))
+    settings = lab_settings("default", check_backbone(backbone, typed=True))
     return settings["imse_lr"], settings["lambda_dm"]
 
 
@@ -158,17 +158,22 @@ def _as_names(value: Any, name: str, groups: dict | None = None) -> tuple:
     raise gr.Error(f"{name} must be a list of names, got {type(value).__name__}")
 
 
-def check_backbone(backbone: Any) -> str:
-    """The offered backbones, or any timm ViT tag that passes ``imse.data.vit_tags`` (a name timm lists with weights,
-    a ViT, small enough): free text never becomes a path, nor a model outside timm's list."""
+def check_backbone(backbone: Any, *, typed: bool = False) -> str:
+    """One of the offered backbones; with ``typed`` (the Lab's box) also any timm ViT tag that passes
+    ``imse.data.vit_tags`` (a name timm lists with weights, a ViT with a classifier, small enough). Free text never
+    becomes a path, nor a model outside timm's list."""
     setting = _DECLARED["backbone"]
     if backbone in (None, ""):
         return BUILTIN
-    if not isinstance(backbone, str):
-        raise gr.Error(f"unknown backbone {str(backbone)[:80]!r}; choose one of: {', '.join(setting.choices())}")
-    if backbone not in setting.choices() and (problem := setting.other(backbone)) is not None:
+    offered = list(setting.choices())
+    if isinstance(backbone, str) and backbone in offered:
+        return backbone
+    if typed and isinstance(backbone, str):
+        problem = setting.other(backbone)
+        if problem is None:
+            return backbone
         raise gr.Error(problem)
-    return backbone
+    raise gr.Error(f"unknown backbone {str(backbone)[:80]!r}; choose one of: {', '.join(offered)}")
 
 
 def make_config(data: str | None = None, **values: Any) -> LabConfig:
@@ -236,7 +241,7 @@ def start_lab(
     session = _session(request)
     data = None
     if your_images.upload_paths(upload):  # prepared in the session's folder, or found there (checked on upload)
-        backbone = check_backbone(inputs.get("backbone"))
+        backbone = check_backbone(inputs.get("backbone"), typed=True)
         data = your_images.prepared_data(upload, backbone, inputs.get("upload_labels") or "folders", session, progress)
     config = make_config(data, **inputs)
     stop = RUNS.start(session)

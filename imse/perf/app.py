@@ -112,7 +112,7 @@ def start_arguments(config) -> dict:
     """/start's arguments by name (``imse.app.ui.START_INPUTS``) for a ``LabConfig``, as a client sends them."""
     from imse.app.ui import START_INPUTS
 
-    values = {**dataclasses.asdict(config), "show_source": False}
+    values = {**dataclasses.asdict(config), "show_source": False, "upload": None}  # the backbone's own data
     return {name: list(values[name]) if isinstance(values[name], tuple) else values[name] for name in START_INPUTS}
 
 
