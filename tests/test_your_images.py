@@ -60,6 +60,7 @@ def same_records(lab_summary: dict, bench_result: dict) -> None:
         assert_equal_to_float32_rounding(lab, cli, lab_label)
 
 
+@pytest.mark.slow  # two more runs each (the default suite has the served pair below: labelled and not)
 @pytest.mark.parametrize("layout", ["images", "CLASS/images"])
 def test_a_lab_run_on_one_domain_gives_the_records_bench_gives(layout, tmp_path):
     """The two single-domain layouts (flat: unlabelled; class folders: labelled), the Lab's run loop in process
@@ -156,6 +157,7 @@ def tiny_tag_in_cache(tmp_path, monkeypatch):
     return snapshot / "model.safetensors"
 
 
+@pytest.mark.slow  # a 224-px ViT's SVDs and steps on 2 cores (~10 s); its refusals and cost stay in the default set
 def test_any_timm_vit_tag_runs_on_your_images_from_the_hub_cache(tiny_tag_in_cache, tmp_path):
     from imse.app.your_images import prepared_data
 
