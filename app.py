@@ -48,7 +48,7 @@ with gr.Blocks(title="IMSE Lab", delete_cache=(3600, 3600)) as demo:
         # which images stream: the backbone's own, or the visitor's (said back before anything runs), above the run
         images = gr.Radio([("the backbone's own", "own"), ("yours (upload a .zip or images)", "upload")], value="own",
                           label="Images", elem_id="images-choice")  # fmt: skip
-        with gr.Group(visible=False) as upload_box:
+        with gr.Column(visible=False) as upload_box:
             with gr.Row(equal_height=False):
                 widgets["upload"] = gr.File(
                     label="A .zip (images · CLASS/images · DOMAIN/images · DOMAIN/CLASS/images) or image files",
