@@ -282,7 +282,7 @@ def test_browser_uploads_a_zip_sees_what_it_holds_and_a_run_on_it(app_url, tmp_p
             "[...document.querySelectorAll('.gtitle')].some(t => t.textContent.includes('batch 1/3'))", timeout=120_000
         )  # streamed: the first update comes before the end
         page.get_by_text("finished:").wait_for(timeout=300_000)
-        status = page.get_by_text("finished:").inner_text()
+        status = page.get_by_text("finished:").locator("xpath=..").inner_text()  # the bold part and the sentence
         titles = page.eval_on_selector_all(".gtitle", "els => els.map(e => e.textContent)")
         browser.close()
     assert said == "Found: 48 images in 3 domains (day, dusk, night), 10 classes matched to the model's."
