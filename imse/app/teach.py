@@ -323,7 +323,7 @@ def collapse_layer(*, collapse_state: Any, backbone: Any, collapse_layer: Any) -
 
 STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "stream_plot")
 STEPS_AT_ONCE = 10  # "Step × 10"
-MOVED_HEADERS = ["layer", "expert i", "σ₀ (source)", "σ − σ₀", "(σ − σ₀) / σ₀", "last step"]
+MOVED_HEADERS = ["layer", "expert i", "σ₀", "σ − σ₀", "(σ−σ₀)/σ₀", "last step"]
 
 
 def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> tuple:
@@ -344,8 +344,8 @@ def _step_outputs(explorer: tuple) -> dict:
     _, corruption, severity = explorer[0]
     report = explorer[1].step()
     moved = [
-        [m.layer, m.expert, f"{m.source:.4f}", f"{m.since_source:+.2e}", f"{100 * m.relative:+.1f} %",
-         f"{m.last_step:+.2e}"]
+        [teach_viz.short_layer(m.layer), m.expert, f"{m.source:.4f}", f"{m.since_source:+.2e}",
+         f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}"]
         for m in report.moved
     ]  # fmt: skip
     return {

@@ -26,6 +26,7 @@ from imse.runs.explain.collapse import COLLAPSE_RISE
 __all__ = ["LATEX", "TEACH_TEXT", "builtin_layers", "teach_tab", "warm_up", "wire"]
 
 Widgets = dict[str, gr.components.Component]
+_CORRUPTION_CHOICES = [(name.replace("_", " "), name) for name in CORRUPTIONS]  # shown with spaces, sent by name
 
 
 def builtin_layers() -> tuple[dict[str, int], list[str]]:
@@ -107,7 +108,7 @@ def _controls(w: Widgets) -> None:
     with gr.Row():
         w["backbone"] = gr.Dropdown(backbone_choices(), value=BUILTIN, label="Backbone (every view)", scale=2)
         w["corruption"] = gr.Dropdown(
-            list(CORRUPTIONS), value="contrast", label="Corruption (views 2 and 3: read on Measure and Step)"
+            _CORRUPTION_CHOICES, value="contrast", label="Corruption (views 2 and 3: read on Measure and Step)"
         )
         w["severity"] = gr.Slider(1, 5, value=3, step=1, label="Severity (views 2–4)")
 
@@ -196,13 +197,13 @@ def _domains_tab(w: Widgets) -> None:
         gr.Markdown(TEACH_TEXT["domains"], latex_delimiters=LATEX)
         with gr.Row():
             w["stored"] = gr.Dropdown(
-                list(CORRUPTIONS),
+                _CORRUPTION_CHOICES,
                 value=["gaussian_noise", "defocus_blur", "snow", "contrast"],
                 multiselect=True,
                 label="Stored in the bank, slots 1, 2, … (slot 0 always holds clean data and the source code)",
                 scale=3,
             )
-            w["incoming"] = gr.Dropdown(list(CORRUPTIONS), value="snow", label="A new batch of (this view only)")
+            w["incoming"] = gr.Dropdown(_CORRUPTION_CHOICES, value="snow", label="A new batch of (this view only)")
         w["domains_text"] = _markdown("teach-domains-text")
         with gr.Row():
             w["kl_plot"] = gr.Plot(label="KL between domains")

@@ -309,9 +309,11 @@ def step_text(report: StepReport, corruption: str, severity: int, layers: int) -
         f"reliable (H < E0 = {report.margin:.3f}); loss {loss} at the current code, {perturbed} at SAM's perturbed "
         f"code; {status}; the step changed {report.changed} of {n} predictions on this batch.\n\n"
         f"{_stream(report)}\n\n{_pull(report, layers)}\n\n"
-        "**The table** lists the σ furthest from their source value σ₀ so far. Adam divides each gradient by its "
-        f"running size, so its first steps move every σ by about ±lr = {report.lr:g} whatever the gradient: after "
-        "one step every row ties. After several, the σ whose gradient kept its sign have moved furthest."
+        "**The table** lists the σ furthest from their source value σ₀ so far, largest |σ − σ₀| first. Adam "
+        f"divides each gradient by its running size, so each step moves every σ by about ±lr = {report.lr:g} "
+        "whatever the gradient's size: after one step every row ties, and after n steps the leaders are the σ whose "
+        f"gradient kept its sign every time, near n × lr (here {report.batch} × lr = {report.batch * report.lr:.2g}). "
+        "The relative column says how much that is for each σ."
     )
 
 

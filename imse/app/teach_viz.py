@@ -314,7 +314,7 @@ def loss_figure(report: StepReport):
     ]
     pulls = [("entropy term", report.pull.entropy, "#1f77b4"), (weighted, report.pull.diversity, "#ff7f0e")]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.14,
-                        subplot_titles=("value", "pull on σ: ‖gradient‖"))  # fmt: skip
+                        subplot_titles=("value", "pull: ‖gradient‖"))  # fmt: skip
     for column, parts in ((1, values), (2, pulls)):
         shown = [(n, v, c) for n, v, c in parts if v is not None and math.isfinite(v)]
         fig.add_trace(
