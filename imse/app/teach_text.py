@@ -25,8 +25,13 @@ LATEX = [{"left": "$", "right": "$", "display": False}]
 TIE_IMAGES = 2  # view 2: accuracies this few images apart (of 128) are read as a tie
 
 INTRO = (
-    "Four views of why IMSE works, on the backbone you pick. Each number says which edits or which images it "
-    "includes; experts are numbered from 0, largest σ first, in every view and formula."
+    "**Test-time adaptation** (TTA): a trained model keeps adjusting itself, without labels, on the test images it "
+    "is asked to classify, here images corrupted by noise, blur, weather or lost contrast. The usual signal is the "
+    "model's own confidence: lower the entropy of its predictions (TENT does this to the LayerNorms' scale and "
+    "shift). Its risk is **collapse**: predictions crowding into a few classes. IMSE adapts only the singular values "
+    "σ of the ViT's linear layers, and adds a term that keeps the features diverse. Four views, on the backbone you "
+    "pick; each number says which edits or which images it includes, and experts are numbered from 0, largest σ "
+    "first, in every view and formula."
 )
 
 TEACH_TEXT = {
@@ -46,9 +51,9 @@ over its experts but the one whose std is largest, as $L_{dm}$ does (view 3). **
 the **top-class share** is the share of images given the most-predicted class (10 % when 10 classes are balanced,
 100 % when every image gets the same class). Corruption alone can already crowd the predictions; collapse *from
 adaptation* is the share rising further while a method adapts (here: by RISE points or more over the unadapted
-model's, on the same images). **Measure** adapts IMSE, IMSE without its diversity term ($\lambda_{dm} = 0$) and TENT
-(entropy minimisation of every LayerNorm's scale and shift) on ADAPTED images of the tab's corruption and severity,
-and measures them, and the unadapted model on the same images clean and corrupted, on MEASURED of those images.
+model's, on the same images). **Measure** adapts IMSE, IMSE without its diversity term ($\lambda_{dm} = 0$, view
+3) and TENT on ADAPTED images of the tab's corruption and severity, and measures them, and the unadapted model on
+the same images clean and corrupted, on MEASURED of those images.
 """,
     "step": r"""
 **3 · IMSE, step by step.** A sample is **reliable** when its prediction's entropy $H(x) = -\sum_c p_c \ln p_c$ is
