@@ -305,12 +305,13 @@ def step_text(report: StepReport, corruption: str, severity: int, layers: int) -
     loss = "—" if report.loss is None else f"{report.loss:.4f}"
     perturbed = "—" if report.loss_perturbed is None else f"{report.loss_perturbed:.4f}"
     status = "updated" if report.updated else f"**no update** ({report.skip_reason})"
-    round_ = (report.batch - 1) // report.batches
-    again = f", pass {round_ + 1} over its images" if round_ else ""
+    passes = (report.batch - 1) // report.batches
+    batches = report.batches
+    where = f", pass {passes + 1} over the stream's {batches}" if passes else f" of the stream's {batches}"
     n = len(report.reliable)
     return (
-        f"**Batch {report.batch}** of the stream's {report.batches} ({corruption.replace('_', ' ')} {severity}{again}; "
-        f"a new stream starts when the corruption or severity changes): {sum(report.reliable)} of {n} samples "
+        f"**Batch {report.batch}**{where} ({corruption.replace('_', ' ')} {severity}; a new stream starts when the "
+        f"corruption or severity changes): {sum(report.reliable)} of {n} samples "
         f"reliable (H < E0 = {report.margin:.3f}); loss {loss} at the current code, {perturbed} at SAM's perturbed "
         f"code; {status}; the step changed {report.changed} of {n} predictions on this batch.\n\n"
         f"{_stream(report)}\n\n{_pull(report, layers)}\n\n"
