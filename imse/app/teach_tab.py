@@ -200,7 +200,7 @@ def _domains_tab(w: Widgets) -> None:
                 _CORRUPTION_CHOICES,
                 value=["gaussian_noise", "defocus_blur", "snow", "contrast"],
                 multiselect=True,
-                label="Stored in the bank, slots 1, 2, … (slot 0 always holds clean data and the source code)",
+                label="Stored in the bank, slots 1, 2, … (slot 0 always holds clean data and σ₀, the unadapted σ)",
                 scale=3,
             )
             w["incoming"] = gr.Dropdown(_CORRUPTION_CHOICES, value="snow", label="A new batch of (this view only)")

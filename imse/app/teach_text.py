@@ -75,9 +75,9 @@ descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v
 **Detection** — *is this batch a new domain?* — compares the batch with the domain IMSE is adapting on now:
 $D > \tau$ ends that domain. **Retrieval** — *which stored code is nearest?* — runs only when detection fires. The
 bank's **slots** each hold one domain's descriptor and the code adapted on it (slot 0: the clean data's descriptor
-and the source code, the $\sigma$ before any adaptation); top-1 retrieval brings back the code of the slot with the
-smallest $D$ to the batch. (Here nothing was adapted, so every slot holds the source code: the view is about
-*which* slot.)
+and the source model's own code, $\sigma_0$, the $\sigma$ before any adaptation); top-1 retrieval brings back the
+code of the slot with the smallest $D$ to the batch. (Here nothing was adapted, so every slot holds $\sigma_0$: the
+view is about *which* slot.)
 """,
 }
 
