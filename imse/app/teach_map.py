@@ -96,10 +96,10 @@ _CATEGORIES = {"not stored": "#1f77b4", "stored in the bank": "#d62728", "clean 
 
 
 @_themed
-def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 420):
+def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 300):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
     clean data; clean, the stored domains and the new batch's corruption are labelled, each kind in the legend.
-    ``width_px``: the plot's expected width, for placing the labels apart."""
+    ``width_px``: the plot's width to place the labels apart for (a phone's: on a desktop they sit further apart)."""
     incoming = retrieval.incoming if retrieval else None
     xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
     radius = math.sqrt(domains.tau)
@@ -133,11 +133,12 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     circle_x, circle_y = [cx + radius * math.cos(a) for a in angles], [cy + radius * math.sin(a) for a in angles]
     fig.add_trace(go.Scatter(x=circle_x, y=circle_y, mode="lines", line=dict(color="#2ca02c", width=1.5),
                              hoverinfo="skip", name="√τ around clean: inside, no new domain"))  # fmt: skip
-    note = f"classical MDS of √KL keeps {100 * domains.kept:.0f} % of the spread: retrieval reads the KL, not this map"
+    kept = f"classical MDS of √KL, keeping {100 * domains.kept:.0f} % of its spread"
+    note = f"{kept}:<br>retrieval reads the KL, not this map"
     fig.update_layout(
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
-        height=520,
-        margin=dict(l=40, r=15, t=60, b=45),
+        height=540,
+        margin=dict(l=40, r=15, t=80, b=45),
         xaxis=dict(zeroline=False, title=""),
         yaxis=dict(zeroline=False, title="", scaleanchor="x"),
         legend=dict(orientation="h", y=-0.08, yanchor="top"),
