@@ -312,7 +312,7 @@ def test_view_4_tells_detection_from_retrieval_and_the_map_from_the_kl():
 def test_every_mark_of_a_teach_figure_is_named_and_no_text_shows_a_raw_subscript():
     """Each trace is in its legend with a name, unless it names itself: bars whose categories are their labels, a
     heatmap with its colour bar; every shape drawn has a legend entry too; no title, axis, legend or category text
-    shows a raw ``_`` subscript."""
+    shows a raw ``_`` subscript, nor any label (a map's names) an underscore."""
     from test_theme import as_json, teach_figures
 
     for figure in teach_figures():
@@ -327,22 +327,25 @@ def test_every_mark_of_a_teach_figure_is_named_and_no_text_shows_a_raw_subscript
         for shape in spec["layout"].get("shapes", []):
             assert shape.get("showlegend") and shape.get("name"), title
         texts = [title] + [t.get("name", "") for t in traces] + [str(t.get("x", "")) for t in traces]
+        texts += [note.get("text", "") for note in spec["layout"].get("annotations", [])]
         for key, axis in spec["layout"].items():
             if key.startswith(("xaxis", "yaxis")):
                 texts.append(str(axis.get("title", {}).get("text", "")))
         assert not any(sub in text for text in texts for sub in ("λ_", "σ_", "L_dm", "E_0")), title
+        assert not any("_" in note.get("text", "") for note in spec["layout"].get("annotations", [])), title
 
 
 def test_the_maps_labels_do_not_collide_and_log_axes_tick_only_round_numbers():
-    from imse.app.teach_map import _PLACES, _box, _overlaps, place_labels
+    from imse.app.teach_map import POINT_PX, _box, _overlaps, place_labels
     from imse.app.teach_viz import log_ticks
 
-    points = [(0.0, 0.0), (0.05, 0.0), (0.1, 0.0), (0.0, 0.05), (1.0, 1.0)]  # four crowded, one alone
-    labels = ["gaussian noise", "shot noise", "impulse noise", "clean", "contrast"]
-    positions = place_labels(points, labels, 400)
-    sides = {name: (dx, dy) for name, dx, dy in _PLACES}
-    boxes = [_box(400 * x, 400 * y, 7.0 * len(label), *sides[p]) for (x, y), label, p in zip(points, labels, positions)]
-    assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
-    assert positions[-1] == "top center"  # nothing near: the first choice
+    points = [(0.0, 0.0), (0.05, 0.0), (0.1, 0.0), (0.0, 0.05), (0.05, -0.04), (1.0, 1.0)]  # five crowded, one alone
+    labels = ["gaussian noise", "shot noise", "impulse noise", "clean", "snow", "contrast"]
+    offsets = place_labels(points, labels, 300)
+    boxes = [_box(300 * x, 300 * y, 7.0 * len(label), o) for (x, y), label, o in zip(points, labels, offsets)]
+    dots = [(300 * x - POINT_PX, 300 * y - POINT_PX, 300 * x + POINT_PX, 300 * y + POINT_PX) for x, y in points]
+    assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
+    assert offsets[-1] == (0, POINT_PX + 7.0)  # nothing near: right above its point
+    assert place_labels([(0, 0)], [""], 300) == [None]
     assert log_ticks(0.0011, 0.9) == dict(tickvals=[0.001, 0.01, 0.1, 1], ticktext=["0.001", "0.01", "0.1", "1"])
     assert log_ticks(1, 128, base=2)["ticktext"] == ["1", "2", "4", "8", "16", "32", "64", "128"]

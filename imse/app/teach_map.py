@@ -16,44 +16,51 @@ from imse.runs.explain.domains import CLEAN, DomainMap, Retrieval
 
 __all__ = ["domain_map_figure", "kl_figure", "place_labels", "retrieval_figure"]
 
-CHAR_PX, LINE_PX, POINT_PX = 7.0, 14.0, 8.0  # a label's character width and height, a point's radius (12 px font)
-# where a label may go around its point, in order of preference: (plotly's textposition, x side, y side)
-_PLACES = [("top center", 0, 1), ("bottom center", 0, -1), ("middle right", 1, 0), ("middle left", -1, 0),
-           ("top right", 1, 1), ("top left", -1, 1), ("bottom right", 1, -1), ("bottom left", -1, -1)]  # fmt: skip
+CHAR_PX, LINE_PX, POINT_PX = 7.0, 14.0, 10.0  # a label's character width and height, a point's radius (12 px font)
+# where a label's centre may go around its point: 8 directions (the ones above and below first) at growing distances
+_DIRECTIONS = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
+_DISTANCES = (0, 22, 44)  # px beyond touching the point; further away, a line leads from the label to its point
 
 
-def _box(x: float, y: float, width: float, side_x: int, side_y: int) -> tuple[float, float, float, float]:
-    """The pixel box of a label ``width`` px wide placed at ``side`` of the point (x, y)."""
-    centre_x = x + side_x * (POINT_PX + width / 2)
-    centre_y = y + side_y * (POINT_PX + LINE_PX / 2)
-    return centre_x - width / 2, centre_y - LINE_PX / 2, centre_x + width / 2, centre_y + LINE_PX / 2
+def _box(x: float, y: float, width: float, offset: tuple[float, float]) -> tuple[float, float, float, float]:
+    """The pixel box of a label ``width`` px wide centred ``offset`` px from the point (x, y), y up."""
+    return (x + offset[0] - width / 2, y + offset[1] - LINE_PX / 2, x + offset[0] + width / 2,
+            y + offset[1] + LINE_PX / 2)  # fmt: skip
+
+
+def _offsets(width: float) -> list[tuple[float, float]]:
+    """Label centres around a point, nearest first: touching it in each direction, then further out."""
+    reach_x, reach_y = POINT_PX + width / 2, POINT_PX + LINE_PX / 2
+    return [(dx * (reach_x + extra), dy * (reach_y + extra)) for extra in _DISTANCES for dx, dy in _DIRECTIONS]
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def place_labels(points: list[tuple[float, float]], labels: list[str], px_per_unit: float) -> list[str]:
-    """A text position for each labelled point (an empty label is not drawn), greedily, in order: the first place
-    whose box meets no label placed so far and no point; the least crowded one when every place is taken."""
+def place_labels(
+    points: list[tuple[float, float]], labels: list[str], px_per_unit: float
+) -> list[tuple[float, float] | None]:
+    """Where each label's centre goes, in px from its point (y up; None for an empty label), greedily in order:
+    the nearest place whose box meets no label placed so far and no point; the least crowded one when every place
+    is taken."""
     pixels = [(x * px_per_unit, y * px_per_unit) for x, y in points]
     dots = [(x - POINT_PX, y - POINT_PX, x + POINT_PX, y + POINT_PX) for x, y in pixels]
     placed: list[tuple] = []
-    positions = []
-    for index, ((x, y), label) in enumerate(zip(pixels, labels)):
+    offsets: list[tuple[float, float] | None] = []
+    for (x, y), label in zip(pixels, labels):
         if not label:
-            positions.append("top center")
+            offsets.append(None)
             continue
         width = CHAR_PX * len(label)
-        others = [dot for j, dot in enumerate(dots) if j != index] + placed
         crowding = []
-        for name, side_x, side_y in _PLACES:
-            box = _box(x, y, width, side_x, side_y)
-            crowding.append((sum(_overlaps(box, other) for other in others), name, box))
-        clashes, name, box = min(crowding, key=lambda entry: entry[0])  # the first of the least crowded
-        positions.append(name)
+        for offset in _offsets(width):
+            box = _box(x, y, width, offset)
+            crowding.append((sum(_overlaps(box, other) for other in dots + placed), offset, box))
+        _, offset, box = min(crowding, key=lambda entry: entry[0])  # the nearest of the least crowded
+        offsets.append(offset)
         placed.append(box)
-    return positions
+    return offsets
 
 
 @_themed
@@ -107,7 +114,7 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
     shown = [name.replace("_", " ") if _category(name, retrieval) != "not stored" or name == incoming else ""
              for name in domains.names]  # fmt: skip
-    positions = place_labels(list(domains.xy), shown, width_px / max(span, 1e-9))
+    offsets = place_labels(list(domains.xy), shown, width_px / max(span, 1e-9))
     fig = go.Figure()
     for category, colour in _CATEGORIES.items():
         members = [i for i, name in enumerate(domains.names) if _category(name, retrieval) == category]
@@ -115,15 +122,19 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
             go.Scatter(
                 x=[xs[i] for i in members],
                 y=[ys[i] for i in members],
-                mode="markers+text",
-                text=[shown[i] for i in members],
-                textposition=[positions[i] for i in members],
+                mode="markers",
                 hovertext=[domains.names[i].replace("_", " ") for i in members],
                 hoverinfo="text",
                 marker=dict(size=11, color=colour),
                 name=category,
             )
         )
+    for i, offset in enumerate(offsets):
+        if offset is not None:  # a label, and a line to its point when it had to stand off
+            far = offset not in _offsets(CHAR_PX * len(shown[i]))[: len(_DIRECTIONS)]  # not touching its point
+            fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
+                               arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
+                               standoff=6)  # fmt: skip
     if incoming is not None:
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
@@ -139,8 +150,8 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
         height=540,
         margin=dict(l=40, r=15, t=80, b=45),
-        xaxis=dict(zeroline=False, title=""),
-        yaxis=dict(zeroline=False, title="", scaleanchor="x"),
+        xaxis=dict(zeroline=False, title="", constrain="domain"),  # equal scales: the plot area shrinks to fit
+        yaxis=dict(zeroline=False, title="", scaleanchor="x", constrain="domain"),
         legend=dict(orientation="h", y=-0.08, yanchor="top"),
     )
     return fig
