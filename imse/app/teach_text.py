@@ -64,7 +64,8 @@ of the last three blocks. $L_{dm}$ reads every token of **every** sample of the 
 out each layer's expert $i^\ast_\ell$ whose std is largest: that one varies most already, and the mean is about the
 experts that could go flat. The last three blocks' own $\sigma$ stay at the source values: $L_{dm}$, measured on
 their inputs, can only be raised by what the adapted blocks send into them. SAM (sharpness-aware minimisation)
-first moves the code uphill by $\rho$, takes the gradient there, and steps from the original code with Adam.
+first moves the code uphill by $\rho$, takes the gradient there, and steps from the original code with Adam
+(the filter and SAM are SAR's update, which IMSE reuses).
 **Step** adapts on the stream's next batch of 64, **Step × 10** on the next ten; **Reset** returns to the source
 $\sigma$.
 """,
@@ -101,8 +102,9 @@ def why_sigma(counts: dict[str, int], adapted_blocks: int) -> str:
     blocks = f"blocks 0–{adapted_blocks - 1}" if adapted_blocks > 1 else "block 0"
     return (
         f"**Why σ, and not LayerNorm or all weights?** On this backbone IMSE adapts **{counts['imse']:,}** values "
-        f"(the σ of {blocks}), TENT **{counts['tent']:,}** (every LayerNorm's scale and shift), SAR "
-        f"**{counts['sar']:,}** (the LayerNorm scales and shifts of {blocks}), and fine-tuning every weight would "
+        f"(the σ of {blocks}), TENT **{counts['tent']:,}** (every LayerNorm's scale and shift), SAR (the "
+        f"baseline whose update IMSE reuses, view 3) **{counts['sar']:,}** (the LayerNorm scales and shifts of "
+        f"{blocks}), and fine-tuning every weight would "
         f"adapt **{counts['all weights']:,}**. A σ only turns up or down a direction the source model learned "
         "($u_i$ and $v_i$ stay fixed), so whatever adaptation does, it re-weights the source model's own experts. "
         "LayerNorm's scale and shift act on each channel, not on the directions the layers learned, and free weights "
