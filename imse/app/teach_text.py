@@ -53,7 +53,8 @@ the **top-class share** is the share of images given the most-predicted class (1
 adaptation* is the share rising further while a method adapts (here: by RISE points or more over the unadapted
 model's, on the same images). **Measure** adapts IMSE, IMSE without its diversity term ($\lambda_{dm} = 0$, view
 3) and TENT on ADAPTED images of the tab's corruption and severity, and measures them, and the unadapted model on
-the same images clean and corrupted, on MEASURED of those images.
+the same images clean and corrupted, on MEASURED of those images. The plots' std axes start at 0, or show a
+method's change in % against the corrupted, unadapted model, where small differences would otherwise look large.
 """,
     "step": r"""
 **3 · IMSE, step by step.** A sample is **reliable** when its prediction's entropy $H(x) = -\sum_c p_c \ln p_c$ is
@@ -192,9 +193,11 @@ def _without_diversity(view: CollapseView) -> str:
         return ""
     gap = view.correct("IMSE") - view.correct(ablated)
     if gap < 0:
-        verdict = "so the diversity term cost IMSE accuracy on this stream"
+        verdict = f"so the diversity term cost IMSE {_images(-gap)} here"
+    elif gap == 0:
+        verdict = "the same: the diversity term neither helped IMSE nor held it back here"
     else:
-        verdict = "so the diversity term is not what held IMSE back"
+        verdict = f"so the diversity term is not what held IMSE back (it helped, by {_images(gap)})"
     return f" Without it ({_named(ablated)}) IMSE scored {_pct(view.accuracy[ablated])}, {verdict}."
 
 
@@ -213,9 +216,8 @@ def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
     gap = f"{_images(behind)} behind {_named(best)}" + (", about a tie" if behind <= TIE_IMAGES else "")
     if not collapsed:
         return (
-            f" **IMSE did not win here** ({gap}), and no win is expected: nothing collapsed, so its diversity term, "
-            "which exists to stop collapse, had nothing to prevent, while it still pulls on σ beside the entropy "
-            "term (view 3 measures how hard)." + _without_diversity(view)
+            f" **IMSE did not win here** ({gap}), and no advantage is expected: nothing collapsed, so its diversity "
+            "term, which exists to stop collapse, had nothing to prevent." + _without_diversity(view)
         )
     if "IMSE" in collapsed:
         return f" **IMSE did not win here** ({gap}): it collapsed too." + _without_diversity(view)
@@ -268,9 +270,9 @@ def _pull(report: StepReport, layers: int) -> str:
     bigger = "" if report.entropy_term is None else f", far from the entropy term's {report.entropy_term:.2f},"
     start = (
         f"**The objective's values say little about what moves σ.** −λ<sub>dm</sub>·L<sub>dm</sub> is "
-        f"{-report.lambda_dm * diversity:.2f}{bigger} because L<sub>dm</sub> adds up {layers} layers' mean std "
-        f"(about {3 * diversity / layers:.3f} each) over 3 blocks (here {diversity:.3f}) and λ<sub>dm</sub> = "
-        f"{report.lambda_dm:g} multiplies it. But a constant added to a loss moves nothing: σ follows the gradient."
+        f"{-report.lambda_dm * diversity:.2f}{bigger} because L<sub>dm</sub> sums the mean std of {layers} layers "
+        f"(about {3 * diversity / layers:.3f} each) and divides by 3 blocks (here {diversity:.3f}), and λ<sub>dm</sub> "
+        f"= {report.lambda_dm:g} multiplies it. But a constant added to a loss moves nothing: σ follows the gradient."
     )
     if pull.entropy is None:
         return start + " No sample is reliable on this batch, so only the diversity term pulls."
