@@ -206,10 +206,16 @@ def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
     if "IMSE" not in view.adapted:
         return ""
     if best == "IMSE":
-        if collapsed:
+        if collapsed and "IMSE" not in collapsed:
+            ablated = "IMSE, λ_dm = 0"
+            without = (
+                f"; without its diversity term, {100 * view.top_share(ablated):.0f} %"
+                if ablated in view.adapted
+                else ""
+            )
             return (
-                f" IMSE's diversity term kept its predictions spread (top-class share "
-                f"{100 * view.top_share('IMSE'):.0f} %) where {' and '.join(_named(c) for c in collapsed)} collapsed."
+                f" IMSE kept its predictions spread (top-class share {100 * view.top_share('IMSE'):.0f} %{without}) "
+                f"where {' and '.join(_named(c) for c in collapsed)} collapsed."
             )
         return ""
     behind = view.correct(best) - view.correct("IMSE")
