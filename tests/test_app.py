@@ -239,10 +239,12 @@ def test_browser_walks_the_four_teach_views_with_no_outside_request(app_url, tmp
         page.screenshot(path=str(shots / "teach-2-collapse.png"), full_page=True)
         collapse = page.locator("#teach-collapse-text").inner_text()
 
-        page.get_by_role("tab", name="3 · One IMSE step").click()
+        page.get_by_role("tab", name="3 · IMSE, step by step").click()
         for batch in (1, 2):  # a click while the step runs is ignored (Gradio's trigger mode "once")
             page.get_by_role("button", name="Step", exact=True).click()
             page.wait_for_function(f"document.querySelector('#teach-step-text').textContent.includes('Batch {batch} ')")
+        page.get_by_role("button", name="Step × 10").click()  # streamed: each step answers as it is taken
+        page.wait_for_function("document.querySelector('#teach-step-text').textContent.includes('Batch 12 ')")
         settle(page)
         page.screenshot(path=str(shots / "teach-3-step.png"), full_page=True)
         step = page.locator("#teach-step-text").inner_text()
@@ -254,10 +256,11 @@ def test_browser_walks_the_four_teach_views_with_no_outside_request(app_url, tmp
         domains = page.locator("#teach-domains-text").inner_text()
         seen = titles(page)
         browser.close()
-    assert "keeping the 16 largest (every layer)" in experts
-    assert "After 768 corrupted images" in collapse and "TENT" in collapse
-    assert "Batch 2 of contrast 3" in step and "E0 = 0.921" in step
-    assert "top-1 retrieval brings back slot 3, snow" in domains
+    assert "only the 16 largest experts kept in every one of the 24 layers" in experts
+    assert "After 768 corrupted images" in collapse and "TENT" in collapse and "Best: " in collapse
+    assert "Batch 12 of the stream's 40 (contrast 3" in step and "E0 = 0.921" in step
+    assert "The stream so far (768 images)" in step
+    assert "Retrieval, when detection fires: slot 3, snow" in domains
     assert any("Symmetric KL" in t for t in seen) and any("Domain map" in t for t in seen)
     assert all((shots / f"teach-{n}.png").stat().st_size > 20_000 for n in
                ("1-experts", "2-collapse", "3-step", "4-domains"))  # fmt: skip

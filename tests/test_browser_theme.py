@@ -134,10 +134,21 @@ def _views(page, url: str, shots: Path, theme: str) -> dict[str, list[dict]]:
     page.get_by_role("button", name="Start").click()
     batches = 4 * PER_DOMAIN // 64  # the default run: 4 corruptions, batches of 64
     _wait_for_title(page, f"batch {batches}/{batches}", timeout=600_000)
-    views = [("lab", None), ("teach-experts", "experts kept"), ("teach-domains", "Symmetric KL")]
+    views = [("lab", None), ("teach-experts", "experts kept"), ("teach-collapse", "Mean std while adapting"),
+             ("teach-step", "The stream so far"), ("teach-domains", "Symmetric KL")]  # fmt: skip
     for view, title in views:
         if view == "teach-experts":
             page.get_by_role("tab", name="Teach: why IMSE works").click()
+        if view == "teach-collapse":
+            page.get_by_role("tab", name="2 · Collapse, measured").click()
+            page.get_by_role("button", name="Measure").click()
+            page.wait_for_function("document.querySelector('#teach-collapse-text').textContent.includes('(done)')",
+                                   timeout=600_000)  # fmt: skip
+        if view == "teach-step":
+            page.get_by_role("tab", name="3 · IMSE, step by step").click()
+            page.get_by_role("button", name="Step × 10").click()
+            page.wait_for_function("document.querySelector('#teach-step-text').textContent.includes('Batch 10 ')",
+                                   timeout=300_000)  # fmt: skip
         if view == "teach-domains":
             page.get_by_role("tab", name="4 · Domains and retrieval").click()
         if title:

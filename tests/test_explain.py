@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from imse.app import teach_data
-from imse.core.losses import entropy_margin
+from imse.core.losses import entropy_margin, softmax_entropy
 from imse.core.methods import create
 from imse.core.spectral import get_code, spectral_layers
 from imse.data.corruptions import corrupt
 from imse.runs.collapse import CollapseMeter
 from imse.runs.explain import experts
-from imse.runs.explain.collapse import ADAPTED, collapse_progress
+from imse.runs.explain.collapse import ADAPTED, CollapseView, collapse_progress
 from imse.runs.explain.domains import CLEAN, classical_mds, domain_map, retrieve
-from imse.runs.explain.step import StepExplorer
+from imse.runs.explain.step import StepExplorer, StreamTally
 
 LAYER = "model.blocks.2.mlp.fc1"
 
@@ -147,41 +147,108 @@ def test_the_collapse_view_measures_each_method_as_an_independent_run_would(mode
 
 
 def test_one_step_dissected_is_the_methods_own_update(model, data):
+    """Each step is the method's own (a second IMSE on the same corrupted batch moves the same σ); the table is
+    the σ furthest from σ₀ so far; the two terms' gradients add up to the method's own loss gradient; the stream
+    tally counts IMSE's pre-update and the unadapted model's right answers."""
     images, labels = data
     explorer = StepExplorer(model, images, labels, "gaussian_noise", 5, batch_size=32, top=5, lr=7e-4)
-    report = explorer.step()
-    x = corrupt(images, "gaussian_noise", 5, generator=torch.Generator().manual_seed(0))[:32]
+    assert explorer.batches == 3
+    x = corrupt(images[:32], "gaussian_noise", 5, generator=torch.Generator().manual_seed(0))  # batch 0, seed 0
+    assert torch.equal(explorer.batch(0)[0], x) and torch.equal(explorer.batch(3)[0], x)  # a second pass: the same
     twin = copy.deepcopy(model)
+    reference = create("imse", twin, lr=7e-4)
+    params = list(reference.trainable.values())
+    with reference.probe.capture(differentiable=reference.diversity_layers) as stats:
+        logits = reference.run_model(x)
+    entropy = softmax_entropy(logits)
+    loss, _ = reference._loss(entropy, entropy.detach() < reference.entropy_margin(10), stats)
+    whole = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    report = explorer.step()
     with torch.no_grad():
         probabilities = torch.softmax(twin(x).double(), -1)
-    entropy = -(probabilities * probabilities.log()).sum(-1)
-    assert report.entropy == pytest.approx(entropy.tolist(), abs=1e-5)
+    by_hand = -(probabilities * probabilities.log()).sum(-1)
+    assert report.entropy == pytest.approx(by_hand.tolist(), abs=1e-5)
     assert report.margin == pytest.approx(0.4 * math.log(10)) == pytest.approx(entropy_margin(10))
-    assert report.reliable == (entropy < report.margin).tolist()
-    assert report.before == probabilities.argmax(-1).tolist() and report.labels == labels[:32].tolist()
-    reference = create("imse", twin, lr=7e-4)
+    assert report.reliable == (by_hand < report.margin).tolist()
+    assert report.before == probabilities.argmax(-1).tolist() == report.source and report.labels == labels[:32].tolist()
+    cosine = report.pull.cosine
+    norm = math.sqrt(
+        report.pull.entropy**2 + report.pull.diversity**2 + 2 * cosine * report.pull.entropy * report.pull.diversity
+    )
+    assert norm == pytest.approx(float(whole.norm()), rel=1e-4)  # ‖g_H + g_dm‖ from the two norms and their cosine
     start = get_code(twin)
     reference(x)
-    deltas = {name: s - start[name] for name, s in get_code(twin).items()}
-    for layer, index, delta, before in report.moved:
-        assert delta == pytest.approx(float(deltas[layer][index]), abs=1e-7) and before == float(start[layer][index])
-    largest = sorted((abs(float(v)) for d in deltas.values() for v in d), reverse=True)[:5]
-    assert [abs(d) for _, _, d, _ in report.moved] == pytest.approx(largest, abs=1e-7)
+    after = get_code(twin)
+    moved = sorted((abs(float(v)) for name, s in after.items() for v in s - start[name]), reverse=True)[:5]
+    assert [abs(m.since_source) for m in report.moved] == pytest.approx(moved, abs=1e-7)
+    for m in report.moved:
+        assert m.now == pytest.approx(float(after[m.layer][m.expert]), abs=1e-7) and m.source == float(
+            start[m.layer][m.expert]
+        )
+        assert m.last_step == pytest.approx(m.since_source, abs=1e-9)  # one step: the step is all the movement
     assert report.weighted_sum == pytest.approx(report.loss, abs=1e-5)
     assert report.weighted_sum == pytest.approx(report.entropy_term - report.lambda_dm * report.diversity, abs=1e-9)
     assert report.after == reference.model(x).argmax(-1).tolist()
+    assert report.changed == sum(b != a for b, a in zip(report.before, report.after))
     second = explorer.step()
     assert second.batch == 2 and second.labels == labels[32:64].tolist()
+    assert second.moved[0].last_step != pytest.approx(second.moved[0].since_source)  # two steps: Δσ accumulates
+    right = [int((torch.tensor(r.before) == torch.tensor(r.labels)).sum()) for r in (report, second)]
+    source = [int((model(explorer.batch(i)[0]).argmax(-1) == labels[32 * i : 32 * i + 32]).sum()) for i in (0, 1)]
+    assert (second.stream.adapted, second.stream.source, second.stream.sizes) == (right, source, [32, 32])
     explorer.reset()
-    assert explorer.done == 0
+    assert explorer.done == 0 and explorer.tally.images == 0
     assert all(torch.equal(s, start[name]) for name, s in get_code(explorer.method.model).items())
 
 
-def test_classical_mds_recovers_a_planar_configuration():
+def test_the_streams_gain_and_its_noise_band_are_the_paired_per_batch_statistics():
+    tally = StreamTally(sizes=[64, 64, 32], adapted=[20, 30, 12], source=[18, 31, 10])
+    differences = np.array([2 / 64, -1 / 64, 2 / 32])
+    gain, band = tally.gain()
+    assert gain == pytest.approx(100 * 3 / 160)
+    assert band == pytest.approx(200 * differences.std(ddof=1) / math.sqrt(3))
+    assert tally.accuracy("adapted") == pytest.approx(62 / 160) and StreamTally([64], [1], [0]).gain()[1] is None
+
+
+def test_trainable_counts_are_each_methods_own_and_every_weight_of_the_plain_model(model):
+    """IMSE: the σ of every layer in blocks 0..depth-4; TENT: every LayerNorm's scale and shift; SAR: those of
+    blocks 0..depth-4; all weights: the backbone as built, before its layers were decomposed."""
+    from imse.data.models import create_backbone
+
+    counts = experts.trainable_counts(model, {"imse": {"lr": 7e-4}})
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    early = [m for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm) and ".blocks." in f".{name}"
+             and int(name.split("blocks.")[1].split(".")[0]) < 3]  # fmt: skip
+    assert counts["imse"] == 3 * 4 * 128  # depth 6: blocks 0–2, four layers of rank 128 each
+    assert counts["tent"] == sum(2 * m.normalized_shape[0] for m in norms)
+    assert counts["sar"] == sum(2 * m.normalized_shape[0] for m in early)
+    assert counts["all weights"] == sum(p.numel() for p in create_backbone("builtin").parameters())
+    assert all(layer.S.requires_grad is False for layer in spectral_layers(model).values())  # the model untouched
+
+
+def test_collapse_is_a_rise_of_the_top_class_share_over_the_unadapted_models():
+    counts = {
+        "clean": [10] * 10,
+        "corrupted": [60] + [40] + [0] * 8,
+        "IMSE": [65] + [35] + [0] * 8,
+        "TENT": [70] + [30] + [0] * 8,
+    }
+    view = CollapseView(layers=["l"], conditions=list(counts), expert_std={}, layer_mean={}, class_counts=counts,
+                        accuracy=dict.fromkeys(counts, 0.5))  # fmt: skip
+    assert view.measured == 100 and view.adapted == ["IMSE", "TENT"] and view.correct("TENT") == 50
+    assert view.top_share("corrupted") == 0.6 and view.top_share("IMSE") == 0.65 and view.top_share("TENT") == 0.7
+    assert view.collapsed() == ["TENT"]  # 70 % is 10 points over 60 %; 65 % is not
+
+
+def test_classical_mds_recovers_a_planar_configuration_and_says_what_a_flat_map_loses():
     points = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [1.0, 1.0], [-2.0, 0.5]])
     distances = torch.cdist(points, points)
-    layout = classical_mds(distances)
-    assert torch.allclose(torch.cdist(layout, layout), distances, atol=1e-4)
+    layout, kept = classical_mds(distances)
+    assert torch.allclose(torch.cdist(layout, layout), distances, atol=1e-4) and kept == pytest.approx(1.0)
+    solid = torch.tensor([[0.0, 0, 0], [2, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]])  # 3-D: a 2-D map loses the rest
+    centred = (solid - solid.mean(0)).double().numpy()
+    spread = np.sort(np.linalg.eigvalsh(centred.T @ centred))[::-1]  # the configuration's variance per axis
+    assert classical_mds(torch.cdist(solid, solid))[1] == pytest.approx(spread[:2].sum() / spread.sum(), rel=1e-5)
 
 
 def test_domain_map_and_retrieval_follow_the_symmetric_kl_of_the_descriptors(model, data):
@@ -201,6 +268,9 @@ def test_domain_map_and_retrieval_follow_the_symmetric_kl_of_the_descriptors(mod
     incoming = _descriptor_of(model, corrupt(images[48:96], "contrast", 3, generator=torch.Generator().manual_seed(1)))
     slots = [domains.descriptors[name] for name in result.stored]
     assert result.distances == pytest.approx([incoming.distance(slot) for slot in slots])
+    at = np.array(domains.xy[domains.names.index("contrast")])
+    on_map = [np.linalg.norm(at - np.array(domains.xy[domains.names.index(name)])) for name in result.stored]
+    assert result.map_slot == int(np.argmin(on_map)) and 0 < domains.kept <= 1
 
 
 def _descriptor_of(model, images):

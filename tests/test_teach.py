@@ -1,6 +1,7 @@
 """The Teach tab's σ knob on the shared, cached model: exact, and invisible to other visitors."""
 
 import copy
+import re
 import threading
 
 import pytest
@@ -111,11 +112,12 @@ def test_every_view_reads_and_writes_the_widgets_it_names(tab):
         "collapse_view": 1,
         "collapse_layer": 1,
         "step_view": 1,
+        "step_many": 1,
         "step_reset": 1,
         "domains_view": 5,
     }
-    assert teach.experts_view.outputs == ("experts_text", "spectrum_plot", "rank_plot", "top5_base", "top5_edited",
-                                          "preview")  # fmt: skip
+    assert teach.experts_view.outputs == ("experts_text", "why_sigma", "spectrum_plot", "rank_plot", "top5_base",
+                                          "top5_edited", "preview")  # fmt: skip
 
 
 def test_an_answer_goes_to_the_widgets_it_names_and_other_names_are_refused():
@@ -160,9 +162,20 @@ def test_the_experts_view_answers_and_refuses_bad_input_readably(tmp_path):
     experts = dict(backbone="builtin", layer=layer, scope="every layer", k=8, expert=0, scale=1.0)
     answer = teach.experts_view(**experts)
     assert tuple(answer) == teach.experts_view.outputs
-    assert "keeping the 8 largest (every layer)" in answer["experts_text"]
-    assert "accuracy on 128 images with k = 8: 14.8 % (all experts: 93.8 %)" in answer["experts_text"]
-    assert answer["preview"].shape == (32, 32, 3)
+    text = answer["experts_text"]
+    assert "only the 8 largest experts kept in every one of the 24 layers" in text
+    assert "σ<sub>0</sub> of `model.blocks.0.attn.qkv` × 1 (that layer only, in either scope)" in text
+    assert "unedited **93.8 %** · the k cut alone **14.8 %** (the curve) · both edits **14.8 %**" in text
+    scaled = teach.experts_view(**{**experts, "scale": 0.0})["experts_text"]
+    assert "the k cut alone **14.8 %** (the curve) · both edits" in scaled and "both edits **14.8 %**" not in scaled
+    assert "IMSE adapts **1,536** values (the σ of blocks 0–2)" in answer["why_sigma"]
+    assert "TENT **3,328**" in answer["why_sigma"] and "every weight would adapt **1,008,522**" in answer["why_sigma"]
+    image, _ = teach_data.sample_images("builtin")[0]
+    preview = answer["preview"]
+    assert preview.shape == (224, 224, 3)  # 32 px, each pixel a 7 × 7 square
+    assert (preview[::7, ::7] == image.permute(1, 2, 0).numpy()).all() and (
+        preview[6::7, 6::7] == preview[::7, ::7]
+    ).all()
     assert "8 of 128 experts kept" in answer["spectrum_plot"].layout.title.text
     assert [round(x) for x in answer["rank_plot"].data[0].x] == [1, 4, 8, 16, 64, 128]  # the grid and this k
 
@@ -191,7 +204,7 @@ def test_the_experts_view_answers_and_refuses_bad_input_readably(tmp_path):
             teach.experts_view(**{**experts, **change})
 
 
-def test_views_2_to_4_answer_and_refuse_bad_input_readably():
+def test_views_2_to_4_answer_and_refuse_bad_input_readably(monkeypatch):
     import gradio as gr
 
     from imse.app import teach
@@ -213,16 +226,132 @@ def test_views_2_to_4_answer_and_refuse_bad_input_readably():
         next(teach.collapse_view(backbone="builtin", corruption="lava", severity=3, collapse_layer=None))
 
     first = teach.step_view(**step)
-    second = teach.step_view(**{**step, "explorer": first["explorer"]})
-    assert tuple(first) == tuple(second) == teach.step_view.outputs
-    assert first["step_text"].startswith("Batch 1 of snow 2: 28 of 64 samples under E0 = 0.921;")
-    assert second["step_text"].startswith("Batch 2 of snow 2")
-    reset = teach.step_reset(**{**step, "explorer": second["explorer"]})
+    assert tuple(first) == teach.step_view.outputs
+    assert first["step_text"].startswith("**Batch 1** of the stream's 40 (snow 2;")
+    assert "samples reliable (H < E0 = 0.921)" in first["step_text"]
+    assert first["moved_table"]["headers"] == teach.MOVED_HEADERS
+    assert {row[3] for row in first["moved_table"]["value"]} <= {"+7.00e-04", "-7.00e-04"}  # Adam's first step: ±lr
+    monkeypatch.setattr(teach, "STEPS_AT_ONCE", 2)  # "Step × 10", two steps long: the default suite stays short
+    many = list(teach.step_many(**{**step, "explorer": first["explorer"]}))
+    assert all(tuple(answer) == teach.step_view.outputs for answer in many)
+    assert [re.match(r"\*\*Batch (\d+)\*\* of the stream's 40", a["step_text"]).group(1) for a in many] == ["2", "3"]
+    assert "The stream so far** (192 images)" in many[-1]["step_text"]
+    reset = teach.step_reset(**{**step, "explorer": many[-1]["explorer"]})
     assert reset["step_text"].startswith("Back to the source") and reset["moved_table"] == []
-    assert reset["entropy_plot"] is reset["loss_plot"] is reset["step_predictions_plot"] is None
+    assert reset["entropy_plot"] is reset["loss_plot"] is reset["stream_plot"] is None
     again = teach.step_view(**{**step, "explorer": reset["explorer"]})
     assert again["step_text"] == first["step_text"]  # the same first step again, exactly
     answer = teach.domains_view(**{**domains, "stored": ["gaussian_noise", "snow"]})
     assert tuple(answer) == teach.domains_view.outputs
-    expected = "top-1 retrieval brings back slot 2, **snow** — the code stored for the same corruption."
-    assert expected in answer["domains_text"]
+    expected = "**Retrieval,** when detection fires: slot 2, **snow** (D = "
+    assert expected in answer["domains_text"] and "the code stored for the same corruption." in answer["domains_text"]
+
+
+# -- the words and the marks -------------------------------------------------------------------------------------
+
+
+def collapse_view_of(correct: dict[str, int], top: dict[str, int]):
+    """A finished view 2 measured on 100 images: each condition's right answers and its top class's count."""
+    from imse.runs.explain.collapse import CollapseView
+
+    conditions = ["clean", "corrupted", "IMSE", "IMSE, λ_dm = 0", "TENT"]
+    counts = {c: [top[c]] + [(100 - top[c]) // 9 + (i < (100 - top[c]) % 9) for i in range(9)] for c in conditions}
+    accuracy = {c: correct[c] / 100 for c in conditions}
+    return CollapseView(layers=["l"], conditions=conditions, expert_std={}, layer_mean={c: [0.05] for c in conditions},
+                        class_counts=counts, accuracy=accuracy, finished=True)  # fmt: skip
+
+
+def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
+    from imse.app.teach_text import collapse_verdict
+
+    top = {"clean": 16, "corrupted": 66, "IMSE": 64, "IMSE, λ_dm = 0": 72, "TENT": 88}
+    contrast = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27,
+                                                  "TENT": 18}, top))  # fmt: skip
+    assert contrast.startswith("Best: **IMSE**, 33.0 % against the unadapted model's 27.0 % (+6 images of 100).")
+    assert "**Collapsed:** TENT's top-class share rose from 66 % to 88 % (accuracy 18.0 %)." in contrast
+    assert (
+        "IMSE kept its predictions spread (top-class share 64 %; without its diversity term, 72 %) where TENT"
+        in contrast
+    )
+
+    flat = dict.fromkeys(top, 16)
+    noise = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 80, "IMSE": 83, "IMSE, λ_dm = 0": 84,
+                                               "TENT": 89}, flat))  # fmt: skip
+    assert noise.startswith("Best: **TENT**, 89.0 % against the unadapted model's 80.0 % (+9 images of 100).")
+    assert "Nothing collapsed: no method's top-class share rose 10 points above the unadapted model's 16 %." in noise
+    assert "**IMSE did not win here** (6 images behind TENT), and no advantage is expected: nothing collapsed" in noise
+    assert (
+        "Without it (IMSE, $\\lambda_{dm} = 0$) IMSE scored 84.0 %, so the diversity term cost IMSE 1 image here"
+        in noise
+    )
+
+    tie = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 80, "IMSE": 81, "IMSE, λ_dm = 0": 79,
+                                             "TENT": 82}, flat))  # fmt: skip
+    assert "(+2 images of 100: within 2, too few to call a gain); IMSE within 2 images of it, about a tie" in tie
+    assert "**IMSE did not win here** (1 image behind TENT, about a tie)" in tie
+    assert "so the diversity term is not what held IMSE back (it helped, by 2 images)" in tie
+
+    worse = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 50, "IMSE": 49, "IMSE, λ_dm = 0": 40,
+                                               "TENT": 30}, {**top, "IMSE, λ_dm = 0": 80}))  # fmt: skip
+    assert worse.startswith("No method beat the unadapted model (50.0 %) on these 100 images.")
+    assert "IMSE, $\\lambda_{dm} = 0$'s top-class share rose from 66 % to 80 %" in worse
+
+
+def test_view_4_tells_detection_from_retrieval_and_the_map_from_the_kl():
+    from imse.app.teach_text import domains_text
+    from imse.runs.explain.domains import Retrieval
+
+    stored = ["clean", "gaussian_noise", "snow", "contrast"]
+    quiet = Retrieval("snow", stored, [0.013, 0.003, 0.002, 0.9], slot=2, shift_from_clean=False, map_slot=1)
+    text = domains_text(quiet, 3, 0.05)
+    assert "this batch would be D = 0.013 away, under τ = 0.05: no new domain" in text
+    assert "retrieve nothing. Coming from contrast instead (D > τ from their slots), detection would fire." in text
+    assert "**Retrieval,** when detection fires: slot 2, **snow** (D = 0.002), the code stored for the same" in text
+    assert "On the map, slot 1 (gaussian noise) looks nearer: the map is a 2-D approximation" in text
+    loud = Retrieval("fog", stored, [0.37, 0.4, 0.3, 0.12], slot=3, shift_from_clean=True, map_slot=3)
+    text = domains_text(loud, 3, 0.05)
+    assert "over τ = 0.05: detection fires, a new domain starts, and retrieval runs." in text
+    assert "gaussian noise, snow or contrast instead" in text and "this corruption is not in the bank" in text
+    assert "On the map" not in text
+
+
+def test_every_mark_of_a_teach_figure_is_named_and_no_text_shows_a_raw_subscript():
+    """Each trace is in its legend with a name, unless it names itself: bars whose categories are their labels, a
+    heatmap with its colour bar; every shape drawn has a legend entry too; no title, axis, legend or category text
+    shows a raw ``_`` subscript, nor any label (a map's names) an underscore."""
+    from test_theme import as_json, teach_figures
+
+    for figure in teach_figures():
+        spec = as_json(figure)
+        title = spec["layout"]["title"]["text"]
+        traces = spec["data"]
+        for trace in traces:
+            categories = trace.get("x") if trace.get("orientation") != "h" else trace.get("y")
+            if trace["type"] == "heatmap" or trace["type"] == "bar" and all(isinstance(c, str) for c in categories):
+                continue
+            assert trace.get("showlegend") is not False and trace.get("name"), (title, trace.get("name"))
+        for shape in spec["layout"].get("shapes", []):
+            assert shape.get("showlegend") and shape.get("name"), title
+        texts = [title] + [t.get("name", "") for t in traces] + [str(t.get("x", "")) for t in traces]
+        texts += [note.get("text", "") for note in spec["layout"].get("annotations", [])]
+        for key, axis in spec["layout"].items():
+            if key.startswith(("xaxis", "yaxis")):
+                texts.append(str(axis.get("title", {}).get("text", "")))
+        assert not any(sub in text for text in texts for sub in ("λ_", "σ_", "L_dm", "E_0")), title
+        assert not any("_" in note.get("text", "") for note in spec["layout"].get("annotations", [])), title
+
+
+def test_the_maps_labels_do_not_collide_and_log_axes_tick_only_round_numbers():
+    from imse.app.teach_map import POINT_PX, _box, _overlaps, place_labels
+    from imse.app.teach_viz import log_ticks
+
+    points = [(0.0, 0.0), (0.05, 0.0), (0.1, 0.0), (0.0, 0.05), (0.05, -0.04), (1.0, 1.0)]  # five crowded, one alone
+    labels = ["gaussian noise", "shot noise", "impulse noise", "clean", "snow", "contrast"]
+    offsets = place_labels(points, labels, 300)
+    boxes = [_box(300 * x, 300 * y, 7.0 * len(label), o) for (x, y), label, o in zip(points, labels, offsets)]
+    dots = [(300 * x - POINT_PX, 300 * y - POINT_PX, 300 * x + POINT_PX, 300 * y + POINT_PX) for x, y in points]
+    assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
+    assert offsets[-1] == (0, POINT_PX + 7.0)  # nothing near: right above its point
+    assert place_labels([(0, 0)], [""], 300) == [None]
+    assert log_ticks(0.0011, 0.9) == dict(tickvals=[0.001, 0.01, 0.1, 1], ticktext=["0.001", "0.01", "0.1", "1"])
+    assert log_ticks(1, 128, base=2)["ticktext"] == ["1", "2", "4", "8", "16", "32", "64", "128"]

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from imse.app import teach_viz, theme, viz
+from imse.app import teach_map, teach_viz, theme, viz
 from imse.runs.explain.collapse import CollapseView
 from imse.runs.explain.domains import DomainMap, Retrieval
-from imse.runs.explain.step import StepReport
+from imse.runs.explain.step import Moved, Pull, StepReport, StreamTally
 from imse.runs.lab import LabState
 
 WHITE, DARK = (255, 255, 255), (15, 15, 17)  # Gradio's light page and its dark one (body.dark's background)
@@ -110,7 +110,8 @@ def teach_figures() -> list:
         history={c: [(64, 0.1), (128, 0.09)] for c in conditions[2:]},
     )
     report = StepReport(
-        batch=1,
+        batch=2,
+        batches=40,
         entropy=[0.1, 0.5, 0.9],
         margin=0.92,
         reliable=[True, True, False],
@@ -120,18 +121,25 @@ def teach_figures() -> list:
         diversity=0.01,
         lambda_dm=50.0,
         weighted_sum=-0.2,
-        moved=[],
+        pull=Pull(entropy=0.4, diversity=2.1, cosine=0.7),
+        lr=7e-4,
+        moved=[Moved("blocks.0.attn.qkv", 3, 0.5, 0.5014, 0.0007)],
         labels=[0, 1, 2],
         before=[0, 1, 1],
         after=[0, 1, 2],
+        source=[0, 2, 1],
+        stream=StreamTally(sizes=[3, 3], adapted=[2, 3], source=[1, 2]),
         updated=True,
         skip_reason=None,
     )
     kl = [[0, 0.1, 0.2], [0.1, 0, 0.05], [0.2, 0.05, 0]]
-    domains = DomainMap(["clean", "fog", "snow"], {}, kl, [(0.0, 0.0), (0.3, 0.0), (0.0, 0.4)], tau=0.05)
-    retrieval = Retrieval("snow", ["clean", "fog", "snow"], [0.2, 0.05, 0.01], slot=2, shift_from_clean=True)
+    domains = DomainMap(["clean", "fog", "snow"], {}, kl, [(0.0, 0.0), (0.3, 0.0), (0.0, 0.4)], tau=0.05, kept=0.9)
+    retrieval = Retrieval("snow", ["clean", "fog", "snow"], [0.2, 0.05, 0.01], slot=2, shift_from_clean=True,
+                          map_slot=2)  # fmt: skip
     return [
-        teach_viz.spectrum_figure([3.0, 2.0, 1.0, 0.5], [0.6, 0.85, 0.96, 1.0], "model.blocks.0.attn.qkv", {0, 1}, 1),
+        teach_viz.spectrum_figure(
+            [3.0, 2.0, 1.0, 0.5], [0.6, 0.85, 0.96, 1.0], "model.blocks.0.attn.qkv", {0, 1}, 1, 2.0
+        ),
         teach_viz.rank_figure([(1, 0.3), (2, 0.6), (4, 0.8)], 0.82, k=2, at_k=0.6, scope="this layer", images=256),
         teach_viz.top5_figure([0.1] * 10, names, "top-5"),
         teach_viz.collapse_experts_figure(view, "b5.qkv"),
@@ -140,10 +148,10 @@ def teach_figures() -> list:
         teach_viz.predictions_figure(view, names),
         teach_viz.sample_entropy_figure(report),
         teach_viz.loss_figure(report),
-        teach_viz.step_predictions_figure(report, names),
-        teach_viz.kl_figure(domains),
-        teach_viz.domain_map_figure(domains, retrieval),
-        teach_viz.retrieval_figure(retrieval, 0.05),
+        teach_viz.stream_figure(report),
+        teach_map.kl_figure(domains),
+        teach_map.domain_map_figure(domains, retrieval),
+        teach_map.retrieval_figure(retrieval, 0.05),
     ]
 
 

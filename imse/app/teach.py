@@ -17,9 +17,10 @@ from typing import Any
 import gradio as gr
 import torch
 
-from imse.app import teach_data, teach_viz
+from imse.app import teach_data, teach_map, teach_text, teach_viz
 from imse.app.ui import as_int, as_number, check_backbone
-from imse.core.spectral import spectral_layers
+from imse.core.methods import METHODS
+from imse.core.spectral import find_vit, spectral_layers
 from imse.data.corruptions import CORRUPTIONS
 from imse.data.models import BUILTIN, BackboneUnavailable
 from imse.runs.collapse import CollapseMeter
@@ -37,6 +38,7 @@ __all__ = [
     "domains_view",
     "experts_view",
     "on_backbone",
+    "step_many",
     "step_reset",
     "step_view",
 ]
@@ -46,6 +48,8 @@ DOMAIN_BATCH = 64  # view 4: one batch per domain, as the shift detector sees th
 # view 2: rounds × steps of batch 32 (768 images), measured on 128 images after each round (~2 s a round, 2 cores)
 COLLAPSE_ROUNDS, COLLAPSE_STEPS, COLLAPSE_BATCH, COLLAPSE_MEASURED = 12, 2, 32, 128
 SCOPES = ("this layer", experts.ALL_LAYERS)
+PREVIEW_PX = 224  # view 1 shows the model's input at least this large
+DIVERSITY_BLOCKS = METHODS["imse"].defaults["diversity_blocks"]  # IMSE's last blocks: frozen, carrying L_dm
 
 
 def answers(*outputs: str) -> Callable:
@@ -134,6 +138,7 @@ def on_backbone(*, backbone: Any) -> dict:
 def clear_caches() -> None:
     """Forget every view's remembered answers (the backbones stay loaded): what a fresh server would compute."""
     _ACCURACY.clear()
+    _EDITED.clear()
     _COLLAPSE_DONE.clear()
     _domains.cache_clear()
 
@@ -142,6 +147,7 @@ def clear_caches() -> None:
 
 
 _ACCURACY: dict[tuple[str, str, int], float] = {}  # (backbone, scope, k) -> accuracy on the fixed set
+_EDITED: dict[tuple, float] = {}  # (backbone, scope, k, layer, expert, scale) -> the same, σ_i scaled too
 CURVE_KS = (1, 4, 16, 64)  # the curve's first points (plus the full rank), computed once per scope
 
 
@@ -168,7 +174,33 @@ def _curve(backbone_name: str, scope_layer: str, rank: int) -> list[tuple[int, f
     return sorted((k, acc) for k, acc in tried.items() if 0 < k <= rank)
 
 
-@answers("experts_text", "spectrum_plot", "rank_plot", "top5_base", "top5_edited", "preview")
+def _accuracy_edited(backbone_name: str, sigmas: dict[str, torch.Tensor], key: tuple) -> float:
+    """Accuracy on the fixed set with both edits (the k cut and the scaled σ), remembered by ``key``."""
+    if key not in _EDITED:
+        images, labels, _ = teach_data.eval_set(backbone_name)
+        if len(_EDITED) > 4096:
+            _EDITED.clear()
+        _EDITED[key] = experts.accuracy(teach_data.spectral_backbone(backbone_name), images, labels, sigmas)
+    return _EDITED[key]
+
+
+@lru_cache(maxsize=4)
+def _why_sigma(backbone_name: str) -> str:
+    """The paragraph on why σ, with the values each method adapts on this backbone (built once per backbone)."""
+    model = teach_data.spectral_backbone(backbone_name)
+    counts = experts.trainable_counts(model, method_settings(backbone_name))
+    _, vit = find_vit(model)
+    return teach_text.why_sigma(counts, len(vit.blocks) - DIVERSITY_BLOCKS)
+
+
+def _preview(image: torch.Tensor, side: int = PREVIEW_PX) -> Any:
+    """The image as the model sees it, enlarged by a whole factor (nearest neighbour: each pixel a square) to at
+    least ``side`` pixels, so a 32-px image can be seen."""
+    factor = max(1, -(-side // max(image.shape[-2:])))
+    return image.repeat_interleave(factor, -2).repeat_interleave(factor, -1).permute(1, 2, 0).numpy()
+
+
+@answers("experts_text", "why_sigma", "spectrum_plot", "rank_plot", "top5_base", "top5_edited", "preview")
 def experts_view(
     *, backbone: Any, layer: Any, scope: Any, k: Any, expert: Any, scale: Any, sample: Any = None, upload: Any = None
 ) -> dict:
@@ -177,11 +209,12 @@ def experts_view(
     the path of the visitor's own image, which wins over the sample."""
     model = _backbone(backbone)
     layer = _layer(model, layer)
-    module = spectral_layers(model)[layer]
+    layers = spectral_layers(model)
+    module = layers[layer]
     if scope not in SCOPES:
         raise gr.Error(f"scope must be one of {', '.join(SCOPES)}")
     scope_layer = layer if scope == SCOPES[0] else experts.ALL_LAYERS
-    largest_rank = max(m.rank for m in spectral_layers(model).values())
+    largest_rank = max(m.rank for m in layers.values())
     k = _in_range(k, "k", 1, largest_rank, whole=True)
     expert = _in_range(expert, "expert", 0, module.rank - 1, whole=True)
     scale = _in_range(scale, "scale", 0.0, MAX_SCALE)
@@ -193,27 +226,28 @@ def experts_view(
     rank = largest_rank if scope_layer == experts.ALL_LAYERS else module.rank
     full = _accuracy_keeping(backbone, scope_layer, 0)
     at_k = _accuracy_keeping(backbone, scope_layer, min(k, rank))
+    both = at_k if scale == 1 else _accuracy_edited(backbone, sigmas, (backbone, scope_layer, k, layer, expert, scale))
     curve = _curve(backbone, scope_layer, rank)
     names = model.class_names
     base = experts.probabilities(model, image[None])[0].tolist()
     edited = experts.probabilities(model, image[None], sigmas)[0].tolist()
-    best_base, best_edit = max(range(len(base)), key=base.__getitem__), max(range(len(edited)), key=edited.__getitem__)
     kept = set(torch.topk(module.S.detach(), min(k, module.rank)).indices.tolist())
     energy = experts.energy(module.S)
-    held = float(energy[min(k, module.rank) - 1])
-    text = (
-        f"**{label}** — all experts: **{names[best_base]}** ({100 * base[best_base]:.1f} %); keeping the {k} largest "
-        f"({scope}) with σ_{expert} × {scale:g}: **{names[best_edit]}** ({100 * edited[best_edit]:.1f} %). "
-        f"The {min(k, module.rank)} largest experts of `{layer}` hold {100 * held:.1f} % of its Σσ²; "
-        f"{measure} on {len(fixed)} images with k = {k}: {100 * at_k:.1f} % (all experts: {100 * full:.1f} %)."
-    )
+    edits = dict(k=k, scope=scope, layer=layer, rank=module.rank, layers=len(layers), expert=expert, scale=scale,
+                 held=float(energy[min(k, module.rank) - 1]))  # fmt: skip
+    images = f"the {len(fixed)} {'labelled test images' if measure == 'accuracy' else 'sample photos'}"
+    scores = dict(measure=measure, images=images, full=full, at_k=at_k, both=both)
+    edited_title = f"top-5, k = {k} ({scope}), σ<sub>{expert}</sub> × {scale:g}"
     return {
-        "experts_text": text,
-        "spectrum_plot": teach_viz.spectrum_figure(module.S.tolist(), energy.tolist(), layer, kept, expert),
+        "experts_text": teach_text.experts_text(
+            label=label, names=names, base=base, edited=edited, edits=edits, scores=scores
+        ),  # fmt: skip
+        "why_sigma": _why_sigma(backbone),
+        "spectrum_plot": teach_viz.spectrum_figure(module.S.tolist(), energy.tolist(), layer, kept, expert, scale),
         "rank_plot": teach_viz.rank_figure(curve, full, k=min(k, rank), at_k=at_k, scope=scope, images=len(fixed)),
-        "top5_base": teach_viz.top5_figure(base, names, "top-5, all experts"),
-        "top5_edited": teach_viz.top5_figure(edited, names, f"top-5, k = {k}, σ_{expert} × {scale:g}"),
-        "preview": image.permute(1, 2, 0).numpy(),
+        "top5_base": teach_viz.top5_figure(base, names, "top-5, unedited"),
+        "top5_edited": teach_viz.top5_figure(edited, names, edited_title),
+        "preview": _preview(image),
     }
 
 
@@ -235,23 +269,9 @@ COLLAPSE_OUTPUTS = ("collapse_state", "collapse_text", "collapse_experts_plot", 
 def _collapse_outputs(view: CollapseView, layer: Any, names: list[str]) -> dict:
     if layer not in view.layers:
         layer = view.layers[-1]
-    lower = len(view.lower_when_corrupted)
-    verdict = f"Under this corruption the mean std drops on {lower} of {len(view.layers)} layers" + (
-        "." if lower == len(view.layers) else f"; on the other {len(view.layers) - lower} it does not drop."
-    )
-    rows = "\n".join(
-        f"| {c} | {view.mean_std(c):.4f} | {100 * view.accuracy[c]:.1f} % | {100 * view.top_share(c):.0f} % |"
-        for c in view.conditions
-    )
-    progress = "done" if view.finished else "adapting…"
-    text = (
-        f"{verdict} After **{view.images_adapted}** corrupted images of adaptation ({progress}), measured on "
-        f"{sum(view.class_counts['clean'])} images:\n\n"
-        "| | mean std | accuracy | top class share |\n|---|---|---|---|\n" + rows
-    )
     return {
         "collapse_state": view,
-        "collapse_text": text,
+        "collapse_text": teach_text.collapse_text(view),
         "collapse_experts_plot": teach_viz.collapse_experts_figure(view, layer),
         "collapse_layers_plot": teach_viz.collapse_layers_figure(view),
         "collapse_history_plot": teach_viz.collapse_history_figure(view),
@@ -298,10 +318,12 @@ def collapse_layer(*, collapse_state: Any, backbone: Any, collapse_layer: Any) -
     return _collapse_outputs(collapse_state, collapse_layer, _backbone(backbone).class_names)
 
 
-# -- view 3: one IMSE step, dissected ----------------------------------------------------------------------------
+# -- view 3: IMSE, step by step ---------------------------------------------------------------------------------
 
 
-STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "step_predictions_plot")
+STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "stream_plot")
+STEPS_AT_ONCE = 10  # "Step × 10"
+MOVED_HEADERS = ["layer", "expert i", "σ₀", "σ − σ₀", "(σ−σ₀)/σ₀", "last step"]
 
 
 def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> tuple:
@@ -311,45 +333,52 @@ def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> t
     key = (backbone, corruption, severity)
     if isinstance(explorer, tuple) and explorer[0] == key:
         return explorer
-    images, labels = teach_data.view_images(backbone)
+    images, labels = teach_data.stream_images(backbone)
     settings = method_settings(backbone)["imse"]
     model = teach_data.spectral_backbone(backbone)
     return key, StepExplorer(model, images, labels, corruption, severity, **settings)
 
 
-@answers(*STEP_OUTPUTS)
-def step_view(*, explorer: Any, backbone: Any, corruption: Any, severity: Any) -> dict:
-    """View 3: one more IMSE step on the next corrupted batch (``explorer``: the session's, None at first)."""
-    explorer = _explorer(explorer, backbone, corruption, severity)
-    _, corruption, severity = explorer[0]  # as checked by _explorer
+def _step_outputs(explorer: tuple) -> dict:
+    """One more step of the session's explorer, read."""
+    _, corruption, severity = explorer[0]
     report = explorer[1].step()
-    names = teach_data.spectral_backbone(backbone).class_names
-    moved = [[layer, index, f"{delta:+.2e}", f"{before:.4f}"] for layer, index, delta, before in report.moved]
-    status = "updated" if report.updated else f"**no update** ({report.skip_reason})"
-    loss = "—" if report.loss is None else f"{report.loss:.4f}"
-    perturbed = "—" if report.loss_perturbed is None else f"{report.loss_perturbed:.4f}"
-    text = (
-        f"Batch {report.batch} of {corruption.replace('_', ' ')} {severity}: {sum(report.reliable)} of "
-        f"{len(report.reliable)} samples under E0 = {report.margin:.3f}; loss {loss} at the current code, "
-        f"{perturbed} at SAM's perturbed code (SAM steps from the worse point); {status}."
-    )
+    moved = [
+        [teach_viz.short_layer(m.layer), m.expert, f"{m.source:.4f}", f"{m.since_source:+.2e}",
+         f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}"]
+        for m in report.moved
+    ]  # fmt: skip
     return {
         "explorer": explorer,
-        "step_text": text,
+        "step_text": teach_text.step_text(report, corruption, severity, len(explorer[1].method.diversity_layers)),
         "entropy_plot": teach_viz.sample_entropy_figure(report),
         "loss_plot": teach_viz.loss_figure(report),
-        "moved_table": moved,
-        "step_predictions_plot": teach_viz.step_predictions_figure(report, names),
+        "moved_table": gr.update(value=moved, headers=MOVED_HEADERS),
+        "stream_plot": teach_viz.stream_figure(report),
     }
 
 
 @answers(*STEP_OUTPUTS)
+def step_view(*, explorer: Any, backbone: Any, corruption: Any, severity: Any) -> dict:
+    """View 3: one more IMSE step on the stream's next batch (``explorer``: the session's, None at first)."""
+    return _step_outputs(_explorer(explorer, backbone, corruption, severity))
+
+
+@answers(*STEP_OUTPUTS)
+def step_many(*, explorer: Any, backbone: Any, corruption: Any, severity: Any):
+    """View 3, streamed: ``STEPS_AT_ONCE`` more steps, each answered as it is taken."""
+    explorer = _explorer(explorer, backbone, corruption, severity)
+    for _ in range(STEPS_AT_ONCE):
+        yield _step_outputs(explorer)
+
+
+@answers(*STEP_OUTPUTS)
 def step_reset(*, explorer: Any, backbone: Any, corruption: Any, severity: Any) -> dict:
-    """Back to the source σ (S0) and the first batch; the panels clear until the next Step."""
+    """Back to the source σ (S0) and the stream's first batch; the panels clear until the next Step."""
     explorer = _explorer(explorer, backbone, corruption, severity)
     explorer[1].reset()
-    text = "Back to the source σ (S0), nothing adapted: **Step** adapts on the first batch again."
-    cleared = {"entropy_plot": None, "loss_plot": None, "moved_table": [], "step_predictions_plot": None}
+    text = "Back to the source σ (σ₀), nothing adapted: **Step** adapts on the stream's first batch again."
+    cleared = {"entropy_plot": None, "loss_plot": None, "moved_table": [], "stream_plot": None}
     return {"explorer": explorer, "step_text": text, **cleared}
 
 
@@ -376,22 +405,9 @@ def domains_view(*, backbone: Any, severity: Any, stored: Any, incoming: Any) ->
     domains = _domains(backbone, severity)
     images, _ = teach_data.view_images(backbone)
     result = retrieve(model, domains, stored, incoming, images[DOMAIN_BATCH : 2 * DOMAIN_BATCH], severity=severity)
-    nearest = result.stored[result.slot].replace("_", " ")
-    right = incoming in stored and result.stored[result.slot] == incoming
-    verdict = (
-        "the code stored for the same corruption"
-        if right
-        else ("another domain's code: this corruption is not in the bank" if incoming not in stored else "another code")
-    )
-    novelty = "a new domain" if result.shift_from_clean else "not a new domain"
-    text = (
-        f"A new batch of **{incoming.replace('_', ' ')} {severity}** is {novelty} seen from clean data "
-        f"(τ = {domains.tau:g}); "
-        f"top-1 retrieval brings back slot {result.slot}, **{nearest}** — {verdict}."
-    )
     return {
-        "domains_text": text,
-        "kl_plot": teach_viz.kl_figure(domains),
-        "map_plot": teach_viz.domain_map_figure(domains, result),
-        "retrieval_plot": teach_viz.retrieval_figure(result, domains.tau),
+        "domains_text": teach_text.domains_text(result, severity, domains.tau),
+        "kl_plot": teach_map.kl_figure(domains),
+        "map_plot": teach_map.domain_map_figure(domains, result),
+        "retrieval_plot": teach_map.retrieval_figure(result, domains.tau),
     }

@@ -24,6 +24,7 @@ __all__ = [
     "load_user_image",
     "sample_images",
     "spectral_backbone",
+    "stream_images",
     "view_images",
 ]
 
@@ -31,7 +32,8 @@ MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_UPLOAD_PIXELS = 16_000_000  # decompression bombs are refused before decoding
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}
 EVAL_IMAGES = 128  # view 1's fixed labelled set (built-in backbone): one pass ~0.25 s on 2 cores
-VIEW_IMAGES = 256  # views 2–4: clean images to corrupt, step through and describe
+VIEW_IMAGES = 256  # views 2 and 4: clean images to corrupt and describe
+STREAM_IMAGES = 2560  # view 3's stream (built-in backbone): 40 batches of 64, long enough for adapting to show
 
 
 @lru_cache(maxsize=2)
@@ -55,8 +57,9 @@ def input_size(backbone_name: str) -> int:
 def fashion_test() -> tuple[torch.Tensor, torch.Tensor]:
     from imse.data.fashion_mnist import load_shipped, to_rgb32
 
+    count = EVAL_IMAGES + max(VIEW_IMAGES, STREAM_IMAGES)
     images, labels = load_shipped("test")
-    return to_rgb32(images[: EVAL_IMAGES + VIEW_IMAGES]), torch.as_tensor(labels[: EVAL_IMAGES + VIEW_IMAGES]).long()
+    return to_rgb32(images[:count]), torch.as_tensor(labels[:count]).long()
 
 
 @lru_cache(maxsize=2)
@@ -97,7 +100,7 @@ def view_images(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     validation images for ImageNet ones (only if already downloaded: the Lab's first run downloads it)."""
     if backbone_data(backbone_name) == BUILTIN_DATA:
         images, labels = fashion_test()
-        return images[EVAL_IMAGES:], labels[EVAL_IMAGES:]
+        return images[EVAL_IMAGES : EVAL_IMAGES + VIEW_IMAGES], labels[EVAL_IMAGES : EVAL_IMAGES + VIEW_IMAGES]
     from imse.data.sources import imagenette_source
 
     try:
@@ -106,6 +109,15 @@ def view_images(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise gr.Error(f"views 2–4 need Imagenette for ImageNet backbones: {error}") from None
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:VIEW_IMAGES]
     return source.load(order.tolist())
+
+
+def stream_images(backbone_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """View 3's stream: ``STREAM_IMAGES`` Fashion-MNIST test images for the built-in backbone (after view 1's set;
+    views 2 and 4 use its first ``VIEW_IMAGES``), the views' Imagenette images for ImageNet backbones."""
+    if backbone_data(backbone_name) == BUILTIN_DATA:
+        images, labels = fashion_test()
+        return images[EVAL_IMAGES : EVAL_IMAGES + STREAM_IMAGES], labels[EVAL_IMAGES : EVAL_IMAGES + STREAM_IMAGES]
+    return view_images(backbone_name)
 
 
 def load_user_image(path: str | Path, size: int) -> torch.Tensor:

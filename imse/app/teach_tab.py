@@ -15,48 +15,18 @@ from collections.abc import Callable
 import gradio as gr
 
 from imse.app import teach, teach_data
+from imse.app.teach_text import INTRO, LATEX, TEACH_TEXT, fill
 from imse.app.ui import backbone_choices
 from imse.core.spectral import DEFAULT_TARGETS, TARGET_PATHS
 from imse.data.corruptions import CORRUPTIONS
 from imse.data.models import BUILTIN, builtin_config
 from imse.runs.collapse import CollapseMeter
+from imse.runs.explain.collapse import COLLAPSE_RISE
 
 __all__ = ["LATEX", "TEACH_TEXT", "builtin_layers", "teach_tab", "warm_up", "wire"]
 
-# The Teach tab's path: each view's 2–4 sentences and the formula of what it draws
-TEACH_TEXT = {
-    "experts": r"""
-**1 · Spectral experts.** SVD splits every linear layer into rank-1 experts,
-$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_i \sigma_i\, u_i v_i^\top$: expert $i$ writes along $u_i$, scaled by
-$\sigma_i$, as much as the input points along $v_i$. Keeping only the $k$ largest gives the best rank-$k$ layer;
-slide $k$ down to see how few experts carry the model, and scale one $\sigma_i$ to see what it does. IMSE adapts
-only the $\sigma_i$ — a few thousand numbers.
-""",
-    "collapse": r"""
-**2 · Collapse, measured.** An expert's *alignment* with input row $x_n$ (every token of every image) is
-$a_{n,i} = v_i^\top x_n / \lVert x_n\rVert$, and $\mathrm{Std}_i$ its spread over the batch: an expert whose
-alignment no longer varies has stopped telling images apart. **Measure** compares clean images, the same images
-corrupted, and IMSE, IMSE without its diversity term ($\lambda_{dm}=0$) and TENT as they adapt on 768 corrupted
-images. Watch the spread and the predicted classes; the view says where corruption does *not* lower the spread.
-""",
-    "step": r"""
-**3 · One IMSE step, dissected.** Samples with entropy $H(x) < E_0 = 0.4 \ln C$ are kept; the loss is
-$\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in R} H(x) \;-\; \lambda_{dm} L_{dm}$ with
-$L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i>1}\,\mathrm{Std}_i^{(\ell)}$ over the last three blocks.
-SAM first moves $\sigma$ uphill by $\rho$, takes the gradient there, and steps from the original point with Adam,
-whose first steps move each $\sigma$ by about the learning rate (the sign says which way).
-**Step** adapts on the next batch; **Reset** returns to the source $\sigma$.
-""",
-    "domains": r"""
-**4 · Domains and retrieval.** A batch's descriptor is its patch tokens' per-channel mean and variance; two
-descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} +
-\tfrac{v_b + (\mu_a-\mu_b)^2}{2 v_a} - 1\big]$, and $D > \tau$ starts a new domain. IMSE keeps the $\sigma$ it
-adapted for each domain in a bank and, on a new domain, brings back the slot whose descriptor is nearest.
-""",
-}
-LATEX = [{"left": "$", "right": "$", "display": False}]
-
 Widgets = dict[str, gr.components.Component]
+_CORRUPTION_CHOICES = [(name.replace("_", " "), name) for name in CORRUPTIONS]  # shown with spaces, sent by name
 
 
 def builtin_layers() -> tuple[dict[str, int], list[str]]:
@@ -122,6 +92,7 @@ def _wire(demo: gr.Blocks, w: Widgets) -> None:
     wire(w["measure"].click, teach.collapse_view, w)
     wire(w["collapse_layer"].change, teach.collapse_layer, w)
     wire(w["step_button"].click, teach.step_view, w)
+    wire(w["steps_button"].click, teach.step_many, w)
     wire(w["reset_button"].click, teach.step_reset, w)
     for trigger in (w["stored"].change, w["incoming"].change, w["severity"].release, w["backbone"].change):
         wire(trigger, teach.domains_view, w)
@@ -133,10 +104,18 @@ def _wire(demo: gr.Blocks, w: Widgets) -> None:
 
 
 def _controls(w: Widgets) -> None:
+    gr.Markdown(INTRO)
     with gr.Row():
-        w["backbone"] = gr.Dropdown(backbone_choices(), value=BUILTIN, label="Backbone", scale=2)
-        w["corruption"] = gr.Dropdown(list(CORRUPTIONS), value="contrast", label="Corruption (views 2–4)")
+        w["backbone"] = gr.Dropdown(backbone_choices(), value=BUILTIN, label="Backbone (every view)", scale=2)
+        w["corruption"] = gr.Dropdown(
+            _CORRUPTION_CHOICES, value="contrast", label="Corruption (views 2 and 3: read on Measure and Step)"
+        )
         w["severity"] = gr.Slider(1, 5, value=3, step=1, label="Severity (views 2–4)")
+
+
+def _markdown(elem_id: str) -> gr.Markdown:
+    """A view's reading, with the same inline LaTeX as its standing text."""
+    return gr.Markdown(elem_id=elem_id, latex_delimiters=LATEX)
 
 
 def _experts_tab(w: Widgets, ranks: dict[str, int]) -> None:
@@ -147,31 +126,45 @@ def _experts_tab(w: Widgets, ranks: dict[str, int]) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 w["layer"] = gr.Dropdown(layers, value=layers[0], label="Layer")
-                w["scope"] = gr.Radio(list(teach.SCOPES), value=teach.SCOPES[0], label="Keep the k largest experts in")
+                w["scope"] = gr.Radio(
+                    list(teach.SCOPES),
+                    value=teach.SCOPES[0],
+                    label="Keep the k largest experts in",
+                    info=f"every layer: all {len(layers)} layers cut to k experts; the σ scale below edits the chosen "
+                    "layer only, in either scope",
+                )
                 w["k"] = gr.Slider(1, max(ranks.values()), value=ranks[layers[0]], step=1, label="k")
-                w["expert"] = gr.Slider(0, ranks[layers[0]] - 1, value=0, step=1, label="Expert i")
-                w["scale"] = gr.Slider(0.0, teach.MAX_SCALE, value=1.0, step=0.05, label="Scale σ_i by")
+                w["expert"] = gr.Slider(0, ranks[layers[0]] - 1, value=0, step=1, label="Expert i (from 0)")
+                w["scale"] = gr.Slider(
+                    0.0, teach.MAX_SCALE, value=1.0, step=0.05, label="Scale σᵢ of the chosen layer by"
+                )
                 w["sample"] = gr.Radio(samples, value=samples[0], label="Sample image")
                 w["upload"] = gr.Image(type="filepath", label="…or upload one (PNG/JPEG/WebP, ≤ 10 MB)", height=140)
-                w["preview"] = gr.Image(label="The image the model sees", height=110, interactive=False)
+                w["preview"] = gr.Image(label="The image the model sees", height=240, interactive=False)
             with gr.Column(scale=3):
-                w["experts_text"] = gr.Markdown(elem_id="teach-experts-text")
+                w["experts_text"] = _markdown("teach-experts-text")
                 with gr.Row():
                     w["spectrum_plot"] = gr.Plot(label="Spectrum")
                     w["rank_plot"] = gr.Plot(label="Accuracy keeping k experts")
                 with gr.Row():
-                    w["top5_base"] = gr.Plot(label="Top-5, all experts")
+                    w["top5_base"] = gr.Plot(label="Top-5, unedited")
                     w["top5_edited"] = gr.Plot(label="Top-5, edited")
+                w["why_sigma"] = _markdown("teach-why-sigma")
 
 
 def _collapse_tab(w: Widgets, collapse_layers: list[str]) -> None:
     with gr.Tab("2 · Collapse, measured"):
-        gr.Markdown(TEACH_TEXT["collapse"], latex_delimiters=LATEX)
+        adapted = teach.COLLAPSE_ROUNDS * teach.COLLAPSE_STEPS * teach.COLLAPSE_BATCH
+        text = fill(TEACH_TEXT["collapse"], ADAPTED=adapted, MEASURED=teach.COLLAPSE_MEASURED,
+                    RISE=f"{100 * COLLAPSE_RISE:.0f}")  # fmt: skip
+        gr.Markdown(text, latex_delimiters=LATEX)
         with gr.Row():
-            w["collapse_layer"] = gr.Dropdown(collapse_layers, value=collapse_layers[-1], label="Layer", scale=2)
+            w["collapse_layer"] = gr.Dropdown(
+                collapse_layers, value=collapse_layers[-1], label="Layer (the per-expert plot)", scale=2
+            )
             w["measure"] = gr.Button("Measure", variant="primary")
         w["collapse_state"] = gr.State()
-        w["collapse_text"] = gr.Markdown(elem_id="teach-collapse-text")
+        w["collapse_text"] = _markdown("teach-collapse-text")
         with gr.Row():
             w["collapse_experts_plot"] = gr.Plot(label="Per expert")
             w["collapse_layers_plot"] = gr.Plot(label="Per layer")
@@ -181,21 +174,22 @@ def _collapse_tab(w: Widgets, collapse_layers: list[str]) -> None:
 
 
 def _step_tab(w: Widgets) -> None:
-    with gr.Tab("3 · One IMSE step"):
+    with gr.Tab("3 · IMSE, step by step"):
         gr.Markdown(TEACH_TEXT["step"], latex_delimiters=LATEX)
         w["explorer"] = gr.State()
         with gr.Row():
             w["step_button"] = gr.Button("Step", variant="primary")
+            w["steps_button"] = gr.Button(f"Step × {teach.STEPS_AT_ONCE}", variant="primary")
             w["reset_button"] = gr.Button("Reset")
-        w["step_text"] = gr.Markdown(elem_id="teach-step-text")
+        w["step_text"] = _markdown("teach-step-text")
         with gr.Row():
-            w["entropy_plot"] = gr.Plot(label="Entropy filter")
+            w["stream_plot"] = gr.Plot(label="The stream so far")
             w["loss_plot"] = gr.Plot(label="Objective")
         with gr.Row():
+            w["entropy_plot"] = gr.Plot(label="Entropy filter")
             w["moved_table"] = gr.Dataframe(
-                headers=["layer", "expert", "Δσ", "σ before"], label="Experts whose σ moved most", interactive=False
+                headers=teach.MOVED_HEADERS, label="The σ furthest from the source σ₀ so far", interactive=False
             )
-            w["step_predictions_plot"] = gr.Plot(label="Predictions")
 
 
 def _domains_tab(w: Widgets) -> None:
@@ -203,14 +197,14 @@ def _domains_tab(w: Widgets) -> None:
         gr.Markdown(TEACH_TEXT["domains"], latex_delimiters=LATEX)
         with gr.Row():
             w["stored"] = gr.Dropdown(
-                list(CORRUPTIONS),
+                _CORRUPTION_CHOICES,
                 value=["gaussian_noise", "defocus_blur", "snow", "contrast"],
                 multiselect=True,
-                label="Stored in the bank (slot 0 is always clean: the source code)",
+                label="Stored in the bank, slots 1, 2, … (slot 0 always holds clean data and σ₀, the unadapted σ)",
                 scale=3,
             )
-            w["incoming"] = gr.Dropdown(list(CORRUPTIONS), value="snow", label="A new batch of")
-        w["domains_text"] = gr.Markdown(elem_id="teach-domains-text")
+            w["incoming"] = gr.Dropdown(_CORRUPTION_CHOICES, value="snow", label="A new batch of (this view only)")
+        w["domains_text"] = _markdown("teach-domains-text")
         with gr.Row():
             w["kl_plot"] = gr.Plot(label="KL between domains")
             w["map_plot"] = gr.Plot(label="Domain map")

@@ -1,4 +1,7 @@
-"""The Teach tab's figures: pure functions from the numbers ``imse.runs.explain`` computes to Plotly figures."""
+"""The Teach tab's figures for views 1–3: pure functions from the numbers ``imse.runs.explain`` computes to Plotly
+figures (view 4's are in ``teach_map``). Every drawn mark has a legend entry or names itself on an axis; subscripts
+are HTML (``λ<sub>dm</sub>``), never a raw underscore; std axes start at 0 or show a change against a stated
+reference."""
 
 from __future__ import annotations
 
@@ -10,23 +13,22 @@ from plotly.subplots import make_subplots
 
 from imse.app.theme import MUTED, NEUTRAL, themed
 from imse.runs.explain.collapse import CollapseView
-from imse.runs.explain.domains import DomainMap, Retrieval
-from imse.runs.explain.step import StepReport
+from imse.runs.explain.step import StepReport, StreamTally
 
 __all__ = [
     "CONDITION_COLOURS",
     "collapse_experts_figure",
     "collapse_history_figure",
     "collapse_layers_figure",
-    "domain_map_figure",
-    "kl_figure",
+    "condition_label",
+    "log_ticks",
     "loss_figure",
     "predictions_figure",
-    "step_predictions_figure",
     "rank_figure",
-    "retrieval_figure",
     "sample_entropy_figure",
+    "short_layer",
     "spectrum_figure",
+    "stream_figure",
     "top5_figure",
 ]
 
@@ -37,7 +39,14 @@ CONDITION_COLOURS = {
     "IMSE, λ_dm = 0": "#ff7f0e",
     "TENT": "#1f77b4",
 }
+_LABELS = {
+    "clean": "clean, unadapted",
+    "corrupted": "corrupted, unadapted",
+    "IMSE, λ_dm = 0": "IMSE, λ<sub>dm</sub> = 0",
+}
+LAMBDA_DM, L_DM = "λ<sub>dm</sub>", "L<sub>dm</sub>"
 _MARGIN = dict(l=55, r=15, t=50, b=45)
+_LEGEND_BELOW = dict(orientation="h", y=-0.3, yanchor="top")
 
 
 def _themed(build):
@@ -50,55 +59,87 @@ def _themed(build):
     return wrapper
 
 
-def _short(layer: str) -> str:
+def short_layer(layer: str) -> str:
     return layer.removeprefix("model.").replace("blocks.", "b")
 
 
+def condition_label(condition: str) -> str:
+    """A condition as figures name it (HTML subscripts)."""
+    return _LABELS.get(condition, condition)
+
+
+def log_ticks(low: float, high: float, base: int = 10) -> dict:
+    """Ticks of a log axis at the powers of ``base`` between ``low`` and ``high`` only, written out plainly
+    (0.01, 0.1, 1 …): no minor ticks' numbers."""
+    first, last = math.floor(math.log(low, base) + 1e-9), math.ceil(math.log(high, base) - 1e-9)
+    values = [base**e for e in range(first, last + 1)]
+    return dict(tickvals=values, ticktext=[f"{v:g}" for v in values])
+
+
+# -- view 1 --------------------------------------------------------------------------------------------------------
+
+
 @_themed
-def spectrum_figure(singular_values: list[float], energy: list[float], layer: str, kept: set[int], scaled: int | None):
-    """σ of every expert (kept ones coloured, the scaled one red) with the cumulative energy share on the right."""
-    colours = ["#d62728" if i == scaled else "#1f77b4" if i in kept else MUTED for i in range(len(singular_values))]
+def spectrum_figure(
+    singular_values: list[float], energy: list[float], layer: str, kept: set[int], scaled: int, scale: float
+):
+    """σ of every expert (kept ones coloured, zeroed ones grey, the scaled one red), numbered from 0, with the
+    cumulative energy share on the right."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(
-        go.Bar(
-            y=singular_values,
-            marker_color=colours,
-            name="σ_i",
-            hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>",
+    groups = [
+        ("kept (the k largest)", "#1f77b4", [i for i in range(len(singular_values)) if i in kept and i != scaled]),
+        ("zeroed", MUTED, [i for i in range(len(singular_values)) if i not in kept and i != scaled]),
+        (f"expert {scaled}, σ × {scale:g}", "#d62728", [scaled] if scaled < len(singular_values) else []),
+    ]
+    for name, colour, indices in groups:
+        fig.add_trace(
+            go.Bar(
+                x=indices,
+                y=[singular_values[i] for i in indices],
+                marker_color=colour,
+                name=name,
+                hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>",
+            )
         )
-    )
     fig.add_trace(
         go.Scatter(y=energy, mode="lines", name="share of Σσ² in the k largest", line=dict(color="#2ca02c")),
         secondary_y=True,
     )
     fig.update_layout(
-        title=f"Spectrum of {_short(layer)}: {len(kept)} of {len(singular_values)} experts kept",
-        height=330,
+        title=f"Spectrum of {short_layer(layer)}: {len(kept)} of {len(singular_values)} experts kept",
+        height=400,
         margin=_MARGIN,
-        legend=dict(orientation="h", y=-0.25),
+        legend=_LEGEND_BELOW,
         bargap=0.05,
+        barmode="overlay",
     )
-    fig.update_xaxes(title_text="expert i (largest σ first)")
-    fig.update_yaxes(title_text="σ_i", secondary_y=False)
-    fig.update_yaxes(title_text="energy share", range=[0, 1.02], secondary_y=True)
+    fig.update_xaxes(title_text="expert i (from 0, largest σ first)")
+    fig.update_yaxes(title_text="σ<sub>i</sub>", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="energy share", range=[0, 1.02], secondary_y=True, showgrid=False)
     return fig
 
 
 @_themed
 def rank_figure(curve: list[tuple[int, float]], full: float, *, k: int, at_k: float, scope: str, images: int):
-    """Accuracy on a fixed labelled set when only the k largest experts are kept, against k (log axis): the curve's
-    points, all experts' accuracy ``full``, and ``at_k`` at the k now chosen, in ``scope`` on ``images`` images."""
+    """Accuracy on a fixed labelled set when only the k largest experts are kept (σ unscaled), against k on a log
+    axis ticked at powers of 2: the curve's points, every expert's accuracy ``full``, and ``at_k`` at the k now
+    chosen, in ``scope`` on ``images`` images."""
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[c[0] for c in curve], y=[100 * c[1] for c in curve], mode="lines+markers", name="k"))
-    fig.add_trace(go.Scatter(x=[k], y=[100 * at_k], mode="markers", marker=dict(size=13, color="#d62728"), name="now"))
-    fig.add_hline(y=100 * full, line_dash="dot", annotation_text=f"all experts: {100 * full:.1f} %")
+    ks = [c[0] for c in curve]
+    fig.add_trace(go.Scatter(x=ks, y=[100 * c[1] for c in curve], mode="lines+markers", name="k largest kept",
+                             line=dict(color="#1f77b4")))  # fmt: skip
+    span = [min(ks + [k]), max(ks + [k])]
+    fig.add_trace(go.Scatter(x=span, y=[100 * full] * 2, mode="lines", name=f"all experts: {100 * full:.1f} %",
+                             line=dict(color=NEUTRAL, dash="dot")))  # fmt: skip
+    fig.add_trace(go.Scatter(x=[k], y=[100 * at_k], mode="markers", marker=dict(size=13, color="#d62728"),
+                             name=f"k = {k}: {100 * at_k:.1f} %"))  # fmt: skip
     fig.update_layout(
         title=f"Keeping k experts ({scope}), {images} images",
-        xaxis=dict(type="log", title="k (experts kept per layer)"),
+        xaxis=dict(type="log", title="k (experts kept per layer)", **log_ticks(span[0], span[1], base=2)),
         yaxis=dict(title="accuracy (%)", range=[0, 100]),
-        height=330,
+        height=350,
         margin=_MARGIN,
-        showlegend=False,
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -120,25 +161,41 @@ def top5_figure(probabilities: list[float], class_names: list[str], title: str):
     return fig
 
 
+# -- view 2 --------------------------------------------------------------------------------------------------------
+
+
+def _change(values: list[float], reference: list[float]) -> list[float]:
+    return [100 * (v - r) / r if r else 0.0 for v, r in zip(values, reference)]
+
+
 @_themed
 def collapse_experts_figure(view: CollapseView, layer: str):
-    """Every expert's alignment std in one layer, one line per condition."""
-    fig = go.Figure()
+    """Every expert's alignment std in one layer: clean and corrupted on an axis from 0 (top), and each adapting
+    method's change against the corrupted, unadapted model's, in % (bottom), where their differences show."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.5, 0.5])
+    reference = view.expert_std["corrupted"][layer]
     for condition in view.conditions:
         stds = view.expert_std[condition][layer]
+        unadapted = condition in ("clean", "corrupted")
         fig.add_trace(
             go.Scatter(
-                y=stds, mode="lines", name=condition, line=dict(color=CONDITION_COLOURS.get(condition), width=1.5)
-            )
+                y=stds if unadapted else _change(stds, reference),
+                mode="lines",
+                name=condition_label(condition),
+                line=dict(color=CONDITION_COLOURS.get(condition), width=1.5),
+            ),
+            row=1 if unadapted else 2,
+            col=1,
         )
     fig.update_layout(
-        title=f"Each expert's alignment std — {_short(layer)}",
-        xaxis_title="expert i (largest σ first)",
-        yaxis_title="std over images × tokens",
-        height=340,
+        title=f"Each expert's alignment std — {short_layer(layer)}",
+        height=460,
         margin=_MARGIN,
-        legend=dict(orientation="h", y=-0.22),
+        legend=dict(orientation="h", y=-0.16, yanchor="top"),
     )
+    fig.update_yaxes(title_text="std", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="% vs corrupted", zeroline=True, row=2, col=1)
+    fig.update_xaxes(title_text="expert i (from 0, largest σ first)", row=2, col=1)
     return fig
 
 
@@ -149,48 +206,50 @@ def _grouped_bars(x: list[str], bars: dict[str, tuple[str, list]], title: str, y
         fig.add_trace(go.Bar(x=x, y=ys, name=name, marker_color=CONDITION_COLOURS.get(condition)))
     fig.update_layout(
         title=title,
-        yaxis_title=yaxis,
+        yaxis=dict(title=yaxis, rangemode="tozero"),
         barmode="group",
-        height=340,
+        height=360,
         margin=_MARGIN,
-        legend=dict(orientation="h", y=-0.3),
+        legend=_LEGEND_BELOW,
     )
     return fig
 
 
 @_themed
 def collapse_layers_figure(view: CollapseView):
-    """The layer mean (all experts but the largest, as in L_dm) per layer and condition."""
-    bars = {condition: (condition, view.layer_mean[condition]) for condition in view.conditions}
-    names = [_short(layer) for layer in view.layers]
-    return _grouped_bars(names, bars, "Layer mean std (all experts but the largest)", "mean std")
+    """Each layer's mean std (its experts but the one with the largest std, as in L_dm) per condition."""
+    bars = {condition: (condition_label(condition), view.layer_mean[condition]) for condition in view.conditions}
+    names = [short_layer(layer) for layer in view.layers]
+    return _grouped_bars(names, bars, "Mean std per layer (all experts but the largest-std one)", "mean std")
 
 
 @_themed
 def collapse_history_figure(view: CollapseView):
-    """The mean std (over the layers) of each adapting method against the images it has adapted on."""
+    """Each adapting method's mean std (over the layers) against the images it has adapted on, as a change in %
+    against the corrupted, unadapted model's (the 0 line); clean images' level is said in the subtitle."""
+    reference = view.mean_std("corrupted")
     fig = go.Figure()
-    fig.add_hline(  # where every method starts (clean images sit at view.mean_std("clean"), far above)
-        y=view.mean_std("corrupted"), line_dash="dot", line_color=CONDITION_COLOURS["corrupted"],
-        annotation_text="corrupted, unadapted",
-    )  # fmt: skip
+    longest = max((p[-1][0] for p in view.history.values() if p), default=1)
+    fig.add_trace(go.Scatter(x=[0, longest], y=[0, 0], mode="lines", name="corrupted, unadapted (the reference)",
+                             line=dict(color=CONDITION_COLOURS["corrupted"], dash="dot")))  # fmt: skip
     for condition, points in view.history.items():
         fig.add_trace(
             go.Scatter(
                 x=[p[0] for p in points],
-                y=[p[1] for p in points],
+                y=[100 * (p[1] - reference) / reference for p in points],
                 mode="lines+markers",
-                name=condition,
+                name=condition_label(condition),
                 line=dict(color=CONDITION_COLOURS.get(condition)),
             )
         )
+    clean = 100 * (view.mean_std("clean") - reference) / reference
     fig.update_layout(
-        title="Mean std while adapting",
+        title=dict(text="Mean std while adapting", subtitle=dict(text=f"clean images sit at {clean:+.0f} %")),
         xaxis_title="corrupted images adapted on",
-        yaxis_title="mean std",
-        height=340,
+        yaxis_title="% vs corrupted, unadapted",
+        height=360,
         margin=_MARGIN,
-        legend=dict(orientation="h", y=-0.3),
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -199,172 +258,113 @@ def collapse_history_figure(view: CollapseView):
 def predictions_figure(view: CollapseView, class_names: list[str]):
     """How many images each class was predicted for, per condition: collapse shows as one tall bar."""
     bars = {
-        c: (f"{c} ({100 * view.accuracy[c]:.0f} %)", view.class_counts[c]) for c in view.conditions
+        c: (f"{condition_label(c)} ({100 * view.accuracy[c]:.0f} %)", view.class_counts[c]) for c in view.conditions
     }  # fmt: skip
     names = [name[:14] for name in class_names]
     return _grouped_bars(names, bars, "Predicted classes (accuracy in the legend)", "images")
 
 
+# -- view 3 --------------------------------------------------------------------------------------------------------
+
+
 @_themed
 def sample_entropy_figure(report: StepReport):
-    """Each sample's entropy before the update, reliable ones (under E0) in colour, with the E0 line."""
+    """Each sample's entropy before the update, reliable ones (under E0) green, with the E0 line."""
     order = sorted(range(len(report.entropy)), key=report.entropy.__getitem__)
-    colours = ["#2ca02c" if report.reliable[i] else MUTED for i in order]
-    fig = go.Figure(
-        go.Bar(
-            y=[report.entropy[i] for i in order],
-            marker_color=colours,
-            customdata=order,
-            hovertemplate="sample %{customdata}<br>entropy %{y:.3f}<extra></extra>",
+    fig = go.Figure()
+    for name, colour, reliable in (("reliable (H < E0)", "#2ca02c", True), ("not reliable", MUTED, False)):
+        places = [rank for rank, i in enumerate(order) if report.reliable[i] == reliable]
+        fig.add_trace(
+            go.Bar(
+                x=places,
+                y=[report.entropy[order[p]] for p in places],
+                marker_color=colour,
+                name=name,
+                customdata=[order[p] for p in places],
+                hovertemplate="sample %{customdata}<br>entropy %{y:.3f}<extra></extra>",
+            )
         )
-    )
-    fig.add_hline(y=report.margin, line_color="#d62728", annotation_text=f"E0 = {report.margin:.3f}")
+    fig.add_trace(go.Scatter(x=[-0.5, len(order) - 0.5], y=[report.margin] * 2, mode="lines",
+                             name=f"E0 = {report.margin:.3f}", line=dict(color="#d62728")))  # fmt: skip
     kept = sum(report.reliable)
     fig.update_layout(
-        title=f"Batch {report.batch}: {kept} of {len(report.entropy)} samples pass the entropy filter",
+        title=f"Batch {report.batch}: {kept} of {len(report.entropy)} samples reliable",
         xaxis_title="samples, sorted by entropy",
-        yaxis_title="entropy H(x)",
-        height=330,
+        yaxis=dict(title="entropy H(x)", rangemode="tozero"),
+        height=350,
         margin=_MARGIN,
+        legend=_LEGEND_BELOW,
+        barmode="overlay",
+        bargap=0.1,
     )
     return fig
 
 
 @_themed
 def loss_figure(report: StepReport):
-    """The objective's two terms, their weighted sum, and the loss again at SAM's perturbed code."""
-    names, values, colours = [], [], []
+    """The objective's two terms, their sum and the loss at SAM's perturbed code (left); how hard each term pulls
+    on σ, its gradient's norm (right). Values sit in the bars' names: nothing to collide with an axis."""
     diversity = None if report.diversity is None else -report.lambda_dm * report.diversity
-    parts = [
+    weighted = f"−{LAMBDA_DM}·{L_DM}"
+    values = [
         ("entropy term", report.entropy_term, "#1f77b4"),
-        (f"−λ_dm·L_dm (λ={report.lambda_dm:g})", diversity, "#ff7f0e"),
+        (weighted, diversity, "#ff7f0e"),
         ("sum = loss", report.weighted_sum, "#2ca02c"),
-        ("loss at SAM's perturbed code", report.loss_perturbed, "#d62728"),
+        ("at SAM's<br>perturbed code", report.loss_perturbed, "#d62728"),
     ]
-    for name, value, colour in parts:
-        if value is not None and math.isfinite(value):
-            names.append(name)
-            values.append(value)
-            colours.append(colour)
-    fig = go.Figure(
-        go.Bar(
-            x=names,
-            y=values,
-            marker_color=colours,
-            text=[f"{v:.4f}" for v in values],
-            textposition="outside",
-            cliponaxis=False,
-        )
-    )
-    status = "updated" if report.updated else f"not updated: {report.skip_reason}"
-    fig.update_layout(title=f"The objective on this batch ({status})", height=330, margin=_MARGIN, yaxis_title="value")
-    return fig
-
-
-@_themed
-def step_predictions_figure(report: StepReport, class_names: list[str]):
-    """Predicted classes before and after the step, with the accuracy of each."""
-    count = len(class_names)
-    before = [report.before.count(c) for c in range(count)]
-    after = [report.after.count(c) for c in range(count)]
-    right_before = sum(p == y for p, y in zip(report.before, report.labels))
-    right_after = sum(p == y for p, y in zip(report.after, report.labels))
-    n = len(report.labels)
-    fig = go.Figure()
-    names = [name[:14] for name in class_names]
-    fig.add_trace(go.Bar(x=names, y=before, name=f"before ({right_before}/{n} right)", marker_color="#7f7f7f"))
-    fig.add_trace(go.Bar(x=names, y=after, name=f"after ({right_after}/{n} right)", marker_color="#d62728"))
-    fig.update_layout(
-        title="Predictions on this batch, before → after the step",
-        barmode="group",
-        yaxis_title="images",
-        height=330,
-        margin=_MARGIN,
-        legend=dict(orientation="h", y=-0.3),
-    )
-    return fig
-
-
-@_themed
-def kl_figure(domains: DomainMap):
-    """Pairwise symmetric KL between the domains' descriptors; cells over τ (a new domain) marked ●."""
-    labels = [name.replace("_", " ") for name in domains.names]
-    marks = [["●" if value > domains.tau else "" for value in row] for row in domains.kl]
-    fig = go.Figure(
-        go.Heatmap(
-            z=[[math.log10(max(v, 1e-6)) for v in row] for row in domains.kl],
-            x=labels,
-            y=labels,
-            text=marks,
-            texttemplate="%{text}",
-            customdata=domains.kl,
-            hovertemplate="%{y} ↔ %{x}<br>KL %{customdata:.4f}<extra></extra>",
-            colorscale="Viridis",
-            colorbar=dict(title="log10 KL"),
-        )
-    )
-    note = f"● over τ = {domains.tau:g}: a new domain"
-    fig.update_layout(
-        title=dict(text="Symmetric KL between descriptors", subtitle=dict(text=note)),
-        height=470,
-        margin=dict(l=110, r=15, t=50, b=100),
-        yaxis=dict(autorange="reversed"),
-    )
-    return fig
-
-
-@_themed
-def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None):
-    """The domains on a 2-D map (distances ≈ √KL) with the circle √τ around the clean data: inside it, a batch
-    would not start a new domain (approximately: the map is a projection)."""
-    xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
-    stored = set(retrieval.stored) if retrieval else set()
-    incoming = retrieval.incoming if retrieval else None
-    colours = ["#2ca02c" if n == "clean" else "#d62728" if n in stored else "#1f77b4" for n in domains.names]
-    fig = go.Figure(
-        go.Scatter(
-            x=xs,
-            y=ys,
-            mode="markers+text",
-            text=[
-                name.replace("_", " ") if name == "clean" or name in stored or name == incoming else ""
-                for name in domains.names
-            ],
-            hovertext=[name.replace("_", " ") for name in domains.names],
-            textposition="top center",
-            marker=dict(
-                size=11,
-                color=colours,
-                line=dict(color=NEUTRAL, width=[3 if n == incoming else 0 for n in domains.names]),
+    pulls = [("entropy term", report.pull.entropy, "#1f77b4"), (weighted, report.pull.diversity, "#ff7f0e")]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.14,
+                        subplot_titles=("value", "pull: ‖gradient‖"))  # fmt: skip
+    for column, parts in ((1, values), (2, pulls)):
+        shown = [(n, v, c) for n, v, c in parts if v is not None and math.isfinite(v)]
+        fig.add_trace(
+            go.Bar(
+                x=[f"{name}<br>{value:.3g}" for name, value, _ in shown],
+                y=[value for _, value, _ in shown],
+                marker_color=[colour for _, _, colour in shown],
+                showlegend=False,
+                hovertemplate="%{x}<extra></extra>",
             ),
-            hoverinfo="text",
+            row=1,
+            col=column,
         )
-    )
-    radius = math.sqrt(domains.tau)
-    cx, cy = domains.xy[0]
-    fig.add_shape(type="circle", x0=cx - radius, x1=cx + radius, y0=cy - radius, y1=cy + radius, line_color="#2ca02c")
-    fig.update_layout(
-        title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text="red: stored; ringed: the new batch")),
-        height=470,
-        margin=_MARGIN,
-        xaxis=dict(zeroline=False, title=""),
-        yaxis=dict(zeroline=False, title="", scaleanchor="x"),
-        showlegend=False,
-    )
+    status = "updated" if report.updated else f"not updated: {report.skip_reason}"
+    fig.update_layout(title=f"The objective on this batch ({status})", height=350, margin=dict(l=45, r=15, t=70, b=70))
+    fig.update_yaxes(zeroline=True)
+    fig.update_yaxes(rangemode="tozero", row=1, col=2)
     return fig
 
 
 @_themed
-def retrieval_figure(retrieval: Retrieval, tau: float):
-    """KL from the new batch to every slot of the bank; the slot top-1 retrieval brings back in red."""
-    colours = ["#d62728" if i == retrieval.slot else "#1f77b4" for i in range(len(retrieval.stored))]
-    labels = [f"{i}: {name.replace('_', ' ')}" for i, name in enumerate(retrieval.stored)]
-    fig = go.Figure(go.Bar(x=labels, y=retrieval.distances, marker_color=colours))
-    fig.add_hline(y=tau, line_dash="dot", annotation_text=f"τ = {tau:g}")
+def stream_figure(report: StepReport):
+    """IMSE's accuracy over the stream so far minus Source's on the same images (its pre-update predictions, as
+    the Lab counts them), after each batch, with two standard errors of that difference around it: where the
+    band leaves the 0 line (Source, the reference), adapting has paid off, or cost, by more than noise."""
+    tally = report.stream
+    seen, gains, low, high = [], [], [], []
+    for end in range(1, len(tally.sizes) + 1):
+        prefix = StreamTally(tally.sizes[:end], tally.adapted[:end], tally.source[:end])
+        gain, band = prefix.gain()
+        seen.append(prefix.images)
+        gains.append(gain)
+        low.append(gain - (band or 0.0))
+        high.append(gain + (band or 0.0))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=seen + seen[::-1], y=high + low[::-1], fill="toself", fillcolor=MUTED,
+                             line=dict(width=0), name="± 2 standard errors", hoverinfo="skip"))  # fmt: skip
+    fig.add_trace(go.Scatter(x=[0, max(seen, default=1)], y=[0, 0], mode="lines", name="Source (the reference)",
+                             line=dict(color=NEUTRAL, dash="dot")))  # fmt: skip
+    fig.add_trace(go.Scatter(x=seen, y=gains, mode="lines+markers", name="IMSE − Source", line=dict(color="#d62728")))
+    adapted, source = 100 * tally.accuracy("adapted"), 100 * tally.accuracy("source")
     fig.update_layout(
-        title=f"A new batch of {retrieval.incoming.replace('_', ' ')}: KL to each slot → slot {retrieval.slot}",
-        yaxis=dict(title="symmetric KL", type="log"),
-        height=330,
-        margin=_MARGIN,
+        title=dict(
+            text=f"The stream so far: IMSE {adapted:.1f} %, Source {source:.1f} %",
+            subtitle=dict(text=f"{tally.images} images; accuracy so far, IMSE minus Source"),
+        ),
+        xaxis=dict(title="corrupted images streamed", rangemode="tozero"),
+        yaxis=dict(title="points", zeroline=False),
+        height=350,
+        margin=dict(l=55, r=15, t=70, b=45),
+        legend=_LEGEND_BELOW,
     )
     return fig

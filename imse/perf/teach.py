@@ -34,7 +34,7 @@ def bench_teach(repeats: int = 3) -> dict:
     layers = list(teach.layer_ranks())
     samples = [label for _, label in teach_data.sample_images()]
     times: dict[str, list[float]] = {name: [] for name in ("experts", "experts_all", "slider", "domains", "retrieve")}
-    times.update(collapse_first=[], collapse_update=[], step_first=[], step_next=[], imse_step=[])
+    times.update(collapse_first=[], collapse_update=[], step_first=[], step_next=[], step_many=[], imse_step=[])
     for repeat in range(repeats):
         teach.clear_caches()
         _time_answers(times, layers[(5 * repeat) % len(layers)], samples, repeat)
@@ -75,7 +75,8 @@ def _time_collapse(times: dict[str, list[float]]) -> None:
 
 
 def _time_step(times: dict[str, list[float]]) -> None:
-    """The step view, first and next, and one IMSE step alone on the same batch size (which the view contains)."""
+    """The step view, first and next, the gap between two updates of "Step × 10" (it streams), and one IMSE step
+    alone on the same batch size (which each of them contains)."""
     from imse.app import teach, teach_data
     from imse.core.methods import create
     from imse.data.corruptions import corrupt
@@ -85,6 +86,12 @@ def _time_step(times: dict[str, list[float]]) -> None:
     explorer = teach.step_view(explorer=None, **inputs)["explorer"]
     times["step_first"].append(time.perf_counter() - start)
     times["step_next"].append(_seconds(teach.step_view, explorer=explorer, **inputs))
+    stream = teach.step_many(explorer=explorer, **inputs)
+    next(stream)
+    start = time.perf_counter()
+    next(stream)
+    times["step_many"].append(time.perf_counter() - start)
+    stream.close()
     images, _ = teach_data.view_images("builtin")
     batch = corrupt(images[:64], "contrast", 3, generator=torch.Generator().manual_seed(0))
     method = create("imse", copy.deepcopy(teach_data.spectral_backbone()), **teach.method_settings("builtin")["imse"])
@@ -103,6 +110,7 @@ def _teach_checks(medians: dict[str, float]) -> list:
         ("2 collapse, each streamed update (3 methods x 2 steps + measure)", "collapse_update", TARGET_S),
         ("3 one IMSE step, first (copy + step)", "step_first", step_budget),
         ("3 one IMSE step, next", "step_next", step_budget),
+        ("3 Step x 10, each streamed update", "step_many", step_budget),
         ("4 domains, first answer at a severity (16 descriptors)", "domains", TARGET_S),
         ("4 domains, another new batch", "retrieve", TARGET_S),
     ]

@@ -20,7 +20,7 @@ from imse.core.methods import create
 from imse.data.corruptions import corrupt
 from imse.runs.collapse import CollapseMeter
 
-__all__ = ["ADAPTED", "CollapseView", "collapse_progress", "measure_collapse"]
+__all__ = ["ADAPTED", "COLLAPSE_RISE", "CollapseView", "collapse_progress", "measure_collapse"]
 
 # the adapted conditions: label -> (method, overrides on top of the run's settings)
 ADAPTED = {
@@ -28,6 +28,9 @@ ADAPTED = {
     "IMSE, λ_dm = 0": ("imse", {"lambda_dm": 0.0}),
     "TENT": ("tent", {}),
 }
+UNADAPTED = ("clean", "corrupted")  # the model as it is, on the clean images and on the same images corrupted
+# collapse *from adaptation*: a method's top-class share this far above the unadapted model's on the same images
+COLLAPSE_RISE = 0.10
 
 
 @dataclass
@@ -52,6 +55,26 @@ class CollapseView:
         """The share of images given the most-predicted class (1/C when balanced, 1 when collapsed)."""
         counts = self.class_counts[condition]
         return max(counts) / max(sum(counts), 1)
+
+    @property
+    def measured(self) -> int:
+        """How many images each condition was measured on."""
+        return sum(self.class_counts["clean"])
+
+    def correct(self, condition: str) -> int:
+        """How many of the measured images ``condition`` got right."""
+        return round(self.accuracy[condition] * self.measured)
+
+    @property
+    def adapted(self) -> list[str]:
+        """The adapting methods measured so far."""
+        return [condition for condition in self.conditions if condition not in UNADAPTED]
+
+    def collapsed(self) -> list[str]:
+        """The methods whose adapting crowded the predictions into one class: a top-class share at least
+        ``COLLAPSE_RISE`` above the unadapted model's on the same corrupted images."""
+        floor = self.top_share("corrupted") + COLLAPSE_RISE
+        return [condition for condition in self.adapted if self.top_share(condition) >= floor - 1e-9]
 
 
 def _measure(meter: CollapseMeter, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, classes: int):

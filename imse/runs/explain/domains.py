@@ -9,6 +9,7 @@ which slot a new batch of another corruption would retrieve.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class DomainMap:
     kl: list[list[float]]  # symmetric KL between every pair, names × names
     xy: list[tuple[float, float]]  # a 2-D layout whose distances approximate √KL
     tau: float  # the shift threshold: KL above it is a new domain
+    kept: float  # the share of the √KL configuration's spread the 2-D layout keeps (1: exact)
 
 
 @dataclass
@@ -39,18 +41,22 @@ class Retrieval:
     distances: list[float]  # KL from the incoming batch to each slot
     slot: int  # what top-1 retrieval brings back
     shift_from_clean: bool  # would the detector, sitting on clean data, call this batch a new domain?
+    map_slot: int  # the slot whose point on the 2-D map is nearest the incoming corruption's point
 
 
-def classical_mds(dissimilarity: torch.Tensor, dims: int = 2) -> torch.Tensor:
+def classical_mds(dissimilarity: torch.Tensor, dims: int = 2) -> tuple[torch.Tensor, float]:
     """Points whose Euclidean distances best match ``dissimilarity`` (Torgerson's classical scaling: double-
-    centre the squared dissimilarities, keep the top eigenvectors scaled by √eigenvalue)."""
+    centre the squared dissimilarities, keep the top eigenvectors scaled by √eigenvalue), and the share of the
+    spread they keep: the kept eigenvalues over all positive ones (1 when the dissimilarities are ``dims``-D)."""
     d2 = dissimilarity.double() ** 2
     n = d2.shape[0]
     centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
     gram = -0.5 * centring @ d2 @ centring
     values, vectors = torch.linalg.eigh(gram)
     order = torch.argsort(values, descending=True)[:dims]
-    return (vectors[:, order] * values[order].clamp_min(0).sqrt()).float()
+    positive = values.clamp_min(0)
+    kept = float(positive[order].sum() / positive.sum()) if float(positive.sum()) > 0 else 1.0
+    return (vectors[:, order] * positive[order].sqrt()).float(), kept
 
 
 def _descriptor(model: nn.Module, images: torch.Tensor) -> Descriptor:
@@ -67,8 +73,8 @@ def domain_map(
         descriptors[name] = _descriptor(model, corrupt(images, name, severity, generator=generator))
     names = list(descriptors)
     kl = torch.tensor([[a.distance(b) for b in descriptors.values()] for a in descriptors.values()])
-    xy = classical_mds(kl.clamp_min(0).sqrt())
-    return DomainMap(names, descriptors, kl.tolist(), [tuple(p) for p in xy.tolist()], float(tau))
+    xy, kept = classical_mds(kl.clamp_min(0).sqrt())
+    return DomainMap(names, descriptors, kl.tolist(), [tuple(p) for p in xy.tolist()], float(tau), kept)
 
 
 def retrieve(
@@ -96,10 +102,13 @@ def retrieve(
         batch = corrupt(images, incoming, severity, generator=generator)
     descriptor = _descriptor(model, batch)
     slot, _, distances = bank.top1(descriptor)
+    at = domains.xy[domains.names.index(incoming)]
+    on_map = [math.dist(at, domains.xy[domains.names.index(name)]) for name in [CLEAN, *stored]]
     return Retrieval(
         incoming=incoming,
         stored=[CLEAN, *stored],
         distances=distances.tolist(),
         slot=int(slot),
         shift_from_clean=descriptor.distance(domains.descriptors[CLEAN]) > domains.tau,
+        map_slot=min(range(len(on_map)), key=on_map.__getitem__),
     )

@@ -8,10 +8,13 @@ up or down. The edits are tried on a model that several visitors share, so nothi
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from imse.core.spectral import evaluated_with, spectral_layers
+from imse.core.methods import create
+from imse.core.spectral import evaluated_with, merge, spectral_layers
 
 __all__ = [
     "ALL_LAYERS",
@@ -20,6 +23,7 @@ __all__ = [
     "keep_largest",
     "probabilities",
     "scale_expert",
+    "trainable_counts",
 ]
 
 ALL_LAYERS = "every layer"  # keep_largest's scope that truncates every spectral layer at once
@@ -70,3 +74,17 @@ def accuracy(
             predicted = model(images[start : start + 256]).argmax(-1).cpu()
             correct += int((predicted == labels[start : start + 256]).sum())
     return correct / max(len(images), 1)
+
+
+def trainable_counts(model: nn.Module, settings: dict[str, dict] | None = None) -> dict[str, int]:
+    """How many values each method adapts on ``model`` (its ``num_trainable``, as the Lab's results table counts
+    them), and ``"all weights"``: every parameter of the model before its layers were decomposed. Each method
+    is built on a copy: ``model`` is never changed."""
+    settings = settings or {}
+    counts = {}
+    for name in ("imse", "sar", "tent"):
+        counts[name] = create(name, copy.deepcopy(model), **settings.get(name, {})).num_trainable()
+    plain = copy.deepcopy(model)
+    merge(plain)
+    counts["all weights"] = sum(p.numel() for p in plain.parameters())
+    return counts

@@ -1,30 +1,92 @@
-"""Teach view 3, one IMSE step dissected: on one corrupted batch, which samples pass the entropy filter, what SAM
-does to the loss, the two terms of the objective and their weighted sum, which experts' σ moved most, and what
-the model predicts before and after.
+"""Teach view 3, IMSE step by step: on each corrupted batch of a stream, which samples pass the entropy filter,
+what SAM does to the loss, the objective's two terms (their values and how hard each pulls on σ), which σ have
+moved most since the source σ, and the stream's accuracy so far against the unadapted model's.
 
-Everything shown is read off the method's own step (its record and its code before and after), never
-recomputed by a second implementation: what the view says happened is what IMSE did.
+What the step did is read off the method's own step (its record, its code before and after), never recomputed by
+a second implementation. The pull of each term is the one extra computation: the gradient of each term, at the
+code the step starts from, from the method's own pieces (its forward, its filter, its ``diversity``).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from imse.core.losses import softmax_entropy
+from imse.core.losses import masked_mean, softmax_entropy
 from imse.core.methods import create
-from imse.core.spectral import get_code
+from imse.core.spectral import code_layers, get_code
 from imse.data.corruptions import corrupt
 
-__all__ = ["StepExplorer", "StepReport"]
+__all__ = ["Moved", "Pull", "StepExplorer", "StepReport", "StreamTally"]
+
+
+@dataclass
+class Moved:
+    """One σ: where it started (the source σ₀), where it is now, and what the last step did to it."""
+
+    layer: str
+    expert: int  # numbered from 0, largest source σ first (as every Teach view numbers experts)
+    source: float  # σ₀
+    now: float
+    last_step: float
+
+    @property
+    def since_source(self) -> float:
+        return self.now - self.source
+
+    @property
+    def relative(self) -> float:
+        """(σ − σ₀) / σ₀."""
+        return self.since_source / self.source if self.source else math.inf
+
+
+@dataclass
+class Pull:
+    """How hard each term of the objective pulls on the trained σ: the gradient norm of each, and the cosine
+    between the two gradients (−1: straight against each other), at the code a step starts from."""
+
+    entropy: float | None  # ‖∇ mean H over the reliable samples‖ (None: no reliable sample)
+    diversity: float | None  # ‖∇ (−λ_dm · L_dm)‖ (None: λ_dm = 0)
+    cosine: float | None
+
+
+@dataclass
+class StreamTally:
+    """Per batch of the stream so far: its size, how many IMSE got right (its pre-update predictions, as every
+    accuracy in the Lab is counted) and how many the unadapted model (Source) got right."""
+
+    sizes: list[int] = field(default_factory=list)
+    adapted: list[int] = field(default_factory=list)
+    source: list[int] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(self.sizes)
+
+    def accuracy(self, which: str) -> float:
+        """``which``: "adapted" or "source"; the share right over the stream so far."""
+        return sum(getattr(self, which)) / max(self.images, 1)
+
+    def gain(self) -> tuple[float, float | None]:
+        """IMSE's accuracy minus Source's over the stream so far (points), and two standard errors of that
+        difference from the per-batch differences (None before two batches): a gain inside it is noise."""
+        gain = 100 * (sum(self.adapted) - sum(self.source)) / max(self.images, 1)
+        if len(self.sizes) < 2:
+            return gain, None
+        diffs = torch.tensor(
+            [(a - s) / n for a, s, n in zip(self.adapted, self.source, self.sizes)], dtype=torch.float64
+        )
+        return gain, float(200 * diffs.std() / math.sqrt(len(diffs)))
 
 
 @dataclass
 class StepReport:
-    batch: int  # 1-based: batches adapted on so far, this one included
+    batch: int  # 1-based: steps taken so far, this one included
+    batches: int  # batches in the stream (it starts over after the last)
     entropy: list[float]  # per sample, before the update
     margin: float  # E0: samples with entropy below it are reliable
     reliable: list[bool]
@@ -34,16 +96,27 @@ class StepReport:
     diversity: float | None  # L_dm
     lambda_dm: float
     weighted_sum: float | None  # entropy_term − λ_dm · L_dm (equals ``loss``)
-    moved: list[tuple[str, int, float, float]]  # (layer, expert, Δσ, σ before), largest |Δσ| first
+    pull: Pull
+    lr: float
+    moved: list[Moved]  # the σ furthest from σ₀, largest |σ − σ₀| first
     labels: list[int]
     before: list[int]  # predictions with the code before the step (the method's own pre-update logits)
     after: list[int]  # predictions of the updated model on the same batch
+    source: list[int]  # the unadapted model's predictions on the same batch
+    stream: StreamTally
     updated: bool
     skip_reason: str | None
 
+    @property
+    def changed(self) -> int:
+        """Predictions on this batch that the step changed."""
+        return sum(b != a for b, a in zip(self.before, self.after))
+
 
 class StepExplorer:
-    """IMSE on a private copy of ``model``, stepping through corrupted batches of ``images`` one at a time."""
+    """IMSE on a private copy of ``model``, stepping through a stream of corrupted batches of ``images``, one at
+    a time; each batch is corrupted when it is reached (seeded by its place in the stream, so a reset or a second
+    pass sees the same images), and the unadapted ``model`` (never written) predicts it too."""
 
     def __init__(
         self,
@@ -58,33 +131,78 @@ class StepExplorer:
         top: int = 8,
         **settings,
     ) -> None:
+        self.source = model
         self.method = create("imse", copy.deepcopy(model), **settings)
-        corrupted = corrupt(images, corruption, severity, generator=torch.Generator().manual_seed(seed))
-        self.batches = [
-            (corrupted[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)
-        ]
+        self.images, self.labels = images, labels
+        self.corruption, self.severity, self.seed = corruption, severity, seed
+        self.batch_size = batch_size
+        self.batches = math.ceil(len(images) / batch_size)
         self.top = top
         self.done = 0
+        self.tally = StreamTally()
 
     def reset(self) -> None:
-        """Back to the source code and the first batch."""
+        """Back to the source code and the stream's first batch."""
         self.method.reset()
         self.done = 0
+        self.tally = StreamTally()
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream's batch ``index`` (0-based), corrupted."""
+        start = (index % self.batches) * self.batch_size
+        clean = self.images[start : start + self.batch_size]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index % self.batches)
+        return corrupt(clean, self.corruption, self.severity, generator=generator), self.labels[
+            start : start + len(clean)
+        ]
+
+    def pull(self, x: torch.Tensor) -> Pull:
+        """Each term's gradient over the trained σ at the current code: the method's forward, filter and
+        diversity term, differentiated one term at a time (nothing is stepped)."""
+        method = self.method
+        params = list(method.trainable.values())
+        with torch.enable_grad(), method.probe.capture(differentiable=method.diversity_layers) as stats:
+            logits = method.run_model(x)
+            entropy = softmax_entropy(logits)
+            term = masked_mean(entropy, entropy.detach() < method.entropy_margin(logits.shape[-1]))
+            reg = method.diversity(stats)
+            diversity = None if reg is None or not method.diversity_weight else -method.diversity_weight * reg
+            grads = [
+                None
+                if t is None
+                else torch.cat([g.flatten() for g in torch.autograd.grad(t, params, retain_graph=True)])
+                for t in (term, diversity)
+            ]
+        norms = [None if g is None else float(g.norm()) for g in grads]
+        cosine = None
+        if grads[0] is not None and grads[1] is not None:
+            cosine = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+        return Pull(entropy=norms[0], diversity=norms[1], cosine=cosine)
+
+    def _moved(self, code_before: dict[str, torch.Tensor]) -> list[Moved]:
+        layers = code_layers(self.method.model)
+        names = [name for name in code_before if layers[name].S.requires_grad]  # the trained σ
+        now = torch.cat([layers[name].S.detach() for name in names])
+        source = torch.cat([layers[name].S0 for name in names])
+        last = now - torch.cat([code_before[name] for name in names])
+        owners = [(name, i) for name in names for i in range(layers[name].rank)]
+        largest = torch.topk((now - source).abs(), min(self.top, len(now))).indices.tolist()
+        return [Moved(*owners[j], float(source[j]), float(now[j]), float(last[j])) for j in largest]
 
     def step(self) -> StepReport:
-        x, labels = self.batches[self.done % len(self.batches)]
+        x, labels = self.batch(self.done)
         code_before = get_code(self.method.model)
+        pull = self.pull(x)
         logits = self.method(x)  # adapts as a side effect; the logits are the pre-update ones
         record = self.method.last_record
         self.done += 1
         with torch.no_grad():
             after = self.method.model(x).argmax(-1)
-        names = list(code_before)
-        code_after = get_code(self.method.model)
-        deltas = torch.cat([code_after[name] - code_before[name] for name in names])
-        owners = [(name, i) for name in names for i in range(len(code_before[name]))]
-        largest = torch.topk(deltas.abs(), min(self.top, len(deltas))).indices.tolist()
-        moved = [(*owners[j], float(deltas[j]), float(code_before[owners[j][0]][owners[j][1]])) for j in largest]
+            source = self.source(x).argmax(-1)
+        before = logits.argmax(-1)
+        self.tally.sizes.append(len(labels))
+        self.tally.adapted.append(int((before.cpu() == labels).sum()))
+        self.tally.source.append(int((source.cpu() == labels).sum()))
         entropy = softmax_entropy(logits.float())
         margin = self.method.entropy_margin(logits.shape[-1])
         lambda_dm = float(self.method.hparams["lambda_dm"])
@@ -92,6 +210,7 @@ class StepExplorer:
         weighted = None if term is None else term - lambda_dm * (diversity or 0.0)
         return StepReport(
             batch=self.done,
+            batches=self.batches,
             entropy=entropy.tolist(),
             margin=float(margin),
             reliable=(entropy < margin).tolist(),
@@ -101,10 +220,14 @@ class StepExplorer:
             diversity=diversity,
             lambda_dm=lambda_dm,
             weighted_sum=weighted,
-            moved=moved,
+            pull=pull,
+            lr=float(self.method.hparams["lr"]),
+            moved=self._moved(code_before),
             labels=labels.tolist(),
-            before=logits.argmax(-1).tolist(),
+            before=before.tolist(),
             after=after.tolist(),
+            source=source.tolist(),
+            stream=copy.deepcopy(self.tally),
             updated=bool(record.get("updated")),
             skip_reason=record.get("skip_reason"),
         )
