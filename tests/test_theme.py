@@ -138,7 +138,7 @@ def teach_figures() -> list:
                           map_slot=2)  # fmt: skip
     return [
         teach_viz.spectrum_figure(
-            [3.0, 2.0, 1.0, 0.5], [0.6, 0.85, 0.96, 1.0], "model.blocks.0.attn.qkv", {0, 1}, 1, 2.0
+            [3.0, 2.0, 1.0, 0.5], [0.6, 0.85, 0.96, 1.0], "model.blocks.0.attn.qkv", kept={0, 1}, scaled=1, scale=2.0
         ),
         teach_viz.rank_figure([(1, 0.3), (2, 0.6), (4, 0.8)], 0.82, k=2, at_k=0.6, scope="this layer", images=256),
         teach_viz.top5_figure([0.1] * 10, names, "top-5"),

@@ -243,7 +243,9 @@ def experts_view(
             label=label, names=names, base=base, edited=edited, edits=edits, scores=scores
         ),  # fmt: skip
         "why_sigma": _why_sigma(backbone),
-        "spectrum_plot": teach_viz.spectrum_figure(module.S.tolist(), energy.tolist(), layer, kept, expert, scale),
+        "spectrum_plot": teach_viz.spectrum_figure(
+            module.S.tolist(), energy.tolist(), layer, kept=kept, scaled=expert, scale=scale
+        ),
         "rank_plot": teach_viz.rank_figure(curve, full, k=min(k, rank), at_k=at_k, scope=scope, images=len(fixed)),
         "top5_base": teach_viz.top5_figure(base, names, "top-5, unedited"),
         "top5_edited": teach_viz.top5_figure(edited, names, edited_title),

@@ -81,7 +81,7 @@ def log_ticks(low: float, high: float, base: int = 10) -> dict:
 
 @_themed
 def spectrum_figure(
-    singular_values: list[float], energy: list[float], layer: str, kept: set[int], scaled: int, scale: float
+    singular_values: list[float], energy: list[float], layer: str, *, kept: set[int], scaled: int, scale: float
 ):
     """σ of every expert (kept ones coloured, zeroed ones grey, the scaled one red), numbered from 0, with the
     cumulative energy share on the right."""
