@@ -89,10 +89,12 @@ def run_side_by_side(method, reference, schedule, seed=1):
 
 
 def assert_equal_to_float32_rounding(now, expected, path="") -> None:
-    """Equal, except floats, which may differ by float32 rounding (1e-6 relative): another thread count (another
-    machine, or runs sharing the cores) may round a float32 sum differently; counts and labels exactly."""
+    """Equal, except floats, which may differ by float32 rounding carried through a few adaptation steps (1e-5
+    relative): another thread count (another machine, a Ray or run worker, runs sharing the cores) rounds a float32
+    sum differently, and each step carries that on (a DPAL loss three steps in: 1.1e-6 apart on the CI machine);
+    counts, predictions and labels exactly."""
     if isinstance(expected, float) and not isinstance(now, bool):
-        assert now == pytest.approx(expected, rel=1e-6, abs=1e-9), path
+        assert now == pytest.approx(expected, rel=1e-5, abs=1e-9), path
     elif isinstance(expected, dict):
         assert now.keys() == expected.keys(), path
         for key in expected:

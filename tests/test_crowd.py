@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import assert_equal_to_float32_rounding
 from served import client, launch_app, output, stop_app
 from test_app import family, start_args
 
@@ -155,7 +156,9 @@ def test_a_dozen_visitors_at_once_on_two_cores(tmp_path):
         assert places == sorted(places, reverse=True), (v, places)
     assert len(finished) == VISITORS - len(ROLES)
     for visitor in finished:
-        assert seen[visitor]["summary"] == alone[visitor], f"visitor {visitor}'s run differs from the same run alone"
+        # the same run alone: counts equal; confidence, entropy and alignment std to float32 rounding (a run in the
+        # crowd computes on fewer threads: run_workers gives each cores // runs computing)
+        assert_equal_to_float32_rounding(seen[visitor]["summary"], alone[visitor], f"visitor {visitor}")
     assert crowd <= 1.15 * back_to_back, report
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import assert_equal_to_float32_rounding
 from PIL import Image
 from torchvision import transforms
 
@@ -313,7 +314,8 @@ def test_the_ray_engine_gathers_what_the_process_computes(tmp_path):
     assert list(on_ray["runs"]) == list(local["runs"]) and len(local["runs"]) == 4
     for key, run in local["runs"].items():
         assert on_ray["runs"][key]["mean_accuracy"] == run["mean_accuracy"]
-        assert on_ray["runs"][key]["domains"] == run["domains"]
+        # counts exactly; confidence and entropy to float32 rounding (a Ray worker computes on its own threads)
+        assert_equal_to_float32_rounding(on_ray["runs"][key]["domains"], run["domains"], key)
 
 
 def test_slot_zeros_images_are_the_official_pick_of_clean_validation_images(tmp_path):

@@ -112,7 +112,10 @@ SMALL = dict(
     rounds=3,
     device="cuda",
     show_source=False,
-    precision="fp32",  # /start's last input (a client may leave it out: tests/test_precision.py)
+    precision="fp32",  # a client may leave it out, and what follows (tests/test_precision.py)
+    upload=None,  # the backbone's own data
+    upload_streams="as-is",
+    upload_labels="folders",
 )
 
 
@@ -120,6 +123,7 @@ def _arguments(**changes) -> list:
     from imse.app.ui import START_INPUTS
 
     values = {**SMALL, **changes}
+    assert values.keys() == set(START_INPUTS)  # an input /start gains must be added here, by name
     return [values[name] for name in START_INPUTS]
 
 
@@ -186,7 +190,7 @@ def test_a_gpu_run_streams_through_the_worker_and_equals_the_same_run_in_process
     final = job.outputs()[-1]
     assert len(updates) >= 2 and "finished" in _output(final, "status")
     # it was one GPU call, of the size the run asked for, computed in another process than the server
-    config = LabConfig(**{**lab_settings(), **{k: v for k, v in SMALL.items() if k != "show_source"}})
+    config = LabConfig(**{**lab_settings(), **{k: v for k, v in SMALL.items() if k not in ("show_source", "upload")}})
     config.corruptions, config.methods = tuple(config.corruptions), tuple(config.methods)
     assert api.requested()[before:] == [zerogpu.request_seconds(config)]
     assert _worker_pid(api) != process.pid
