@@ -252,6 +252,19 @@ def test_each_classic_attack_is_refused_with_a_sentence_and_nothing_is_written(a
     assert not (tmp_path.parent / "escaped.png").exists()
 
 
+def test_an_archive_other_than_a_zip_is_refused_as_one_not_as_a_nested_archive(tmp_path):
+    import tarfile
+
+    image = png(np.full((28, 28), 128, dtype=np.uint8))
+    with tarfile.open(tmp_path / "photos.tar.gz", "w:gz") as archive:
+        info = tarfile.TarInfo("Bag/0.png")
+        info.size = len(image)
+        archive.addfile(info, io.BytesIO(image))
+    with pytest.raises(UploadRefused, match=r"^photos\.tar\.gz is not a \.zip: upload a \.zip archive, or the image "):
+        prepare_upload([tmp_path / "photos.tar.gz"], BUILTIN_VIEW, tmp_path / "session", limits=UploadLimits())
+    assert not (tmp_path / "session").exists() or not any((tmp_path / "session").iterdir())
+
+
 def test_a_lying_header_never_unpacks_more_than_it_declares(fashion, tmp_path):
     """A member whose header understates its size is read only to the size declared (then fails its CRC): skipped
     as damaged, its decompressed bytes bounded by what the header said."""

@@ -238,6 +238,9 @@ def _sent_files(paths: list[Path], limits: UploadLimits) -> tuple[list[UploadFil
         if len(paths) > 1:
             raise UploadRefused("upload one .zip, or image files, not both")
         return _zip_files(paths[0])
+    other = [p.name for p in paths if p.name.lower().endswith(ARCHIVE_SUFFIXES)]
+    if other:  # sent as it is, not inside a zip: not a nested archive, an archive this server does not read
+        raise UploadRefused(f"{other[0][:80]} is not a .zip: upload a .zip archive, or the image files themselves")
     return [_plain_file(p, (p.name,)) for p in paths], None
 
 
