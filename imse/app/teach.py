@@ -1,4 +1,4 @@
-"""The Teach tab: four views of why IMSE works, each a Gradio handler that checks its inputs, asks
+"""The Teach tab: four views of how IMSE works, each a Gradio handler that checks its inputs, asks
 ``imse.runs.explain`` for the numbers and ``teach_viz`` for the figures (no maths here).
 
 Views are wired by name (``imse.app.teach_tab``): a view's keyword-only parameters are named after the widgets
@@ -244,8 +244,14 @@ def experts_view(
         ),  # fmt: skip
         "why_sigma": _why_sigma(backbone),
         "spectrum_plot": teach_viz.spectrum_figure(
-            module.S.tolist(), energy.tolist(), layer, kept=kept, scaled=expert, scale=scale
-        ),
+            module.S.tolist(),
+            energy.tolist(),
+            layer,
+            kept=kept,
+            scaled=expert,
+            scale=scale,
+            edited=float(sigmas[layer][expert]),
+        ),  # fmt: skip
         "rank_plot": teach_viz.rank_figure(curve, full, k=min(k, rank), at_k=at_k, scope=scope, images=len(fixed)),
         "top5_base": teach_viz.top5_figure(base, names, "top-5, unedited"),
         "top5_edited": teach_viz.top5_figure(edited, names, edited_title),
@@ -325,7 +331,7 @@ def collapse_layer(*, collapse_state: Any, backbone: Any, collapse_layer: Any) -
 
 STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "stream_plot")
 STEPS_AT_ONCE = 10  # "Step × 10"
-MOVED_HEADERS = ["layer", "expert i", "σ₀", "σ − σ₀", "(σ−σ₀)/σ₀", "last step"]
+MOVED_HEADERS = ["layer", "expert i", "source σ", "σ − source σ", "relative", "last step", "steps this way"]
 
 
 def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> tuple:
@@ -347,7 +353,8 @@ def _step_outputs(explorer: tuple) -> dict:
     report = explorer[1].step()
     moved = [
         [teach_viz.short_layer(m.layer), m.expert, f"{m.source:.4f}", f"{m.since_source:+.2e}",
-         f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}"]
+         "tiny σ" if m.tiny else f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}",
+         f"{m.steps_this_way} of {report.batch}"]
         for m in report.moved
     ]  # fmt: skip
     return {
@@ -379,7 +386,7 @@ def step_reset(*, explorer: Any, backbone: Any, corruption: Any, severity: Any) 
     """Back to the source σ (S0) and the stream's first batch; the panels clear until the next Step."""
     explorer = _explorer(explorer, backbone, corruption, severity)
     explorer[1].reset()
-    text = "Back to the source σ (σ₀), nothing adapted: **Step** adapts on the stream's first batch again."
+    text = "Back to the source σ, nothing adapted: **Step** adapts on the stream's first batch again."
     cleared = {"entropy_plot": None, "loss_plot": None, "moved_table": [], "stream_plot": None}
     return {"explorer": explorer, "step_text": text, **cleared}
 
@@ -396,6 +403,13 @@ def _domains(backbone_name: str, severity: int):
     )
 
 
+def _near_clean(domains, stored: list[str]) -> list[str]:
+    """The stored corruptions whose descriptor is within τ of the clean data's."""
+    clean = domains.kl[domains.names.index("clean")]
+    within = [name for name in domains.names if clean[domains.names.index(name)] <= domains.tau]
+    return [name for name in dict.fromkeys(stored) if name != "clean" and name in within]
+
+
 @answers("domains_text", "kl_plot", "map_plot", "retrieval_plot")
 def domains_view(*, backbone: Any, severity: Any, stored: Any, incoming: Any) -> dict:
     """View 4: descriptors' KL matrix and map, and which slot a bank holding ``stored`` gives a new batch."""
@@ -408,7 +422,7 @@ def domains_view(*, backbone: Any, severity: Any, stored: Any, incoming: Any) ->
     images, _ = teach_data.view_images(backbone)
     result = retrieve(model, domains, stored, incoming, images[DOMAIN_BATCH : 2 * DOMAIN_BATCH], severity=severity)
     return {
-        "domains_text": teach_text.domains_text(result, severity, domains.tau),
+        "domains_text": teach_text.domains_text(result, severity, domains.tau, _near_clean(domains, stored)),
         "kl_plot": teach_map.kl_figure(domains),
         "map_plot": teach_map.domain_map_figure(domains, result),
         "retrieval_plot": teach_map.retrieval_figure(result, domains.tau),

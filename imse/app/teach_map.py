@@ -99,21 +99,21 @@ def _category(name: str, retrieval: Retrieval | None) -> str:
     return "not stored"
 
 
+CIRCLE = "√τ around clean: inside, a stream on clean data would not detect it (approximately)"
 _CATEGORIES = {"not stored": "#1f77b4", "stored in the bank": "#d62728", "clean (slot 0)": "#2ca02c"}  # drawn in order
 
 
 @_themed
 def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 300):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
-    clean data; clean, the stored domains and the new batch's corruption are labelled, each kind in the legend.
+    clean data; every point is labelled, each kind in the legend.
     ``width_px``: the plot's width to place the labels apart for (a phone's: on a desktop they sit further apart)."""
     incoming = retrieval.incoming if retrieval else None
     xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
     radius = math.sqrt(domains.tau)
     cx, cy = domains.xy[0]
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
-    shown = [name.replace("_", " ") if _category(name, retrieval) != "not stored" or name == incoming else ""
-             for name in domains.names]  # fmt: skip
+    shown = [name.replace("_", " ") for name in domains.names]  # every point named: a screenshot has no hover
     offsets = place_labels(list(domains.xy), shown, width_px / max(span, 1e-9))
     fig = go.Figure()
     for category, colour in _CATEGORIES.items():
@@ -143,9 +143,9 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     angles = [2 * math.pi * t / 96 for t in range(97)]
     circle_x, circle_y = [cx + radius * math.cos(a) for a in angles], [cy + radius * math.sin(a) for a in angles]
     fig.add_trace(go.Scatter(x=circle_x, y=circle_y, mode="lines", line=dict(color="#2ca02c", width=1.5),
-                             hoverinfo="skip", name="√τ around clean: inside, no new domain"))  # fmt: skip
-    kept = f"classical MDS of √KL, keeping {100 * domains.kept:.0f} % of its spread"
-    note = f"{kept}:<br>retrieval reads the KL, not this map"
+                             hoverinfo="skip", name=CIRCLE))  # fmt: skip
+    note = (f"classical MDS: points placed so their distances best match √KL, keeping {100 * domains.kept:.0f} % "
+            "of its variance;<br>retrieval reads the KL, not this map")  # fmt: skip
     fig.update_layout(
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
         height=540,
@@ -165,8 +165,9 @@ def retrieval_figure(retrieval: Retrieval, tau: float):
     fig = go.Figure()
     for name, colour, chosen in (("retrieved (smallest KL)", "#d62728", True), ("other slots", "#1f77b4", False)):
         slots = [i for i in range(len(labels)) if (i == retrieval.slot) == chosen]
-        fig.add_trace(go.Bar(x=[labels[i] for i in slots], y=[retrieval.distances[i] for i in slots],
-                             marker_color=colour, name=name))  # fmt: skip
+        values = [retrieval.distances[i] for i in slots]
+        fig.add_trace(go.Bar(x=[labels[i] for i in slots], y=values, marker_color=colour, name=name,
+                             text=[f"{v:.3g}" for v in values], textposition="outside"))  # fmt: skip
     fig.add_hline(
         y=tau, line=dict(color=NEUTRAL, dash="dot"), showlegend=True, name=f"τ = {tau:g}: detection's threshold"
     )
