@@ -241,7 +241,12 @@ def test_views_2_to_4_answer_and_refuse_bad_input_readably(monkeypatch):
     many = list(teach.step_many(**{**step, "explorer": first["explorer"]}))
     assert all(tuple(answer) == teach.step_view.outputs for answer in many)
     assert [re.match(r"\*\*Batch (\d+)\*\* of the stream's 40", a["step_text"]).group(1) for a in many] == ["2", "3"]
-    assert "The stream so far** (192 images;" in many[-1]["step_text"]
+    last = many[-1]["step_text"]
+    assert "The stream so far** (192 images;" in last and "over the 3 batches so far" in last
+    imse, source, gain = re.search(
+        r"IMSE \*\*([\d.]+) %\*\*.*Source \(unadapted\) \*\*([\d.]+) %\*\*.*: ([+-][\d.]+) points", last
+    ).groups()
+    assert f"{float(imse) - float(source):+.2f}" == gain  # the printed numbers add up
     reset = teach.step_reset(**{**step, "explorer": many[-1]["explorer"]})
     assert reset["step_text"].startswith("Back to the source") and reset["moved_table"] == []
     assert reset["entropy_plot"] is reset["loss_plot"] is reset["stream_plot"] is None

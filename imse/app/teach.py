@@ -331,7 +331,7 @@ def collapse_layer(*, collapse_state: Any, backbone: Any, collapse_layer: Any) -
 
 STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "stream_plot")
 STEPS_AT_ONCE = 10  # "Step × 10"
-MOVED_HEADERS = ["layer", "expert i", "source σ", "σ − source σ", "relative", "last step", "steps this way"]
+MOVED_HEADERS = ["layer", "expert", "source σ", "σ − source σ", "relative", "last step", "same way"]
 
 
 def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> tuple:
@@ -354,7 +354,7 @@ def _step_outputs(explorer: tuple) -> dict:
     moved = [
         [teach_viz.short_layer(m.layer), m.expert, f"{m.source:.4f}", f"{m.since_source:+.2e}",
          "tiny σ" if m.tiny else f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}",
-         f"{m.steps_this_way} of {report.batch}"]
+         f"{m.steps_this_way}/{report.batch}"]
         for m in report.moved
     ]  # fmt: skip
     return {

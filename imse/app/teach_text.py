@@ -214,7 +214,9 @@ def _without_diversity(view: CollapseView) -> str:
     if ablated not in view.adapted:
         return ""
     gap, _ = view.paired("IMSE", ablated)
-    if not view.beyond_noise("IMSE", ablated):
+    if gap == 0:
+        verdict = "the same as IMSE: the diversity term neither helped nor held it back here"
+    elif not view.beyond_noise("IMSE", ablated):
         verdict = f"{_images(abs(gap))} {'ahead of' if gap < 0 else 'behind'} IMSE, within noise"
     elif gap < 0:
         verdict = f"so the diversity term cost IMSE {_images(-gap)} here"
@@ -323,21 +325,18 @@ def _pull(report: StepReport, layers: int) -> str:
     if pull.entropy is None:
         return start + " No sample is reliable on this batch, so only the diversity term pulls."
     both = [p for p in report.pulls if p.entropy and p.diversity is not None and p.cosine is not None]
-    ratios = [p.diversity / p.entropy for p in both]
-    this = (
+    ratios, cosines = [p.diversity / p.entropy for p in both], [p.cosine for p in both]
+    start += (
         f" On this batch the diversity term pulls {pull.diversity / pull.entropy:.1f}× harder than the entropy term "
         f"(cosine {pull.cosine:+.2f})"
     )
     if len(both) < 2:
-        return start + this + "."
-    return (
-        f"{start}{this}; over the {len(both)} batches so far, {_range(ratios, '.1f')}× harder, cosine "
-        f"{_range([p.cosine for p in both], '+.2f')}: the diversity term has the larger pull on every one, and the "
-        "direction varies from batch to batch."
-        if min(ratios) > 1
-        else f"{start}{this}; over the {len(both)} batches so far, {_range(ratios, '.1f')}× (cosine "
-        f"{_range([p.cosine for p in both], '+.2f')})."
-    )
+        return start + "."
+    start += f"; over the {len(both)} batches so far, {_range(ratios, '.1f')}×, cosine {_range(cosines, '+.2f')}"
+    if min(ratios) <= 1:
+        return start + "."
+    varies = ", and the angle between them varies from batch to batch" if max(cosines) - min(cosines) > 0.3 else ""
+    return f"{start}: the diversity term has the larger pull on every one{varies}."
 
 
 def _stream(report: StepReport) -> str:
@@ -350,7 +349,7 @@ def _stream(report: StepReport) -> str:
     else:
         noise = (
             f"{'within' if abs(gain) <= band else 'beyond'} noise: two standard errors of the mean per-batch "
-            f"difference are ±{band:.2f} (the batch is the unit: IMSE's code changes from one to the next)"
+            f"difference are ±{band:.2f} points (the batch is the unit: IMSE's code changes from one to the next)"
         )
     repeats = sum(tally.sizes[report.batches :])  # images of a second pass (or more) over the stream
     again = f", {repeats} of them a second time" if repeats else ""
@@ -369,8 +368,8 @@ def _table(report: StepReport) -> str:
         f"size, so its first step moves every σ by lr = {report.lr:g} exactly, up or down: after one step nearly "
         f"every row ties. Later steps are about lr, sometimes more (this step's largest: "
         f"{report.largest_step / report.lr:.2f} × lr). After n steps the leaders are the σ that moved the same way on "
-        f"(nearly) every step, near n × lr (here {steps} × lr = {steps * report.lr:.4f}); the last column counts "
-        "those steps. The relative change is not shown for a tiny σ (under 1 % of its layer's largest), whose "
+        f"(nearly) every step, near n × lr (here {steps} × lr = {steps * report.lr:.4f}); the last column, *same way*, "
+        "counts those steps. The relative change is not shown for a tiny σ (under 1 % of its layer's largest), whose "
         "expert carries almost nothing."
     )
 
@@ -382,15 +381,12 @@ def step_text(report: StepReport, corruption: str, severity: int, layers: int) -
     status = "updated" if report.updated else f"**no update** ({report.skip_reason})"
     passes = (report.batch - 1) // report.batches
     batches = report.batches
-    where = (
-        f", pass {passes + 1} over the stream's {batches} (the same images again, already adapted on)"
-        if passes
-        else f" of the stream's {batches}"
-    )
+    where = f", pass {passes + 1} over the stream's {batches}" if passes else f" of the stream's {batches}"
+    again = "; the same images again, already adapted on" if passes else ""
     n = len(report.reliable)
     return (
         f"**Batch {report.batch}**{where} ({corruption.replace('_', ' ')} {severity}; a new stream starts when the "
-        f"corruption or severity changes): {sum(report.reliable)} of {n} samples "
+        f"corruption or severity changes{again}): {sum(report.reliable)} of {n} samples "
         f"reliable (H < E0 = {report.margin:.3f}); loss {loss} at the current code, {perturbed} at the code SAM "
         f"moved uphill; {status}; the step changed {report.changed} of {n} predictions on this batch (they count "
         f"from the next batch on).\n\n{_stream(report)}\n\n{_pull(report, layers)}\n\n{_table(report)}"
