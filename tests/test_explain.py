@@ -112,7 +112,7 @@ def test_expert_stds_equal_a_numpy_restatement_and_average_to_what_the_meter_rep
 
 def test_the_collapse_view_measures_each_method_as_an_independent_run_would(model, data):
     images, labels = data
-    settings = {"imse": {"lr": 7e-4}, "tent": {"base_lr": 1e-3}}
+    settings = {"imse": {"lr": 7e-4}, "sar": {"base_lr": 1e-3}, "tent": {"base_lr": 1e-3}}
     views = list(
         collapse_progress(
             model,

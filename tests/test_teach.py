@@ -265,7 +265,7 @@ def collapse_view_of(correct: dict[str, int], top: dict[str, int]):
     """A finished view 2 measured on 100 images: each condition's right answers and its top class's count."""
     from imse.runs.explain.collapse import CollapseView
 
-    conditions = ["clean", "corrupted", "IMSE", "IMSE, λ_dm = 0", "TENT"]
+    conditions = list(correct)  # clean, corrupted, then the adapted methods in ADAPTED's order
     counts = {c: [top[c]] + [(100 - top[c]) // 9 + (i < (100 - top[c]) % 9) for i in range(9)] for c in conditions}
     accuracy = {c: correct[c] / 100 for c in conditions}
     right = {c: [i < correct[c] for i in range(100)] for c in conditions}  # nested: the first correct[c] images
@@ -303,6 +303,14 @@ def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
     assert "$\\lambda_{dm} = 0$ 3 images behind (±3.4 images: within noise), about a tie." in tie
     assert "**IMSE did not win here** (1 image behind TENT, ±2.0 images: within noise)" in tie
     assert "IMSE scored 79.0 %: 2 images behind IMSE, within noise." in tie
+
+    with_sar = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27,
+                                                  "SAR": 26, "TENT": 18}, {**top, "SAR": 75}))  # fmt: skip
+    assert with_sar.endswith(
+        " **σ or LayerNorm,** under the same filter and SAM: IMSE, $\\lambda_{dm} = 0$ 27.0 % (top-class share 72 %), "
+        "SAR 26.0 % (75 %): 1 image ahead of SAR (±2.0 images: within noise)."
+    )
+    assert "σ or LayerNorm" not in contrast  # no SAR measured, no such sentence
 
     worse = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 50, "IMSE": 49, "IMSE, λ_dm = 0": 40,
                                                "TENT": 30}, {**top, "IMSE, λ_dm = 0": 80}))  # fmt: skip

@@ -45,7 +45,8 @@ __all__ = [
 
 MAX_SCALE = 3.0  # the σ-scale slider's range
 DOMAIN_BATCH = 64  # view 4: one batch per domain, as the shift detector sees them
-# view 2: rounds × steps of batch 32 (768 images), measured on 128 images after each round (~2 s a round, 2 cores)
+# view 2: rounds × steps of batch 32 (768 images), measured on 128 images after each round (4 methods: ~1.6 s a
+# round on 2 quiet cores)
 COLLAPSE_ROUNDS, COLLAPSE_STEPS, COLLAPSE_BATCH, COLLAPSE_MEASURED = 12, 2, 32, 128
 SCOPES = ("this layer", experts.ALL_LAYERS)
 PREVIEW_PX = 224  # view 1 shows the model's input at least this large
@@ -264,7 +265,7 @@ def experts_view(
 
 def method_settings(backbone_name: str) -> dict[str, dict]:
     """The Lab's tuned settings for the methods the views adapt with (one place: imse.runs.defaults)."""
-    return {name: tuned_settings(backbone_name, name) for name in ("imse", "tent")}
+    return {name: tuned_settings(backbone_name, name) for name in ("imse", "sar", "tent")}
 
 
 _COLLAPSE_DONE: dict[tuple, CollapseView] = {}  # finished views by (backbone, corruption, severity); a few at most

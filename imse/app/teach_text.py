@@ -56,10 +56,10 @@ paper's sign of diverse features, not a measure of collapse, which shows in the 
 is the share of images given the most-predicted class (10 % when 10 classes are balanced, 100 % when every image
 gets the same class). Corruption alone can already crowd the predictions; collapse *from adaptation* is the share
 rising RISE points or more over the unadapted model's on the same images. **Measure** adapts IMSE, IMSE without its
-diversity term ($\lambda_{dm} = 0$, view 3) and TENT on ADAPTED images of the tab's corruption and severity (other
-test images than view 1's), then measures them, and the unadapted model clean and corrupted, on MEASURED of those
-images. A difference counts when it is over two standard errors of the paired difference (per image: +1, 0 or −1,
-as each model got it right or not). Std axes start at 0, or show a change in % against the corrupted, unadapted
+diversity term ($\lambda_{dm} = 0$, view 3), **SAR** and TENT on ADAPTED images of the tab's corruption and severity
+(other test images than view 1's), then measures them, and the unadapted model clean and corrupted, on MEASURED of
+those images. A difference counts when it is over two standard errors of the paired difference (per image: +1, 0 or
+−1, as each model got it right or not). Std axes start at 0, or show a change in % against the corrupted, unadapted
 model.
 """,
     "step": r"""
@@ -121,9 +121,9 @@ def why_sigma(counts: dict[str, int], adapted_blocks: int) -> str:
         "only turns up or down a direction the source model learned ($u_i$ and $v_i$ stay fixed), so adapting it can "
         "only re-weight the source model's own experts; LayerNorm's scale and shift act on each channel, whatever "
         "directions the layers learned, and free weights can learn new directions from a stream with no labels to "
-        "check them. That is the argument, not a measurement. View 2 compares IMSE with TENT only, which differs in "
-        "what it adapts *and* in how (every sample's entropy, SGD): a difference there is not σ against LayerNorm "
-        "alone. SAR (LayerNorm under the same filter and SAM) and fine-tuning every weight are not measured here."
+        "check them. That is the argument; view 2 measures part of it. SAR against IMSE without its diversity term "
+        "is σ against LayerNorm under the same filter and SAM (SAR steps with SGD, IMSE with Adam); TENT differs in "
+        "what it adapts *and* in how (every sample's entropy, SGD). Fine-tuning every weight is not measured here."
     )
 
 
@@ -229,33 +229,25 @@ def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
     """When IMSE is not the best (by any margin), says so and why, from the view's own numbers."""
     if "IMSE" not in view.adapted:
         return ""
+    ablated = "IMSE, λ_dm = 0"
     if best == "IMSE":
-        if collapsed and "IMSE" not in collapsed:
-            ablated = "IMSE, λ_dm = 0"
-            without = (
-                f"; without its diversity term, {100 * view.top_share(ablated):.0f} %"
-                if ablated in view.adapted
-                else ""
-            )
-            return (
-                f" IMSE did not crowd its predictions further (top-class share {100 * view.top_share('IMSE'):.0f} %, "
-                f"unadapted {100 * view.top_share('corrupted'):.0f} %{without}) where "
-                f"{' and '.join(_named(c) for c in collapsed)} collapsed."
-            )
-        return ""
-    behind, _ = view.paired(best, "IMSE")
-    gap = f"{_images(behind)} behind {_named(best)}, {_noise(view, best, 'IMSE')}"
-    if not collapsed:
+        if not collapsed or "IMSE" in collapsed:
+            return ""
+        share = view.top_share(ablated) if ablated in view.adapted else None
+        without = "" if share is None else f"; without its diversity term, {100 * share:.0f} %"
         return (
-            f" **IMSE did not win here** ({gap}), and no advantage is expected: nothing collapsed, so its diversity "
-            "term, which exists to stop collapse, had nothing to prevent." + _without_diversity(view)
+            f" IMSE did not crowd its predictions further (top-class share {100 * view.top_share('IMSE'):.0f} %, "
+            f"unadapted {100 * view.top_share('corrupted'):.0f} %{without}) where "
+            f"{' and '.join(_named(c) for c in collapsed)} collapsed."
         )
-    if "IMSE" in collapsed:
-        return f" **IMSE did not win here** ({gap}): it collapsed too." + _without_diversity(view)
-    return (
-        f" **IMSE did not win here** ({gap}): {_named(best)} adapted further without collapsing."
-        + _without_diversity(view)
-    )
+    behind, _ = view.paired(best, "IMSE")
+    if not collapsed:
+        why = ", and no advantage is expected: nothing collapsed, so its diversity term, which exists to stop "
+        why += "collapse, had nothing to prevent."
+    else:
+        why = ": it collapsed too." if "IMSE" in collapsed else f": {_named(best)} adapted further without collapsing."
+    gap = f"{_images(behind)} behind {_named(best)}, {_noise(view, best, 'IMSE')}"
+    return f" **IMSE did not win here** ({gap}){why}" + _without_diversity(view)
 
 
 def collapse_verdict(view: CollapseView) -> str:
@@ -265,7 +257,21 @@ def collapse_verdict(view: CollapseView) -> str:
     best = max(view.adapted, key=view.correct)  # a tie goes to the first in ADAPTED's order (IMSE)
     sentence, collapsed = _collapse(view)
     so_far = "" if view.finished else "So far: "
-    return so_far + _best(view, best) + " " + sentence + _why_not_imse(view, best, collapsed)
+    return so_far + _best(view, best) + " " + sentence + _why_not_imse(view, best, collapsed) + _sigma_or_norm(view)
+
+
+def _sigma_or_norm(view: CollapseView) -> str:
+    """σ against LayerNorm under the same filter and SAM: IMSE without its diversity term against SAR."""
+    ablated = "IMSE, λ_dm = 0"
+    if not {ablated, "SAR"} <= set(view.adapted):
+        return ""
+    gap, _ = view.paired(ablated, "SAR")
+    ahead = "the same" if gap == 0 else f"{_images(abs(gap))} {'ahead of' if gap > 0 else 'behind'} SAR"
+    return (
+        f" **σ or LayerNorm,** under the same filter and SAM: {_named(ablated)} {_pct(view.accuracy[ablated])} "
+        f"(top-class share {100 * view.top_share(ablated):.0f} %), SAR {_pct(view.accuracy['SAR'])} "
+        f"({100 * view.top_share('SAR'):.0f} %): {ahead} ({_noise(view, ablated, 'SAR')})."
+    )
 
 
 def _blocks(layers: list[str]) -> str:

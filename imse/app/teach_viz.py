@@ -37,6 +37,7 @@ CONDITION_COLOURS = {
     "corrupted": "#7f7f7f",
     "IMSE": "#d62728",
     "IMSE, λ_dm = 0": "#ff7f0e",
+    "SAR": "#9467bd",
     "TENT": "#1f77b4",
 }
 _LABELS = {

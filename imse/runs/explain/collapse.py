@@ -1,5 +1,7 @@
 """Teach view 2, collapse measured: each expert's alignment std on clean images, on corrupted ones, and as IMSE,
-IMSE without its diversity term, and TENT adapt on the corrupted ones — with what each then predicts.
+IMSE without its diversity term, SAR and TENT adapt on the corrupted ones — with what each then predicts. SAR adapts
+LayerNorm under the filter and SAM that IMSE reuses: against IMSE without its diversity term, it is σ against
+LayerNorm under nearly the same update (SAR steps with SGD, IMSE with Adam).
 
 The paper's story is that corruption and entropy minimisation shrink the spread of how inputs align with the
 experts (every image starts to look alike to them) and that ``L_dm`` holds it up. This module measures it on the
@@ -27,6 +29,7 @@ __all__ = ["ADAPTED", "COLLAPSE_RISE", "CollapseView", "collapse_progress", "mea
 ADAPTED = {
     "IMSE": ("imse", {}),
     "IMSE, λ_dm = 0": ("imse", {"lambda_dm": 0.0}),
+    "SAR": ("sar", {}),
     "TENT": ("tent", {}),
 }
 UNADAPTED = ("clean", "corrupted")  # the model as it is, on the clean images and on the same images corrupted
