@@ -311,6 +311,9 @@ def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
         "SAR 26.0 % (75 %): 1 image ahead of SAR (±2.0 images: within noise)."
     )
     assert "σ or LayerNorm" not in contrast  # no SAR measured, no such sentence
+    same = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27,
+                                              "SAR": 27, "TENT": 18}, {**top, "SAR": 72}))  # fmt: skip
+    assert same.endswith("SAR 27.0 % (72 %): the same score (the same answer on every image).")
 
     worse = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 50, "IMSE": 49, "IMSE, λ_dm = 0": 40,
                                                "TENT": 30}, {**top, "IMSE, λ_dm = 0": 80}))  # fmt: skip

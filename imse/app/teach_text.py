@@ -168,6 +168,8 @@ def _images(count: int) -> str:
 def _noise(view: CollapseView, condition: str, against: str) -> str:
     """A paired difference with its band, read: "±4 images: within noise" or "±4 images: beyond noise"."""
     _, band = view.paired(condition, against)
+    if band == 0:
+        return "the same answer on every image"
     return f"±{band:.1f} images: {'beyond' if view.beyond_noise(condition, against) else 'within'} noise"
 
 
@@ -266,7 +268,7 @@ def _sigma_or_norm(view: CollapseView) -> str:
     if not {ablated, "SAR"} <= set(view.adapted):
         return ""
     gap, _ = view.paired(ablated, "SAR")
-    ahead = "the same" if gap == 0 else f"{_images(abs(gap))} {'ahead of' if gap > 0 else 'behind'} SAR"
+    ahead = "the same score" if gap == 0 else f"{_images(abs(gap))} {'ahead of' if gap > 0 else 'behind'} SAR"
     return (
         f" **σ or LayerNorm,** under the same filter and SAM: {_named(ablated)} {_pct(view.accuracy[ablated])} "
         f"(top-class share {100 * view.top_share(ablated):.0f} %), SAR {_pct(view.accuracy['SAR'])} "
