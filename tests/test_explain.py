@@ -149,8 +149,8 @@ def test_the_collapse_view_measures_each_method_as_an_independent_run_would(mode
 
 def test_one_step_dissected_is_the_methods_own_update(model, data):
     """Each step is the method's own (a second IMSE on the same corrupted batch moves the same σ); the table is
-    the σ furthest from σ₀ so far; the two terms' gradients add up to the method's own loss gradient; the stream
-    tally counts IMSE's pre-update and the unadapted model's right answers."""
+    the σ furthest from the source σ so far; the two terms' gradients add up to the method's own loss gradient; the
+    stream tally counts IMSE's pre-update and the unadapted model's right answers."""
     images, labels = data
     explorer = StepExplorer(model, images, labels, "gaussian_noise", 5, batch_size=32, top=5, lr=7e-4)
     assert explorer.batches == 3

@@ -34,7 +34,7 @@ def _three_digits(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Moved:
-    """One σ: where it started (the source σ₀), where it is now, and what the last step did to it."""
+    """One σ: where it started (the source σ, σ^src), where it is now, and what the last step did to it."""
 
     layer: str
     expert: int  # numbered from 0, largest source σ first (as every Teach view numbers experts)
@@ -50,7 +50,7 @@ class Moved:
 
     @property
     def relative(self) -> float:
-        """(σ − σ₀) / σ₀."""
+        """(σ − σ^src) / σ^src."""
         return self.since_source / self.source if self.source else math.inf
 
     @property
