@@ -379,6 +379,11 @@ def test_the_maps_labels_do_not_collide_and_log_axes_tick_only_round_numbers():
     assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
     assert offsets[-1] == (0, POINT_PX + 7.0)  # nothing near: right above its point
     assert place_labels([(0, 0)], [""], 300) == [None]
+    sizes = [1.0, 0.75, 0.75, 1.0, 0.75, 1.0]  # smaller labels take smaller boxes, and still meet nothing
+    offsets = place_labels(points, labels, 300, sizes)
+    boxes = [_box(300 * x, 300 * y, 7.0 * f * len(label), o, 14.0 * f)
+             for (x, y), label, o, f in zip(points, labels, offsets, sizes)]  # fmt: skip
+    assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
     assert log_ticks(0.0011, 0.9) == dict(tickvals=[0.001, 0.01, 0.1, 1], ticktext=["0.001", "0.01", "0.1", "1"])
     assert log_ticks(1, 128, base=2)["ticktext"] == ["1", "2", "4", "8", "16", "32", "64", "128"]
     assert log_ticks(0.02, 0.4)["ticktext"] == ["0.02", "0.05", "0.1", "0.2"]  # one power inside: 1, 2 and 5 times

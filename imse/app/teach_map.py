@@ -17,20 +17,23 @@ from imse.runs.explain.domains import CLEAN, DomainMap, Retrieval
 __all__ = ["domain_map_figure", "kl_figure", "place_labels", "retrieval_figure"]
 
 CHAR_PX, LINE_PX, POINT_PX = 7.0, 14.0, 10.0  # a label's character width and height, a point's radius (12 px font)
+MINOR_FONT = 0.75  # the corruptions neither stored nor new are labelled smaller (9 px), after the others
 # where a label's centre may go around its point: 8 directions (the ones above and below first) at growing distances
 _DIRECTIONS = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
 _DISTANCES = (0, 22, 44)  # px beyond touching the point; further away, a line leads from the label to its point
 
 
-def _box(x: float, y: float, width: float, offset: tuple[float, float]) -> tuple[float, float, float, float]:
-    """The pixel box of a label ``width`` px wide centred ``offset`` px from the point (x, y), y up."""
-    return (x + offset[0] - width / 2, y + offset[1] - LINE_PX / 2, x + offset[0] + width / 2,
-            y + offset[1] + LINE_PX / 2)  # fmt: skip
+def _box(
+    x: float, y: float, width: float, offset: tuple[float, float], height: float = LINE_PX
+) -> tuple[float, float, float, float]:
+    """The pixel box of a label ``width`` × ``height`` px centred ``offset`` px from the point (x, y), y up."""
+    return (x + offset[0] - width / 2, y + offset[1] - height / 2, x + offset[0] + width / 2,
+            y + offset[1] + height / 2)  # fmt: skip
 
 
-def _offsets(width: float) -> list[tuple[float, float]]:
+def _offsets(width: float, height: float = LINE_PX) -> list[tuple[float, float]]:
     """Label centres around a point, nearest first: touching it in each direction, then further out."""
-    reach_x, reach_y = POINT_PX + width / 2, POINT_PX + LINE_PX / 2
+    reach_x, reach_y = POINT_PX + width / 2, POINT_PX + height / 2
     return [(dx * (reach_x + extra), dy * (reach_y + extra)) for extra in _DISTANCES for dx, dy in _DIRECTIONS]
 
 
@@ -39,23 +42,23 @@ def _overlaps(a: tuple, b: tuple) -> bool:
 
 
 def place_labels(
-    points: list[tuple[float, float]], labels: list[str], px_per_unit: float
+    points: list[tuple[float, float]], labels: list[str], px_per_unit: float, sizes: list[float] | None = None
 ) -> list[tuple[float, float] | None]:
     """Where each label's centre goes, in px from its point (y up; None for an empty label), greedily in order:
     the nearest place whose box meets no label placed so far and no point; the least crowded one when every place
-    is taken."""
+    is taken. ``sizes``: each label's font size relative to 12 px (1 when not given)."""
     pixels = [(x * px_per_unit, y * px_per_unit) for x, y in points]
     dots = [(x - POINT_PX, y - POINT_PX, x + POINT_PX, y + POINT_PX) for x, y in pixels]
     placed: list[tuple] = []
     offsets: list[tuple[float, float] | None] = []
-    for (x, y), label in zip(pixels, labels):
+    for (x, y), label, size in zip(pixels, labels, sizes or [1.0] * len(labels)):
         if not label:
             offsets.append(None)
             continue
-        width = CHAR_PX * len(label)
+        width, height = CHAR_PX * size * len(label), LINE_PX * size
         crowding = []
-        for offset in _offsets(width):
-            box = _box(x, y, width, offset)
+        for offset in _offsets(width, height):
+            box = _box(x, y, width, offset, height)
             crowding.append((sum(_overlaps(box, other) for other in dots + placed), offset, box))
         _, offset, box = min(crowding, key=lambda entry: entry[0])  # the nearest of the least crowded
         offsets.append(offset)
@@ -114,7 +117,13 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     cx, cy = domains.xy[0]
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
     shown = [name.replace("_", " ") for name in domains.names]  # every point named: a screenshot has no hover
-    offsets = place_labels(list(domains.xy), shown, width_px / max(span, 1e-9))
+    minor = [_category(name, retrieval) == "not stored" and name != incoming for name in domains.names]
+    order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
+    sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
+    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], width_px / max(span, 1e-9), sizes)
+    offsets = [None] * len(shown)
+    for i, offset in zip(order, placed):
+        offsets[i] = offset
     fig = go.Figure()
     for category, colour in _CATEGORIES.items():
         members = [i for i, name in enumerate(domains.names) if _category(name, retrieval) == category]
@@ -131,10 +140,11 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
         )
     for i, offset in enumerate(offsets):
         if offset is not None:  # a label, and a line to its point when it had to stand off
-            far = offset not in _offsets(CHAR_PX * len(shown[i]))[: len(_DIRECTIONS)]  # not touching its point
+            size = MINOR_FONT if minor[i] else 1.0
+            far = offset not in _offsets(CHAR_PX * size * len(shown[i]), LINE_PX * size)[: len(_DIRECTIONS)]
             fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
                                arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
-                               standoff=6)  # fmt: skip
+                               standoff=6, font=dict(size=12 * size))  # fmt: skip
     if incoming is not None:
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
@@ -144,12 +154,12 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     circle_x, circle_y = [cx + radius * math.cos(a) for a in angles], [cy + radius * math.sin(a) for a in angles]
     fig.add_trace(go.Scatter(x=circle_x, y=circle_y, mode="lines", line=dict(color="#2ca02c", width=1.5),
                              hoverinfo="skip", name=CIRCLE))  # fmt: skip
-    note = (f"classical MDS: points placed so their distances best match √KL, keeping {100 * domains.kept:.0f} % "
-            "of its variance;<br>retrieval reads the KL, not this map")  # fmt: skip
+    note = (f"classical MDS: points placed so their distances<br>best match √KL (it keeps {100 * domains.kept:.0f} % "
+            "of its variance);<br>retrieval reads the KL, not this map")  # fmt: skip
     fig.update_layout(
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
-        height=540,
-        margin=dict(l=40, r=15, t=80, b=45),
+        height=560,
+        margin=dict(l=40, r=15, t=100, b=45),
         xaxis=dict(zeroline=False, title="", constrain="domain"),  # equal scales: the plot area shrinks to fit
         yaxis=dict(zeroline=False, title="", scaleanchor="x", constrain="domain"),
         legend=dict(orientation="h", y=-0.08, yanchor="top"),
