@@ -106,6 +106,12 @@ CIRCLE = "√τ around clean: inside, a stream on clean data would not detect it
 _CATEGORIES = {"not stored": "#1f77b4", "stored in the bank": "#d62728", "clean (slot 0)": "#2ca02c"}  # drawn in order
 
 
+def _padded(values: list[float], share: float = 0.08) -> list[float]:
+    low, high = min(values), max(values)
+    pad = share * max(high - low, 1e-9)
+    return [low - pad, high + pad]
+
+
 @_themed
 def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 300):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
@@ -160,8 +166,15 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
         height=560,
         margin=dict(l=40, r=15, t=100, b=45),
-        xaxis=dict(zeroline=False, title="", constrain="domain"),  # equal scales: the plot area shrinks to fit
-        yaxis=dict(zeroline=False, title="", scaleanchor="x", constrain="domain"),
+        # the points' and the circle's extent, fixed: left to autorange, the labels would widen it and shrink the map
+        xaxis=dict(zeroline=False, title="", constrain="domain", range=_padded(xs + [cx - radius, cx + radius])),
+        yaxis=dict(
+            zeroline=False,
+            title="",
+            scaleanchor="x",
+            constrain="domain",
+            range=_padded(ys + [cy - radius, cy + radius]),
+        ),  # fmt: skip
         legend=dict(orientation="h", y=-0.08, yanchor="top"),
     )
     return fig
