@@ -384,6 +384,10 @@ def test_the_maps_labels_do_not_collide_and_log_axes_tick_only_round_numbers():
     boxes = [_box(300 * x, 300 * y, 7.0 * f * len(label), o, 14.0 * f)
              for (x, y), label, o, f in zip(points, labels, offsets, sizes)]  # fmt: skip
     assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
+    grid = [(0.03 * i, 0.03 * j) for i in range(-6, 7) for j in range(-6, 7)]  # points 9 px apart: no free place
+    names = ["" if point != (0.0, 0.0) else "shot noise" for point in grid]
+    assert place_labels(grid, names, 300, optional=[True] * len(grid)) == [None] * len(grid)  # left out
+    assert place_labels(grid, names, 300).count(None) == len(grid) - 1  # not optional: the least crowded place
     assert log_ticks(0.0011, 0.9) == dict(tickvals=[0.001, 0.01, 0.1, 1], ticktext=["0.001", "0.01", "0.1", "1"])
     assert log_ticks(1, 128, base=2)["ticktext"] == ["1", "2", "4", "8", "16", "32", "64", "128"]
     assert log_ticks(0.02, 0.4)["ticktext"] == ["0.02", "0.05", "0.1", "0.2"]  # one power inside: 1, 2 and 5 times

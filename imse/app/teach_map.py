@@ -17,7 +17,9 @@ from imse.runs.explain.domains import CLEAN, DomainMap, Retrieval
 __all__ = ["domain_map_figure", "kl_figure", "place_labels", "retrieval_figure"]
 
 CHAR_PX, LINE_PX, POINT_PX = 7.0, 14.0, 10.0  # a label's character width and height, a point's radius (12 px font)
-MINOR_FONT = 0.75  # the corruptions neither stored nor new are labelled smaller (9 px), after the others
+MINOR_FONT = (
+    0.75  # the corruptions neither stored nor new: labelled smaller (9 px), after the others, where there is room
+)
 # where a label's centre may go around its point: 8 directions (the ones above and below first) at growing distances
 _DIRECTIONS = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
 _DISTANCES = (0, 22, 44)  # px beyond touching the point; further away, a line leads from the label to its point
@@ -42,16 +44,23 @@ def _overlaps(a: tuple, b: tuple) -> bool:
 
 
 def place_labels(
-    points: list[tuple[float, float]], labels: list[str], px_per_unit: float, sizes: list[float] | None = None
+    points: list[tuple[float, float]],
+    labels: list[str],
+    px_per_unit: float,
+    sizes: list[float] | None = None,
+    optional: list[bool] | None = None,
 ) -> list[tuple[float, float] | None]:
     """Where each label's centre goes, in px from its point (y up; None for an empty label), greedily in order:
     the nearest place whose box meets no label placed so far and no point; the least crowded one when every place
-    is taken. ``sizes``: each label's font size relative to 12 px (1 when not given)."""
+    is taken, except for an ``optional`` label, which then is left out (None). ``sizes``: each label's font size
+    relative to 12 px (1 when not given)."""
     pixels = [(x * px_per_unit, y * px_per_unit) for x, y in points]
     dots = [(x - POINT_PX, y - POINT_PX, x + POINT_PX, y + POINT_PX) for x, y in pixels]
     placed: list[tuple] = []
     offsets: list[tuple[float, float] | None] = []
-    for (x, y), label, size in zip(pixels, labels, sizes or [1.0] * len(labels)):
+    for (x, y), label, size, spare in zip(
+        pixels, labels, sizes or [1.0] * len(labels), optional or [False] * len(labels)
+    ):
         if not label:
             offsets.append(None)
             continue
@@ -60,7 +69,10 @@ def place_labels(
         for offset in _offsets(width, height):
             box = _box(x, y, width, offset, height)
             crowding.append((sum(_overlaps(box, other) for other in dots + placed), offset, box))
-        _, offset, box = min(crowding, key=lambda entry: entry[0])  # the nearest of the least crowded
+        crowded, offset, box = min(crowding, key=lambda entry: entry[0])  # the nearest of the least crowded
+        if crowded and spare:
+            offsets.append(None)
+            continue
         offsets.append(offset)
         placed.append(box)
     return offsets
@@ -99,11 +111,16 @@ def _category(name: str, retrieval: Retrieval | None) -> str:
         return "clean (slot 0)"
     if retrieval and name in retrieval.stored:
         return "stored in the bank"
-    return "not stored"
+    return OTHERS
 
 
 CIRCLE = "√τ around clean: inside, a stream on clean data would not detect it (approximately)"
-_CATEGORIES = {"not stored": "#1f77b4", "stored in the bank": "#d62728", "clean (slot 0)": "#2ca02c"}  # drawn in order
+OTHERS = "not stored (named where there is room)"
+_CATEGORIES = {
+    OTHERS: "#1f77b4",
+    "stored in the bank": "#d62728",
+    "clean (slot 0)": "#2ca02c",
+}  # drawn in order
 
 
 def _padded(values: list[float], share: float = 0.08) -> list[float]:
@@ -123,10 +140,11 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     cx, cy = domains.xy[0]
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
     shown = [name.replace("_", " ") for name in domains.names]  # every point named: a screenshot has no hover
-    minor = [_category(name, retrieval) == "not stored" and name != incoming for name in domains.names]
+    minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
     order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
     sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
-    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], width_px / max(span, 1e-9), sizes)
+    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], width_px / max(span, 1e-9), sizes,
+                          [minor[i] for i in order])  # fmt: skip
     offsets = [None] * len(shown)
     for i, offset in zip(order, placed):
         offsets[i] = offset
