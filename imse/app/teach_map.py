@@ -123,17 +123,21 @@ _CATEGORIES = {
 }  # drawn in order
 
 
-def _padded(values: list[float], share: float = 0.08) -> list[float]:
+PAD = 0.08  # the map's axes reach this share of the points' extent beyond them, each side
+
+
+def _padded(values: list[float], share: float = PAD) -> list[float]:
     low, high = min(values), max(values)
     pad = share * max(high - low, 1e-9)
     return [low - pad, high + pad]
 
 
 @_themed
-def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 300):
+def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 250):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
     clean data; every point is labelled, each kind in the legend.
-    ``width_px``: the plot's width to place the labels apart for (a phone's: on a desktop they sit further apart)."""
+    ``width_px``: the plot area's width to place the labels apart for (a phone's, measured at 390 px: on a desktop
+    they sit further apart)."""
     incoming = retrieval.incoming if retrieval else None
     xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
     radius = math.sqrt(domains.tau)
@@ -143,7 +147,7 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
     order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
     sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
-    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], width_px / max(span, 1e-9), sizes,
+    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], width_px / max(span * (1 + 2 * PAD), 1e-9), sizes,
                           [minor[i] for i in order])  # fmt: skip
     offsets = [None] * len(shown)
     for i, offset in zip(order, placed):
