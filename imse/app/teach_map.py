@@ -143,11 +143,12 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     radius = math.sqrt(domains.tau)
     cx, cy = domains.xy[0]
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
-    shown = [name.replace("_", " ") for name in domains.names]  # every point named: a screenshot has no hover
+    shown = [name.replace("_", " ") for name in domains.names]  # named where room allows: a screenshot has no hover
     minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
     order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
     sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
-    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], width_px / max(span * (1 + 2 * PAD), 1e-9), sizes,
+    scale = width_px / max(span * (1 + 2 * PAD), 1e-9)
+    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], scale, sizes,
                           [minor[i] for i in order])  # fmt: skip
     offsets = [None] * len(shown)
     for i, offset in zip(order, placed):
