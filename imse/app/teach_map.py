@@ -10,7 +10,7 @@ import math
 
 import plotly.graph_objects as go
 
-from imse.app.teach_viz import _MARGIN, _themed, log_ticks
+from imse.app.teach_viz import _MARGIN, _themed
 from imse.app.theme import NEUTRAL
 from imse.runs.explain.domains import CLEAN, DomainMap, Retrieval
 
@@ -178,7 +178,8 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
                                  marker=dict(size=19, color="rgba(0,0,0,0)", line=dict(color=NEUTRAL, width=3)),
-                                 name=f"the new batch's corruption ({incoming.replace('_', ' ')})"))  # fmt: skip
+                                 name=f"ring: {incoming.replace('_', ' ')}'s point (the new batch: "
+                                      "another batch of it)"))  # fmt: skip
     angles = [2 * math.pi * t / 96 for t in range(97)]
     circle_x, circle_y = [cx + radius * math.cos(a) for a in angles], [cy + radius * math.sin(a) for a in angles]
     fig.add_trace(go.Scatter(x=circle_x, y=circle_y, mode="lines", line=dict(color="#2ca02c", width=1.5),
@@ -188,12 +189,17 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     fig.update_layout(
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
         height=560,
-        margin=dict(l=40, r=15, t=100, b=45),
+        margin=dict(l=55, r=15, t=100, b=55),
         # the points' and the circle's extent, fixed: left to autorange, the labels would widen it and shrink the map
-        xaxis=dict(zeroline=False, title="", constrain="domain", range=_padded(xs + [cx - radius, cx + radius])),
+        xaxis=dict(
+            zeroline=False,
+            title="MDS axis 1 (√KL units)",
+            constrain="domain",
+            range=_padded(xs + [cx - radius, cx + radius]),
+        ),
         yaxis=dict(
             zeroline=False,
-            title="",
+            title="MDS axis 2 (√KL units)",
             scaleanchor="x",
             constrain="domain",
             range=_padded(ys + [cy - radius, cy + radius]),
@@ -205,8 +211,9 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
 
 @_themed
 def retrieval_figure(retrieval: Retrieval, tau: float):
-    """KL from the new batch to every slot of the bank (log axis, ticks at powers of ten): the slot top-1 retrieval
-    brings back in red, τ dotted."""
+    """KL from the new batch to every slot of the bank on a linear axis from 0, so that a bar's length is its
+    value (a log axis made a 3× smaller bar look two-thirds as tall); the values are written on the bars, since a
+    small one may be a sliver. The nearest slot, which retrieval brings back, in red; τ dotted."""
     labels = [f"{i}: {name.replace('_', ' ')}" for i, name in enumerate(retrieval.stored)]
     fig = go.Figure()
     for name, colour, chosen in (("retrieved (smallest KL)", "#d62728", True), ("other slots", "#1f77b4", False)):
@@ -217,14 +224,11 @@ def retrieval_figure(retrieval: Retrieval, tau: float):
     fig.add_hline(
         y=tau, line=dict(color=NEUTRAL, dash="dot"), showlegend=True, name=f"τ = {tau:g}: detection's threshold"
     )
-    positive = [d for d in retrieval.distances if d > 0] or [tau]
-    low, high = min(positive + [tau]) / 3, max(positive + [tau]) * 2
+    high = max([*retrieval.distances, tau]) * 1.15  # room for the values written above the bars
     fig.update_layout(
         title=f"A new batch of {retrieval.incoming.replace('_', ' ')}: KL to each slot → slot {retrieval.slot}",
         xaxis=dict(categoryorder="array", categoryarray=labels),
-        yaxis=dict(
-            title="symmetric KL", type="log", range=[math.log10(low), math.log10(high)], **log_ticks(low, high)
-        ),  # fmt: skip
+        yaxis=dict(title="symmetric KL", range=[0, high]),
         height=350,
         margin=_MARGIN,
         legend=dict(orientation="h", y=-0.25, yanchor="top"),
