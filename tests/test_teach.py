@@ -173,7 +173,8 @@ def test_the_experts_view_answers_and_refuses_bad_input_readably(tmp_path):
         spectrum = teach.experts_view(**{**experts, "k": k, "expert": 2, "scale": 2.5})["spectrum_plot"]
         bars = {trace.name: list(trace.y) for trace in spectrum.data if trace.type == "bar"}
         assert bars[f"expert 2: σ × 2.5{'' if k > 2 else ' (cut by k: 0)'}"] == pytest.approx([edited])
-        assert bars["expert 2 before the edit"] == pytest.approx([sigma])
+        dash = next(t for t in spectrum.data if t.name == "expert 2 before the edit (dash)")
+        assert list(dash.y) == pytest.approx([sigma]) and dash.type == "scatter"  # drawn over the bars, not under
     assert "IMSE adapts **1,536** values (the σ of blocks 0–2)" in answer["why_sigma"]
     assert "TENT **3,328**" in answer["why_sigma"] and "every weight would adapt **1,008,522**" in answer["why_sigma"]
     image, _ = teach_data.sample_images("builtin")[0]

@@ -95,7 +95,7 @@ def spectrum_figure(
     edited: float | None = None,
 ):
     """σ of every expert (kept ones coloured, zeroed ones grey), numbered from 0, the scaled one red at its edited
-    height ``edited`` (σ × scale, or 0 when the k cut zeroed it) with its unedited height outlined, and the
+    height ``edited`` (σ × scale, or 0 when the k cut zeroed it) with its unedited height a dash, and the
     cumulative energy share of the unedited σ on the right."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     present = scaled < len(singular_values)
@@ -120,9 +120,11 @@ def spectrum_figure(
                              name=f"expert {scaled}: σ × {scale:g}{cut}",
                              hovertemplate="expert %{x}<br>edited σ %{y:.3f}<extra></extra>"))  # fmt: skip
         if edited != singular_values[scaled]:
-            fig.add_trace(go.Bar(x=[scaled], y=[singular_values[scaled]], name=f"expert {scaled} before the edit",
-                                 marker=dict(color="rgba(0,0,0,0)", line=dict(color="#d62728", width=1.5)),
-                                 hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>"))  # fmt: skip
+            # a dash above the bars, not an outline: the edited bar hid an outline under it
+            fig.add_trace(go.Scatter(x=[scaled], y=[singular_values[scaled]], mode="markers",
+                                     name=f"expert {scaled} before the edit (dash)",
+                                     marker=dict(symbol="line-ew", size=16, line=dict(color=NEUTRAL, width=3)),
+                                     hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>"))  # fmt: skip
     fig.add_trace(
         go.Scatter(y=energy, mode="lines", name="energy share of the k largest (unedited σ)",
                    line=dict(color="#2ca02c")),
@@ -149,8 +151,9 @@ def rank_figure(curve: list[tuple[int, float]], full: float, *, k: int, at_k: fl
     chosen, in ``scope`` on ``images`` images."""
     fig = go.Figure()
     ks = [c[0] for c in curve]
-    fig.add_trace(go.Scatter(x=ks, y=[100 * c[1] for c in curve], mode="lines+markers", name="k largest kept",
-                             line=dict(color="#1f77b4")))  # fmt: skip
+    # markers only: accuracy is measured at these k, and a line would suggest values between them
+    fig.add_trace(go.Scatter(x=ks, y=[100 * c[1] for c in curve], mode="markers", name="k largest kept (measured)",
+                             marker=dict(color="#1f77b4", size=9)))  # fmt: skip
     span = [min(ks + [k]), max(ks + [k])]
     fig.add_trace(go.Scatter(x=span, y=[100 * full] * 2, mode="lines", name=f"all experts: {100 * full:.1f} %",
                              line=dict(color=NEUTRAL, dash="dot")))  # fmt: skip
@@ -204,7 +207,7 @@ def collapse_experts_figure(view: CollapseView, layer: str):
             go.Scatter(
                 y=stds if unadapted else _change(stds, reference),
                 mode="lines",
-                name=condition_label(condition),
+                name=f"{'top' if unadapted else 'lower'}: {condition_label(condition)}",  # which panel draws it
                 line=dict(color=CONDITION_COLOURS.get(condition), width=1.5),
             ),
             row=1 if unadapted else 2,
@@ -382,7 +385,7 @@ def stream_figure(report: StepReport):
     fig.update_layout(
         title=dict(
             text=f"The stream so far: IMSE {adapted:.2f} %, Source {source:.2f} %",
-            subtitle=dict(text=f"{tally.images} images; IMSE minus Source so far, the band after each batch"),
+            subtitle=dict(text=f"{tally.images} images; the band re-drawn after each batch: the verdict reads its last"),
         ),
         xaxis=dict(title="corrupted images streamed", rangemode="tozero"),
         yaxis=dict(title="points", zeroline=False),
