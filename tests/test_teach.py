@@ -329,14 +329,16 @@ def test_view_4_tells_detection_from_retrieval_and_the_map_from_the_kl():
     stored = ["clean", "gaussian_noise", "snow", "contrast"]
     quiet = Retrieval("snow", stored, [0.013, 0.003, 0.002, 0.9], slot=2, shift_from_clean=False, map_slot=1)
     text = domains_text(quiet, 3, 0.05)
-    assert "this batch would be D = 0.013 away, under τ = 0.05: no new domain" in text
+    assert "this batch would be D = 0.013 away, under τ = 0.05: no new domain (τ cannot tell it from clean" in text
     assert "retrieve nothing. Coming from contrast instead (D > τ from their slots), detection would fire." in text
     assert "**Retrieval,** when detection fires: slot 2, **snow** (D = 0.002), the code stored for the same" in text
     assert "On the map, slot 1 (gaussian noise) looks nearer: the map is a 2-D approximation" in text
     loud = Retrieval("fog", stored, [0.37, 0.4, 0.3, 0.12], slot=3, shift_from_clean=True, map_slot=3)
     text = domains_text(loud, 3, 0.05, ["gaussian_noise", "snow"])
     assert "over τ = 0.05: detection fires, a new domain starts, and retrieval runs." in text
-    assert "Even this nearest slot is over τ: no stored domain is this one, yet top-1 brings back its code" in text
+    assert (
+        "Even this nearest slot is over τ: no stored domain is this one, yet retrieval brings back the nearest" in text
+    )
     assert "gaussian noise and snow (within τ of clean) would not have been detected" in text
     assert "gaussian noise, snow or contrast instead" in text and "this corruption is not in the bank" in text
     assert "On the map" not in text

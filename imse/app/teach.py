@@ -237,7 +237,8 @@ def experts_view(
     edits = dict(k=k, scope=scope, layer=layer, rank=module.rank, layers=len(layers), expert=expert, scale=scale,
                  held=float(energy[min(k, module.rank) - 1]))  # fmt: skip
     images = f"the {len(fixed)} {'labelled test images' if measure == 'accuracy' else 'sample photos'}"
-    scores = dict(measure=measure, images=images, full=full, at_k=at_k, both=both)
+    dips = any(later < earlier for (_, earlier), (_, later) in zip(curve, curve[1:]))  # a larger k scored lower
+    scores = dict(measure=measure, images=images, full=full, at_k=at_k, both=both, dips=dips)
     edited_title = f"top-5, k = {k} ({scope}), σ<sub>{expert}</sub> × {scale:g}"
     return {
         "experts_text": teach_text.experts_text(
@@ -332,7 +333,8 @@ def collapse_layer(*, collapse_state: Any, backbone: Any, collapse_layer: Any) -
 
 STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "stream_plot")
 STEPS_AT_ONCE = 10  # "Step × 10"
-MOVED_HEADERS = ["layer", "expert", "source σ", "σ − source σ", "relative", "last step", "same way"]
+MOVED_HEADERS = ["layer", "expert", "source σ", "σ − source σ", "relative (% of source σ)", "last step",
+                 "steps the same way as its total change"]  # fmt: skip
 
 
 def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> tuple:

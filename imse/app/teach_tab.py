@@ -17,12 +17,13 @@ import gradio as gr
 from imse.app import teach, teach_data
 from imse.app.teach_text import INTRO, LATEX, TEACH_TEXT, fill
 from imse.app.ui import backbone_choices
+from imse.core.bank import DESCRIPTOR_MOMENTUM
 from imse.core.methods import METHODS
 from imse.core.spectral import DEFAULT_TARGETS, TARGET_PATHS
-from imse.data.corruptions import CORRUPTIONS
+from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.models import BUILTIN, builtin_config
 from imse.runs.collapse import CollapseMeter
-from imse.runs.defaults import lab_settings, tuned_settings
+from imse.runs.defaults import lab_settings, swept_values, tuned_settings
 from imse.runs.explain.collapse import COLLAPSE_RISE
 
 __all__ = ["LATEX", "TAB_NAME", "TEACH_TEXT", "builtin_layers", "teach_tab", "warm_up", "wire"]
@@ -137,8 +138,8 @@ def _experts_tab(w: Widgets, ranks: dict[str, int]) -> None:
                     list(teach.SCOPES),
                     value=teach.SCOPES[0],
                     label="Keep the k largest experts in",
-                    info=f"every layer: all {len(layers)} layers cut to k experts; the σ scale below edits the chosen "
-                    "layer only, in either scope",
+                    info=f"the cut's scope: this layer cuts only the chosen layer; every layer cuts all {len(layers)} "
+                    "(each block's qkv, proj, fc1, fc2). Either way the σ scale below edits the chosen layer only.",
                 )
                 w["k"] = gr.Slider(1, max(ranks.values()), value=ranks[layers[0]], step=1, label="k")
                 w["expert"] = gr.Slider(0, ranks[layers[0]] - 1, value=0, step=1, label="Expert i (from 0)")
@@ -163,7 +164,8 @@ def _collapse_tab(w: Widgets, collapse_layers: list[str]) -> None:
     with gr.Tab("2 · Collapse, measured"):
         adapted = teach.COLLAPSE_ROUNDS * teach.COLLAPSE_STEPS * teach.COLLAPSE_BATCH
         text = fill(TEACH_TEXT["collapse"], ADAPTED=adapted, MEASURED=teach.COLLAPSE_MEASURED,
-                    RISE=f"{100 * COLLAPSE_RISE:.0f}", LAYERS=len(collapse_layers))  # fmt: skip
+                    RISE=f"{100 * COLLAPSE_RISE:.0f}", LAYERS=len(collapse_layers),
+                    PERIMAGE=f"{100 / teach.COLLAPSE_MEASURED:.1f}")  # fmt: skip
         gr.Markdown(text, latex_delimiters=LATEX)
         with gr.Row():
             w["collapse_layer"] = gr.Dropdown(
@@ -183,7 +185,10 @@ def _collapse_tab(w: Widgets, collapse_layers: list[str]) -> None:
 def _step_tab(w: Widgets, layers: int) -> None:
     with gr.Tab("3 · IMSE, step by step"):
         imse = {**METHODS["imse"].defaults, **tuned_settings(BUILTIN, "imse")}
-        text = fill(TEACH_TEXT["step"], LAYERS=layers, RHO=f"{imse['rho']:g}", LAMBDA=f"{imse['lambda_dm']:g}")
+        tried = ", ".join(f"{float(v):g}" for v in swept_values(BUILTIN, "imse", "lambda_dm")) or "its default alone"
+        held_out = ", ".join(name.replace("_", " ") for name in VALIDATION_CORRUPTIONS)
+        text = fill(TEACH_TEXT["step"], LAYERS=layers, RHO=f"{imse['rho']:g}", LAMBDA=f"{imse['lambda_dm']:g}",
+                    HELDOUT=held_out, TRIED=tried)  # fmt: skip
         gr.Markdown(text, latex_delimiters=LATEX)
         w["explorer"] = gr.State()
         with gr.Row():
@@ -194,17 +199,18 @@ def _step_tab(w: Widgets, layers: int) -> None:
         with gr.Row():
             w["stream_plot"] = gr.Plot(label="The stream so far")
             w["loss_plot"] = gr.Plot(label="Objective")
-        with gr.Row():
-            w["entropy_plot"] = gr.Plot(label="Entropy filter")
-            w["moved_table"] = gr.Dataframe(
-                headers=teach.MOVED_HEADERS, label="The σ furthest from the source σ so far", interactive=False
-            )
+        w["moved_table"] = gr.Dataframe(  # its own row: beside a plot, its last column was cut off at 1400 px
+            headers=teach.MOVED_HEADERS, label="The σ furthest from the source σ so far", interactive=False
+        )
+        w["entropy_plot"] = gr.Plot(label="Entropy filter")
 
 
 def _domains_tab(w: Widgets) -> None:
     with gr.Tab("4 · Domains and retrieval"):
         tau = lab_settings(backbone=BUILTIN)["tau"]
-        gr.Markdown(fill(TEACH_TEXT["domains"], TAU=f"τ = {tau:g}"), latex_delimiters=LATEX)
+        gr.Markdown(
+            fill(TEACH_TEXT["domains"], TAU=f"τ = {tau:g}", MOMENTUM=f"{DESCRIPTOR_MOMENTUM:g}"), latex_delimiters=LATEX
+        )
         with gr.Row():
             w["stored"] = gr.Dropdown(
                 _CORRUPTION_CHOICES,

@@ -24,73 +24,80 @@ LATEX = [{"left": "$", "right": "$", "display": False}]
 INTRO = (
     "**Test-time adaptation** (TTA): a trained model (the **source** model) keeps adjusting itself, without labels, "
     "on the test images it is asked to classify, here images from another **domain** than it was trained on: "
-    "corrupted by noise, blur, weather or lost contrast, at a **severity** from 1 (mild) to 5 (strong). The images "
-    "come as a **stream** of batches, and the model predicts each batch, then adapts on it. The usual signal is the "
-    "model's own confidence: lower the entropy of its predictions (**TENT**, a standard baseline, does this to every "
-    "LayerNorm's scale and shift). Its risk is **collapse**: predictions crowding into a few classes. **IMSE** "
-    "(Intrinsic Mixture of Spectral Experts, ICLR 2026) adapts only the singular values σ of the linear layers (the "
-    "attention's qkv, which makes queries, keys and values, and proj, its output; the MLP's fc1 and fc2) of every "
-    "block but the last three (on the built-in ViT: blocks ADAPTED of DEPTH), and adds a term that keeps the "
-    "features diverse. Four views, on the backbone you pick, show how it works and measure where it helps and where "
-    "it does not; each number says which edits or which images it includes, and experts are numbered from 0, "
-    "largest σ first, in every view and formula."
+    "corrupted by noise, blur, weather or lost contrast, at a **severity** from 1 (mild) to 5 (strong; a level is not"
+    " comparable across corruptions). The images come as a **stream** of batches, and the model predicts each batch, "
+    "then adapts on it. The usual signal is the model's own confidence: lower the entropy of its predictions "
+    "(**TENT**, a standard baseline, does this to every LayerNorm's scale and shift). Its risk is **collapse**: "
+    "predictions crowding into a few classes. **IMSE** (Intrinsic Mixture of Spectral Experts; **the paper**: Baek et"
+    " al., *Intrinsic Mixture of Spectral Experts Fine-tuning for Test-Time Adaptation*, ICLR 2026, with its authors'"
+    " **official code**, baek85/IMSE) adapts only the singular values σ of the linear layers (the attention's qkv, "
+    "which makes queries, keys and values, and proj, its output; the MLP's fc1 and fc2) of every block but the last "
+    "three (on the built-in ViT: blocks ADAPTED of DEPTH), and adds a term that keeps the features diverse. Four "
+    "views, on the backbone you pick, show how it works and measure where it helps and where it does not; each number"
+    " says which edits or which images it includes, and experts are numbered from 0, largest σ first, in every view "
+    "and formula."
 )
 
 TEACH_TEXT = {
     "experts": r"""
-**1 · Spectral experts.** SVD splits every linear layer into rank-1 *experts*,
-$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_{i=0}^{r-1} \sigma_i\, u_i v_i^\top$: expert $i$ (from 0, largest
-$\sigma_i$ first) writes along $u_i$, scaled by $\sigma_i$, as much as the input points along $v_i$. Keeping only the
-$k$ largest gives the rank-$k$ weight closest to $W$ (in the Frobenius and spectral norms: Eckart–Young), which is not
-the same as the best accuracy: the curve measures accuracy (top-1: the most probable class is the right one). Their
-**energy share** is their $\sum \sigma_i^2$ over the whole layer's (their part of $\lVert W \rVert_F^2$). IMSE adapts
-only the $\sigma_i$. Every adapted layer's $\sigma$ vector, together, is the model's **code**: what IMSE adapts,
-stores and brings back. The code before any adaptation is the **source σ**, $\sigma^{src}$.
+**1 · Spectral experts.** SVD splits each linear layer of the blocks (qkv, proj, fc1, fc2; the patch embedding and the
+classifier head are not split) into rank-1 *experts*, $W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_{i=0}^{r-1}
+\sigma_i\, u_i v_i^\top$: expert $i$ (from 0, largest $\sigma_i$ first) writes along $u_i$, scaled by $\sigma_i$, as
+much as the input points along $v_i$. Keeping only the $k$ largest gives the rank-$k$ weight closest to $W$ (in the
+Frobenius and spectral norms: Eckart–Young), which is not the best accuracy, nor one that grows with $k$: the curve
+measures accuracy (top-1: the most probable class is the right one) at the marked $k$ only. Their **energy share** is
+their $\sum \sigma_i^2$ over the whole layer's (their part of $\lVert W \rVert_F^2$). IMSE adapts only the $\sigma_i$.
+Every adapted layer's $\sigma$ vector, together, is the model's **code**: what IMSE adapts, stores and brings back. The
+code before any adaptation is the **source σ**, $\sigma^{src}$.
 """,
     "collapse": r"""
 **2 · Collapse, measured.** An expert's *alignment* with an input row $x_n$ is $a_{n,i} = v_i^\top x_n / \lVert x_n
-\rVert$, and $\mathrm{Std}_i$ its standard deviation over every token of every image together (variation within an
-image and between images both count). A layer's **mean std** averages $\mathrm{Std}_i$ over its experts but the one
-whose std is largest, as $L_{dm}$ does (view 3); this view reads the LAYERS layers where $L_{dm}$ is read. It is the
-paper's sign of diverse features, not a measure of collapse, which shows in the predictions: the **top-class share**
-is the share of images given the most-predicted class (10 % when 10 classes are balanced, 100 % when every image
-gets the same class). Corruption alone can already crowd the predictions; collapse *from adaptation* is the share
-rising RISE points or more over the unadapted model's on the same images. **Measure** adapts IMSE, IMSE without its
-diversity term ($\lambda_{dm} = 0$, view 3), **SAR** and TENT on ADAPTED images of the tab's corruption and severity
-(other test images than view 1's), then measures them, and the unadapted model clean and corrupted, on MEASURED of
-those images. A difference counts when it is over two standard errors of the paired difference (per image: +1, 0 or
-−1, as each model got it right or not). Std axes start at 0, or show a change in % against the corrupted, unadapted
-model.
+\rVert$, and $\mathrm{Std}_i$ its standard deviation over every token of every image together (variation within an image
+and between images both count). A layer's **mean std** averages $\mathrm{Std}_i$ over its experts but the one whose std
+is largest, as $L_{dm}$ does (view 3); this view reads the LAYERS layers where $L_{dm}$ is read. It is the paper's sign
+of diverse features, not specific to IMSE (TENT and SAR can raise it too) and not a measure of collapse, which shows in
+the predictions: the **top-class share** is the share of images given the most-predicted class (10 % when 10 classes are
+balanced, 100 % when every image gets the same class). Corruption alone can already crowd the predictions; collapse
+*from adaptation* is the share rising RISE percentage points (**points**) or more over the unadapted model's on the same
+images: a stated rule, not a test (one image moves a share of MEASURED by PERIMAGE point). **Measure** adapts IMSE, IMSE
+without its diversity term ($\lambda_{dm} = 0$, view 3), **SAR** and TENT on ADAPTED images of the tab's corruption and
+severity (other test images than view 1's), then scores each final model, and the unadapted model clean and corrupted,
+on MEASURED of those same images: accuracy after adapting, a different number from view 3's, where each batch is
+predicted before the model adapts on it. A difference counts when it is over two standard errors of the paired
+difference, per image (+1, 0 or −1, as each model got it right or not): the image is the unit because one fixed model
+answers independent images. Std axes start at 0, or show a change in % against the corrupted, unadapted model.
 """,
     "step": r"""
-**3 · IMSE, step by step.** A sample is **reliable** when its prediction's entropy $H(x) = -\sum_c p_c \ln p_c$ is
-under $E_0 = 0.4 \ln C$ ($C$ classes): only those enter the entropy term. The loss is
-$\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in R} H(x) \;-\; \lambda_{dm} L_{dm}$ over the reliable set $R$, with
-$L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i \neq i^\ast_\ell}\,\mathrm{Std}_i^{(\ell)}$: the sum over the LAYERS
-layers $\ell$ of the last three blocks, divided by 3 blocks (the official code's scale: 4 × the layers' mean).
-$L_{dm}$ reads every token of **every** sample, reliable or not, and leaves out each layer's expert $i^\ast_\ell$
-whose std is largest: that one varies most already, and the mean is about the experts that could go flat. The last
-three blocks' own $\sigma$ stay at $\sigma^{src}$, as in the official code, which leaves the same top blocks
-unadapted as SAR's does; a layer's alignment $v_i^\top x/\lVert x\rVert$ does not depend on its own $\sigma$, so
-$L_{dm}$, read there, rises only through what the adapted blocks send in. **SAM** (sharpness-aware minimisation)
-moves the code uphill by $\rho$ = RHO along the gradient, takes the gradient there, and steps from the original
-code with **Adam**, an optimiser that divides each gradient by a running average of its size, at a learning rate
-**lr** chosen on four held-out corruptions; $\lambda_{dm}$ = LAMBDA is the official default, which that choice kept.
-The filter and SAM are SAR's update (SAR steps with SGD), which IMSE reuses. **Step** adapts on the stream's next
-batch of 64, **Step × 10** on the next ten; **Reset** returns to $\sigma^{src}$.
+**3 · IMSE, step by step.** A sample is **reliable** when its prediction's entropy $H(x) = -\sum_c p_c \ln p_c$ is under
+$E_0 = 0.4 \ln C$ ($C$ classes): only those enter the entropy term. The loss is $\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in
+R} H(x) \;-\; \lambda_{dm} L_{dm}$ over the reliable set $R$, with $L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i
+\neq i^\ast_\ell}\,\mathrm{Std}_i^{(\ell)}$: the sum over the LAYERS layers $\ell$ of the last three blocks, divided by
+3 blocks (the official code's scale: 4 × the layers' mean). $L_{dm}$ reads every token of **every** sample, reliable or
+not, and leaves out each layer's expert $i^\ast_\ell$ whose std is largest: that one varies most already, and the mean
+is about the experts that could go flat. The last three blocks' $\sigma$ stay at $\sigma^{src}$: the official code's
+design choice (SAR leaves the same blocks unadapted). With all three frozen, $L_{dm}$ (an alignment $v_i^\top x/\lVert
+x\rVert$ does not depend on its own layer's $\sigma$) rises only through what the adapted blocks send in: a consequence
+of the freezing, not its reason. **SAM** (sharpness-aware minimisation) moves the code uphill along the gradient by
+$\rho$ = RHO (the L2 norm of that move over all adapted σ together), takes the gradient there, and steps from the
+original code with **Adam**, an optimiser that divides each gradient by a running average of its size, at a learning
+rate **lr** chosen on four corruptions held out of every test (HELDOUT); there $\lambda_{dm}$ = TRIED scored within
+noise of each other, and the official default LAMBDA was kept. The filter and SAM are SAR's update (SAR steps with plain
+gradient descent, **SGD**), which IMSE reuses. **Step** adapts on the stream's next batch of 64, **Step × 10** on the
+next ten; **Reset** returns to $\sigma^{src}$.
 """,
     "domains": r"""
-**4 · Domains and retrieval.** A batch's **descriptor** is the per-channel mean and variance of its *patch tokens*
-(each image patch's embedding, the class token left out) where they enter block 0, so no code changes it; two
-descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} +
-\tfrac{v_b + (\mu_a-\mu_b)^2}{2 v_a} - 1\big]$ (a symmetric KL). IMSE asks two questions with it.
-**Detection** — *is this batch a new domain?* — compares the batch with the domain IMSE is adapting on now:
-$D > \tau$ (TAU, the official default) ends that domain, which is then stored. **Retrieval** — *which stored code is
-nearest?* — runs only when detection fires, and brings back the nearest slot's code however far it is (no new
-slot starts from $\sigma^{src}$), with a fresh Adam. The bank's **slots** each hold one domain's descriptor and the
-code adapted on it; slot 0 holds the clean data's and $\sigma^{src}$. Here the bank is the one you choose below,
-one batch of 64 per domain at the tab's severity, and every slot holds $\sigma^{src}$: the view shows *which* slot
-comes back, not what retrieval gains (a continual run in the Lab measures that).
+**4 · Domains and retrieval.** A batch's **descriptor** is the per-channel mean and variance of its *patch tokens* (each
+image patch's embedding; the class token, the extra token the head reads, left out) where they enter block 0, so no code
+changes it; two descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} + \tfrac{v_b +
+(\mu_a-\mu_b)^2}{2 v_a} - 1\big]$ (a symmetric KL). IMSE asks two questions with it. **Detection** — *is this batch a
+new domain?* — compares the batch with the domain IMSE is adapting on now, whose descriptor is a running average
+(MOMENTUM old, the rest new, each full batch): $D > \tau$ (TAU, the official default) ends that domain, which is then
+stored. **Retrieval** — *which stored code is nearest?* — runs only when detection fires, and brings back the nearest
+slot's code however far it is (no new slot starts from $\sigma^{src}$), with Adam's state reset. The bank's **slots**
+each hold one domain's descriptor and the code adapted on it; slot 0 holds the clean data's and $\sigma^{src}$. Here the
+bank is the one you choose below, one batch of 64 per domain at the tab's severity, and every slot holds $\sigma^{src}$:
+the view shows *which* slot comes back, not what retrieval gains (the Lab tab's continual run, one stream through many
+corruptions in turn, measures that).
 """,
 }
 
@@ -104,6 +111,11 @@ def fill(text: str, **numbers) -> str:
 
 def _pct(share: float) -> str:
     return f"{100 * share:.1f} %"
+
+
+def _p(probability: float) -> str:
+    """A probability, written apart from the accuracies (which are in %)."""
+    return f"p = {probability:.2f}"
 
 
 # -- view 1 --------------------------------------------------------------------------------------------------------
@@ -122,8 +134,9 @@ def why_sigma(counts: dict[str, int], adapted_blocks: int) -> str:
         "only re-weight the source model's own experts; LayerNorm's scale and shift act on each channel, whatever "
         "directions the layers learned, and free weights can learn new directions from a stream with no labels to "
         "check them. That is the argument; view 2 measures part of it. SAR against IMSE without its diversity term "
-        "is σ against LayerNorm under the same filter and SAM (SAR steps with SGD, IMSE with Adam); TENT differs in "
-        "what it adapts *and* in how (every sample's entropy, SGD). Fine-tuning every weight is not measured here."
+        "is σ against LayerNorm under the same sample filter and SAM step (view 3), though the optimisers differ "
+        "(view 3: SAR's SGD, IMSE's Adam); TENT differs in what it adapts *and* in how (every sample's entropy). "
+        "Fine-tuning every weight is not measured here."
     )
 
 
@@ -136,14 +149,15 @@ def experts_text(*, label: str, names: list[str], base: list[float], edited: lis
     where = f"in {layer} only" if edits["scope"] == "this layer" else f"in every one of the {edits['layers']} layers"
     sigma = f"expert {edits['expert']}'s σ in {layer} × {edits['scale']:g} (that layer only, in either scope)"
     unscaled = "" if edits["scale"] == 1 else ", of its σ before the scale"
+    dips = " A larger k scored lower than a smaller one: accuracy need not grow with k." if scores["dips"] else ""
     return (
-        f"**{label}** — unedited: **{names[best_base]}** ({_pct(base[best_base])}). Edited: **{names[best_edit]}** "
-        f"({_pct(edited[best_edit])}), with both edits at once: only the {k} largest experts kept {where}, and "
+        f"**{label}** — unedited: **{names[best_base]}** ({_p(base[best_base])}). Edited: **{names[best_edit]}** "
+        f"({_p(edited[best_edit])}), with both edits at once: only the {k} largest experts kept {where}, and "
         f"{sigma}.\n\n"
         f"{scores['measure'].capitalize()} on {scores['images']}: unedited **{_pct(scores['full'])}** · the k cut "
         f"alone **{_pct(scores['at_k'])}** (the curve) · both edits **{_pct(scores['both'])}**. The "
         f"{min(k, edits['rank'])} largest experts of {layer} hold {_pct(edits['held'])} of its Σσ² (energy "
-        f"share{unscaled})."
+        f"share{unscaled}).{dips}"
     )
 
 
@@ -245,7 +259,7 @@ def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
     behind, _ = view.paired(best, "IMSE")
     if not collapsed:
         why = ", and no advantage is expected: nothing collapsed, so its diversity term, which exists to stop "
-        why += "collapse, had nothing to prevent."
+        why += "collapse, had nothing to prevent; here it changed nothing measurable in accuracy."
     else:
         why = ": it collapsed too." if "IMSE" in collapsed else f": {_named(best)} adapted further without collapsing."
     gap = f"{_images(behind)} behind {_named(best)}, {_noise(view, best, 'IMSE')}"
@@ -323,12 +337,11 @@ def _pull(report: StepReport, layers: int) -> str:
         return "With λ<sub>dm</sub> = 0 only the entropy term pulls on σ."
     bigger = "" if report.entropy_term is None else f" against the entropy term's {report.entropy_term:.2f}"
     start = (
-        f"**Which term moves σ?** Not the larger value: −λ<sub>dm</sub>·L<sub>dm</sub> is "
-        f"{-report.lambda_dm * diversity:.2f}{bigger} only because L<sub>dm</sub> sums {layers} layers' mean std "
-        f"(about {3 * diversity / layers:.3f} each) over 3 blocks ({diversity:.3f}) and λ<sub>dm</sub> = "
-        f"{report.lambda_dm:g} multiplies it, and a constant added to a loss moves nothing. What moves σ is each "
-        "term's gradient over the adapted σ: its norm is the term's **pull**, and the cosine between the two gradient "
-        "vectors says whether they push the same way (+1), across (0) or against each other (−1)."
+        f"**Which term moves σ?** −λ<sub>dm</sub>·L<sub>dm</sub> is {-report.lambda_dm * diversity:.2f}{bigger} "
+        f"(L<sub>dm</sub> sums {layers} layers' mean std, about {3 * diversity / layers:.3f} each, over 3 blocks: "
+        f"{diversity:.3f}; λ<sub>dm</sub> = {report.lambda_dm:g} multiplies it), but a term's size does not set the "
+        "step: its gradient over the adapted σ does. That gradient's norm is the term's **pull**, and the cosine "
+        "between the two gradients says whether they push the same way (+1), across (0) or against each other (−1)."
     )
     if pull.entropy is None:
         return start + " No sample is reliable on this batch, so only the diversity term pulls."
@@ -357,7 +370,9 @@ def _stream(report: StepReport) -> str:
     else:
         noise = (
             f"{'within' if abs(gain) <= band else 'beyond'} noise: two standard errors of the mean per-batch "
-            f"difference are ±{band:.2f} points (the batch is the unit: IMSE's code changes from one to the next)"
+            f"difference are ±{band:.2f} points (the batch is the unit, not the image as in view 2: IMSE's model "
+            "changes after every batch). The band is re-drawn after every batch, so it may touch 0 somewhere by "
+            "chance; this verdict reads it at the end of the stream so far"
         )
     repeats = sum(tally.sizes[report.batches :])  # images of a second pass (or more) over the stream
     again = f", {repeats} of them a second time" if repeats else ""
@@ -376,8 +391,9 @@ def _table(report: StepReport) -> str:
         f"size, so its first step moves every σ by lr = {report.lr:g} exactly, up or down: after one step nearly "
         f"every row ties. Later steps are about lr, sometimes more (this step's largest: "
         f"{report.largest_step / report.lr:.2f} × lr). After n steps the leaders are the σ that moved the same way on "
-        f"(nearly) every step, near n × lr (here {steps} × lr = {steps * report.lr:.4f}); the last column, *same way*, "
-        "counts those steps. The relative change is not shown for a tiny σ (under 1 % of its layer's largest), whose "
+        f"(nearly) every step, near n × lr (here {steps} × lr = {steps * report.lr:.4f}); the last column counts a "
+        "σ's steps that went the same way as its total change. *Relative* is σ − σ<sup>src</sup> in % of "
+        "σ<sup>src</sup>, not shown for a tiny σ (under 1 % of its layer's largest), whose "
         "expert carries almost nothing."
     )
 
@@ -389,15 +405,17 @@ def step_text(report: StepReport, corruption: str, severity: int, layers: int) -
     status = "updated" if report.updated else f"**no update** ({report.skip_reason})"
     passes = (report.batch - 1) // report.batches
     batches = report.batches
-    where = f", pass {passes + 1} over the stream's {batches}" if passes else f" of the stream's {batches}"
+    where = f", pass {passes + 1} over the stream's {batches} (it starts over after its last batch)" if passes else ""
+    where = where or f" of the stream's {batches}"
     again = "; the same images again, already adapted on" if passes else ""
     n = len(report.reliable)
     return (
         f"**Batch {report.batch}**{where} ({corruption.replace('_', ' ')} {severity}; a new stream starts when the "
         f"corruption or severity changes{again}): {sum(report.reliable)} of {n} samples "
         f"reliable (H < E0 = {report.margin:.3f}); loss {loss} at the current code, {perturbed} at the code SAM "
-        f"moved uphill; {status}; the step changed {report.changed} of {n} predictions on this batch (they count "
-        f"from the next batch on).\n\n{_stream(report)}\n\n{_pull(report, layers)}\n\n{_table(report)}"
+        f"moved uphill; {status}; the step changed {report.changed} of {n} predictions on this batch (scored before "
+        f"the step: the changed model counts from the next batch on).\n\n{_stream(report)}\n\n"
+        f"{_pull(report, layers)}\n\n{_table(report)}"
     )
 
 
@@ -423,7 +441,8 @@ def domains_text(result: Retrieval, severity: int, tau: float, near_clean: list[
     else:
         detection = (
             f"**Detection:** if IMSE were adapting on clean data, this batch would be D = {from_clean:.3g} away, under "
-            f"τ = {tau:g}: no new domain, so IMSE would keep adapting its current code and retrieve nothing."
+            f"τ = {tau:g}: no new domain (τ cannot tell it from clean data on this model), so IMSE would keep adapting "
+            "its current code and retrieve nothing."
         )
     firing = [_spoken(name) for name, d in zip(result.stored[1:], result.distances[1:]) if d > tau]
     if firing and result.incoming != "clean":
@@ -442,8 +461,8 @@ def domains_text(result: Retrieval, severity: int, tau: float, near_clean: list[
     )
     if nearest_d > tau:
         retrieval += (
-            " Even this nearest slot is over τ: no stored domain is this one, yet top-1 brings back its code all the "
-            "same, and IMSE adapts on from there."
+            " Even this nearest slot is over τ: no stored domain is this one, yet retrieval brings back the nearest "
+            "slot's code all the same, and IMSE adapts on from there."
         )
     if result.map_slot != result.slot:
         retrieval += (
