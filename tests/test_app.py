@@ -217,7 +217,7 @@ def test_browser_walks_the_four_teach_views_with_no_outside_request(app_url, tmp
             lambda r: outside.append(r.url) if not r.url.startswith((app_url, "data:", "blob:")) else None,
         )
         page.goto(app_url)
-        page.get_by_role("tab", name="Teach: why IMSE works").click()
+        page.get_by_role("tab", name="Teach: how IMSE works").click()
         wait_for_title(page, "experts kept")
         page.get_by_label("every layer").check()
         wait_for_title(page, "(every layer)")

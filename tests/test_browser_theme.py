@@ -138,7 +138,7 @@ def _views(page, url: str, shots: Path, theme: str) -> dict[str, list[dict]]:
              ("teach-step", "The stream so far"), ("teach-domains", "Symmetric KL")]  # fmt: skip
     for view, title in views:
         if view == "teach-experts":
-            page.get_by_role("tab", name="Teach: why IMSE works").click()
+            page.get_by_role("tab", name="Teach: how IMSE works").click()
         if view == "teach-collapse":
             page.get_by_role("tab", name="2 · Collapse, measured").click()
             page.get_by_role("button", name="Measure").click()

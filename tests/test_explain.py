@@ -10,7 +10,7 @@ import torch
 from imse.app import teach_data
 from imse.core.losses import entropy_margin, softmax_entropy
 from imse.core.methods import create
-from imse.core.spectral import get_code, spectral_layers
+from imse.core.spectral import code_layers, get_code, spectral_layers
 from imse.data.corruptions import corrupt
 from imse.runs.collapse import CollapseMeter
 from imse.runs.explain import experts
@@ -112,7 +112,7 @@ def test_expert_stds_equal_a_numpy_restatement_and_average_to_what_the_meter_rep
 
 def test_the_collapse_view_measures_each_method_as_an_independent_run_would(model, data):
     images, labels = data
-    settings = {"imse": {"lr": 7e-4}, "tent": {"base_lr": 1e-3}}
+    settings = {"imse": {"lr": 7e-4}, "sar": {"base_lr": 1e-3}, "tent": {"base_lr": 1e-3}}
     views = list(
         collapse_progress(
             model,
@@ -141,6 +141,7 @@ def test_the_collapse_view_measures_each_method_as_an_independent_run_would(mode
         assert last.history[label][-1] == (64, pytest.approx(sum(meter.layer_means(stds)) / len(meter.layers)))
         predicted = method.model(corrupted[:64]).argmax(-1)
         assert last.class_counts[label] == torch.bincount(predicted, minlength=10).tolist()
+        assert last.right[label] == (predicted == labels[:64]).tolist()  # per image: what the paired band reads
     clean_means, shifted_means = last.layer_mean["clean"], last.layer_mean["corrupted"]
     assert last.lower_when_corrupted == [n for n, a, b in zip(last.layers, clean_means, shifted_means) if b < a]
     assert sum(last.class_counts["clean"]) == 64
@@ -148,8 +149,8 @@ def test_the_collapse_view_measures_each_method_as_an_independent_run_would(mode
 
 def test_one_step_dissected_is_the_methods_own_update(model, data):
     """Each step is the method's own (a second IMSE on the same corrupted batch moves the same σ); the table is
-    the σ furthest from σ₀ so far; the two terms' gradients add up to the method's own loss gradient; the stream
-    tally counts IMSE's pre-update and the unadapted model's right answers."""
+    the σ furthest from the source σ so far; the two terms' gradients add up to the method's own loss gradient; the
+    stream tally counts IMSE's pre-update and the unadapted model's right answers."""
     images, labels = data
     explorer = StepExplorer(model, images, labels, "gaussian_noise", 5, batch_size=32, top=5, lr=7e-4)
     assert explorer.batches == 3
@@ -192,6 +193,7 @@ def test_one_step_dissected_is_the_methods_own_update(model, data):
     assert report.changed == sum(b != a for b, a in zip(report.before, report.after))
     second = explorer.step()
     assert second.batch == 2 and second.labels == labels[32:64].tolist()
+    _the_table_is_ranked_as_printed_and_counts_each_sigmas_steps(second, reference, explorer, start, after)
     assert second.moved[0].last_step != pytest.approx(second.moved[0].since_source)  # two steps: Δσ accumulates
     right = [int((torch.tensor(r.before) == torch.tensor(r.labels)).sum()) for r in (report, second)]
     source = [int((model(explorer.batch(i)[0]).argmax(-1) == labels[32 * i : 32 * i + 32]).sum()) for i in (0, 1)]
@@ -199,6 +201,49 @@ def test_one_step_dissected_is_the_methods_own_update(model, data):
     explorer.reset()
     assert explorer.done == 0 and explorer.tally.images == 0
     assert all(torch.equal(s, start[name]) for name, s in get_code(explorer.method.model).items())
+
+
+def _the_table_is_ranked_as_printed_and_counts_each_sigmas_steps(report, reference, explorer, start, after):
+    """After two steps, against a second IMSE stepped on the same batches: the rows are the σ with the largest
+    |σ − σ_src| to 3 digits, ties in layer then expert order; each row counts the steps that moved it its overall
+    way; the largest step is the largest |change| of the last step; every step's pull is kept."""
+    reference(explorer.batch(1)[0])
+    now = get_code(reference.model)
+    trained = [name for name, layer in code_layers(reference.model).items() if layer.S.requires_grad]
+    rows = []
+    for order, name in enumerate(trained):
+        for i in range(len(now[name])):
+            moved = float(now[name][i]) - float(start[name][i])
+            first, second = float(after[name][i] - start[name][i]), float(now[name][i] - after[name][i])
+            this_way = sum((d > 0) if moved >= 0 else (d < 0) for d in (first, second))
+            rows.append((-float(f"{abs(moved):.2e}"), order, i, name, this_way))
+    expected = sorted(rows)[: len(report.moved)]
+    assert [(m.layer, m.expert, m.steps_this_way) for m in report.moved] == [(r[3], r[2], r[4]) for r in expected]
+    last = max(abs(float(now[n][i] - after[n][i])) for n in trained for i in range(len(now[n])))
+    assert report.largest_step == pytest.approx(last, rel=1e-4) and len(report.pulls) == 2
+    for m in report.moved:
+        assert m.layer_largest == float(start[m.layer].max()) and m.tiny == (m.source < 0.01 * m.layer_largest)
+
+
+def test_adams_first_step_moves_the_largest_sigma_by_lr_exactly(model, data):
+    """Adam's bias correction makes its first step lr · g / |g|: no σ moves further than lr, the largest by lr."""
+    images, labels = data
+    report = StepExplorer(model, images, labels, "contrast", 3, batch_size=32, lr=7e-4).step()
+    assert report.largest_step == pytest.approx(7e-4, rel=1e-3)
+
+
+def test_the_paired_band_of_view_2_is_two_standard_errors_of_the_per_image_difference():
+    rng = np.random.default_rng(0)
+    right = {c: (rng.random(128) < p).tolist() for c, p in (("clean", 0.9), ("corrupted", 0.3), ("IMSE", 0.35))}
+    view = CollapseView(layers=[], conditions=list(right), expert_std={}, layer_mean={}, class_counts={},
+                        accuracy={}, right=right)  # fmt: skip
+    d = np.array(right["IMSE"], dtype=float) - np.array(right["corrupted"], dtype=float)
+    gain, band = view.paired("IMSE")
+    assert gain == int(d.sum()) and band == pytest.approx(2 * math.sqrt(128) * d.std(ddof=1))
+    assert view.beyond_noise("IMSE") == (abs(d.sum()) > 2 * math.sqrt(128) * d.std(ddof=1))
+    assert view.paired("clean")[1] == pytest.approx(
+        2 * math.sqrt(128) * (np.array(right["clean"], float) - np.array(right["corrupted"], float)).std(ddof=1)
+    )
 
 
 def test_the_streams_gain_and_its_noise_band_are_the_paired_per_batch_statistics():

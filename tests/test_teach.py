@@ -164,10 +164,17 @@ def test_the_experts_view_answers_and_refuses_bad_input_readably(tmp_path):
     assert tuple(answer) == teach.experts_view.outputs
     text = answer["experts_text"]
     assert "only the 8 largest experts kept in every one of the 24 layers" in text
-    assert "σ<sub>0</sub> of `model.blocks.0.attn.qkv` × 1 (that layer only, in either scope)" in text
+    assert "expert 0's σ in `model.blocks.0.attn.qkv` × 1 (that layer only, in either scope)" in text
     assert "unedited **93.8 %** · the k cut alone **14.8 %** (the curve) · both edits **14.8 %**" in text
     scaled = teach.experts_view(**{**experts, "scale": 0.0})["experts_text"]
     assert "the k cut alone **14.8 %** (the curve) · both edits" in scaled and "both edits **14.8 %**" not in scaled
+    sigma = float(spectral_layers(teach_data.spectral_backbone("builtin"))[layer].S[2])
+    for k, edited in ((8, 2.5 * sigma), (2, 0.0)):  # expert 2 kept, then cut: the red bar is drawn where it is
+        spectrum = teach.experts_view(**{**experts, "k": k, "expert": 2, "scale": 2.5})["spectrum_plot"]
+        bars = {trace.name: list(trace.y) for trace in spectrum.data if trace.type == "bar"}
+        assert bars[f"expert 2: σ × 2.5{'' if k > 2 else ' (cut by k: 0)'}"] == pytest.approx([edited])
+        dash = next(t for t in spectrum.data if t.name == "expert 2 before the edit (dash)")
+        assert list(dash.y) == pytest.approx([sigma]) and dash.type == "scatter"  # drawn over the bars, not under
     assert "IMSE adapts **1,536** values (the σ of blocks 0–2)" in answer["why_sigma"]
     assert "TENT **3,328**" in answer["why_sigma"] and "every weight would adapt **1,008,522**" in answer["why_sigma"]
     image, _ = teach_data.sample_images("builtin")[0]
@@ -235,7 +242,12 @@ def test_views_2_to_4_answer_and_refuse_bad_input_readably(monkeypatch):
     many = list(teach.step_many(**{**step, "explorer": first["explorer"]}))
     assert all(tuple(answer) == teach.step_view.outputs for answer in many)
     assert [re.match(r"\*\*Batch (\d+)\*\* of the stream's 40", a["step_text"]).group(1) for a in many] == ["2", "3"]
-    assert "The stream so far** (192 images)" in many[-1]["step_text"]
+    last = many[-1]["step_text"]
+    assert "The stream so far** (192 images;" in last and "over the 3 batches so far" in last
+    imse, source, gain = re.search(
+        r"IMSE \*\*([\d.]+) %\*\*.*Source \(unadapted\) \*\*([\d.]+) %\*\*.*: ([+-][\d.]+) points", last
+    ).groups()
+    assert f"{float(imse) - float(source):+.2f}" == gain  # the printed numbers add up
     reset = teach.step_reset(**{**step, "explorer": many[-1]["explorer"]})
     assert reset["step_text"].startswith("Back to the source") and reset["moved_table"] == []
     assert reset["entropy_plot"] is reset["loss_plot"] is reset["stream_plot"] is None
@@ -254,11 +266,12 @@ def collapse_view_of(correct: dict[str, int], top: dict[str, int]):
     """A finished view 2 measured on 100 images: each condition's right answers and its top class's count."""
     from imse.runs.explain.collapse import CollapseView
 
-    conditions = ["clean", "corrupted", "IMSE", "IMSE, λ_dm = 0", "TENT"]
+    conditions = list(correct)  # clean, corrupted, then the adapted methods in ADAPTED's order
     counts = {c: [top[c]] + [(100 - top[c]) // 9 + (i < (100 - top[c]) % 9) for i in range(9)] for c in conditions}
     accuracy = {c: correct[c] / 100 for c in conditions}
+    right = {c: [i < correct[c] for i in range(100)] for c in conditions}  # nested: the first correct[c] images
     return CollapseView(layers=["l"], conditions=conditions, expert_std={}, layer_mean={c: [0.05] for c in conditions},
-                        class_counts=counts, accuracy=accuracy, finished=True)  # fmt: skip
+                        class_counts=counts, accuracy=accuracy, right=right, finished=True)  # fmt: skip
 
 
 def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
@@ -267,29 +280,41 @@ def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
     top = {"clean": 16, "corrupted": 66, "IMSE": 64, "IMSE, λ_dm = 0": 72, "TENT": 88}
     contrast = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27,
                                                   "TENT": 18}, top))  # fmt: skip
-    assert contrast.startswith("Best: **IMSE**, 33.0 % against the unadapted model's 27.0 % (+6 images of 100).")
+    # nested right answers: a gain of g images of 100 has the band 2·√(g(100 − g)/99) (4.8 for 6, 2.0 for 1)
+    assert contrast.startswith(
+        "Best: **IMSE**, 33.0 % against the unadapted model's 27.0 %: +6 images of 100 (±4.8 images: beyond noise)."
+    )
     assert "**Collapsed:** TENT's top-class share rose from 66 % to 88 % (accuracy 18.0 %)." in contrast
     assert (
-        "IMSE kept its predictions spread (top-class share 64 %; without its diversity term, 72 %) where TENT"
-        in contrast
+        "IMSE did not crowd its predictions further (top-class share 64 %, unadapted 66 %; without its diversity "
+        "term, 72 %) where TENT collapsed." in contrast
     )
 
     flat = dict.fromkeys(top, 16)
     noise = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 80, "IMSE": 83, "IMSE, λ_dm = 0": 84,
                                                "TENT": 89}, flat))  # fmt: skip
-    assert noise.startswith("Best: **TENT**, 89.0 % against the unadapted model's 80.0 % (+9 images of 100).")
+    assert noise.startswith("Best: **TENT**, 89.0 % against the unadapted model's 80.0 %: +9 images of 100 (±5.8")
     assert "Nothing collapsed: no method's top-class share rose 10 points above the unadapted model's 16 %." in noise
-    assert "**IMSE did not win here** (6 images behind TENT), and no advantage is expected: nothing collapsed" in noise
-    assert (
-        "Without it (IMSE, $\\lambda_{dm} = 0$) IMSE scored 84.0 %, so the diversity term cost IMSE 1 image here"
-        in noise
-    )
+    assert "**IMSE did not win here** (6 images behind TENT, ±4.8 images: beyond noise), and no advantage" in noise
+    assert "Without it (IMSE, $\\lambda_{dm} = 0$) IMSE scored 84.0 %: 1 image ahead of IMSE, within noise." in noise
 
     tie = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 80, "IMSE": 81, "IMSE, λ_dm = 0": 79,
                                              "TENT": 82}, flat))  # fmt: skip
-    assert "(+2 images of 100: within 2, too few to call a gain); IMSE within 2 images of it, about a tie" in tie
-    assert "**IMSE did not win here** (1 image behind TENT, about a tie)" in tie
-    assert "so the diversity term is not what held IMSE back (it helped, by 2 images)" in tie
+    assert "+2 images of 100 (±2.8 images: within noise); IMSE 1 image behind (±2.0 images: within noise), IMSE" in tie
+    assert "$\\lambda_{dm} = 0$ 3 images behind (±3.4 images: within noise), about a tie." in tie
+    assert "**IMSE did not win here** (1 image behind TENT, ±2.0 images: within noise)" in tie
+    assert "IMSE scored 79.0 %: 2 images behind IMSE, within noise." in tie
+
+    with_sar = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27,
+                                                  "SAR": 26, "TENT": 18}, {**top, "SAR": 75}))  # fmt: skip
+    assert with_sar.endswith(
+        " **σ or LayerNorm,** under the same filter and SAM: IMSE, $\\lambda_{dm} = 0$ 27.0 % (top-class share 72 %), "
+        "SAR 26.0 % (75 %): 1 image ahead of SAR (±2.0 images: within noise)."
+    )
+    assert "σ or LayerNorm" not in contrast  # no SAR measured, no such sentence
+    same = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27,
+                                              "SAR": 27, "TENT": 18}, {**top, "SAR": 72}))  # fmt: skip
+    assert same.endswith("SAR 27.0 % (72 %): the same score (the same answer on every image).")
 
     worse = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 50, "IMSE": 49, "IMSE, λ_dm = 0": 40,
                                                "TENT": 30}, {**top, "IMSE, λ_dm = 0": 80}))  # fmt: skip
@@ -304,13 +329,17 @@ def test_view_4_tells_detection_from_retrieval_and_the_map_from_the_kl():
     stored = ["clean", "gaussian_noise", "snow", "contrast"]
     quiet = Retrieval("snow", stored, [0.013, 0.003, 0.002, 0.9], slot=2, shift_from_clean=False, map_slot=1)
     text = domains_text(quiet, 3, 0.05)
-    assert "this batch would be D = 0.013 away, under τ = 0.05: no new domain" in text
+    assert "this batch would be D = 0.013 away, under τ = 0.05: no new domain (τ cannot tell it from clean" in text
     assert "retrieve nothing. Coming from contrast instead (D > τ from their slots), detection would fire." in text
     assert "**Retrieval,** when detection fires: slot 2, **snow** (D = 0.002), the code stored for the same" in text
     assert "On the map, slot 1 (gaussian noise) looks nearer: the map is a 2-D approximation" in text
     loud = Retrieval("fog", stored, [0.37, 0.4, 0.3, 0.12], slot=3, shift_from_clean=True, map_slot=3)
-    text = domains_text(loud, 3, 0.05)
+    text = domains_text(loud, 3, 0.05, ["gaussian_noise", "snow"])
     assert "over τ = 0.05: detection fires, a new domain starts, and retrieval runs." in text
+    assert (
+        "Even this nearest slot is over τ: no stored domain is this one, yet retrieval brings back the nearest" in text
+    )
+    assert "gaussian noise and snow (within τ of clean) would not have been detected" in text
     assert "gaussian noise, snow or contrast instead" in text and "this corruption is not in the bank" in text
     assert "On the map" not in text
 
@@ -353,5 +382,15 @@ def test_the_maps_labels_do_not_collide_and_log_axes_tick_only_round_numbers():
     assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
     assert offsets[-1] == (0, POINT_PX + 7.0)  # nothing near: right above its point
     assert place_labels([(0, 0)], [""], 300) == [None]
+    sizes = [1.0, 0.75, 0.75, 1.0, 0.75, 1.0]  # smaller labels take smaller boxes, and still meet nothing
+    offsets = place_labels(points, labels, 300, sizes)
+    boxes = [_box(300 * x, 300 * y, 7.0 * f * len(label), o, 14.0 * f)
+             for (x, y), label, o, f in zip(points, labels, offsets, sizes)]  # fmt: skip
+    assert not any(_overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] + dots)
+    grid = [(0.03 * i, 0.03 * j) for i in range(-6, 7) for j in range(-6, 7)]  # points 9 px apart: no free place
+    names = ["" if point != (0.0, 0.0) else "shot noise" for point in grid]
+    assert place_labels(grid, names, 300, optional=[True] * len(grid)) == [None] * len(grid)  # left out
+    assert place_labels(grid, names, 300).count(None) == len(grid) - 1  # not optional: the least crowded place
     assert log_ticks(0.0011, 0.9) == dict(tickvals=[0.001, 0.01, 0.1, 1], ticktext=["0.001", "0.01", "0.1", "1"])
     assert log_ticks(1, 128, base=2)["ticktext"] == ["1", "2", "4", "8", "16", "32", "64", "128"]
+    assert log_ticks(0.02, 0.4)["ticktext"] == ["0.02", "0.05", "0.1", "0.2"]  # one power inside: 1, 2 and 5 times

@@ -1,4 +1,4 @@
-"""The Teach tab: four views of why IMSE works, each a Gradio handler that checks its inputs, asks
+"""The Teach tab: four views of how IMSE works, each a Gradio handler that checks its inputs, asks
 ``imse.runs.explain`` for the numbers and ``teach_viz`` for the figures (no maths here).
 
 Views are wired by name (``imse.app.teach_tab``): a view's keyword-only parameters are named after the widgets
@@ -45,7 +45,8 @@ __all__ = [
 
 MAX_SCALE = 3.0  # the σ-scale slider's range
 DOMAIN_BATCH = 64  # view 4: one batch per domain, as the shift detector sees them
-# view 2: rounds × steps of batch 32 (768 images), measured on 128 images after each round (~2 s a round, 2 cores)
+# view 2: rounds × steps of batch 32 (768 images), measured on 128 images after each round (4 methods: ~1.6 s a
+# round on 2 quiet cores)
 COLLAPSE_ROUNDS, COLLAPSE_STEPS, COLLAPSE_BATCH, COLLAPSE_MEASURED = 12, 2, 32, 128
 SCOPES = ("this layer", experts.ALL_LAYERS)
 PREVIEW_PX = 224  # view 1 shows the model's input at least this large
@@ -236,7 +237,8 @@ def experts_view(
     edits = dict(k=k, scope=scope, layer=layer, rank=module.rank, layers=len(layers), expert=expert, scale=scale,
                  held=float(energy[min(k, module.rank) - 1]))  # fmt: skip
     images = f"the {len(fixed)} {'labelled test images' if measure == 'accuracy' else 'sample photos'}"
-    scores = dict(measure=measure, images=images, full=full, at_k=at_k, both=both)
+    dips = any(later < earlier for (_, earlier), (_, later) in zip(curve, curve[1:]))  # a larger k scored lower
+    scores = dict(measure=measure, images=images, full=full, at_k=at_k, both=both, dips=dips)
     edited_title = f"top-5, k = {k} ({scope}), σ<sub>{expert}</sub> × {scale:g}"
     return {
         "experts_text": teach_text.experts_text(
@@ -244,8 +246,14 @@ def experts_view(
         ),  # fmt: skip
         "why_sigma": _why_sigma(backbone),
         "spectrum_plot": teach_viz.spectrum_figure(
-            module.S.tolist(), energy.tolist(), layer, kept=kept, scaled=expert, scale=scale
-        ),
+            module.S.tolist(),
+            energy.tolist(),
+            layer,
+            kept=kept,
+            scaled=expert,
+            scale=scale,
+            edited=float(sigmas[layer][expert]),
+        ),  # fmt: skip
         "rank_plot": teach_viz.rank_figure(curve, full, k=min(k, rank), at_k=at_k, scope=scope, images=len(fixed)),
         "top5_base": teach_viz.top5_figure(base, names, "top-5, unedited"),
         "top5_edited": teach_viz.top5_figure(edited, names, edited_title),
@@ -258,7 +266,7 @@ def experts_view(
 
 def method_settings(backbone_name: str) -> dict[str, dict]:
     """The Lab's tuned settings for the methods the views adapt with (one place: imse.runs.defaults)."""
-    return {name: tuned_settings(backbone_name, name) for name in ("imse", "tent")}
+    return {name: tuned_settings(backbone_name, name) for name in ("imse", "sar", "tent")}
 
 
 _COLLAPSE_DONE: dict[tuple, CollapseView] = {}  # finished views by (backbone, corruption, severity); a few at most
@@ -325,7 +333,8 @@ def collapse_layer(*, collapse_state: Any, backbone: Any, collapse_layer: Any) -
 
 STEP_OUTPUTS = ("explorer", "step_text", "entropy_plot", "loss_plot", "moved_table", "stream_plot")
 STEPS_AT_ONCE = 10  # "Step × 10"
-MOVED_HEADERS = ["layer", "expert i", "σ₀", "σ − σ₀", "(σ−σ₀)/σ₀", "last step"]
+MOVED_HEADERS = ["layer", "expert", "source σ", "σ − source σ", "relative (% of source σ)", "last step",
+                 "steps the same way as its total change"]  # fmt: skip
 
 
 def _explorer(explorer: Any, backbone: Any, corruption: Any, severity: Any) -> tuple:
@@ -347,7 +356,8 @@ def _step_outputs(explorer: tuple) -> dict:
     report = explorer[1].step()
     moved = [
         [teach_viz.short_layer(m.layer), m.expert, f"{m.source:.4f}", f"{m.since_source:+.2e}",
-         f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}"]
+         "tiny σ" if m.tiny else f"{100 * m.relative:+.1f} %", f"{m.last_step:+.2e}",
+         f"{m.steps_this_way}/{report.batch}"]
         for m in report.moved
     ]  # fmt: skip
     return {
@@ -379,7 +389,7 @@ def step_reset(*, explorer: Any, backbone: Any, corruption: Any, severity: Any) 
     """Back to the source σ (S0) and the stream's first batch; the panels clear until the next Step."""
     explorer = _explorer(explorer, backbone, corruption, severity)
     explorer[1].reset()
-    text = "Back to the source σ (σ₀), nothing adapted: **Step** adapts on the stream's first batch again."
+    text = "Back to the source σ, nothing adapted: **Step** adapts on the stream's first batch again."
     cleared = {"entropy_plot": None, "loss_plot": None, "moved_table": [], "stream_plot": None}
     return {"explorer": explorer, "step_text": text, **cleared}
 
@@ -396,6 +406,13 @@ def _domains(backbone_name: str, severity: int):
     )
 
 
+def _near_clean(domains, stored: list[str]) -> list[str]:
+    """The stored corruptions whose descriptor is within τ of the clean data's."""
+    clean = domains.kl[domains.names.index("clean")]
+    within = [name for name in domains.names if clean[domains.names.index(name)] <= domains.tau]
+    return [name for name in dict.fromkeys(stored) if name != "clean" and name in within]
+
+
 @answers("domains_text", "kl_plot", "map_plot", "retrieval_plot")
 def domains_view(*, backbone: Any, severity: Any, stored: Any, incoming: Any) -> dict:
     """View 4: descriptors' KL matrix and map, and which slot a bank holding ``stored`` gives a new batch."""
@@ -408,7 +425,7 @@ def domains_view(*, backbone: Any, severity: Any, stored: Any, incoming: Any) ->
     images, _ = teach_data.view_images(backbone)
     result = retrieve(model, domains, stored, incoming, images[DOMAIN_BATCH : 2 * DOMAIN_BATCH], severity=severity)
     return {
-        "domains_text": teach_text.domains_text(result, severity, domains.tau),
+        "domains_text": teach_text.domains_text(result, severity, domains.tau, _near_clean(domains, stored)),
         "kl_plot": teach_map.kl_figure(domains),
         "map_plot": teach_map.domain_map_figure(domains, result),
         "retrieval_plot": teach_map.retrieval_figure(result, domains.tau),

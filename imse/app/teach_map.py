@@ -10,27 +10,32 @@ import math
 
 import plotly.graph_objects as go
 
-from imse.app.teach_viz import _MARGIN, _themed, log_ticks
+from imse.app.teach_viz import _MARGIN, _themed
 from imse.app.theme import NEUTRAL
 from imse.runs.explain.domains import CLEAN, DomainMap, Retrieval
 
 __all__ = ["domain_map_figure", "kl_figure", "place_labels", "retrieval_figure"]
 
 CHAR_PX, LINE_PX, POINT_PX = 7.0, 14.0, 10.0  # a label's character width and height, a point's radius (12 px font)
+MINOR_FONT = (
+    0.75  # the corruptions neither stored nor new: labelled smaller (9 px), after the others, where there is room
+)
 # where a label's centre may go around its point: 8 directions (the ones above and below first) at growing distances
 _DIRECTIONS = [(0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
 _DISTANCES = (0, 22, 44)  # px beyond touching the point; further away, a line leads from the label to its point
 
 
-def _box(x: float, y: float, width: float, offset: tuple[float, float]) -> tuple[float, float, float, float]:
-    """The pixel box of a label ``width`` px wide centred ``offset`` px from the point (x, y), y up."""
-    return (x + offset[0] - width / 2, y + offset[1] - LINE_PX / 2, x + offset[0] + width / 2,
-            y + offset[1] + LINE_PX / 2)  # fmt: skip
+def _box(
+    x: float, y: float, width: float, offset: tuple[float, float], height: float = LINE_PX
+) -> tuple[float, float, float, float]:
+    """The pixel box of a label ``width`` × ``height`` px centred ``offset`` px from the point (x, y), y up."""
+    return (x + offset[0] - width / 2, y + offset[1] - height / 2, x + offset[0] + width / 2,
+            y + offset[1] + height / 2)  # fmt: skip
 
 
-def _offsets(width: float) -> list[tuple[float, float]]:
+def _offsets(width: float, height: float = LINE_PX) -> list[tuple[float, float]]:
     """Label centres around a point, nearest first: touching it in each direction, then further out."""
-    reach_x, reach_y = POINT_PX + width / 2, POINT_PX + LINE_PX / 2
+    reach_x, reach_y = POINT_PX + width / 2, POINT_PX + height / 2
     return [(dx * (reach_x + extra), dy * (reach_y + extra)) for extra in _DISTANCES for dx, dy in _DIRECTIONS]
 
 
@@ -39,25 +44,35 @@ def _overlaps(a: tuple, b: tuple) -> bool:
 
 
 def place_labels(
-    points: list[tuple[float, float]], labels: list[str], px_per_unit: float
+    points: list[tuple[float, float]],
+    labels: list[str],
+    px_per_unit: float,
+    sizes: list[float] | None = None,
+    optional: list[bool] | None = None,
 ) -> list[tuple[float, float] | None]:
     """Where each label's centre goes, in px from its point (y up; None for an empty label), greedily in order:
     the nearest place whose box meets no label placed so far and no point; the least crowded one when every place
-    is taken."""
+    is taken, except for an ``optional`` label, which then is left out (None). ``sizes``: each label's font size
+    relative to 12 px (1 when not given)."""
     pixels = [(x * px_per_unit, y * px_per_unit) for x, y in points]
     dots = [(x - POINT_PX, y - POINT_PX, x + POINT_PX, y + POINT_PX) for x, y in pixels]
     placed: list[tuple] = []
     offsets: list[tuple[float, float] | None] = []
-    for (x, y), label in zip(pixels, labels):
+    for (x, y), label, size, spare in zip(
+        pixels, labels, sizes or [1.0] * len(labels), optional or [False] * len(labels)
+    ):
         if not label:
             offsets.append(None)
             continue
-        width = CHAR_PX * len(label)
+        width, height = CHAR_PX * size * len(label), LINE_PX * size
         crowding = []
-        for offset in _offsets(width):
-            box = _box(x, y, width, offset)
+        for offset in _offsets(width, height):
+            box = _box(x, y, width, offset, height)
             crowding.append((sum(_overlaps(box, other) for other in dots + placed), offset, box))
-        _, offset, box = min(crowding, key=lambda entry: entry[0])  # the nearest of the least crowded
+        crowded, offset, box = min(crowding, key=lambda entry: entry[0])  # the nearest of the least crowded
+        if crowded and spare:
+            offsets.append(None)
+            continue
         offsets.append(offset)
         placed.append(box)
     return offsets
@@ -96,25 +111,48 @@ def _category(name: str, retrieval: Retrieval | None) -> str:
         return "clean (slot 0)"
     if retrieval and name in retrieval.stored:
         return "stored in the bank"
-    return "not stored"
+    return OTHERS
 
 
-_CATEGORIES = {"not stored": "#1f77b4", "stored in the bank": "#d62728", "clean (slot 0)": "#2ca02c"}  # drawn in order
+CIRCLE = "√τ around clean: inside, a stream on clean data would not detect it (approximately)"
+OTHERS = "not stored (named where there is room)"
+_CATEGORIES = {
+    OTHERS: "#1f77b4",
+    "stored in the bank": "#d62728",
+    "clean (slot 0)": "#2ca02c",
+}  # drawn in order
+
+
+PAD = 0.08  # the map's axes reach this share of the points' extent beyond them, each side
+
+
+def _padded(values: list[float], share: float = PAD) -> list[float]:
+    low, high = min(values), max(values)
+    pad = share * max(high - low, 1e-9)
+    return [low - pad, high + pad]
 
 
 @_themed
-def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 300):
+def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 250):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
-    clean data; clean, the stored domains and the new batch's corruption are labelled, each kind in the legend.
-    ``width_px``: the plot's width to place the labels apart for (a phone's: on a desktop they sit further apart)."""
+    clean data; every point is labelled, each kind in the legend.
+    ``width_px``: the plot area's width to place the labels apart for (a phone's, measured at 390 px: on a desktop
+    they sit further apart)."""
     incoming = retrieval.incoming if retrieval else None
     xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
     radius = math.sqrt(domains.tau)
     cx, cy = domains.xy[0]
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
-    shown = [name.replace("_", " ") if _category(name, retrieval) != "not stored" or name == incoming else ""
-             for name in domains.names]  # fmt: skip
-    offsets = place_labels(list(domains.xy), shown, width_px / max(span, 1e-9))
+    shown = [name.replace("_", " ") for name in domains.names]  # named where room allows: a screenshot has no hover
+    minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
+    order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
+    sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
+    scale = width_px / max(span * (1 + 2 * PAD), 1e-9)
+    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], scale, sizes,
+                          [minor[i] for i in order])  # fmt: skip
+    offsets = [None] * len(shown)
+    for i, offset in zip(order, placed):
+        offsets[i] = offset
     fig = go.Figure()
     for category, colour in _CATEGORIES.items():
         members = [i for i, name in enumerate(domains.names) if _category(name, retrieval) == category]
@@ -131,27 +169,41 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
         )
     for i, offset in enumerate(offsets):
         if offset is not None:  # a label, and a line to its point when it had to stand off
-            far = offset not in _offsets(CHAR_PX * len(shown[i]))[: len(_DIRECTIONS)]  # not touching its point
+            size = MINOR_FONT if minor[i] else 1.0
+            far = offset not in _offsets(CHAR_PX * size * len(shown[i]), LINE_PX * size)[: len(_DIRECTIONS)]
             fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
                                arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
-                               standoff=6)  # fmt: skip
+                               standoff=6, font=dict(size=12 * size))  # fmt: skip
     if incoming is not None:
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
                                  marker=dict(size=19, color="rgba(0,0,0,0)", line=dict(color=NEUTRAL, width=3)),
-                                 name=f"the new batch's corruption ({incoming.replace('_', ' ')})"))  # fmt: skip
+                                 name=f"ring: {incoming.replace('_', ' ')}'s point (the new batch: "
+                                      "another batch of it)"))  # fmt: skip
     angles = [2 * math.pi * t / 96 for t in range(97)]
     circle_x, circle_y = [cx + radius * math.cos(a) for a in angles], [cy + radius * math.sin(a) for a in angles]
     fig.add_trace(go.Scatter(x=circle_x, y=circle_y, mode="lines", line=dict(color="#2ca02c", width=1.5),
-                             hoverinfo="skip", name="√τ around clean: inside, no new domain"))  # fmt: skip
-    kept = f"classical MDS of √KL, keeping {100 * domains.kept:.0f} % of its spread"
-    note = f"{kept}:<br>retrieval reads the KL, not this map"
+                             hoverinfo="skip", name=CIRCLE))  # fmt: skip
+    note = (f"classical MDS: points placed so their distances<br>best match √KL (it keeps {100 * domains.kept:.0f} % "
+            "of its variance);<br>retrieval reads the KL, not this map")  # fmt: skip
     fig.update_layout(
         title=dict(text="Domain map (distance ≈ √KL)", subtitle=dict(text=note)),
-        height=540,
-        margin=dict(l=40, r=15, t=80, b=45),
-        xaxis=dict(zeroline=False, title="", constrain="domain"),  # equal scales: the plot area shrinks to fit
-        yaxis=dict(zeroline=False, title="", scaleanchor="x", constrain="domain"),
+        height=560,
+        margin=dict(l=55, r=15, t=100, b=55),
+        # the points' and the circle's extent, fixed: left to autorange, the labels would widen it and shrink the map
+        xaxis=dict(
+            zeroline=False,
+            title="MDS axis 1 (√KL units)",
+            constrain="domain",
+            range=_padded(xs + [cx - radius, cx + radius]),
+        ),
+        yaxis=dict(
+            zeroline=False,
+            title="MDS axis 2 (√KL units)",
+            scaleanchor="x",
+            constrain="domain",
+            range=_padded(ys + [cy - radius, cy + radius]),
+        ),  # fmt: skip
         legend=dict(orientation="h", y=-0.08, yanchor="top"),
     )
     return fig
@@ -159,25 +211,24 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
 
 @_themed
 def retrieval_figure(retrieval: Retrieval, tau: float):
-    """KL from the new batch to every slot of the bank (log axis, ticks at powers of ten): the slot top-1 retrieval
-    brings back in red, τ dotted."""
+    """KL from the new batch to every slot of the bank on a linear axis from 0, so that a bar's length is its
+    value (a log axis made a 3× smaller bar look two-thirds as tall); the values are written on the bars, since a
+    small one may be a sliver. The nearest slot, which retrieval brings back, in red; τ dotted."""
     labels = [f"{i}: {name.replace('_', ' ')}" for i, name in enumerate(retrieval.stored)]
     fig = go.Figure()
     for name, colour, chosen in (("retrieved (smallest KL)", "#d62728", True), ("other slots", "#1f77b4", False)):
         slots = [i for i in range(len(labels)) if (i == retrieval.slot) == chosen]
-        fig.add_trace(go.Bar(x=[labels[i] for i in slots], y=[retrieval.distances[i] for i in slots],
-                             marker_color=colour, name=name))  # fmt: skip
+        values = [retrieval.distances[i] for i in slots]
+        fig.add_trace(go.Bar(x=[labels[i] for i in slots], y=values, marker_color=colour, name=name,
+                             text=[f"{v:.3g}" for v in values], textposition="outside"))  # fmt: skip
     fig.add_hline(
         y=tau, line=dict(color=NEUTRAL, dash="dot"), showlegend=True, name=f"τ = {tau:g}: detection's threshold"
     )
-    positive = [d for d in retrieval.distances if d > 0] or [tau]
-    low, high = min(positive + [tau]) / 3, max(positive + [tau]) * 2
+    high = max([*retrieval.distances, tau]) * 1.15  # room for the values written above the bars
     fig.update_layout(
         title=f"A new batch of {retrieval.incoming.replace('_', ' ')}: KL to each slot → slot {retrieval.slot}",
         xaxis=dict(categoryorder="array", categoryarray=labels),
-        yaxis=dict(
-            title="symmetric KL", type="log", range=[math.log10(low), math.log10(high)], **log_ticks(low, high)
-        ),  # fmt: skip
+        yaxis=dict(title="symmetric KL", range=[0, high]),
         height=350,
         margin=_MARGIN,
         legend=dict(orientation="h", y=-0.25, yanchor="top"),

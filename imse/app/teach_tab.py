@@ -17,15 +17,19 @@ import gradio as gr
 from imse.app import teach, teach_data
 from imse.app.teach_text import INTRO, LATEX, TEACH_TEXT, fill
 from imse.app.ui import backbone_choices
+from imse.core.bank import DESCRIPTOR_MOMENTUM
+from imse.core.methods import METHODS
 from imse.core.spectral import DEFAULT_TARGETS, TARGET_PATHS
-from imse.data.corruptions import CORRUPTIONS
+from imse.data.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 from imse.data.models import BUILTIN, builtin_config
 from imse.runs.collapse import CollapseMeter
+from imse.runs.defaults import lab_settings, swept_values, tuned_settings
 from imse.runs.explain.collapse import COLLAPSE_RISE
 
-__all__ = ["LATEX", "TEACH_TEXT", "builtin_layers", "teach_tab", "warm_up", "wire"]
+__all__ = ["LATEX", "TAB_NAME", "TEACH_TEXT", "builtin_layers", "teach_tab", "warm_up", "wire"]
 
 Widgets = dict[str, gr.components.Component]
+TAB_NAME = "Teach: how IMSE works"
 _CORRUPTION_CHOICES = [(name.replace("_", " "), name) for name in CORRUPTIONS]  # shown with spaces, sent by name
 
 
@@ -104,11 +108,15 @@ def _wire(demo: gr.Blocks, w: Widgets) -> None:
 
 
 def _controls(w: Widgets) -> None:
-    gr.Markdown(INTRO)
+    depth = builtin_config()["architecture"]["depth"]
+    adapted = depth - teach.DIVERSITY_BLOCKS
+    gr.Markdown(fill(INTRO, ADAPTED=f"0–{adapted - 1}" if adapted > 1 else "0", DEPTH=depth))
     with gr.Row():
         w["backbone"] = gr.Dropdown(backbone_choices(), value=BUILTIN, label="Backbone (every view)", scale=2)
         w["corruption"] = gr.Dropdown(
-            _CORRUPTION_CHOICES, value="contrast", label="Corruption (views 2 and 3: read on Measure and Step)"
+            _CORRUPTION_CHOICES,
+            value="contrast",
+            label="Corruption (views 2 and 3, read on Measure and Step; view 4 picks its own)",
         )
         w["severity"] = gr.Slider(1, 5, value=3, step=1, label="Severity (views 2–4)")
 
@@ -130,8 +138,8 @@ def _experts_tab(w: Widgets, ranks: dict[str, int]) -> None:
                     list(teach.SCOPES),
                     value=teach.SCOPES[0],
                     label="Keep the k largest experts in",
-                    info=f"every layer: all {len(layers)} layers cut to k experts; the σ scale below edits the chosen "
-                    "layer only, in either scope",
+                    info=f"the cut's scope: this layer cuts only the chosen layer; every layer cuts all {len(layers)} "
+                    "(each block's qkv, proj, fc1, fc2). Either way the σ scale below edits the chosen layer only.",
                 )
                 w["k"] = gr.Slider(1, max(ranks.values()), value=ranks[layers[0]], step=1, label="k")
                 w["expert"] = gr.Slider(0, ranks[layers[0]] - 1, value=0, step=1, label="Expert i (from 0)")
@@ -156,7 +164,8 @@ def _collapse_tab(w: Widgets, collapse_layers: list[str]) -> None:
     with gr.Tab("2 · Collapse, measured"):
         adapted = teach.COLLAPSE_ROUNDS * teach.COLLAPSE_STEPS * teach.COLLAPSE_BATCH
         text = fill(TEACH_TEXT["collapse"], ADAPTED=adapted, MEASURED=teach.COLLAPSE_MEASURED,
-                    RISE=f"{100 * COLLAPSE_RISE:.0f}")  # fmt: skip
+                    RISE=f"{100 * COLLAPSE_RISE:.0f}", LAYERS=len(collapse_layers),
+                    PERIMAGE=f"{100 / teach.COLLAPSE_MEASURED:.1f}")  # fmt: skip
         gr.Markdown(text, latex_delimiters=LATEX)
         with gr.Row():
             w["collapse_layer"] = gr.Dropdown(
@@ -173,9 +182,14 @@ def _collapse_tab(w: Widgets, collapse_layers: list[str]) -> None:
             w["predictions_plot"] = gr.Plot(label="Predicted classes")
 
 
-def _step_tab(w: Widgets) -> None:
+def _step_tab(w: Widgets, layers: int) -> None:
     with gr.Tab("3 · IMSE, step by step"):
-        gr.Markdown(TEACH_TEXT["step"], latex_delimiters=LATEX)
+        imse = {**METHODS["imse"].defaults, **tuned_settings(BUILTIN, "imse")}
+        tried = ", ".join(f"{float(v):g}" for v in swept_values(BUILTIN, "imse", "lambda_dm")) or "its default alone"
+        held_out = ", ".join(name.replace("_", " ") for name in VALIDATION_CORRUPTIONS)
+        text = fill(TEACH_TEXT["step"], LAYERS=layers, RHO=f"{imse['rho']:g}", LAMBDA=f"{imse['lambda_dm']:g}",
+                    HELDOUT=held_out, TRIED=tried)  # fmt: skip
+        gr.Markdown(text, latex_delimiters=LATEX)
         w["explorer"] = gr.State()
         with gr.Row():
             w["step_button"] = gr.Button("Step", variant="primary")
@@ -185,22 +199,24 @@ def _step_tab(w: Widgets) -> None:
         with gr.Row():
             w["stream_plot"] = gr.Plot(label="The stream so far")
             w["loss_plot"] = gr.Plot(label="Objective")
-        with gr.Row():
-            w["entropy_plot"] = gr.Plot(label="Entropy filter")
-            w["moved_table"] = gr.Dataframe(
-                headers=teach.MOVED_HEADERS, label="The σ furthest from the source σ₀ so far", interactive=False
-            )
+        w["moved_table"] = gr.Dataframe(  # its own row: beside a plot, its last column was cut off at 1400 px
+            headers=teach.MOVED_HEADERS, label="The σ furthest from the source σ so far", interactive=False
+        )
+        w["entropy_plot"] = gr.Plot(label="Entropy filter")
 
 
 def _domains_tab(w: Widgets) -> None:
     with gr.Tab("4 · Domains and retrieval"):
-        gr.Markdown(TEACH_TEXT["domains"], latex_delimiters=LATEX)
+        tau = lab_settings(backbone=BUILTIN)["tau"]
+        gr.Markdown(
+            fill(TEACH_TEXT["domains"], TAU=f"τ = {tau:g}", MOMENTUM=f"{DESCRIPTOR_MOMENTUM:g}"), latex_delimiters=LATEX
+        )
         with gr.Row():
             w["stored"] = gr.Dropdown(
                 _CORRUPTION_CHOICES,
                 value=["gaussian_noise", "defocus_blur", "snow", "contrast"],
                 multiselect=True,
-                label="Stored in the bank, slots 1, 2, … (slot 0 always holds clean data and σ₀, the unadapted σ)",
+                label="Stored in the bank, slots 1, 2, … (slot 0 always holds clean data and the source σ)",
                 scale=3,
             )
             w["incoming"] = gr.Dropdown(_CORRUPTION_CHOICES, value="snow", label="A new batch of (this view only)")
@@ -216,11 +232,11 @@ def teach_tab(demo: gr.Blocks) -> Widgets:
     returns its widgets by name."""
     ranks, collapse_layers = builtin_layers()
     widgets: Widgets = {}
-    with gr.Tab("Teach: why IMSE works"):
+    with gr.Tab(TAB_NAME):
         _controls(widgets)
         _experts_tab(widgets, ranks)
         _collapse_tab(widgets, collapse_layers)
-        _step_tab(widgets)
+        _step_tab(widgets, len(collapse_layers))
         _domains_tab(widgets)
         _wire(demo, widgets)
     return widgets

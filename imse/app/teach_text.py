@@ -13,7 +13,6 @@ __all__ = [
     "INTRO",
     "LATEX",
     "TEACH_TEXT",
-    "TIE_IMAGES",
     "collapse_text",
     "domains_text",
     "experts_text",
@@ -22,64 +21,83 @@ __all__ = [
 ]
 
 LATEX = [{"left": "$", "right": "$", "display": False}]
-TIE_IMAGES = 2  # view 2: accuracies this few images apart (of 128) are read as a tie
-
 INTRO = (
-    "**Test-time adaptation** (TTA): a trained model keeps adjusting itself, without labels, on the test images it "
-    "is asked to classify, here images corrupted by noise, blur, weather or lost contrast. The usual signal is the "
-    "model's own confidence: lower the entropy of its predictions (TENT does this to the LayerNorms' scale and "
-    "shift). Its risk is **collapse**: predictions crowding into a few classes. IMSE adapts only the singular values "
-    "σ of the ViT's linear layers, and adds a term that keeps the features diverse. Four views, on the backbone you "
-    "pick; each number says which edits or which images it includes, and experts are numbered from 0, largest σ "
-    "first, in every view and formula."
+    "**Test-time adaptation** (TTA): a trained model (the **source** model) keeps adjusting itself, without labels, "
+    "on the test images it is asked to classify, here images from another **domain** than it was trained on: "
+    "corrupted by noise, blur, weather or lost contrast, at a **severity** from 1 (mild) to 5 (strong; a level is not"
+    " comparable across corruptions). The images come as a **stream** of batches, and the model predicts each batch, "
+    "then adapts on it. The usual signal is the model's own confidence: lower the entropy of its predictions "
+    "(**TENT**, a standard baseline, does this to every LayerNorm's scale and shift). Its risk is **collapse**: "
+    "predictions crowding into a few classes. **IMSE** (Intrinsic Mixture of Spectral Experts; **the paper**: Baek et"
+    " al., *Intrinsic Mixture of Spectral Experts Fine-tuning for Test-Time Adaptation*, ICLR 2026, with its authors'"
+    " **official code**, baek85/IMSE) adapts only the singular values σ of the linear layers (the attention's qkv, "
+    "which makes queries, keys and values, and proj, its output; the MLP's fc1 and fc2) of every block but the last "
+    "three (on the built-in ViT: blocks ADAPTED of DEPTH), and adds a term that keeps the features diverse. Four "
+    "views, on the backbone you pick, show how it works and measure where it helps and where it does not; each number"
+    " says which edits or which images it includes, and experts are numbered from 0, largest σ first, in every view "
+    "and formula."
 )
 
 TEACH_TEXT = {
     "experts": r"""
-**1 · Spectral experts.** SVD splits every linear layer into rank-1 *experts*,
-$W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_{i=0}^{r-1} \sigma_i\, u_i v_i^\top$: expert $i$ (from 0, largest
-$\sigma_i$ first) writes along $u_i$, scaled by $\sigma_i$, as much as the input points along $v_i$. Keeping only the
-$k$ largest gives the best rank-$k$ layer: slide $k$ down to see how few experts carry the model, and scale one
-$\sigma_i$ to see what it does. IMSE adapts only the $\sigma_i$. Every adapted layer's $\sigma$ vector, together, is
-the model's **code**: what IMSE adapts, stores and brings back.
+**1 · Spectral experts.** SVD splits each linear layer of the blocks (qkv, proj, fc1, fc2; the patch embedding and the
+classifier head are not split) into rank-1 *experts*, $W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_{i=0}^{r-1}
+\sigma_i\, u_i v_i^\top$: expert $i$ (from 0, largest $\sigma_i$ first) writes along $u_i$, scaled by $\sigma_i$, as
+much as the input points along $v_i$. Keeping only the $k$ largest gives the rank-$k$ weight closest to $W$ (in the
+Frobenius and spectral norms: Eckart–Young), which is not the best accuracy, nor one that grows with $k$: the curve
+measures accuracy (top-1: the most probable class is the right one) at the marked $k$ only. Their **energy share** is
+their $\sum \sigma_i^2$ over the whole layer's (their part of $\lVert W \rVert_F^2$). IMSE adapts only the $\sigma_i$.
+Every adapted layer's $\sigma$ vector, together, is the model's **code**: what IMSE adapts, stores and brings back. The
+code before any adaptation is the **source σ**, $\sigma^{src}$.
 """,
     "collapse": r"""
-**2 · Collapse, measured.** An expert's *alignment* with an input row $x_n$ (one token of one image: every token of
-every image counts) is $a_{n,i} = v_i^\top x_n / \lVert x_n\rVert$, and $\mathrm{Std}_i$ its spread over them: an expert
-whose alignment no longer varies has stopped telling images apart. A layer's **mean std** averages $\mathrm{Std}_i$
-over its experts but the one whose std is largest, as $L_{dm}$ does (view 3). **Collapse** shows in the predictions:
-the **top-class share** is the share of images given the most-predicted class (10 % when 10 classes are balanced,
-100 % when every image gets the same class). Corruption alone can already crowd the predictions; collapse *from
-adaptation* is the share rising further while a method adapts (here: by RISE points or more over the unadapted
-model's, on the same images). **Measure** adapts IMSE, IMSE without its diversity term ($\lambda_{dm} = 0$, view
-3) and TENT on ADAPTED images of the tab's corruption and severity, and measures them, and the unadapted model on
-the same images clean and corrupted, on MEASURED of those images. The plots' std axes start at 0, or show a
-method's change in % against the corrupted, unadapted model, where small differences would otherwise look large.
+**2 · Collapse, measured.** An expert's *alignment* with an input row $x_n$ is $a_{n,i} = v_i^\top x_n / \lVert x_n
+\rVert$, and $\mathrm{Std}_i$ its standard deviation over every token of every image together (variation within an image
+and between images both count). A layer's **mean std** averages $\mathrm{Std}_i$ over its experts but the one whose std
+is largest, as $L_{dm}$ does (view 3); this view reads the LAYERS layers where $L_{dm}$ is read. It is the paper's sign
+of diverse features, not specific to IMSE (TENT and SAR can raise it too) and not a measure of collapse, which shows in
+the predictions: the **top-class share** is the share of images given the most-predicted class (10 % when 10 classes are
+balanced, 100 % when every image gets the same class). Corruption alone can already crowd the predictions; collapse
+*from adaptation* is the share rising RISE percentage points (**points**) or more over the unadapted model's on the same
+images: a stated rule, not a test (one image moves a share of MEASURED by PERIMAGE point). **Measure** adapts IMSE, IMSE
+without its diversity term ($\lambda_{dm} = 0$, view 3), **SAR** and TENT on ADAPTED images of the tab's corruption and
+severity (other test images than view 1's), then scores each final model, and the unadapted model clean and corrupted,
+on MEASURED of those same images: accuracy after adapting, a different number from view 3's, where each batch is
+predicted before the model adapts on it. A difference counts when it is over two standard errors of the paired
+difference, per image (+1, 0 or −1, as each model got it right or not): the image is the unit because one fixed model
+answers independent images. Std axes start at 0, or show a change in % against the corrupted, unadapted model.
 """,
     "step": r"""
-**3 · IMSE, step by step.** A sample is **reliable** when its prediction's entropy $H(x) = -\sum_c p_c \ln p_c$ is
-under $E_0 = 0.4 \ln C$ ($C$ classes): only those confident predictions enter the entropy term. The loss is
-$\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in R} H(x) \;-\; \lambda_{dm} L_{dm}$ over the reliable set $R$, with
-$L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i \neq i^\ast_\ell}\,\mathrm{Std}_i^{(\ell)}$ over the 12 layers $\ell$
-of the last three blocks. $L_{dm}$ reads every token of **every** sample of the batch, reliable or not, and leaves
-out each layer's expert $i^\ast_\ell$ whose std is largest: that one varies most already, and the mean is about the
-experts that could go flat. The last three blocks' own $\sigma$ stay at the source values: $L_{dm}$, measured on
-their inputs, can only be raised by what the adapted blocks send into them. SAM (sharpness-aware minimisation)
-first moves the code uphill by $\rho$, takes the gradient there, and steps from the original code with Adam
-(the filter and SAM are SAR's update, which IMSE reuses).
-**Step** adapts on the stream's next batch of 64, **Step × 10** on the next ten; **Reset** returns to the source
-$\sigma$.
+**3 · IMSE, step by step.** A sample is **reliable** when its prediction's entropy $H(x) = -\sum_c p_c \ln p_c$ is under
+$E_0 = 0.4 \ln C$ ($C$ classes): only those enter the entropy term. The loss is $\mathcal{L} = \tfrac{1}{|R|}\sum_{x \in
+R} H(x) \;-\; \lambda_{dm} L_{dm}$ over the reliable set $R$, with $L_{dm} = \tfrac{1}{3}\sum_{\ell} \mathrm{mean}_{i
+\neq i^\ast_\ell}\,\mathrm{Std}_i^{(\ell)}$: the sum over the LAYERS layers $\ell$ of the last three blocks, divided by
+3 blocks (the official code's scale: 4 × the layers' mean). $L_{dm}$ reads every token of **every** sample, reliable or
+not, and leaves out each layer's expert $i^\ast_\ell$ whose std is largest: that one varies most already, and the mean
+is about the experts that could go flat. The last three blocks' $\sigma$ stay at $\sigma^{src}$: the official code's
+design choice (SAR leaves the same blocks unadapted). With all three frozen, $L_{dm}$ (an alignment $v_i^\top x/\lVert
+x\rVert$ does not depend on its own layer's $\sigma$) rises only through what the adapted blocks send in: a consequence
+of the freezing, not its reason. **SAM** (sharpness-aware minimisation) moves the code uphill along the gradient by
+$\rho$ = RHO (the L2 norm of that move over all adapted σ together), takes the gradient there, and steps from the
+original code with **Adam**, an optimiser that divides each gradient by a running average of its size, at a learning
+rate **lr** chosen on four corruptions held out of every test (HELDOUT); there $\lambda_{dm}$ = TRIED scored within
+noise of each other, and the official default LAMBDA was kept. The filter and SAM are SAR's update (SAR steps with plain
+gradient descent, **SGD**), which IMSE reuses. **Step** adapts on the stream's next batch of 64, **Step × 10** on the
+next ten; **Reset** returns to $\sigma^{src}$.
 """,
     "domains": r"""
-**4 · Domains and retrieval.** A batch's **descriptor** is its patch tokens' per-channel mean and variance; two
-descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} +
-\tfrac{v_b + (\mu_a-\mu_b)^2}{2 v_a} - 1\big]$ (a symmetric KL). IMSE asks two different questions with it.
-**Detection** — *is this batch a new domain?* — compares the batch with the domain IMSE is adapting on now:
-$D > \tau$ ends that domain. **Retrieval** — *which stored code is nearest?* — runs only when detection fires. The
-bank's **slots** each hold one domain's descriptor and the code adapted on it (slot 0: the clean data's descriptor
-and the source model's own code, $\sigma_0$, the $\sigma$ before any adaptation); top-1 retrieval brings back the
-code of the slot with the smallest $D$ to the batch. (Here nothing was adapted, so every slot holds $\sigma_0$: the
-view is about *which* slot.)
+**4 · Domains and retrieval.** A batch's **descriptor** is the per-channel mean and variance of its *patch tokens* (each
+image patch's embedding; the class token, the extra token the head reads, left out) where they enter block 0, so no code
+changes it; two descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu_a-\mu_b)^2}{2 v_b} + \tfrac{v_b +
+(\mu_a-\mu_b)^2}{2 v_a} - 1\big]$ (a symmetric KL). IMSE asks two questions with it. **Detection** — *is this batch a
+new domain?* — compares the batch with the domain IMSE is adapting on now, whose descriptor is a running average
+(MOMENTUM old, the rest new, each full batch): $D > \tau$ (TAU, the official default) ends that domain, which is then
+stored. **Retrieval** — *which stored code is nearest?* — runs only when detection fires, and brings back the nearest
+slot's code however far it is (no new slot starts from $\sigma^{src}$), with Adam's state reset. The bank's **slots**
+each hold one domain's descriptor and the code adapted on it; slot 0 holds the clean data's and $\sigma^{src}$. Here the
+bank is the one you choose below, one batch of 64 per domain at the tab's severity, and every slot holds $\sigma^{src}$:
+the view shows *which* slot comes back, not what retrieval gains (the Lab tab's continual run, one stream through many
+corruptions in turn, measures that).
 """,
 }
 
@@ -95,23 +113,30 @@ def _pct(share: float) -> str:
     return f"{100 * share:.1f} %"
 
 
+def _p(probability: float) -> str:
+    """A probability, written apart from the accuracies (which are in %)."""
+    return f"p = {probability:.2f}"
+
+
 # -- view 1 --------------------------------------------------------------------------------------------------------
 
 
 def why_sigma(counts: dict[str, int], adapted_blocks: int) -> str:
-    """Why σ and not LayerNorm or all weights, with the values each method adapts on this backbone."""
+    """Why σ and not LayerNorm or all weights, with the values each method adapts on this backbone, and what the
+    tab does and does not measure of that argument."""
     blocks = f"blocks 0–{adapted_blocks - 1}" if adapted_blocks > 1 else "block 0"
     return (
         f"**Why σ, and not LayerNorm or all weights?** On this backbone IMSE adapts **{counts['imse']:,}** values "
-        f"(the σ of {blocks}), TENT **{counts['tent']:,}** (every LayerNorm's scale and shift), SAR (the "
-        f"baseline whose update IMSE reuses, view 3) **{counts['sar']:,}** (the LayerNorm scales and shifts of "
-        f"{blocks}), and fine-tuning every weight would "
-        f"adapt **{counts['all weights']:,}**. A σ only turns up or down a direction the source model learned "
-        "($u_i$ and $v_i$ stay fixed), so whatever adaptation does, it re-weights the source model's own experts. "
-        "LayerNorm's scale and shift act on each channel, not on the directions the layers learned, and free weights "
-        "can learn new directions from a stream that has no labels: the freedom that entropy minimisation misuses "
-        "when it collapses (view 2). Whether σ wins is measured here, not assumed: views 2 and 3 show where it does "
-        "and where it does not."
+        f"(the σ of {blocks}), TENT **{counts['tent']:,}** (every LayerNorm's scale and shift), **SAR** "
+        f"**{counts['sar']:,}** (the LayerNorm scales and shifts of {blocks}; SAR is the baseline whose sample filter "
+        f"and SAM IMSE reuses, view 3), and fine-tuning every weight would adapt **{counts['all weights']:,}**. A σ "
+        "only turns up or down a direction the source model learned ($u_i$ and $v_i$ stay fixed), so adapting it can "
+        "only re-weight the source model's own experts; LayerNorm's scale and shift act on each channel, whatever "
+        "directions the layers learned, and free weights can learn new directions from a stream with no labels to "
+        "check them. That is the argument; view 2 measures part of it. SAR against IMSE without its diversity term "
+        "is σ against LayerNorm under the same sample filter and SAM step (view 3), though the optimisers differ "
+        "(view 3: SAR's SGD, IMSE's Adam); TENT differs in what it adapts *and* in how (every sample's entropy). "
+        "Fine-tuning every weight is not measured here."
     )
 
 
@@ -122,14 +147,17 @@ def experts_text(*, label: str, names: list[str], base: list[float], edited: lis
     best_base, best_edit = max(range(len(base)), key=base.__getitem__), max(range(len(edited)), key=edited.__getitem__)
     layer, k = f"`{edits['layer']}`", edits["k"]
     where = f"in {layer} only" if edits["scope"] == "this layer" else f"in every one of the {edits['layers']} layers"
-    sigma = f"σ<sub>{edits['expert']}</sub> of {layer} × {edits['scale']:g} (that layer only, in either scope)"
+    sigma = f"expert {edits['expert']}'s σ in {layer} × {edits['scale']:g} (that layer only, in either scope)"
+    unscaled = "" if edits["scale"] == 1 else ", of its σ before the scale"
+    dips = " A larger k scored lower than a smaller one: accuracy need not grow with k." if scores["dips"] else ""
     return (
-        f"**{label}** — unedited: **{names[best_base]}** ({_pct(base[best_base])}). Edited: **{names[best_edit]}** "
-        f"({_pct(edited[best_edit])}), with both edits at once: only the {k} largest experts kept {where}, and "
+        f"**{label}** — unedited: **{names[best_base]}** ({_p(base[best_base])}). Edited: **{names[best_edit]}** "
+        f"({_p(edited[best_edit])}), with both edits at once: only the {k} largest experts kept {where}, and "
         f"{sigma}.\n\n"
         f"{scores['measure'].capitalize()} on {scores['images']}: unedited **{_pct(scores['full'])}** · the k cut "
         f"alone **{_pct(scores['at_k'])}** (the curve) · both edits **{_pct(scores['both'])}**. The "
-        f"{min(k, edits['rank'])} largest experts of {layer} hold {_pct(edits['held'])} of its Σσ²."
+        f"{min(k, edits['rank'])} largest experts of {layer} hold {_pct(edits['held'])} of its Σσ² (energy "
+        f"share{unscaled}).{dips}"
     )
 
 
@@ -151,21 +179,31 @@ def _images(count: int) -> str:
     return f"{count} image{'' if abs(count) == 1 else 's'}"
 
 
+def _noise(view: CollapseView, condition: str, against: str) -> str:
+    """A paired difference with its band, read: "±4 images: within noise" or "±4 images: beyond noise"."""
+    _, band = view.paired(condition, against)
+    if band == 0:
+        return "the same answer on every image"
+    return f"±{band:.1f} images: {'beyond' if view.beyond_noise(condition, against) else 'within'} noise"
+
+
 def _best(view: CollapseView, best: str) -> str:
-    base = view.correct("corrupted")
-    if view.correct(best) <= base:
+    gain, _ = view.paired(best, "corrupted")
+    if gain <= 0:
         return (
             f"No method beat the unadapted model ({_pct(view.accuracy['corrupted'])}) on these {view.measured} images."
         )
-    gain = view.correct(best) - base
-    noise = f": within {TIE_IMAGES}, too few to call a gain" if gain <= TIE_IMAGES else ""
     sentence = (
         f"Best: **{_named(best)}**, {_pct(view.accuracy[best])} against the unadapted model's "
-        f"{_pct(view.accuracy['corrupted'])} (+{_images(gain)} of {view.measured}{noise})"
+        f"{_pct(view.accuracy['corrupted'])}: +{_images(gain)} of {view.measured} "
+        f"({_noise(view, best, 'corrupted')})"
     )
-    close = [c for c in view.adapted if c != best and view.correct(best) - view.correct(c) <= TIE_IMAGES]
+    close = [c for c in view.adapted if c != best and not view.beyond_noise(best, c)]
     if close:
-        sentence += f"; {' and '.join(_named(c) for c in close)} within {TIE_IMAGES} images of it, about a tie"
+        each = ", ".join(
+            f"{_named(c)} {_images(view.paired(best, c)[0])} behind ({_noise(view, best, c)})" for c in close
+        )
+        sentence += f"; {each}, about a tie"
     return sentence + "."
 
 
@@ -191,46 +229,41 @@ def _without_diversity(view: CollapseView) -> str:
     ablated = "IMSE, λ_dm = 0"
     if ablated not in view.adapted:
         return ""
-    gap = view.correct("IMSE") - view.correct(ablated)
-    if gap < 0:
+    gap, _ = view.paired("IMSE", ablated)
+    if gap == 0:
+        verdict = "the same as IMSE: the diversity term neither helped nor held it back here"
+    elif not view.beyond_noise("IMSE", ablated):
+        verdict = f"{_images(abs(gap))} {'ahead of' if gap < 0 else 'behind'} IMSE, within noise"
+    elif gap < 0:
         verdict = f"so the diversity term cost IMSE {_images(-gap)} here"
-    elif gap == 0:
-        verdict = "the same: the diversity term neither helped IMSE nor held it back here"
     else:
         verdict = f"so the diversity term is not what held IMSE back (it helped, by {_images(gap)})"
-    return f" Without it ({_named(ablated)}) IMSE scored {_pct(view.accuracy[ablated])}, {verdict}."
+    return f" Without it ({_named(ablated)}) IMSE scored {_pct(view.accuracy[ablated])}: {verdict}."
 
 
 def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
     """When IMSE is not the best (by any margin), says so and why, from the view's own numbers."""
     if "IMSE" not in view.adapted:
         return ""
+    ablated = "IMSE, λ_dm = 0"
     if best == "IMSE":
-        if collapsed and "IMSE" not in collapsed:
-            ablated = "IMSE, λ_dm = 0"
-            without = (
-                f"; without its diversity term, {100 * view.top_share(ablated):.0f} %"
-                if ablated in view.adapted
-                else ""
-            )
-            return (
-                f" IMSE kept its predictions spread (top-class share {100 * view.top_share('IMSE'):.0f} %{without}) "
-                f"where {' and '.join(_named(c) for c in collapsed)} collapsed."
-            )
-        return ""
-    behind = view.correct(best) - view.correct("IMSE")
-    gap = f"{_images(behind)} behind {_named(best)}" + (", about a tie" if behind <= TIE_IMAGES else "")
-    if not collapsed:
+        if not collapsed or "IMSE" in collapsed:
+            return ""
+        share = view.top_share(ablated) if ablated in view.adapted else None
+        without = "" if share is None else f"; without its diversity term, {100 * share:.0f} %"
         return (
-            f" **IMSE did not win here** ({gap}), and no advantage is expected: nothing collapsed, so its diversity "
-            "term, which exists to stop collapse, had nothing to prevent." + _without_diversity(view)
+            f" IMSE did not crowd its predictions further (top-class share {100 * view.top_share('IMSE'):.0f} %, "
+            f"unadapted {100 * view.top_share('corrupted'):.0f} %{without}) where "
+            f"{' and '.join(_named(c) for c in collapsed)} collapsed."
         )
-    if "IMSE" in collapsed:
-        return f" **IMSE did not win here** ({gap}): it collapsed too." + _without_diversity(view)
-    return (
-        f" **IMSE did not win here** ({gap}): {_named(best)} adapted further without collapsing."
-        + _without_diversity(view)
-    )
+    behind, _ = view.paired(best, "IMSE")
+    if not collapsed:
+        why = ", and no advantage is expected: nothing collapsed, so its diversity term, which exists to stop "
+        why += "collapse, had nothing to prevent; here it changed nothing measurable in accuracy."
+    else:
+        why = ": it collapsed too." if "IMSE" in collapsed else f": {_named(best)} adapted further without collapsing."
+    gap = f"{_images(behind)} behind {_named(best)}, {_noise(view, best, 'IMSE')}"
+    return f" **IMSE did not win here** ({gap}){why}" + _without_diversity(view)
 
 
 def collapse_verdict(view: CollapseView) -> str:
@@ -240,14 +273,38 @@ def collapse_verdict(view: CollapseView) -> str:
     best = max(view.adapted, key=view.correct)  # a tie goes to the first in ADAPTED's order (IMSE)
     sentence, collapsed = _collapse(view)
     so_far = "" if view.finished else "So far: "
-    return so_far + _best(view, best) + " " + sentence + _why_not_imse(view, best, collapsed)
+    return so_far + _best(view, best) + " " + sentence + _why_not_imse(view, best, collapsed) + _sigma_or_norm(view)
+
+
+def _sigma_or_norm(view: CollapseView) -> str:
+    """σ against LayerNorm under the same filter and SAM: IMSE without its diversity term against SAR."""
+    ablated = "IMSE, λ_dm = 0"
+    if not {ablated, "SAR"} <= set(view.adapted):
+        return ""
+    gap, _ = view.paired(ablated, "SAR")
+    ahead = "the same score" if gap == 0 else f"{_images(abs(gap))} {'ahead of' if gap > 0 else 'behind'} SAR"
+    return (
+        f" **σ or LayerNorm,** under the same filter and SAM: {_named(ablated)} {_pct(view.accuracy[ablated])} "
+        f"(top-class share {100 * view.top_share(ablated):.0f} %), SAR {_pct(view.accuracy['SAR'])} "
+        f"({100 * view.top_share('SAR'):.0f} %): {ahead} ({_noise(view, ablated, 'SAR')})."
+    )
+
+
+def _blocks(layers: list[str]) -> str:
+    """The blocks ``layers`` (``…blocks.N.…``) belong to: "blocks 3–5"."""
+    numbers = sorted({int(name.split("blocks.")[1].split(".")[0]) for name in layers})
+    return f"block {numbers[0]}" if len(numbers) == 1 else f"blocks {numbers[0]}–{numbers[-1]}"
 
 
 def collapse_text(view: CollapseView) -> str:
-    """View 2's reading: where corruption lowers the spread, the table, and the verdict."""
-    lower = len(view.lower_when_corrupted)
-    spread = f"Corruption lowers the mean std on {lower} of {len(view.layers)} layers" + (
-        "." if lower == len(view.layers) else f"; on the other {len(view.layers) - lower} it does not."
+    """View 2's reading: what corruption costs, where it lowers the mean std, the table, and the verdict."""
+    lower, layers = len(view.lower_when_corrupted), len(view.layers)
+    cost, _ = view.paired("clean", "corrupted")
+    spread = (
+        f"Corruption alone costs the unadapted model {_images(cost)} ({_pct(view.accuracy['clean'])} clean, "
+        f"{_pct(view.accuracy['corrupted'])} corrupted; {_noise(view, 'clean', 'corrupted')}) and lowers the mean "
+        f"std on {lower} of the {layers} layers of {_blocks(view.layers)} (the last three, frozen, where "
+        "L<sub>dm</sub> is read)" + ("." if lower == layers else f"; on the other {layers - lower} it does not.")
     )
     rows = "\n".join(
         f"| {_named(c)} | {view.mean_std(c):.4f} | {_pct(view.accuracy[c])} | {100 * view.top_share(c):.0f} % |"
@@ -264,49 +321,80 @@ def collapse_text(view: CollapseView) -> str:
 # -- view 3 --------------------------------------------------------------------------------------------------------
 
 
-def _and(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+def _joined(names: list[str], word: str = "or") -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {word} " + names[-1]
+
+
+def _range(values: list[float], form: str) -> str:
+    low, high = min(values), max(values)
+    return format(low, form) if format(low, form) == format(high, form) else f"{low:{form}} to {high:{form}}"
 
 
 def _pull(report: StepReport, layers: int) -> str:
-    """Why the diversity term's large value is not a large pull, and how hard and which way each term pulls."""
+    """Which term moves σ: not their values but their gradients (pull), on this batch and over the stream so far."""
     pull, diversity = report.pull, report.diversity
     if pull.diversity is None:
         return "With λ<sub>dm</sub> = 0 only the entropy term pulls on σ."
-    bigger = "" if report.entropy_term is None else f", far from the entropy term's {report.entropy_term:.2f},"
+    bigger = "" if report.entropy_term is None else f" against the entropy term's {report.entropy_term:.2f}"
     start = (
-        f"**The objective's values say little about what moves σ.** −λ<sub>dm</sub>·L<sub>dm</sub> is "
-        f"{-report.lambda_dm * diversity:.2f}{bigger} because L<sub>dm</sub> sums the mean std of {layers} layers "
-        f"(about {3 * diversity / layers:.3f} each) and divides by 3 blocks (here {diversity:.3f}), and λ<sub>dm</sub> "
-        f"= {report.lambda_dm:g} multiplies it. But a constant added to a loss moves nothing: σ follows the gradient."
+        f"**Which term moves σ?** −λ<sub>dm</sub>·L<sub>dm</sub> is {-report.lambda_dm * diversity:.2f}{bigger} "
+        f"(L<sub>dm</sub> sums {layers} layers' mean std, about {3 * diversity / layers:.3f} each, over 3 blocks: "
+        f"{diversity:.3f}; λ<sub>dm</sub> = {report.lambda_dm:g} multiplies it), but a term's size does not set the "
+        "step: its gradient over the adapted σ does. That gradient's norm is the term's **pull**, and the cosine "
+        "between the two gradients says whether they push the same way (+1), across (0) or against each other (−1)."
     )
     if pull.entropy is None:
         return start + " No sample is reliable on this batch, so only the diversity term pulls."
-    ratio = pull.diversity / pull.entropy if pull.entropy else float("inf")
-    if pull.cosine < -0.3:
-        way = "mostly against it: the diversity term holds back what entropy minimisation would do"
-    elif pull.cosine > 0.3:
-        way = "mostly the same way: on this batch, both terms push σ alike"
-    else:
-        way = "nearly at right angles: the two terms move σ in different directions"
-    return (
-        f"{start} Here the diversity term's gradient is {ratio:.1f}× the entropy term's, and points {way} "
-        f"(cosine {pull.cosine:+.2f})."
+    both = [p for p in report.pulls if p.entropy and p.diversity is not None and p.cosine is not None]
+    ratios, cosines = [p.diversity / p.entropy for p in both], [p.cosine for p in both]
+    start += (
+        f" On this batch the diversity term pulls {pull.diversity / pull.entropy:.1f}× harder than the entropy term "
+        f"(cosine {pull.cosine:+.2f})"
     )
+    if len(both) < 2:
+        return start + "."
+    start += f"; over the {len(both)} batches so far, {_range(ratios, '.1f')}×, cosine {_range(cosines, '+.2f')}"
+    if min(ratios) <= 1:
+        return start + "."
+    varies = ", and the angle between them varies from batch to batch" if max(cosines) - min(cosines) > 0.3 else ""
+    return f"{start}: the diversity term has the larger pull on every one{varies}."
 
 
 def _stream(report: StepReport) -> str:
+    """The stream so far: accuracies and their difference written so that the printed numbers add up."""
     tally = report.stream
+    adapted, source = round(100 * tally.accuracy("adapted"), 2), round(100 * tally.accuracy("source"), 2)
     gain, band = tally.gain()
     if band is None:
         noise = "one batch: too few to tell gain from noise"
-    elif abs(gain) <= band:
-        noise = f"within noise: two standard errors of the per-batch difference are ±{band:.1f}"
     else:
-        noise = f"beyond noise: two standard errors of the per-batch difference are ±{band:.1f}"
+        noise = (
+            f"{'within' if abs(gain) <= band else 'beyond'} noise: two standard errors of the mean per-batch "
+            f"difference are ±{band:.2f} points (the batch is the unit, not the image as in view 2: IMSE's model "
+            "changes after every batch). The band is re-drawn after every batch, so it may touch 0 somewhere by "
+            "chance; this verdict reads it at the end of the stream so far"
+        )
+    repeats = sum(tally.sizes[report.batches :])  # images of a second pass (or more) over the stream
+    again = f", {repeats} of them a second time" if repeats else ""
     return (
-        f"**The stream so far** ({tally.images} images): IMSE **{_pct(tally.accuracy('adapted'))}**, Source "
-        f"(unadapted) **{_pct(tally.accuracy('source'))}**: {gain:+.1f} points, {noise}."
+        f"**The stream so far** ({tally.images} images{again}; each batch predicted before IMSE adapts on it): IMSE "
+        f"**{adapted:.2f} %** ({sum(tally.adapted)} right), Source (unadapted) **{source:.2f} %** "
+        f"({sum(tally.source)}): {adapted - source:+.2f} points, {noise}."
+    )
+
+
+def _table(report: StepReport) -> str:
+    steps = report.batch
+    return (
+        f"**The table** lists the σ furthest from σ<sup>src</sup> so far, largest |σ − σ<sup>src</sup>| first "
+        "(equal to the digits shown: by layer, then expert). Adam divides each gradient by a running average of its "
+        f"size, so its first step moves every σ by lr = {report.lr:g} exactly, up or down: after one step nearly "
+        f"every row ties. Later steps are about lr, sometimes more (this step's largest: "
+        f"{report.largest_step / report.lr:.2f} × lr). After n steps the leaders are the σ that moved the same way on "
+        f"(nearly) every step, near n × lr (here {steps} × lr = {steps * report.lr:.4f}); the last column counts a "
+        "σ's steps that went the same way as its total change. *Relative* is σ − σ<sup>src</sup> in % of "
+        "σ<sup>src</sup>, not shown for a tiny σ (under 1 % of its layer's largest), whose "
+        "expert carries almost nothing."
     )
 
 
@@ -317,19 +405,17 @@ def step_text(report: StepReport, corruption: str, severity: int, layers: int) -
     status = "updated" if report.updated else f"**no update** ({report.skip_reason})"
     passes = (report.batch - 1) // report.batches
     batches = report.batches
-    where = f", pass {passes + 1} over the stream's {batches}" if passes else f" of the stream's {batches}"
+    where = f", pass {passes + 1} over the stream's {batches} (it starts over after its last batch)" if passes else ""
+    where = where or f" of the stream's {batches}"
+    again = "; the same images again, already adapted on" if passes else ""
     n = len(report.reliable)
     return (
         f"**Batch {report.batch}**{where} ({corruption.replace('_', ' ')} {severity}; a new stream starts when the "
-        f"corruption or severity changes): {sum(report.reliable)} of {n} samples "
-        f"reliable (H < E0 = {report.margin:.3f}); loss {loss} at the current code, {perturbed} at SAM's perturbed "
-        f"code; {status}; the step changed {report.changed} of {n} predictions on this batch.\n\n"
-        f"{_stream(report)}\n\n{_pull(report, layers)}\n\n"
-        "**The table** lists the σ furthest from their source value σ₀ so far, largest |σ − σ₀| first. Adam "
-        f"divides each gradient by its running size, so each step moves every σ by about ±lr = {report.lr:g} "
-        "whatever the gradient's size: after one step every row ties, and after n steps the leaders are the σ whose "
-        f"gradient kept its sign every time, near n × lr (here {report.batch} × lr = {report.batch * report.lr:.2g}). "
-        "The relative column says how much that is for each σ."
+        f"corruption or severity changes{again}): {sum(report.reliable)} of {n} samples "
+        f"reliable (H < E0 = {report.margin:.3f}); loss {loss} at the current code, {perturbed} at the code SAM "
+        f"moved uphill; {status}; the step changed {report.changed} of {n} predictions on this batch (scored before "
+        f"the step: the changed model counts from the next batch on).\n\n{_stream(report)}\n\n"
+        f"{_pull(report, layers)}\n\n{_table(report)}"
     )
 
 
@@ -340,8 +426,9 @@ def _spoken(name: str) -> str:
     return name.replace("_", " ")
 
 
-def domains_text(result: Retrieval, severity: int, tau: float) -> str:
-    """View 4's reading: detection and retrieval told apart, and the map read against the KL."""
+def domains_text(result: Retrieval, severity: int, tau: float, near_clean: list[str] = ()) -> str:
+    """View 4's reading: detection and retrieval told apart, retrieval beyond τ, the map read against the KL.
+    ``near_clean``: the stored corruptions within τ of the clean data (a stream from clean would not detect them)."""
     incoming = f"**{_spoken(result.incoming)} {severity}**"
     from_clean = result.distances[0]
     if result.incoming == "clean":
@@ -354,11 +441,12 @@ def domains_text(result: Retrieval, severity: int, tau: float) -> str:
     else:
         detection = (
             f"**Detection:** if IMSE were adapting on clean data, this batch would be D = {from_clean:.3g} away, under "
-            f"τ = {tau:g}: no new domain, so IMSE would keep adapting its current code and retrieve nothing."
+            f"τ = {tau:g}: no new domain (τ cannot tell it from clean data on this model), so IMSE would keep adapting "
+            "its current code and retrieve nothing."
         )
     firing = [_spoken(name) for name, d in zip(result.stored[1:], result.distances[1:]) if d > tau]
     if firing and result.incoming != "clean":
-        detection += f" Coming from {_and(firing)} instead (D > τ from their slots), detection would fire."
+        detection += f" Coming from {_joined(firing)} instead (D > τ from their slots), detection would fire."
     nearest = result.stored[result.slot]
     if result.incoming == nearest:
         verdict = "the code stored for the same corruption"
@@ -366,13 +454,25 @@ def domains_text(result: Retrieval, severity: int, tau: float) -> str:
         verdict = "another domain's code, although this corruption has a slot of its own"
     else:
         verdict = "another domain's code: this corruption is not in the bank"
+    nearest_d = result.distances[result.slot]
     retrieval = (
-        f"**Retrieval,** when detection fires: slot {result.slot}, **{_spoken(nearest)}** "
-        f"(D = {result.distances[result.slot]:.3g}), {verdict}."
+        f"**Retrieval,** when detection fires: slot {result.slot}, **{_spoken(nearest)}** (D = {nearest_d:.3g}), "
+        f"{verdict}."
     )
+    if nearest_d > tau:
+        retrieval += (
+            " Even this nearest slot is over τ: no stored domain is this one, yet retrieval brings back the nearest "
+            "slot's code all the same, and IMSE adapts on from there."
+        )
     if result.map_slot != result.slot:
         retrieval += (
             f" On the map, slot {result.map_slot} ({_spoken(result.stored[result.map_slot])}) looks nearer: the map is "
             "a 2-D approximation of the KL, and retrieval reads the KL itself (the bars below)."
+        )
+    if near_clean:
+        retrieval += (
+            f" In a stream that came from clean data, {_joined([_spoken(n) for n in near_clean], 'and')}"
+            " (within τ of clean) would not have been detected, so would not have got a slot that way: this bank is "
+            "chosen, not grown."
         )
     return f"A new batch of {incoming} (this view's own choice). {detection}\n\n{retrieval}"

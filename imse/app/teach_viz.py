@@ -37,6 +37,7 @@ CONDITION_COLOURS = {
     "corrupted": "#7f7f7f",
     "IMSE": "#d62728",
     "IMSE, λ_dm = 0": "#ff7f0e",
+    "SAR": "#9467bd",
     "TENT": "#1f77b4",
 }
 _LABELS = {
@@ -69,10 +70,13 @@ def condition_label(condition: str) -> str:
 
 
 def log_ticks(low: float, high: float, base: int = 10) -> dict:
-    """Ticks of a log axis at the powers of ``base`` between ``low`` and ``high`` only, written out plainly
-    (0.01, 0.1, 1 …): no minor ticks' numbers."""
+    """Ticks of a log axis at the powers of ``base`` between ``low`` and ``high``, written out plainly (0.01, 0.1,
+    1 …); where fewer than two powers lie inside the range (a base-10 axis), at 1, 2 and 5 times each power
+    instead, so that the axis can still be read: never the minor ticks' bare digits."""
     first, last = math.floor(math.log(low, base) + 1e-9), math.ceil(math.log(high, base) - 1e-9)
     values = [base**e for e in range(first, last + 1)]
+    if base == 10 and sum(low <= v <= high for v in values) < 2:
+        values = [m * v for v in values for m in (1, 2, 5) if low <= m * v <= high]
     return dict(tickvals=values, ticktext=[f"{v:g}" for v in values])
 
 
@@ -81,15 +85,25 @@ def log_ticks(low: float, high: float, base: int = 10) -> dict:
 
 @_themed
 def spectrum_figure(
-    singular_values: list[float], energy: list[float], layer: str, *, kept: set[int], scaled: int, scale: float
+    singular_values: list[float],
+    energy: list[float],
+    layer: str,
+    *,
+    kept: set[int],
+    scaled: int,
+    scale: float,
+    edited: float | None = None,
 ):
-    """σ of every expert (kept ones coloured, zeroed ones grey, the scaled one red), numbered from 0, with the
-    cumulative energy share on the right."""
+    """σ of every expert (kept ones coloured, zeroed ones grey), numbered from 0, the scaled one red at its edited
+    height ``edited`` (σ × scale, or 0 when the k cut zeroed it) with its unedited height a dash, and the
+    cumulative energy share of the unedited σ on the right."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
+    present = scaled < len(singular_values)
+    edited = singular_values[scaled] * scale if edited is None and present else edited
+    cut = " (cut by k: 0)" if present and scaled not in kept else ""
     groups = [
         ("kept (the k largest)", "#1f77b4", [i for i in range(len(singular_values)) if i in kept and i != scaled]),
         ("zeroed", MUTED, [i for i in range(len(singular_values)) if i not in kept and i != scaled]),
-        (f"expert {scaled}, σ × {scale:g}", "#d62728", [scaled] if scaled < len(singular_values) else []),
     ]
     for name, colour, indices in groups:
         fig.add_trace(
@@ -101,10 +115,21 @@ def spectrum_figure(
                 hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>",
             )
         )
+    if present:
+        fig.add_trace(go.Bar(x=[scaled], y=[edited], marker_color="#d62728",
+                             name=f"expert {scaled}: σ × {scale:g}{cut}",
+                             hovertemplate="expert %{x}<br>edited σ %{y:.3f}<extra></extra>"))  # fmt: skip
+        if edited != singular_values[scaled]:
+            # a dash above the bars, not an outline: the edited bar hid an outline under it
+            fig.add_trace(go.Scatter(x=[scaled], y=[singular_values[scaled]], mode="markers",
+                                     name=f"expert {scaled} before the edit (dash)",
+                                     marker=dict(symbol="line-ew", size=16, line=dict(color=NEUTRAL, width=3)),
+                                     hovertemplate="expert %{x}<br>σ %{y:.3f}<extra></extra>"))  # fmt: skip
     fig.add_trace(
-        go.Scatter(y=energy, mode="lines", name="share of Σσ² in the k largest", line=dict(color="#2ca02c")),
+        go.Scatter(y=energy, mode="lines", name="energy share of the k largest (unedited σ)",
+                   line=dict(color="#2ca02c")),
         secondary_y=True,
-    )
+    )  # fmt: skip
     fig.update_layout(
         title=f"Spectrum of {short_layer(layer)}: {len(kept)} of {len(singular_values)} experts kept",
         height=400,
@@ -126,8 +151,9 @@ def rank_figure(curve: list[tuple[int, float]], full: float, *, k: int, at_k: fl
     chosen, in ``scope`` on ``images`` images."""
     fig = go.Figure()
     ks = [c[0] for c in curve]
-    fig.add_trace(go.Scatter(x=ks, y=[100 * c[1] for c in curve], mode="lines+markers", name="k largest kept",
-                             line=dict(color="#1f77b4")))  # fmt: skip
+    # markers only: accuracy is measured at these k, and a line would suggest values between them
+    fig.add_trace(go.Scatter(x=ks, y=[100 * c[1] for c in curve], mode="markers", name="k largest kept (measured)",
+                             marker=dict(color="#1f77b4", size=9)))  # fmt: skip
     span = [min(ks + [k]), max(ks + [k])]
     fig.add_trace(go.Scatter(x=span, y=[100 * full] * 2, mode="lines", name=f"all experts: {100 * full:.1f} %",
                              line=dict(color=NEUTRAL, dash="dot")))  # fmt: skip
@@ -181,7 +207,7 @@ def collapse_experts_figure(view: CollapseView, layer: str):
             go.Scatter(
                 y=stds if unadapted else _change(stds, reference),
                 mode="lines",
-                name=condition_label(condition),
+                name=f"{'top' if unadapted else 'lower'}: {condition_label(condition)}",  # which panel draws it
                 line=dict(color=CONDITION_COLOURS.get(condition), width=1.5),
             ),
             row=1 if unadapted else 2,
@@ -310,11 +336,11 @@ def loss_figure(report: StepReport):
         ("entropy term", report.entropy_term, "#1f77b4"),
         (weighted, diversity, "#ff7f0e"),
         ("sum = loss", report.weighted_sum, "#2ca02c"),
-        ("at SAM's<br>perturbed code", report.loss_perturbed, "#d62728"),
+        ("at the code SAM<br>moved uphill", report.loss_perturbed, "#d62728"),
     ]
     pulls = [("entropy term", report.pull.entropy, "#1f77b4"), (weighted, report.pull.diversity, "#ff7f0e")]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.14,
-                        subplot_titles=("value", "pull: ‖gradient‖"))  # fmt: skip
+                        subplot_titles=("value", "pull: ‖gradient over σ‖"))  # fmt: skip
     for column, parts in ((1, values), (2, pulls)):
         shown = [(n, v, c) for n, v, c in parts if v is not None and math.isfinite(v)]
         fig.add_trace(
@@ -358,8 +384,8 @@ def stream_figure(report: StepReport):
     adapted, source = 100 * tally.accuracy("adapted"), 100 * tally.accuracy("source")
     fig.update_layout(
         title=dict(
-            text=f"The stream so far: IMSE {adapted:.1f} %, Source {source:.1f} %",
-            subtitle=dict(text=f"{tally.images} images; accuracy so far, IMSE minus Source"),
+            text=f"The stream so far: IMSE {adapted:.2f} %, Source {source:.2f} %",
+            subtitle=dict(text=f"{tally.images} images; the band re-drawn after each batch: the verdict reads its last"),
         ),
         xaxis=dict(title="corrupted images streamed", rangemode="tozero"),
         yaxis=dict(title="points", zeroline=False),

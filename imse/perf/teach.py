@@ -107,7 +107,7 @@ def _teach_checks(medians: dict[str, float]) -> list:
         ("1 spectral experts, first answer for every layer", "experts_all", TARGET_S),
         ("1 spectral experts, a slider move", "slider", TARGET_S),
         ("2 collapse, first answer (clean vs corrupted)", "collapse_first", TARGET_S),
-        ("2 collapse, each streamed update (3 methods x 2 steps + measure)", "collapse_update", TARGET_S),
+        ("2 collapse, each streamed update (4 methods x 2 steps + measure)", "collapse_update", TARGET_S),
         ("3 one IMSE step, first (copy + step)", "step_first", step_budget),
         ("3 one IMSE step, next", "step_next", step_budget),
         ("3 Step x 10, each streamed update", "step_many", step_budget),

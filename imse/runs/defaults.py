@@ -56,6 +56,14 @@ def _sweep(backbone: str) -> dict | None:
     return _sweep_file(card.sweep) if card and card.sweep else None
 
 
+def swept_values(backbone: str, method: str, setting: str) -> list[str]:
+    """The values the backbone's validation sweep tried for ``method``'s ``setting`` (``[]``: none), so a page can
+    say whether a default was checked or merely kept."""
+    sweep = _sweep(backbone)
+    stages = (sweep or {}).get("methods", {}).get(method, {}).get("stages", [])
+    return [value for stage in stages if stage["setting"] == setting for value in stage["grid"]]
+
+
 def tuned_settings(backbone: str, method: str) -> dict[str, Any]:
     """The settings the validation sweep chose for ``method`` on ``backbone`` (``{}``: the official defaults), and
     the files it starts from there (its card's ``start_files``).

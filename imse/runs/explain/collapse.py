@@ -1,5 +1,7 @@
 """Teach view 2, collapse measured: each expert's alignment std on clean images, on corrupted ones, and as IMSE,
-IMSE without its diversity term, and TENT adapt on the corrupted ones — with what each then predicts.
+IMSE without its diversity term, SAR and TENT adapt on the corrupted ones — with what each then predicts. SAR adapts
+LayerNorm under the filter and SAM that IMSE reuses: against IMSE without its diversity term, it is σ against
+LayerNorm under nearly the same update (SAR steps with SGD, IMSE with Adam).
 
 The paper's story is that corruption and entropy minimisation shrink the spread of how inputs align with the
 experts (every image starts to look alike to them) and that ``L_dm`` holds it up. This module measures it on the
@@ -9,6 +11,7 @@ model in hand and reports what it finds, including layers where the story does n
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ __all__ = ["ADAPTED", "COLLAPSE_RISE", "CollapseView", "collapse_progress", "mea
 ADAPTED = {
     "IMSE": ("imse", {}),
     "IMSE, λ_dm = 0": ("imse", {"lambda_dm": 0.0}),
+    "SAR": ("sar", {}),
     "TENT": ("tent", {}),
 }
 UNADAPTED = ("clean", "corrupted")  # the model as it is, on the clean images and on the same images corrupted
@@ -41,6 +45,7 @@ class CollapseView:
     layer_mean: dict[str, list[float]]  # condition -> per layer, mean std of all experts but the largest
     class_counts: dict[str, list[int]]  # condition -> how many images each class was predicted for
     accuracy: dict[str, float]
+    right: dict[str, list[bool]] = field(default_factory=dict)  # condition -> was each measured image right?
     lower_when_corrupted: list[str] = field(default_factory=list)  # layers whose mean std drops under corruption
     images_adapted: int = 0  # corrupted images each adapted method has stepped on so far
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # condition -> (images, mean std)
@@ -65,6 +70,21 @@ class CollapseView:
         """How many of the measured images ``condition`` got right."""
         return round(self.accuracy[condition] * self.measured)
 
+    def paired(self, condition: str, against: str = "corrupted") -> tuple[int, float]:
+        """``condition``'s right answers minus ``against``'s on the same measured images, and two standard errors
+        of that difference, both in images: per image the difference is +1, 0 or −1 (one fixed model per
+        condition, so the images are the independent units); a difference inside the band is noise."""
+        diffs = [int(a) - int(b) for a, b in zip(self.right[condition], self.right[against])]
+        n = len(diffs)
+        mean = sum(diffs) / n
+        variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+        return sum(diffs), 2 * math.sqrt(n * variance)
+
+    def beyond_noise(self, condition: str, against: str = "corrupted") -> bool:
+        """Whether ``condition`` and ``against`` differ by more than two standard errors of their paired difference."""
+        gain, band = self.paired(condition, against)
+        return abs(gain) > band
+
     @property
     def adapted(self) -> list[str]:
         """The adapting methods measured so far."""
@@ -81,7 +101,8 @@ def _measure(meter: CollapseMeter, model: nn.Module, x: torch.Tensor, labels: to
     stds, logits = meter.expert_stds(model, x)
     predicted = logits.argmax(-1).cpu()
     counts = torch.bincount(predicted, minlength=classes).tolist()
-    return stds, counts, float((predicted == labels).float().mean())
+    right = predicted == labels
+    return stds, counts, float(right.float().mean()), right.tolist()
 
 
 def collapse_progress(
@@ -133,7 +154,7 @@ def collapse_progress(
 
 
 def _view(meter: CollapseMeter, results: dict, images_adapted: int, history: dict) -> CollapseView:
-    layer_mean = {condition: meter.layer_means(stds) for condition, (stds, _, _) in results.items()}
+    layer_mean = {condition: meter.layer_means(stds) for condition, (stds, *_) in results.items()}
     for label in history:
         if label in layer_mean:
             history[label].append((images_adapted, sum(layer_mean[label]) / len(layer_mean[label])))
@@ -145,10 +166,11 @@ def _view(meter: CollapseMeter, results: dict, images_adapted: int, history: dic
     return CollapseView(
         layers=meter.layers,
         conditions=list(results),
-        expert_std={c: {layer: s.tolist() for layer, s in stds.items()} for c, (stds, _, _) in results.items()},
+        expert_std={c: {layer: s.tolist() for layer, s in stds.items()} for c, (stds, *_) in results.items()},
         layer_mean=layer_mean,
-        class_counts={condition: counts for condition, (_, counts, _) in results.items()},
-        accuracy={condition: acc for condition, (_, _, acc) in results.items()},
+        class_counts={condition: counts for condition, (_, counts, *_) in results.items()},
+        accuracy={condition: acc for condition, (_, _, acc, _) in results.items()},
+        right={condition: right for condition, (*_, right) in results.items()},
         lower_when_corrupted=lower,
         images_adapted=images_adapted,
         history={label: list(points) for label, points in history.items()},

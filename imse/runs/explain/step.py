@@ -21,18 +21,28 @@ from imse.core.methods import create
 from imse.core.spectral import code_layers, get_code
 from imse.data.corruptions import corrupt
 
-__all__ = ["Moved", "Pull", "StepExplorer", "StepReport", "StreamTally"]
+__all__ = ["TINY", "Moved", "Pull", "StepExplorer", "StepReport", "StreamTally"]
+
+TINY = 0.01  # a source σ under 1 % of its layer's largest: its relative change is not shown
+
+
+def _three_digits(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (≥ 0) rounded to 3 significant digits, as the table prints them (0 stays 0)."""
+    exponent = torch.floor(torch.log10(values.clamp_min(1e-300))) - 2
+    return torch.where(values > 0, torch.round(values / 10**exponent) * 10**exponent, values)
 
 
 @dataclass
 class Moved:
-    """One σ: where it started (the source σ₀), where it is now, and what the last step did to it."""
+    """One σ: where it started (the source σ, σ^src), where it is now, and what the last step did to it."""
 
     layer: str
     expert: int  # numbered from 0, largest source σ first (as every Teach view numbers experts)
-    source: float  # σ₀
+    source: float  # the source σ (before any adaptation)
     now: float
     last_step: float
+    layer_largest: float  # the layer's largest source σ (its expert 0's)
+    steps_this_way: int  # of the steps so far, how many moved this σ the way it has moved in total
 
     @property
     def since_source(self) -> float:
@@ -40,8 +50,14 @@ class Moved:
 
     @property
     def relative(self) -> float:
-        """(σ − σ₀) / σ₀."""
+        """(σ − σ^src) / σ^src."""
         return self.since_source / self.source if self.source else math.inf
+
+    @property
+    def tiny(self) -> bool:
+        """A source σ under ``TINY`` of its layer's largest: an expert that carries almost nothing, whose relative
+        change says nothing about the model."""
+        return self.source < TINY * self.layer_largest
 
 
 @dataclass
@@ -98,7 +114,9 @@ class StepReport:
     weighted_sum: float | None  # entropy_term − λ_dm · L_dm (equals ``loss``)
     pull: Pull
     lr: float
-    moved: list[Moved]  # the σ furthest from σ₀, largest |σ − σ₀| first
+    largest_step: float  # the largest |change| this step made to any trained σ (Adam: about lr, sometimes more)
+    pulls: list[Pull]  # every step's pull so far, this one last
+    moved: list[Moved]  # the σ furthest from the source σ, largest |σ − σ_src| (to 3 digits) first
     labels: list[int]
     before: list[int]  # predictions with the code before the step (the method's own pre-update logits)
     after: list[int]  # predictions of the updated model on the same batch
@@ -140,12 +158,16 @@ class StepExplorer:
         self.top = top
         self.done = 0
         self.tally = StreamTally()
+        self.pulls: list[Pull] = []
+        self.ups = self.downs = None  # per trained σ: how many steps raised it, how many lowered it
 
     def reset(self) -> None:
         """Back to the source code and the stream's first batch."""
         self.method.reset()
         self.done = 0
         self.tally = StreamTally()
+        self.pulls = []
+        self.ups = self.downs = None
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stream's batch ``index`` (0-based), corrupted."""
@@ -179,20 +201,34 @@ class StepExplorer:
             cosine = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
         return Pull(entropy=norms[0], diversity=norms[1], cosine=cosine)
 
-    def _moved(self, code_before: dict[str, torch.Tensor]) -> list[Moved]:
+    def _moved(self, code_before: dict[str, torch.Tensor]) -> tuple[list[Moved], float]:
+        """The ``top`` σ furthest from the source σ, by |σ − σ_src| to the 3 digits the table shows, ties in layer
+        and expert order (after one step nearly every σ ties at lr); and the largest |change| of this step."""
         layers = code_layers(self.method.model)
         names = [name for name in code_before if layers[name].S.requires_grad]  # the trained σ
-        now = torch.cat([layers[name].S.detach() for name in names])
-        source = torch.cat([layers[name].S0 for name in names])
-        last = now - torch.cat([code_before[name] for name in names])
+        now = torch.cat([layers[name].S.detach() for name in names]).double()
+        source = torch.cat([layers[name].S0 for name in names]).double()
+        last = now - torch.cat([code_before[name] for name in names]).double()
+        largest = torch.cat([layers[name].S0.max().expand(layers[name].rank) for name in names]).double()
+        if self.ups is None:
+            self.ups, self.downs = torch.zeros_like(now, dtype=torch.long), torch.zeros_like(now, dtype=torch.long)
+        self.ups += last > 0
+        self.downs += last < 0
         owners = [(name, i) for name in names for i in range(layers[name].rank)]
-        largest = torch.topk((now - source).abs(), min(self.top, len(now))).indices.tolist()
-        return [Moved(*owners[j], float(source[j]), float(now[j]), float(last[j])) for j in largest]
+        shown = _three_digits((now - source).abs())
+        order = torch.sort(shown, descending=True, stable=True).indices[: self.top].tolist()
+        moved = [
+            Moved(*owners[j], float(source[j]), float(now[j]), float(last[j]), float(largest[j]),
+                  int(self.ups[j] if now[j] >= source[j] else self.downs[j]))
+            for j in order
+        ]  # fmt: skip
+        return moved, float(last.abs().max())
 
     def step(self) -> StepReport:
         x, labels = self.batch(self.done)
         code_before = get_code(self.method.model)
         pull = self.pull(x)
+        self.pulls.append(pull)
         logits = self.method(x)  # adapts as a side effect; the logits are the pre-update ones
         record = self.method.last_record
         self.done += 1
@@ -208,6 +244,7 @@ class StepExplorer:
         lambda_dm = float(self.method.hparams["lambda_dm"])
         term, diversity = record.get("entropy_loss"), record.get("diversity")
         weighted = None if term is None else term - lambda_dm * (diversity or 0.0)
+        moved, largest_step = self._moved(code_before)
         return StepReport(
             batch=self.done,
             batches=self.batches,
@@ -222,7 +259,9 @@ class StepExplorer:
             weighted_sum=weighted,
             pull=pull,
             lr=float(self.method.hparams["lr"]),
-            moved=self._moved(code_before),
+            largest_step=largest_step,
+            pulls=list(self.pulls),
+            moved=moved,
             labels=labels.tolist(),
             before=before.tolist(),
             after=after.tolist(),
