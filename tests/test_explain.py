@@ -247,12 +247,14 @@ def test_the_paired_band_of_view_2_is_two_standard_errors_of_the_per_image_diffe
 
 
 def test_the_streams_gain_and_its_noise_band_are_the_paired_per_batch_statistics():
-    tally = StreamTally(sizes=[64, 64, 32], adapted=[20, 30, 12], source=[18, 31, 10])
-    differences = np.array([2 / 64, -1 / 64, 2 / 32])
+    tally = StreamTally(sizes=[64, 64, 64, 64, 32], adapted=[20, 30, 25, 25, 12], source=[18, 31, 25, 22, 10])
+    differences = np.array([2 / 64, -1 / 64, 0, 3 / 64, 2 / 32])
     gain, band = tally.gain()
-    assert gain == pytest.approx(100 * 3 / 160)
-    assert band == pytest.approx(200 * differences.std(ddof=1) / math.sqrt(3))
-    assert tally.accuracy("adapted") == pytest.approx(62 / 160) and StreamTally([64], [1], [0]).gain()[1] is None
+    assert gain == pytest.approx(100 * 6 / 288)
+    assert band == pytest.approx(200 * differences.std(ddof=1) / math.sqrt(5))
+    assert tally.accuracy("adapted") == pytest.approx(112 / 288)
+    # fewer than five batches: no band (two tied batches gave one of width 0, which read as certainty)
+    assert StreamTally([64] * 4, [20, 30, 25, 25], [20, 30, 25, 25]).gain() == (0.0, None)
 
 
 def test_trainable_counts_are_each_methods_own_and_every_weight_of_the_plain_model(model):

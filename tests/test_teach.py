@@ -298,6 +298,10 @@ def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
     assert "**IMSE did not win here** (6 images behind TENT, ±4.8 images: beyond noise), and no advantage" in noise
     assert "Without it (IMSE, $\\lambda_{dm} = 0$) IMSE scored 84.0 %: 1 image ahead of IMSE, within noise." in noise
 
+    tie = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 28, "IMSE, λ_dm = 0": 27,
+                                             "TENT": 26}, flat))  # fmt: skip
+    assert tie.startswith("Highest, though not beyond noise: **IMSE**, 28.0 % against the unadapted model's 27.0 %")
+
     tie = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 80, "IMSE": 81, "IMSE, λ_dm = 0": 79,
                                              "TENT": 82}, flat))  # fmt: skip
     assert "+2 images of 100 (±2.8 images: within noise); IMSE 1 image behind (±2.0 images: within noise), IMSE" in tie

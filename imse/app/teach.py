@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import torch
 
-from imse.app import teach_data, teach_map, teach_text, teach_viz
+from imse.app import teach_data, teach_map, teach_step_text, teach_text, teach_viz
 from imse.app.ui import as_int, as_number, check_backbone
 from imse.core.methods import METHODS
 from imse.core.spectral import find_vit, spectral_layers
@@ -362,7 +362,7 @@ def _step_outputs(explorer: tuple) -> dict:
     ]  # fmt: skip
     return {
         "explorer": explorer,
-        "step_text": teach_text.step_text(report, corruption, severity, len(explorer[1].method.diversity_layers)),
+        "step_text": teach_step_text.step_text(report, corruption, severity, len(explorer[1].method.diversity_layers)),
         "entropy_plot": teach_viz.sample_entropy_figure(report),
         "loss_plot": teach_viz.loss_figure(report),
         "moved_table": gr.update(value=moved, headers=MOVED_HEADERS),

@@ -13,7 +13,7 @@ from plotly.subplots import make_subplots
 
 from imse.app.theme import MUTED, NEUTRAL, themed
 from imse.runs.explain.collapse import CollapseView
-from imse.runs.explain.step import StepReport, StreamTally
+from imse.runs.explain.step import BAND_BATCHES, StepReport, StreamTally
 
 __all__ = [
     "CONDITION_COLOURS",
@@ -367,16 +367,18 @@ def stream_figure(report: StepReport):
     the Lab counts them), after each batch, with two standard errors of that difference around it: where the
     band leaves the 0 line (Source, the reference), adapting has paid off, or cost, by more than noise."""
     tally = report.stream
-    seen, gains, low, high = [], [], [], []
+    seen, gains, banded, low, high = [], [], [], [], []
     for end in range(1, len(tally.sizes) + 1):
         prefix = StreamTally(tally.sizes[:end], tally.adapted[:end], tally.source[:end])
         gain, band = prefix.gain()
         seen.append(prefix.images)
         gains.append(gain)
-        low.append(gain - (band or 0.0))
-        high.append(gain + (band or 0.0))
+        if band is not None:  # none before BAND_BATCHES batches: no band at all rather than one of width 0
+            banded.append(prefix.images)
+            low.append(gain - band)
+            high.append(gain + band)
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=seen + seen[::-1], y=high + low[::-1], fill="toself", fillcolor=MUTED,
+    fig.add_trace(go.Scatter(x=banded + banded[::-1], y=high + low[::-1], fill="toself", fillcolor=MUTED,
                              line=dict(width=0), name="± 2 standard errors", hoverinfo="skip"))  # fmt: skip
     fig.add_trace(go.Scatter(x=[0, max(seen, default=1)], y=[0, 0], mode="lines", name="Source (the reference)",
                              line=dict(color=NEUTRAL, dash="dot")))  # fmt: skip
@@ -385,7 +387,10 @@ def stream_figure(report: StepReport):
     fig.update_layout(
         title=dict(
             text=f"The stream so far: IMSE {adapted:.2f} %, Source {source:.2f} %",
-            subtitle=dict(text=f"{tally.images} images; the band re-drawn after each batch: the verdict reads its last"),
+            subtitle=dict(
+                text=f"{tally.images} images; the band (from batch {BAND_BATCHES} on) re-drawn after each batch: the "
+                "verdict reads its last"
+            ),
         ),
         xaxis=dict(title="corrupted images streamed", rangemode="tozero"),
         yaxis=dict(title="points", zeroline=False),

@@ -70,6 +70,9 @@ class Pull:
     cosine: float | None
 
 
+BAND_BATCHES = 5  # the fewest per-batch differences whose spread the stream's noise band is drawn from
+
+
 @dataclass
 class StreamTally:
     """Per batch of the stream so far: its size, how many IMSE got right (its pre-update predictions, as every
@@ -89,9 +92,10 @@ class StreamTally:
 
     def gain(self) -> tuple[float, float | None]:
         """IMSE's accuracy minus Source's over the stream so far (points), and two standard errors of that
-        difference from the per-batch differences (None before two batches): a gain inside it is noise."""
+        difference from the per-batch differences (None before ``BAND_BATCHES``: a spread of fewer says little,
+        and two tied batches gave a band of width 0 that read as certainty): a gain inside it is noise."""
         gain = 100 * (sum(self.adapted) - sum(self.source)) / max(self.images, 1)
-        if len(self.sizes) < 2:
+        if len(self.sizes) < BAND_BATCHES:
             return gain, None
         diffs = torch.tensor(
             [(a - s) / n for a, s, n in zip(self.adapted, self.source, self.sizes)], dtype=torch.float64
