@@ -255,6 +255,15 @@ def test_the_streams_gain_and_its_noise_band_are_the_paired_per_batch_statistics
     assert tally.accuracy("adapted") == pytest.approx(112 / 288)
     # fewer than five batches: no band (two tied batches gave one of width 0, which read as certainty)
     assert StreamTally([64] * 4, [20, 30, 25, 25], [20, 30, 25, 25]).gain() == (0.0, None)
+    # per-batch differences 1, -1, 0, 1, -1, then 3 six times: the band includes 0 after batches 5 to 8, not after
+    differences = [1, -1, 0, 1, -1, 3, 3, 3, 3, 3, 3]
+    late = StreamTally([64] * 11, [20 + d for d in differences], [20] * 11)
+    inside = []
+    for n in range(5, 12):
+        d = np.array(differences[:n]) / 64
+        inside.append(abs(100 * d.mean()) <= 200 * d.std(ddof=1) / math.sqrt(n))
+    assert inside == [True] * 4 + [False] * 3 and late.last_within_noise() == 8
+    assert StreamTally([64] * 4, [1] * 4, [0] * 4).last_within_noise() is None
 
 
 def test_trainable_counts_are_each_methods_own_and_every_weight_of_the_plain_model(model):

@@ -285,17 +285,24 @@ def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
         "Best: **IMSE**, 33.0 % against the unadapted model's 27.0 %: +6 images of 100 (±4.8 images: beyond noise)."
     )
     assert "**Collapsed:** TENT's top-class share rose from 66 % to 88 % (accuracy 18.0 %)." in contrast
-    assert (
-        "IMSE did not crowd its predictions further (top-class share 64 %, unadapted 66 %; without its diversity "
-        "term, 72 %) where TENT collapsed." in contrast
+    assert (  # IMSE held its share, but so did its lambda_dm = 0 twin: the term is not credited with it
+        "Where TENT collapsed, the others did not (top-class share: IMSE 64 %; IMSE, $\\lambda_{dm} = 0$ 72 %; "
+        "unadapted 66 %). Without its diversity term IMSE did not collapse either: here the term is not what held "
+        "it." in contrast
     )
+    right = {"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27, "TENT": 18}
+    twin_collapsed = collapse_verdict(collapse_view_of(right, {**top, "IMSE, λ_dm = 0": 90}))
+    assert "Without its diversity term IMSE collapsed too: here the term is what held it." in twin_collapsed
 
     flat = dict.fromkeys(top, 16)
     noise = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 80, "IMSE": 83, "IMSE, λ_dm = 0": 84,
                                                "TENT": 89}, flat))  # fmt: skip
     assert noise.startswith("Best: **TENT**, 89.0 % against the unadapted model's 80.0 %: +9 images of 100 (±5.8")
     assert "Nothing collapsed: no method's top-class share rose 10 points above the unadapted model's 16 %." in noise
-    assert "**IMSE did not win here** (6 images behind TENT, ±4.8 images: beyond noise), and no advantage" in noise
+    assert (
+        "**IMSE did not win here** (6 images behind TENT, ±4.8 images: beyond noise): with nothing collapsing, its "
+        "diversity term, which exists to stop collapse, had nothing to prevent." in noise
+    )
     assert "Without it (IMSE, $\\lambda_{dm} = 0$) IMSE scored 84.0 %: 1 image ahead of IMSE, within noise." in noise
 
     tie = collapse_verdict(collapse_view_of({"clean": 93, "corrupted": 27, "IMSE": 28, "IMSE, λ_dm = 0": 27,

@@ -10,7 +10,7 @@ import math
 
 import plotly.graph_objects as go
 
-from imse.app.teach_viz import _MARGIN, _themed
+from imse.app.teach_viz import _MARGIN, _themed, log_ticks
 from imse.app.theme import NEUTRAL
 from imse.runs.explain.domains import CLEAN, DomainMap, Retrieval
 
@@ -135,7 +135,8 @@ def _padded(values: list[float], share: float = PAD) -> list[float]:
 @_themed
 def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 250):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
-    clean data; every point is labelled, each kind in the legend.
+    clean data; every point is labelled, in its dot's colour (crowded labels stand off their dot), each kind in the
+    legend.
     ``width_px``: the plot area's width to place the labels apart for (a phone's, measured at 390 px: on a desktop
     they sit further apart)."""
     incoming = retrieval.incoming if retrieval else None
@@ -167,13 +168,14 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
                 name=category,
             )
         )
+    colours = [_CATEGORIES[_category(name, retrieval)] for name in domains.names]  # a label wears its dot's colour
     for i, offset in enumerate(offsets):
         if offset is not None:  # a label, and a line to its point when it had to stand off
             size = MINOR_FONT if minor[i] else 1.0
             far = offset not in _offsets(CHAR_PX * size * len(shown[i]), LINE_PX * size)[: len(_DIRECTIONS)]
             fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
                                arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
-                               standoff=6, font=dict(size=12 * size))  # fmt: skip
+                               standoff=6, font=dict(size=12 * size, color=colours[i]))  # fmt: skip
     if incoming is not None:
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
@@ -211,27 +213,29 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
 
 @_themed
 def retrieval_figure(retrieval: Retrieval, tau: float):
-    """KL from the new batch to every slot of the bank on a linear axis from 0, so that a bar's length is its
-    value (a log axis made a 3× smaller bar look two-thirds as tall); the values are written on the bars, since a
-    small one may be a sliver. The nearest slot, which retrieval brings back, in red; τ dotted."""
+    """KL from the new batch to every slot of the bank, one dot per slot on a log axis: a dot's height reads its
+    value against the axis (a bar's length on a log axis misleads: a 3× smaller bar looked two-thirds as tall; on
+    a linear axis the nearest slots' bars were invisible slivers); the values are written beside the dots. The
+    nearest slot, which retrieval brings back, in red; τ dotted."""
     labels = [f"{i}: {name.replace('_', ' ')}" for i, name in enumerate(retrieval.stored)]
     fig = go.Figure()
     for name, colour, chosen in (("retrieved (smallest KL)", "#d62728", True), ("other slots", "#1f77b4", False)):
         slots = [i for i in range(len(labels)) if (i == retrieval.slot) == chosen]
         values = [retrieval.distances[i] for i in slots]
-        fig.add_trace(go.Bar(x=[labels[i] for i in slots], y=values, marker_color=colour, name=name,
-                             text=[f"{v:.3g}" for v in values], textposition="outside"))  # fmt: skip
+        fig.add_trace(go.Scatter(x=[labels[i] for i in slots], y=values, mode="markers+text", name=name,
+                                 marker=dict(color=colour, size=12), text=[f"{v:.3g}" for v in values],
+                                 textposition="middle right"))  # fmt: skip
     fig.add_hline(
         y=tau, line=dict(color=NEUTRAL, dash="dot"), showlegend=True, name=f"τ = {tau:g}: detection's threshold"
     )
-    high = max([*retrieval.distances, tau]) * 1.15  # room for the values written above the bars
+    values = [value for value in [*retrieval.distances, tau] if value > 0]
+    low, high = math.log10(min(values)) - 0.3, math.log10(max(values)) + 0.3
     fig.update_layout(
         title=f"A new batch of {retrieval.incoming.replace('_', ' ')}: KL to each slot → slot {retrieval.slot}",
         xaxis=dict(categoryorder="array", categoryarray=labels),
-        yaxis=dict(title="symmetric KL", range=[0, high]),
+        yaxis=dict(title="symmetric KL (log axis)", type="log", range=[low, high], **log_ticks(10**low, 10**high)),
         height=350,
         margin=_MARGIN,
         legend=dict(orientation="h", y=-0.25, yanchor="top"),
-        barmode="overlay",
     )
     return fig

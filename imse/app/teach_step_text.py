@@ -62,6 +62,9 @@ def _stream(report: StepReport) -> str:
             "changes after every batch). The band is re-drawn after every batch, so it may touch 0 somewhere by "
             "chance; this verdict reads it at the end of the stream so far"
         )
+        last = tally.last_within_noise()
+        if abs(gain) > band and last is not None:
+            noise += f" (it still included 0 after batch {last}: read the verdict with that in mind)"
     repeats = sum(tally.sizes[report.batches :])  # images of a second pass (or more) over the stream
     again = f", {repeats} of them a second time" if repeats else ""
     return (

@@ -109,8 +109,8 @@ def fill(text: str, **numbers) -> str:
     return text
 
 
-def _pct(share: float) -> str:
-    return f"{100 * share:.1f} %"
+def _pct(share: float, digits: int = 1) -> str:
+    return f"{100 * share:.{digits}f} %"
 
 
 def _p(probability: float) -> str:
@@ -242,25 +242,34 @@ def _without_diversity(view: CollapseView) -> str:
     return f" Without it ({_named(ablated)}) IMSE scored {_pct(view.accuracy[ablated])}: {verdict}."
 
 
+def _imse_held(view: CollapseView, collapsed: list[str]) -> str:
+    """IMSE kept its share where another method collapsed: credited to the diversity term only if IMSE without it
+    collapsed (the view measures that twin), not otherwise."""
+    shares = "; ".join(f"{_named(c)} {_pct(view.top_share(c), 0)}" for c in view.adapted if c not in collapsed)
+    ablated = "IMSE, λ_dm = 0"
+    if ablated not in view.adapted:
+        credit = ""
+    elif ablated in collapsed:
+        credit = " Without its diversity term IMSE collapsed too: here the term is what held it."
+    else:
+        credit = " Without its diversity term IMSE did not collapse either: here the term is not what held it."
+    return (
+        f" Where {' and '.join(_named(c) for c in collapsed)} collapsed, the others did not (top-class share: "
+        f"{shares}; unadapted {_pct(view.top_share('corrupted'), 0)}).{credit}"
+    )
+
+
 def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
     """When IMSE is not the best (by any margin), says so and why, from the view's own numbers."""
     if "IMSE" not in view.adapted:
         return ""
-    ablated = "IMSE, λ_dm = 0"
     if best == "IMSE":
         if not collapsed or "IMSE" in collapsed:
             return ""
-        share = view.top_share(ablated) if ablated in view.adapted else None
-        without = "" if share is None else f"; without its diversity term, {100 * share:.0f} %"
-        return (
-            f" IMSE did not crowd its predictions further (top-class share {100 * view.top_share('IMSE'):.0f} %, "
-            f"unadapted {100 * view.top_share('corrupted'):.0f} %{without}) where "
-            f"{' and '.join(_named(c) for c in collapsed)} collapsed."
-        )
+        return _imse_held(view, collapsed)
     behind, _ = view.paired(best, "IMSE")
     if not collapsed:
-        why = ", and no advantage is expected: nothing collapsed, so its diversity term, which exists to stop "
-        why += "collapse, had nothing to prevent; here it changed nothing measurable in accuracy."
+        why = ": with nothing collapsing, its diversity term, which exists to stop collapse, had nothing to prevent."
     else:
         why = ": it collapsed too." if "IMSE" in collapsed else f": {_named(best)} adapted further without collapsing."
     gap = f"{_images(behind)} behind {_named(best)}, {_noise(view, best, 'IMSE')}"
@@ -372,7 +381,7 @@ def domains_text(result: Retrieval, severity: int, tau: float, near_clean: list[
     if result.map_slot != result.slot:
         retrieval += (
             f" On the map, slot {result.map_slot} ({spoken(result.stored[result.map_slot])}) looks nearer: the map is "
-            "a 2-D approximation of the KL, and retrieval reads the KL itself (the bars below)."
+            "a 2-D approximation of the KL, and retrieval reads the KL itself (the dots below, one per slot)."
         )
     if near_clean:
         retrieval += (

@@ -102,6 +102,17 @@ class StreamTally:
         )
         return gain, float(200 * diffs.std() / math.sqrt(len(diffs)))
 
+    def last_within_noise(self) -> int | None:
+        """The last batch count (from ``BAND_BATCHES`` on) after which the gain was inside its band, or None: a
+        verdict read at the end should say when the band last included 0 (reading it after every batch is looking
+        many times)."""
+        last = None
+        for end in range(BAND_BATCHES, len(self.sizes) + 1):
+            gain, band = StreamTally(self.sizes[:end], self.adapted[:end], self.source[:end]).gain()
+            if abs(gain) <= band:
+                last = end
+        return last
+
 
 @dataclass
 class StepReport:
