@@ -135,8 +135,8 @@ def _padded(values: list[float], share: float = PAD) -> list[float]:
 @_themed
 def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 250):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
-    clean data; every point is labelled, in its dot's colour (crowded labels stand off their dot), each kind in the
-    legend.
+    clean data; every point is labelled (a bank slot's label starts with its number, as in the retrieval plot, so a
+    crowded label that stands off its dot still says which kind it is), each kind in the legend.
     ``width_px``: the plot area's width to place the labels apart for (a phone's, measured at 390 px: on a desktop
     they sit further apart)."""
     incoming = retrieval.incoming if retrieval else None
@@ -144,7 +144,11 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     radius = math.sqrt(domains.tau)
     cx, cy = domains.xy[0]
     span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
-    shown = [name.replace("_", " ") for name in domains.names]  # named where room allows: a screenshot has no hover
+    stored = list(retrieval.stored) if retrieval else []
+    shown = [  # named where room allows: a screenshot has no hover
+        f"{stored.index(name)}: {name.replace('_', ' ')}" if name in stored else name.replace("_", " ")
+        for name in domains.names
+    ]
     minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
     order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
     sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
@@ -168,14 +172,13 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
                 name=category,
             )
         )
-    colours = [_CATEGORIES[_category(name, retrieval)] for name in domains.names]  # a label wears its dot's colour
     for i, offset in enumerate(offsets):
         if offset is not None:  # a label, and a line to its point when it had to stand off
             size = MINOR_FONT if minor[i] else 1.0
             far = offset not in _offsets(CHAR_PX * size * len(shown[i]), LINE_PX * size)[: len(_DIRECTIONS)]
             fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
                                arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
-                               standoff=6, font=dict(size=12 * size, color=colours[i]))  # fmt: skip
+                               standoff=6, font=dict(size=12 * size))  # fmt: skip
     if incoming is not None:
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
