@@ -44,7 +44,7 @@ TEACH_TEXT = {
 classifier head are not split) into rank-1 *experts*, $W = U\,\mathrm{diag}(\sigma)\,V^\top = \sum_{i=0}^{r-1}
 \sigma_i\, u_i v_i^\top$: expert $i$ (from 0, largest $\sigma_i$ first) writes along $u_i$, scaled by $\sigma_i$, as
 much as the input points along $v_i$. Keeping only the $k$ largest gives the rank-$k$ weight closest to $W$ (in the
-Frobenius and spectral norms: Eckart–Young), which is not the best accuracy, nor one that grows with $k$: the curve
+Frobenius and spectral norms: Eckart–Young), which need not be the best accuracy, nor grow with $k$: the curve
 measures accuracy (top-1: the most probable class is the right one) at the marked $k$ only. Their **energy share** is
 their $\sum \sigma_i^2$ over the whole layer's (their part of $\lVert W \rVert_F^2$). IMSE adapts only the $\sigma_i$.
 Every adapted layer's $\sigma$ vector, together, is the model's **code**: what IMSE adapts, stores and brings back. The
@@ -93,7 +93,8 @@ changes it; two descriptors differ by $D = \mathrm{mean}_c\big[\tfrac{v_a + (\mu
 new domain?* — compares the batch with the domain IMSE is adapting on now, whose descriptor is a running average
 (MOMENTUM old, the rest new, each full batch): $D > \tau$ (TAU, the official default) ends that domain, which is then
 stored. **Retrieval** — *which stored code is nearest?* — runs only when detection fires, and brings back the nearest
-slot's code however far it is (no new slot starts from $\sigma^{src}$), with Adam's state reset. The bank's **slots**
+slot's code however far it is (a new domain starts from $\sigma^{src}$ only when slot 0 is the nearest), with
+Adam's state reset. The bank's **slots**
 each hold one domain's descriptor and the code adapted on it; slot 0 holds the clean data's and $\sigma^{src}$. Here the
 bank is the one you choose below, one batch of 64 per domain at the tab's severity, and every slot holds $\sigma^{src}$:
 the view shows *which* slot comes back, not what retrieval gains (the Lab tab's continual run, one stream through many
@@ -126,7 +127,8 @@ def why_sigma(counts: dict[str, int], adapted_blocks: int) -> str:
     tab does and does not measure of that argument."""
     blocks = f"blocks 0–{adapted_blocks - 1}" if adapted_blocks > 1 else "block 0"
     return (
-        f"**Why σ, and not LayerNorm or all weights?** On this backbone IMSE adapts **{counts['imse']:,}** values "
+        "**The argument for σ, rather than LayerNorm or all weights.** "
+        f"On this backbone IMSE adapts **{counts['imse']:,}** values "
         f"(the σ of {blocks}), TENT **{counts['tent']:,}** (every LayerNorm's scale and shift), **SAR** "
         f"**{counts['sar']:,}** (the LayerNorm scales and shifts of {blocks}; SAR is the baseline whose sample filter "
         f"and SAM IMSE reuses, view 3), and fine-tuning every weight would adapt **{counts['all weights']:,}**. A σ "
@@ -252,7 +254,12 @@ def _imse_held(view: CollapseView, collapsed: list[str]) -> str:
     elif ablated in collapsed:
         credit = " Without its diversity term IMSE collapsed too: here the term is what held it."
     else:
-        credit = " Without its diversity term IMSE did not collapse either: here the term is not what held it."
+        credit = (
+            " Without its diversity term IMSE did not collapse either (top-class share "
+            f"{_pct(view.top_share(ablated), 0)} against {_pct(view.top_share('IMSE'), 0)}): by the 10-point rule "
+            "the term is not what kept IMSE from "
+            "collapsing, though it did change how much IMSE's answers crowded."
+        )
     return (
         f" Where {' and '.join(_named(c) for c in collapsed)} collapsed, the others did not (top-class share: "
         f"{shares}; unadapted {_pct(view.top_share('corrupted'), 0)}).{credit}"
@@ -269,7 +276,7 @@ def _why_not_imse(view: CollapseView, best: str, collapsed: list[str]) -> str:
         return _imse_held(view, collapsed)
     behind, _ = view.paired(best, "IMSE")
     if not collapsed:
-        why = ": with nothing collapsing, its diversity term, which exists to stop collapse, had nothing to prevent."
+        why = ". Nothing collapsed, so the diversity term, which exists to stop collapse, was not put to the test here."
     else:
         why = ": it collapsed too." if "IMSE" in collapsed else f": {_named(best)} adapted further without collapsing."
     gap = f"{_images(behind)} behind {_named(best)}, {_noise(view, best, 'IMSE')}"
@@ -313,8 +320,9 @@ def collapse_text(view: CollapseView) -> str:
     spread = (
         f"Corruption alone costs the unadapted model {_images(cost)} ({_pct(view.accuracy['clean'])} clean, "
         f"{_pct(view.accuracy['corrupted'])} corrupted; {_noise(view, 'clean', 'corrupted')}) and lowers the mean "
-        f"std on {lower} of the {layers} layers of {_blocks(view.layers)} (the last three, frozen, where "
-        "L<sub>dm</sub> is read)" + ("." if lower == layers else f"; on the other {layers - lower} it does not.")
+        f"std on {lower} of the {layers} layers of {_blocks(view.layers)} (the last three, where "
+        "L<sub>dm</sub> is read: IMSE and SAR leave them frozen, TENT adapts their LayerNorms)"
+        + ("." if lower == layers else f"; on the other {layers - lower} it does not.")
     )
     rows = "\n".join(
         f"| {_named(c)} | {view.mean_std(c):.4f} | {_pct(view.accuracy[c])} | {100 * view.top_share(c):.0f} % |"
