@@ -237,7 +237,7 @@ def experts_view(
     edits = dict(k=k, scope=scope, layer=layer, rank=module.rank, layers=len(layers), expert=expert, scale=scale,
                  held=float(energy[min(k, module.rank) - 1]))  # fmt: skip
     images = f"the {len(fixed)} {'labelled test images' if measure == 'accuracy' else 'sample photos'}"
-    dips = any(later < earlier for (_, earlier), (_, later) in zip(curve, curve[1:]))  # a larger k scored lower
+    dips = next(((a, b) for a, b in zip(curve, curve[1:]) if b[1] < a[1]), None)  # the first larger k to score lower
     scores = dict(measure=measure, images=images, full=full, at_k=at_k, both=both, dips=dips)
     edited_title = f"top-5, k = {k} ({scope}), σ<sub>{expert}</sub> × {scale:g}"
     return {

@@ -33,7 +33,8 @@ def _pull(report: StepReport, layers: int) -> str:
     both = [p for p in report.pulls if p.entropy and p.diversity is not None and p.cosine is not None]
     ratios, cosines = [p.diversity / p.entropy for p in both], [p.cosine for p in both]
     start += (
-        f" On this batch the diversity term pulls {pull.diversity / pull.entropy:.1f}× harder than the entropy term "
+        f" On this batch the diversity term's gradient is {pull.diversity / pull.entropy:.1f}× the entropy term's in "
+        "norm (a norm over every σ: Adam's per-σ rescaling decides each σ's step) "
         f"(cosine {pull.cosine:+.2f})"
     )
     if len(both) < 2:

@@ -151,7 +151,12 @@ def experts_text(*, label: str, names: list[str], base: list[float], edited: lis
     where = f"in {layer} only" if edits["scope"] == "this layer" else f"in every one of the {edits['layers']} layers"
     sigma = f"expert {edits['expert']}'s σ in {layer} × {edits['scale']:g} (that layer only, in either scope)"
     unscaled = "" if edits["scale"] == 1 else ", of its σ before the scale"
-    dips = " A larger k scored lower than a smaller one: accuracy need not grow with k." if scores["dips"] else ""
+    dips = ""
+    if scores["dips"]:  # named, so the plot can be checked: (k, accuracy) of the smaller k, then of the larger
+        (k_small, small), (k_large, large) = scores["dips"]
+        dips = (
+            f" k = {k_large} scored {_pct(large)}, below k = {k_small}'s {_pct(small)}: accuracy need not grow with k."
+        )
     return (
         f"**{label}** — unedited: **{names[best_base]}** ({_p(base[best_base])}). Edited: **{names[best_edit]}** "
         f"({_p(edited[best_edit])}), with both edits at once: only the {k} largest experts kept {where}, and "
@@ -256,9 +261,8 @@ def _imse_held(view: CollapseView, collapsed: list[str]) -> str:
     else:
         credit = (
             " Without its diversity term IMSE did not collapse either (top-class share "
-            f"{_pct(view.top_share(ablated), 0)} against {_pct(view.top_share('IMSE'), 0)}): by the 10-point rule "
-            "the term is not what kept IMSE from "
-            "collapsing, though it did change how much IMSE's answers crowded."
+            f"{_pct(view.top_share(ablated), 0)}, unadapted {_pct(view.top_share('corrupted'), 0)}): by the 10-point "
+            "rule the term is not what kept IMSE from collapsing."
         )
     return (
         f" Where {' and '.join(_named(c) for c in collapsed)} collapsed, the others did not (top-class share: "
