@@ -288,7 +288,7 @@ def test_view_2_reads_its_own_result_and_says_why_when_imse_does_not_win():
     assert (  # IMSE held its share, but so did its lambda_dm = 0 twin: the term is not credited with it
         "Where TENT collapsed, the others did not (top-class share: IMSE 64 %; IMSE, $\\lambda_{dm} = 0$ 72 %; "
         "unadapted 66 %). Without its diversity term IMSE did not collapse either (top-class share 72 %, unadapted "
-        "66 %): by the 10-point rule the term is not what kept IMSE from collapsing." in contrast
+        "66 %): in this one run, the 10-point rule cannot credit the term with IMSE not collapsing." in contrast
     )
     right = {"clean": 93, "corrupted": 27, "IMSE": 33, "IMSE, λ_dm = 0": 27, "TENT": 18}
     twin_collapsed = collapse_verdict(collapse_view_of(right, {**top, "IMSE, λ_dm = 0": 90}))

@@ -239,7 +239,7 @@ def _without_diversity(view: CollapseView) -> str:
         return ""
     gap, _ = view.paired("IMSE", ablated)
     if gap == 0:
-        verdict = "the same as IMSE: the diversity term neither helped nor held it back here"
+        verdict = "the same score as IMSE in this one run: no effect of the diversity term on accuracy measured here"
     elif not view.beyond_noise("IMSE", ablated):
         verdict = f"{_images(abs(gap))} {'ahead of' if gap < 0 else 'behind'} IMSE, within noise"
     elif gap < 0:
@@ -261,8 +261,8 @@ def _imse_held(view: CollapseView, collapsed: list[str]) -> str:
     else:
         credit = (
             " Without its diversity term IMSE did not collapse either (top-class share "
-            f"{_pct(view.top_share(ablated), 0)}, unadapted {_pct(view.top_share('corrupted'), 0)}): by the 10-point "
-            "rule the term is not what kept IMSE from collapsing."
+            f"{_pct(view.top_share(ablated), 0)}, unadapted {_pct(view.top_share('corrupted'), 0)}): in this one run, "
+            "the 10-point rule cannot credit the term with IMSE not collapsing."
         )
     return (
         f" Where {' and '.join(_named(c) for c in collapsed)} collapsed, the others did not (top-class share: "
