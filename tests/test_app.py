@@ -257,9 +257,10 @@ def test_browser_walks_the_four_teach_views_with_no_outside_request(app_url, tmp
         seen = titles(page)
         browser.close()
     assert "only the 16 largest experts kept in every one of the 24 layers" in experts
-    assert "After 768 corrupted images" in collapse and "TENT" in collapse and "Best: " in collapse
+    assert "After 768 corrupted images" in collapse and "TENT" in collapse
+    assert "Best: " in collapse or "Highest, though not beyond noise: " in collapse  # the verdict, read as it came
     assert "Batch 12 of the stream's 40 (contrast 3" in step and "E0 = 0.921" in step
-    assert "The stream so far (768 images)" in step
+    assert "The stream so far (768 images;" in step
     assert "Retrieval, when detection fires: slot 3, snow" in domains
     assert any("Symmetric KL" in t for t in seen) and any("Domain map" in t for t in seen)
     assert all((shots / f"teach-{n}.png").stat().st_size > 20_000 for n in
