@@ -132,6 +132,35 @@ def _padded(values: list[float], share: float = PAD) -> list[float]:
     return [low - pad, high + pad]
 
 
+def _label_points(fig, domains: DomainMap, retrieval: Retrieval | None, width_px: float) -> None:
+    """Name every point where room allows (a screenshot has no hover): clean, the bank (its slot number first, as
+    in the retrieval plot) and the new batch placed first, the other corruptions after them in a smaller font; a
+    label that had to stand off its point gets a line to it."""
+    incoming = retrieval.incoming if retrieval else None
+    xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
+    radius = math.sqrt(domains.tau)
+    cx, cy = domains.xy[0]
+    span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
+    stored = list(retrieval.stored) if retrieval else []
+    shown = [
+        f"{stored.index(name)}: {name.replace('_', ' ')}" if name in stored else name.replace("_", " ")
+        for name in domains.names
+    ]
+    minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
+    order = sorted(range(len(shown)), key=lambda i: minor[i])
+    sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
+    scale = width_px / max(span * (1 + 2 * PAD), 1e-9)
+    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], scale, sizes,
+                          [minor[i] for i in order])  # fmt: skip
+    for i, offset in zip(order, placed):
+        if offset is not None:
+            size = MINOR_FONT if minor[i] else 1.0
+            far = offset not in _offsets(CHAR_PX * size * len(shown[i]), LINE_PX * size)[: len(_DIRECTIONS)]
+            fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
+                               arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
+                               standoff=6, font=dict(size=12 * size))  # fmt: skip
+
+
 @_themed
 def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, width_px: float = 250):
     """The domains on a 2-D map (classical MDS: distances ≈ √KL, approximately) with the circle √τ around the
@@ -143,21 +172,6 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
     xs, ys = [p[0] for p in domains.xy], [p[1] for p in domains.xy]
     radius = math.sqrt(domains.tau)
     cx, cy = domains.xy[0]
-    span = max(max(xs + [cx + radius]) - min(xs + [cx - radius]), max(ys + [cy + radius]) - min(ys + [cy - radius]))
-    stored = list(retrieval.stored) if retrieval else []
-    shown = [  # named where room allows: a screenshot has no hover
-        f"{stored.index(name)}: {name.replace('_', ' ')}" if name in stored else name.replace("_", " ")
-        for name in domains.names
-    ]
-    minor = [_category(name, retrieval) == OTHERS and name != incoming for name in domains.names]
-    order = sorted(range(len(shown)), key=lambda i: minor[i])  # clean, the bank and the new batch placed first
-    sizes = [MINOR_FONT if minor[i] else 1.0 for i in order]
-    scale = width_px / max(span * (1 + 2 * PAD), 1e-9)
-    placed = place_labels([domains.xy[i] for i in order], [shown[i] for i in order], scale, sizes,
-                          [minor[i] for i in order])  # fmt: skip
-    offsets = [None] * len(shown)
-    for i, offset in zip(order, placed):
-        offsets[i] = offset
     fig = go.Figure()
     for category, colour in _CATEGORIES.items():
         members = [i for i, name in enumerate(domains.names) if _category(name, retrieval) == category]
@@ -172,13 +186,7 @@ def domain_map_figure(domains: DomainMap, retrieval: Retrieval | None = None, wi
                 name=category,
             )
         )
-    for i, offset in enumerate(offsets):
-        if offset is not None:  # a label, and a line to its point when it had to stand off
-            size = MINOR_FONT if minor[i] else 1.0
-            far = offset not in _offsets(CHAR_PX * size * len(shown[i]), LINE_PX * size)[: len(_DIRECTIONS)]
-            fig.add_annotation(x=xs[i], y=ys[i], text=shown[i], showarrow=True, arrowwidth=1 if far else 0.1,
-                               arrowcolor=NEUTRAL if far else "rgba(128,128,128,0)", ax=offset[0], ay=-offset[1],
-                               standoff=6, font=dict(size=12 * size))  # fmt: skip
+    _label_points(fig, domains, retrieval, width_px)
     if incoming is not None:
         at = domains.names.index(incoming)
         fig.add_trace(go.Scatter(x=[xs[at]], y=[ys[at]], mode="markers", hoverinfo="skip",
